@@ -1,0 +1,1 @@
+"""One module per ``flashffn`` subcommand: ``add_arguments(parser)`` and ``run(args)``."""

@@ -1,0 +1,161 @@
+"""Elementwise activation math shared by the kernels and the XLA reference.
+
+Everything here is plain ``jax.numpy`` on values already loaded (a tile inside a kernel, or a
+whole array in XLA), computes in float32 and contains no gathers, so it lowers on Mosaic TPU,
+Mosaic GPU and XLA alike.
+
+Piecewise-linear (PWL) activation with K sorted knots t_0 < ... < t_{K-1} and K+1 segments:
+
+    seg(x) = #{k : x >= t_k}                 (0 = left tail, K = right tail)
+    pwl(x) = s[seg(x)] * x + c[seg(x)]
+
+``pwl_select`` returns (s[seg], c[seg]) with a chain of K compares and 2K selects, so the
+activation is one FMA on top and its input-gradient is s[seg] itself. NaN fails every compare,
+lands in the left tail and gives s_0 * NaN + c_0 = NaN.
+
+Exact activations and their derivatives are written in closed form (kernels evaluate both in
+one pass in the backward):
+
+    gelu      x Φ(x)                          d = Φ(x) + x φ(x)
+    gelu_tanh x/2 (1 + tanh(u)), u = √(2/π)(x + 0.044715 x³)
+                                              d = ½(1 + tanh u) + ½ x (1 - tanh² u) u'
+    silu      x σ(x)                          d = σ(x) (1 + x (1 - σ(x)))
+    relu      max(x, 0)                       d = [x > 0]
+    tanh, sigmoid, identity
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+EXACT_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "tanh", "sigmoid", "identity")
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def exact_activation(name: str, x: jax.Array) -> jax.Array:
+  """Exact activation ``name`` of ``x`` (computed in x's dtype; pass float32)."""
+  if name == "gelu":
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _INV_SQRT_2))
+  if name == "gelu_tanh":
+    return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+  if name == "silu":
+    return x * jax.nn.sigmoid(x)
+  if name == "relu":
+    return jnp.maximum(x, 0.0)
+  if name == "tanh":
+    return jnp.tanh(x)
+  if name == "sigmoid":
+    return jax.nn.sigmoid(x)
+  if name == "identity":
+    return x
+  raise ValueError(f"activation must be one of {EXACT_ACTIVATIONS}, got {name!r}")
+
+
+def exact_activation_and_derivative(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(act(x), act'(x)) in closed form, sharing the transcendental work between the two."""
+  if name == "gelu":
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * _INV_SQRT_2))
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)
+    return x * cdf, cdf + x * pdf
+  if name == "gelu_tanh":
+    u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+    t = jnp.tanh(u)
+    du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+  if name == "silu":
+    s = jax.nn.sigmoid(x)
+    return x * s, s * (1.0 + x * (1.0 - s))
+  if name == "relu":
+    return jnp.maximum(x, 0.0), (x > 0).astype(x.dtype)
+  if name == "tanh":
+    t = jnp.tanh(x)
+    return t, 1.0 - t * t
+  if name == "sigmoid":
+    s = jax.nn.sigmoid(x)
+    return s, s * (1.0 - s)
+  if name == "identity":
+    return x, jnp.ones_like(x)
+  raise ValueError(f"activation must be one of {EXACT_ACTIVATIONS}, got {name!r}")
+
+
+def pwl_select(x: jax.Array, knots, slopes, intercepts) -> tuple[jax.Array, jax.Array]:
+  """Per-element segment (slope, intercept) of a PWL; ``knots`` has K entries, the others K+1.
+
+  ``knots``/``slopes``/``intercepts`` may be arrays or Python sequences of scalars (kernels pass
+  scalars read from SMEM). K compares and 2K selects per element; no gather.
+  """
+  slope = jnp.full_like(x, slopes[0])
+  intercept = jnp.full_like(x, intercepts[0])
+  for k in range(len(knots)):
+    above = x >= knots[k]
+    slope = jnp.where(above, slopes[k + 1], slope)
+    intercept = jnp.where(above, intercepts[k + 1], intercept)
+  return slope, intercept
+
+
+def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.Array]:
+  """Gradients of sum(g * pwl(x)) w.r.t. the per-segment slopes and intercepts.
+
+  d/ds_j = Σ_{seg(x)=j} g·x,   d/dc_j = Σ_{seg(x)=j} g     (j = 0..K), each of shape [K+1].
+  """
+  num_knots = len(knots)
+  segment = jnp.zeros(x.shape, jnp.int32)
+  for k in range(num_knots):
+    segment = segment + (x >= knots[k]).astype(jnp.int32)
+  gx = g * x
+  d_slopes = jnp.stack([jnp.sum(jnp.where(segment == j, gx, 0.0)) for j in range(num_knots + 1)])
+  d_intercepts = jnp.stack([jnp.sum(jnp.where(segment == j, g, 0.0)) for j in range(num_knots + 1)])
+  return d_slopes, d_intercepts
+
+
+@jax.custom_vjp
+def pwl_apply(x: jax.Array, knots: jax.Array, slopes: jax.Array, intercepts: jax.Array):
+  """s[seg(x)] * x + c[seg(x)] in float32, returned in x's dtype. knots [K], slopes/intercepts [K+1]."""
+  slope, intercept = pwl_select(x.astype(jnp.float32), knots, slopes, intercepts)
+  return (slope * x.astype(jnp.float32) + intercept).astype(x.dtype)
+
+
+def _pwl_apply_fwd(x, knots, slopes, intercepts):
+  return pwl_apply(x, knots, slopes, intercepts), (x, knots, slopes, intercepts)
+
+
+def _pwl_apply_bwd(residuals, g):
+  x, knots, slopes, intercepts = residuals
+  x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+  slope, _ = pwl_select(x32, knots, slopes, intercepts)
+  d_slopes, d_intercepts = pwl_segment_sums(x32, g32, knots)
+  return ((g32 * slope).astype(x.dtype), jnp.zeros_like(knots), d_slopes.astype(slopes.dtype),
+          d_intercepts.astype(intercepts.dtype))
+
+
+pwl_apply.defvjp(_pwl_apply_fwd, _pwl_apply_bwd)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+  """The activation as a kernel receives it: a static ``kind`` plus, for ``kind == "pwl"``, the
+  per-segment tables (knots [K], slopes [K+1], intercepts [K+1], float32 arrays that may carry
+  gradients), or, for ``kind == "callable"``, an arbitrary jnp function (XLA path only)."""
+
+  kind: str
+  knots: jax.Array | None = None
+  slopes: jax.Array | None = None
+  intercepts: jax.Array | None = None
+  fn: Callable[[jax.Array], jax.Array] | None = None
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    """act(h) for a float32 array (the reference; PWL gradients come from the caller's VJP)."""
+    if self.kind == "pwl":
+      return pwl_apply(h, self.knots, self.slopes, self.intercepts)
+    if self.kind == "callable":
+      return self.fn(h)
+    return exact_activation(self.kind, h)

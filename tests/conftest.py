@@ -1,0 +1,35 @@
+"""Shared test helpers: fresh random inputs (never zeros) and float64 references."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+# Two host devices so the sharded tests can run on a CPU-only machine.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+
+# Fresh inputs every run; FLASHFFN_TEST_SEED=<n> replays a run (the seed is in pytest's header).
+SESSION_SEED = int(os.environ.get("FLASHFFN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+
+
+def pytest_report_header(config):
+  return f"FLASHFFN_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+  """A generator for this test: the session seed mixed with the test's id."""
+  return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def relative_error(actual, expected) -> float:
+  """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere in `actual` gives inf."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  if not np.all(np.isfinite(actual)):
+    return float("inf")
+  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
