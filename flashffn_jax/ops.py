@@ -85,10 +85,12 @@ class Implementation:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl for impl in (
         Implementation("xla", "flashffn_jax.ops:reference_ffn"),
+        Implementation("pallas_tpu", "pallas_kernels.tpu.fused_ffn:pallas_tpu"),
+        Implementation("pallas_tpu_interpret", "pallas_kernels.tpu.fused_ffn:pallas_tpu_interpret"),
     )
 }
 # Tried in this order when implementation=None; "xla" always last.
-PLATFORM_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+PLATFORM_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("pallas_tpu", "xla")}
 
 
 def _check_array(name: str, array, shape: tuple, dtype) -> None:
