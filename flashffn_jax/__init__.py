@@ -9,5 +9,14 @@ from flashffn_jax.activations import Line
 from flashffn_jax.ops import IMPLEMENTATIONS, ffn, reference_ffn
 from flashffn_jax.pwl import PiecewiseLinear, fit, from_spec
 
-__all__ = ["IMPLEMENTATIONS", "Line", "PiecewiseLinear", "ffn", "fit", "from_spec", "reference_ffn"]
+__all__ = ["IMPLEMENTATIONS", "Line", "PiecewiseLinear", "ffn", "fit", "from_spec", "linearize",
+           "reference_ffn"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  """``linearize`` imports Flax, so it loads on first use (``import flashffn_jax`` stays light)."""
+  if name == "linearize":
+    from flashffn_jax.surgery import linearize
+    return linearize
+  raise AttributeError(f"module 'flashffn_jax' has no attribute {name!r}")
