@@ -10,8 +10,17 @@ each H tile in turn,
     a    = act(z)                           (f32, exact per tile: act never sees a partial sum)
     acc += cast(a [* z_up]) W_down[h, :]    (acc: [bm, D_out] f32 in VMEM, initialised to b_down)
 and the M tile of y is written once, after the last H tile. The [M, H] intermediate never leaves
-VMEM. Blocks and padding: see ``tiling``. The PWL tables (knots, slopes, intercepts) sit in SMEM
+VMEM. The PWL tables (knots, slopes, intercepts) sit in SMEM
 and are read as scalars; ``pallas_kernels.activation.pwl_select`` evaluates them per element.
+
+Blocks (``tiling`` holds the VMEM/time model that picks them per chip and kernel): bm rows of x
+(a multiple of 8 for f32, 16 for bf16) by bh hidden columns (a multiple of 128); D and D_out are
+zero-padded to 128 lanes, M to bm and H to bh (zeros are exact, see ``_pad``), so any size runs.
+Each weight byte streamed feeds bm flops (bf16), so bm must pass the chip's ridge point (v5e 240,
+v6e 561 flops/byte). For bf16 M = 8192 the model picks: v5e/v6e (128 MiB VMEM) bm 512-2048,
+bh 256-1536, 33-93 MiB per kernel; v5p (64 MiB) bm 256-2048 within 48 MiB; v4 (16 MiB) bm
+64-512 within 12 MiB, where llama-8B's weight-gradient tiles do not fit and the op falls back
+to XLA. The scoped-VMEM limit requested is the modelled footprint + 25%.
 
 Backward (custom VJP; residuals are the inputs only, nothing of size [M, H]). With
 d = dy W_down^T, the hidden-layer gradients are
@@ -25,14 +34,17 @@ accumulator stays resident in VMEM:
                     dW_down[h, :] += cast(hidden)^T dy[m], db_in[h] += Σ_rows dz,
                     PWL segment sums per hidden column (reduced over columns by XLA)
   db_down = Σ_rows dy is one XLA reduction.
-Recompute cost, in units of one [M, D, H] matmul (n = 1 MLP, 2 GLU; D_out = D):
-  forward n + 1; backward_dx (n recompute) + 1 (d) + n (dx); backward_dweights (n) + 1 (d) + n
-  (dW_in) + 1 (dW_down). Backward 4n + 3 vs 2n + 2 for autodiff that stores z: 1.75x (MLP),
-  1.83x (GLU) the backward matmul flops, i.e. a training step does 3n+4+... = 1.56x (GLU) / 1.5x
-  (MLP) the matmul flops of an XLA step, in exchange for no [M, H] tensor in HBM in either
-  direction. One fused backward kernel would need either the full dW accumulators resident
-  (D*H*(2n+... ) f32: fits VMEM only for small models) or read-modify-write of dx in HBM per H tile;
-  both are left for measurement on hardware.
+Recompute cost, in units of one [M, D] x [D, H] matmul (2 M D H flops; n = 1 MLP, 2 GLU;
+D_out = D): forward n + 1. backward_dx: n (z) + 1 (d) + n (dx) = 2n + 1; backward_dweights:
+n (z) + 1 (d) + n (dW_in) + 1 (dW_down) = 2n + 2. Backward 4n + 3 against 2n + 2 for autodiff
+that keeps z from the forward: 1.75x (MLP) / 1.83x (GLU); a training step 5n + 4 against 3n + 3:
+1.5x / 1.56x the MXU flops. That is the price of keeping no [M, H] tensor in HBM in either
+direction; at M = 8192 the matmuls are compute bound on v5e/v6e, so the roofline model
+(benchmarks/results/tpu-roofline.md) predicts the training step ~1.5x slower than XLA's best
+case and the forward at parity. The ordering choice: dx needs a sum over H, dW a sum over M, and
+the two cannot both stay resident in one grid order without holding all of dW in VMEM (fits only
+small models: (n D H + H D_out) * 4 bytes = 11.8 MB at SmolLM2, 0.7 GB at llama-8B) or
+read-modify-writing dx in HBM once per H tile. benchmarks/NOTES.md lists the cheaper variants.
 
 Dtypes: bfloat16 or float32 inputs; matmuls accumulate in f32 (``preferred_element_type``), the
 activation and its derivative run in f32, and the hidden tile is cast to x's dtype before the
@@ -75,7 +87,6 @@ class KernelConfig:
   """Everything static about one fused FFN call (the custom VJP's non-differentiable part)."""
 
   kind: str  # activation kind: "pwl" or an exact name
-  glu: bool
   problem: Problem
   tiling: Tiling
   chip: Any  # tpu_info.TpuInfo used for the VMEM limits
@@ -300,12 +311,14 @@ def _pad(array, shape):
 
 def _run_kernel(config: KernelConfig, kernel: str, body: Callable, inputs: dict, outputs: dict,
                 scratch: dict) -> dict:
-  """Pad `inputs`, run `body` over the kernel's grid and return `outputs` (name -> dtype) sliced
-  to their unpadded shapes (name -> (dtype, unpadded 2-D shape))."""
+  """Run `body` over the kernel's grid on the zero-padded `inputs` (name -> array).
+
+  `outputs` maps name -> (dtype, unpadded 2-D shape) and `scratch` name -> f(blocks, padded
+  shape) -> f32 VMEM shape; returns {name: output sliced back to its unpadded shape}."""
   blocks: Blocks = getattr(config.tiling, kernel)
   padded = PaddedShape.of(config.problem, blocks)
   m_axis = 1 if kernel == "backward_dweights" else 0
-  num_pwl_rows = 2 * (config.problem.pwl_segments)
+  num_pwl_rows = 2 * config.problem.pwl_segments
   specs = _block_specs(blocks, padded, num_pwl_rows, m_axis)
   shapes = _padded_shapes(padded)
   shapes["pwl_sums"] = (num_pwl_rows, padded.h)
@@ -429,7 +442,7 @@ def make_config(x, w_up, w_down, w_gate, activation: Activation, *, precision=No
   if tiling is None:
     tiling = tiling_lib.choose_tiling(problem, chip_info)
   tiling.validate(problem)
-  return KernelConfig(activation.kind, w_gate is not None, problem, tiling, chip_info, precision,
+  return KernelConfig(activation.kind, problem, tiling, chip_info, precision,
                       interpret)
 
 
