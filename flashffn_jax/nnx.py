@@ -7,8 +7,11 @@ The activation is an exact name ("gelu", "silu", ...), a callable, or a ``Piecew
 A PWL lives in the layer's state as five float32 variables (``PWL_PARAM_NAMES``), parametrised
 so that no update can unsort the knots:
 
-    knots = pwl_first_knot + [0, cumsum(exp(pwl_log_gaps))]       (strictly increasing)
+    knots = pwl_first_knot + [0, cumsum(MIN_KNOT_GAP + exp(pwl_log_gaps))]
     values = pwl_values;  tails = pwl_left_slope, pwl_right_slope
+
+Every gap is at least MIN_KNOT_GAP = 1e-4, so the knots stay strictly increasing in float32 for
+any parameter values while |knot| < ~1e3 (beyond that float32 spacing exceeds the gap).
 
 With ``learnable_activation=True`` they are ``nnx.Param`` (trained per layer, no re-sorting step
 needed); otherwise ``PWLConstant`` variables (saved with the model, never trained).
@@ -32,6 +35,7 @@ from flashffn_jax.pwl import PiecewiseLinear
 
 PWL_PARAM_NAMES = ("pwl_first_knot", "pwl_log_gaps", "pwl_values", "pwl_left_slope", "pwl_right_slope")
 WEIGHT_NAMES = ("w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
+MIN_KNOT_GAP = 1e-4
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -45,7 +49,11 @@ def pwl_to_arrays(pwl: PiecewiseLinear) -> dict[str, jax.Array]:
   """The sort-preserving parametrisation of a PWL (see the module docstring), float32."""
   pwl.validate()
   knots = jnp.asarray(pwl.knots, jnp.float32)
-  return {"pwl_first_knot": knots[:1], "pwl_log_gaps": jnp.log(jnp.diff(knots)),
+  gaps = jnp.diff(knots)
+  if not isinstance(gaps, jax.core.Tracer) and float(jnp.min(gaps)) <= MIN_KNOT_GAP:
+    raise ValueError(f"activation: knots closer than {MIN_KNOT_GAP} cannot be a layer's PWL, got "
+                     f"gaps down to {float(jnp.min(gaps)):.2e}")
+  return {"pwl_first_knot": knots[:1], "pwl_log_gaps": jnp.log(gaps - MIN_KNOT_GAP),
           "pwl_values": jnp.asarray(pwl.values, jnp.float32),
           "pwl_left_slope": jnp.asarray(pwl.left_slope, jnp.float32),
           "pwl_right_slope": jnp.asarray(pwl.right_slope, jnp.float32)}
@@ -55,7 +63,7 @@ def pwl_from_arrays(pwl_first_knot, pwl_log_gaps, pwl_values, pwl_left_slope,
                     pwl_right_slope) -> PiecewiseLinear:
   """Inverse of ``pwl_to_arrays``; differentiable, knots sorted for any parameter values."""
   first = jnp.asarray(pwl_first_knot, jnp.float32)
-  gaps = jnp.exp(jnp.asarray(pwl_log_gaps, jnp.float32))
+  gaps = MIN_KNOT_GAP + jnp.exp(jnp.asarray(pwl_log_gaps, jnp.float32))
   knots = jnp.concatenate([first, first + jnp.cumsum(gaps)])
   return PiecewiseLinear(knots, jnp.asarray(pwl_values, jnp.float32),
                          jnp.asarray(pwl_left_slope, jnp.float32),
