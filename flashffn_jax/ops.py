@@ -87,10 +87,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         Implementation("xla", "flashffn_jax.ops:reference_ffn"),
         Implementation("pallas_tpu", "pallas_kernels.tpu.fused_ffn:pallas_tpu"),
         Implementation("pallas_tpu_interpret", "pallas_kernels.tpu.fused_ffn:pallas_tpu_interpret"),
+        Implementation("pallas_mosaic_gpu", "pallas_kernels.gpu.dispatch:ffn_mosaic_gpu"),
     )
 }
 # Tried in this order when implementation=None; "xla" always last.
-PLATFORM_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("pallas_tpu", "xla")}
+PLATFORM_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("pallas_mosaic_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
 def _check_array(name: str, array, shape: tuple, dtype) -> None:

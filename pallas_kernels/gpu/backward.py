@@ -1,0 +1,121 @@
+"""FFN gradients by recomputation, one hidden chunk at a time (XLA; no [M, H] residual).
+
+For a chunk c of hidden columns (f32 math, matmuls accumulate in f32):
+
+    u_c = x W_up[:, c] + b_up[c]             g_c = x W_gate[:, c] + b_gate[c]     (GLU)
+    a_c = act(g_c) (GLU) | act(u_c) (MLP)    hidden_c = a_c * u_c (GLU) | a_c, cast to x's dtype
+    dW_down[c, :] = hidden_c^T dy            dhidden_c = dy W_down[c, :]^T
+    GLU: du_c = dhidden_c a_c,  da_c = dhidden_c u_c,  dg_c = da_c act'(g_c)
+    MLP: du_c = da_c act'(u_c),  da_c = dhidden_c
+    dW_up[:, c] = x^T du_c      dW_gate[:, c] = x^T dg_c      db_up[c] = Σ du_c   db_gate[c] = Σ dg_c
+    dx += du_c W_up[:, c]^T + dg_c W_gate[:, c]^T
+    PWL: d slope_j += Σ_{seg(p)=j} da_c p,  d intercept_j += Σ_{seg(p)=j} da_c   (p = g_c or u_c)
+
+A ``lax.fori_loop`` walks the chunks, so XLA keeps one chunk's intermediates alive at a time: the
+peak extra memory is a few [M, chunk] arrays instead of XLA autodiff's [M, H] residuals.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.activation import (Activation, exact_activation_and_derivative, pwl_select,
+                                       pwl_segment_sums)
+
+
+def chunk_columns(rows: int, hidden: int, budget_elements: int) -> int:
+  """Hidden columns per chunk: about ``budget_elements / rows``, a multiple of 128, at most H."""
+  columns = max(128, budget_elements // max(rows, 1) // 128 * 128)
+  return min(columns, hidden)
+
+
+def _activation_and_derivative(activation: Activation, pre: jax.Array):
+  if activation.kind == "pwl":
+    slope, intercept = pwl_select(pre, activation.knots, activation.slopes, activation.intercepts)
+    return slope * pre + intercept, slope
+  return exact_activation_and_derivative(activation.kind, pre)
+
+
+def _pad_columns(array, columns: int, axis: int):
+  if array is None or array.shape[axis] == columns:
+    return array
+  pad = [(0, 0)] * array.ndim
+  pad[axis] = (0, columns - array.shape[axis])
+  return jnp.pad(array, pad)
+
+
+def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation, dy, *,
+                 chunk: int, precision=None):
+  """Cotangents (dx, dw_up, dw_down, dw_gate, db_up, db_gate, db_down, d_slopes, d_intercepts).
+
+  x [M, D], dy [M, D_out]; entries for absent arguments are None (d_slopes / d_intercepts are None
+  unless the activation is a PWL). Zero-padded hidden columns (H rounded up to ``chunk``) carry
+  zero weights, so they add nothing to dx or to the PWL gradients and are sliced off.
+  """
+  f32 = jnp.float32
+  hidden = w_up.shape[1]
+  num_chunks = -(-hidden // chunk)
+  padded = num_chunks * chunk
+  glu = w_gate is not None
+  w_up_p, w_gate_p = _pad_columns(w_up, padded, 1), _pad_columns(w_gate, padded, 1)
+  w_down_p = _pad_columns(w_down, padded, 0)
+  b_up_p, b_gate_p = _pad_columns(b_up, padded, 0), _pad_columns(b_gate, padded, 0)
+  is_pwl = activation.kind == "pwl"
+  num_segments = activation.slopes.shape[0] if is_pwl else 0
+
+  def dot(a, b, contract):
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                           preferred_element_type=f32)
+
+  def columns(array, index, axis):
+    return None if array is None else lax.dynamic_slice_in_dim(array, index * chunk, chunk, axis)
+
+  def body(index, carry):
+    dx, dw_up, dw_down, dw_gate, db_up, db_gate, d_slopes, d_intercepts = carry
+    wu, wd, wg = columns(w_up_p, index, 1), columns(w_down_p, index, 0), columns(w_gate_p, index, 1)
+    bu, bg = columns(b_up_p, index, 0), columns(b_gate_p, index, 0)
+    up = dot(x, wu, ((1,), (0,))) + (0.0 if bu is None else bu.astype(f32))
+    pre = dot(x, wg, ((1,), (0,))) + (0.0 if bg is None else bg.astype(f32)) if glu else up
+    act, act_prime = _activation_and_derivative(activation, pre)
+    hidden_c = (act * up if glu else act).astype(x.dtype)
+    dw_down = lax.dynamic_update_slice_in_dim(
+        dw_down, dot(hidden_c, dy, ((0,), (0,))).astype(dw_down.dtype), index * chunk, 0)
+    d_hidden = dot(dy, wd, ((1,), (1,)))
+    d_act = d_hidden * up if glu else d_hidden
+    d_pre = d_act * act_prime
+    if is_pwl:
+      seg_slopes, seg_intercepts = pwl_segment_sums(pre, d_act, activation.knots)
+      d_slopes, d_intercepts = d_slopes + seg_slopes, d_intercepts + seg_intercepts
+    d_up = (d_hidden * act if glu else d_pre).astype(x.dtype)
+    dx = dx + dot(d_up, wu, ((1,), (1,)))
+    dw_up = lax.dynamic_update_slice_in_dim(
+        dw_up, dot(x, d_up, ((0,), (0,))).astype(dw_up.dtype), index * chunk, 1)
+    if b_up is not None:
+      db_up = lax.dynamic_update_slice_in_dim(db_up, jnp.sum(d_up.astype(f32), 0), index * chunk, 0)
+    if glu:
+      d_gate = d_pre.astype(x.dtype)
+      dx = dx + dot(d_gate, wg, ((1,), (1,)))
+      dw_gate = lax.dynamic_update_slice_in_dim(
+          dw_gate, dot(x, d_gate, ((0,), (0,))).astype(dw_gate.dtype), index * chunk, 1)
+      if b_gate is not None:
+        db_gate = lax.dynamic_update_slice_in_dim(db_gate, jnp.sum(d_gate.astype(f32), 0),
+                                                  index * chunk, 0)
+    return dx, dw_up, dw_down, dw_gate, db_up, db_gate, d_slopes, d_intercepts
+
+  zeros = lambda like, shape=None: None if like is None else jnp.zeros(shape or like.shape, f32)
+  init = (jnp.zeros(x.shape, f32), jnp.zeros(w_up_p.shape, w_up.dtype),
+          jnp.zeros(w_down_p.shape, w_down.dtype),
+          None if w_gate is None else jnp.zeros(w_gate_p.shape, w_gate.dtype),
+          zeros(b_up, (padded,)), zeros(b_gate, (padded,)),
+          jnp.zeros((num_segments,), f32), jnp.zeros((num_segments,), f32))
+  dx, dw_up, dw_down, dw_gate, db_up, db_gate, d_slopes, d_intercepts = lax.fori_loop(
+      0, num_chunks, body, init)
+  cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
+  db_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
+  return (dx.astype(x.dtype), dw_up[:, :hidden], dw_down[:hidden],
+          None if w_gate is None else dw_gate[:, :hidden],
+          cast(None if b_up is None else db_up[:hidden], b_up),
+          cast(None if b_gate is None else db_gate[:hidden], b_gate), db_down,
+          d_slopes if is_pwl else None, d_intercepts if is_pwl else None)

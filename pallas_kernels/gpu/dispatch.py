@@ -1,0 +1,165 @@
+"""The "pallas_mosaic_gpu" implementation of ``flashffn_jax.ops.ffn``: path choice and custom VJP.
+
+Which path runs (decided at trace time from the shape; see ``choose_plan``):
+
+  * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM.
+                    Needs D_out <= 640 (the output row block lives in registers). At decode
+                    (M <= 64) the hidden blocks are split over CTAs and an XLA reduction sums the
+                    f32 partials.
+  * ``epilogue`` -- ``fused_ffn_sm90.gemm1_activation`` (GEMM1 with the activation in its epilogue,
+                    bf16 [M, H] written once) followed by XLA's GEMM2.
+  * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
+                    devices, float32, callable activations, and shapes where ``TUNED`` records
+                    that XLA was fastest on the H200.
+
+``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?) from
+``benchmarks/bench_gpu.py``; untuned shapes use ``default_plan``.
+
+The backward pass (custom VJP) saves only the inputs and recomputes the hidden activations in
+XLA, one hidden chunk at a time (``backward.ffn_backward``): no [M, H] residual is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.activation import Activation
+from pallas_kernels.gpu import backward, fused_ffn_sm90 as kernels
+
+DECODE_ROWS = 64  # M at or below this is "decode": one row block
+BACKWARD_CHUNK_ELEMENTS = 4 * 1024 * 1024  # [M, chunk] elements per recomputed hidden chunk
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How to run one shape: ``path`` is "fused", "epilogue" or "xla" plus that path's tiles."""
+
+  path: str
+  fused: kernels.FusedConfig | None = None
+  epilogue: kernels.EpilogueConfig | None = None
+
+
+XLA = Plan("xla")
+# (glu, D, H, D_out, decode) -> measured winner on the H200; filled from benchmarks/results.
+TUNED: dict[tuple[bool, int, int, int, bool], Plan] = {}
+
+
+def default_plan(rows: int, d_model: int, d_out: int, glu: bool) -> Plan:
+  """The plan for shapes without a measurement: fused for small D_out, else epilogue + XLA."""
+  decode = rows <= DECODE_ROWS
+  if d_out <= 640 and d_model <= 640:
+    return Plan("fused", fused=kernels.FusedConfig(block_h=64, stages=3,
+                                                   h_splits=12 if decode else 1))
+  if decode:
+    return XLA
+  return Plan("epilogue", epilogue=kernels.EpilogueConfig(tile_m=64 if glu else 128, tile_n=128,
+                                                          stages=4))
+
+
+def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool) -> Plan:
+  return TUNED.get((glu, d_model, hidden, d_out, rows <= DECODE_ROWS),
+                   default_plan(rows, d_model, d_out, glu))
+
+
+def unsupported_reason(x, activation: Activation) -> str | None:
+  """Why this implementation cannot serve the call, or None."""
+  if jax.default_backend() != "gpu":
+    return f"needs an NVIDIA GPU, the default backend is {jax.default_backend()}"
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  if capability != "9.0":
+    return f"needs a Hopper GPU (compute capability 9.0; wgmma/TMA kernels), got {capability}"
+  if x.dtype not in SUPPORTED_DTYPES:
+    return f"kernels take bfloat16/float16, got {x.dtype.name}"
+  if activation.kind == "callable":
+    return "a callable activation runs on the XLA path only"
+  return None
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def _pad(array, shape):
+  """Zero-pad ``array`` up to ``shape`` (no copy when it already has that shape)."""
+  if array is None or tuple(array.shape) == tuple(shape):
+    return array
+  return jnp.pad(array, [(0, target - size) for size, target in zip(array.shape, shape)])
+
+
+def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation):
+  """The kernel path of ``plan``. Pads D, H, D_out to multiples of 64 and M to a multiple of 8
+  (zero rows/columns change nothing: padded hidden units meet zero rows of W_down)."""
+  rows, d_model = x.shape
+  hidden, d_out = w_down.shape
+  dp, hp, op, mp = (_round_up(d_model, 64), _round_up(hidden, 64), _round_up(d_out, 64),
+                    _round_up(rows, 8))
+  if w_gate is not None and (b_up is None) != (b_gate is None):  # kernels take both or neither
+    b_up = jnp.zeros((hidden,), x.dtype) if b_up is None else b_up
+    b_gate = jnp.zeros((hidden,), x.dtype) if b_gate is None else b_gate
+  x_p = _pad(x, (mp, dp))
+  w_up_p, w_gate_p = _pad(w_up, (dp, hp)), _pad(w_gate, (dp, hp))
+  b_up_p, b_gate_p = _pad(b_up, (hp,)), _pad(b_gate, (hp,))
+  table = kernels.activation_table(activation)
+  num_knots = 0 if activation.knots is None else activation.knots.shape[0]
+  kernel_args = dict(kind=activation.kind, num_knots=num_knots)
+  if plan.path == "fused":
+    out = kernels.fused_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
+                            _pad(w_down, (hp, op)), _pad(b_down, (op,)), config=plan.fused,
+                            **kernel_args)
+    if plan.fused.h_splits > 1:
+      out = jnp.sum(out[:, :rows], axis=0)
+      out = out if b_down is None else out + _pad(b_down, (op,)).astype(jnp.float32)
+    return out[:rows, :d_out].astype(x.dtype)
+  hidden_act = kernels.gemm1_activation(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
+                                        config=plan.epilogue, **kernel_args)
+  out = jnp.dot(hidden_act[:rows], _pad(w_down, (hp, d_out)), preferred_element_type=jnp.float32)
+  out = out if b_down is None else out + b_down.astype(jnp.float32)
+  return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ffn(plan, kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes,
+         intercepts):
+  activation = Activation(kind, knots, slopes, intercepts)
+  return _forward(plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation)
+
+
+def _ffn_fwd(plan, kind, precision, *args):
+  return _ffn(plan, kind, precision, *args), args  # residuals: the inputs only, no [M, H]
+
+
+def _ffn_bwd(plan, kind, precision, residuals, dy):
+  x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts = residuals
+  activation = Activation(kind, knots, slopes, intercepts)
+  chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], BACKWARD_CHUNK_ELEMENTS)
+  grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
+                                dy.astype(x.dtype), chunk=chunk, precision=precision)
+  *array_grads, d_slopes, d_intercepts = grads
+  d_knots = None if knots is None else jnp.zeros_like(knots)
+  return (*array_grads, d_knots, d_slopes, d_intercepts)
+
+
+_ffn.defvjp(_ffn_fwd, _ffn_bwd)
+
+
+def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation,
+                   precision=None, plan: Plan | None = None) -> jax.Array:
+  """FFN on [M, D] with the Hopper kernels (signature of ``flashffn_jax.ops.reference_ffn``).
+
+  Raises NotImplementedError (at trace time) where it cannot serve the call or where XLA is
+  faster. ``plan`` overrides the tuned choice (benchmarks and tests).
+  """
+  reason = unsupported_reason(x, activation)
+  if reason:
+    raise NotImplementedError(reason)
+  plan = plan or choose_plan(x.shape[0], x.shape[1], w_up.shape[1], w_down.shape[1],
+                             w_gate is not None)
+  if plan.path == "xla":
+    raise NotImplementedError("the tuned table records XLA as fastest at this shape")
+  return _ffn(plan, activation.kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
+              activation.knots, activation.slopes, activation.intercepts)

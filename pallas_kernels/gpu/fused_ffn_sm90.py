@@ -1,0 +1,477 @@
+"""Pallas Mosaic GPU kernels for the FFN on Hopper (sm_90): TMA loads, wgmma, warp specialisation.
+
+Every kernel runs three warpgroups: two compute warpgroups issue wgmma (bf16/f16 operands, f32
+accumulators in registers) and evaluate the activation in f32; one memory warpgroup issues the TMA
+copies GMEM -> SMEM. TMA zero-fills reads past an array's end and clips writes, so M, D and H need
+not be multiples of the tiles (the swizzled minor dimensions must be multiples of 64: the caller
+pads the rare shapes that are not).
+
+``gemm1_activation`` -- the first GEMM with the activation fused into its epilogue:
+
+    MLP:  a = act(x @ W_up + b_up)
+    GLU:  a = act(x @ W_gate + b_gate) * (x @ W_up + b_up)
+
+written once to HBM in x's dtype; the caller runs ``a @ W_down`` in XLA. Persistent grid (one CTA
+per SM) walking [2 tile_m, tile_n] output tiles; each compute warpgroup owns tile_m rows; the
+pipeline steps over D in tile_k slices (`plgpu.emit_pipeline_warp_specialized`).
+
+``fused_ffn`` -- both GEMMs in one kernel, for small D. A CTA owns 64 rows of x (all of D stays in
+SMEM) and loops over hidden blocks j of ``block_h`` columns:
+
+    h_j  = act(x W_gate[:, j] + b) * (x W_up[:, j] + b)    each compute WG: block_h/2 columns of h_j
+    y   += h_j W_down[j, :]                                 each compute WG: D_out/2 columns of y
+
+h_j goes registers -> SMEM (x's dtype) -> wgmma and never reaches HBM; y (64 x D_out/2 f32 per
+warpgroup) stays in registers, which is what bounds D_out (<= 640). GEMM1 streams W_up/W_gate in
+[64, block_h] chunks through ``stages`` buffers; W_down[j, :] has one buffer that the memory
+warpgroup refills while GEMM1 of block j runs. With ``h_splits`` > 1 the hidden blocks are split
+over that many CTAs per row block and each writes an f32 partial y that the caller sums: at decode
+(M <= 64) this spreads the weight stream over many SMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.activation import Activation, exact_activation, pwl_select
+
+WGMMA_ROWS = 64  # rows of one wgmma (and of a fused-kernel row block)
+TILE_K = 64  # contraction slice: 64 bf16 = one 128-byte swizzle row
+MAX_WGMMA_N = 256
+EPILOGUE_N = 64  # columns per epilogue slice of gemm1_activation
+TABLE_ALIGN = 32  # f32 entries: TMA copies move multiples of 128 bytes
+SMEM_BYTES = 227 * 1024  # per-block dynamic shared memory on sm_90
+H100_SMS = 132  # used when lowering without a GPU attached
+MEMORY_REGISTERS = 40  # per thread, memory warpgroup (compute warpgroups get the rest)
+COMPUTE_REGISTERS = 232
+
+
+def num_sms() -> int:
+  device = jax.devices()[0]
+  return device.core_count if device.platform == "gpu" else H100_SMS
+
+
+def activation_table(activation: Activation) -> jax.Array | None:
+  """A PWL's knots [K], slopes [K+1] and intercepts [K+1] packed into one f32 vector for SMEM."""
+  if activation.kind != "pwl":
+    return None
+  parts = (activation.knots, activation.slopes, activation.intercepts)
+  table = jnp.concatenate([jnp.asarray(p, jnp.float32).reshape(-1) for p in parts])
+  return jnp.pad(table, (0, -table.shape[0] % TABLE_ALIGN))
+
+
+def apply_activation(kind: str, h: jax.Array, table_ref, num_knots: int) -> jax.Array:
+  """act(h) on an f32 register tile; a PWL reads its K + 2(K+1) scalars from ``table_ref`` (SMEM)."""
+  if kind != "pwl":
+    return exact_activation(kind, h)
+  entries = [table_ref[i] for i in range(3 * num_knots + 2)]
+  knots = entries[:num_knots]
+  slopes = entries[num_knots:2 * num_knots + 1]
+  intercepts = entries[2 * num_knots + 1:]
+  slope, intercept = pwl_select(h, knots, slopes, intercepts)
+  return slope * h + intercept
+
+
+def _swizzled(minor: int, dtype) -> tuple:
+  """SMEM transforms for a wgmma operand / TMA box whose minor dimension has ``minor`` elements."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+  return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _swizzle_64b(dtype) -> tuple:
+  """64-byte swizzle: the fused kernel slices operands in 32-column halves, and wgmma needs the
+  same swizzle on both operands."""
+  return _swizzled(64 // jnp.dtype(dtype).itemsize, dtype)
+
+
+def _add_bias(acc: jax.Array, bias_ref) -> jax.Array:
+  """acc [rows, n] + bias [n] (a slice in SMEM), broadcast along the wgmma accumulator rows."""
+  row = plgpu.load(bias_ref, layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+  return acc + lax.broadcast_in_dim(row, acc.shape, [1])
+
+
+def _split_refs(refs, counts):
+  """Split a flat sequence of kernel refs into groups of the given sizes."""
+  groups, start = [], 0
+  for count in counts:
+    groups.append(refs[start:start + count])
+    start += count
+  return groups
+
+
+# ------------------------------------------------------------------------------------------------
+# GEMM1 + activation epilogue
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EpilogueConfig:
+  """Tiles of ``gemm1_activation``: each compute warpgroup owns [tile_m, tile_n] of ``a``.
+
+  The epilogue walks the tile in [tile_m, EPILOGUE_N] slices so the activation's temporaries
+  stay small, double-buffering the SMEM staging of the TMA stores.
+  """
+
+  tile_m: int = 128
+  tile_n: int = 128
+  stages: int = 4
+  grid_minor_dim: int = 1  # planar-snake tile order: 1 walks along H first, 0 along M first
+  grid_tile_width: int = 8
+
+  def check(self, num_weights: int, itemsize: int) -> None:
+    """NotImplementedError when the tiles break a wgmma / register / SMEM limit."""
+    if self.tile_m % WGMMA_ROWS or self.tile_n % EPILOGUE_N or self.tile_n > MAX_WGMMA_N:
+      raise NotImplementedError(f"tiles {self.tile_m}x{self.tile_n}: need tile_m % 64 == 0 and "
+                                f"tile_n a multiple of {EPILOGUE_N} up to {MAX_WGMMA_N}")
+    accumulator_registers = num_weights * self.tile_m * self.tile_n // 128
+    if accumulator_registers > 128:
+      raise NotImplementedError(f"{accumulator_registers} accumulator registers per thread > 128")
+    if self.smem_bytes(num_weights, itemsize) > SMEM_BYTES:
+      raise NotImplementedError(f"{self} needs {self.smem_bytes(num_weights, itemsize)} bytes of "
+                                f"SMEM > {SMEM_BYTES}")
+
+  def smem_bytes(self, num_weights: int, itemsize: int) -> int:
+    stage = (2 * self.tile_m + num_weights * self.tile_n) * TILE_K * itemsize
+    staging = 2 * 2 * self.tile_m * EPILOGUE_N * itemsize
+    return self.stages * stage + staging + 2 * num_weights * self.tile_n * itemsize + 1024
+
+
+
+def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_knots: int,
+                     config: EpilogueConfig) -> jax.Array:
+  """a = act(x W_gate + b_gate) * (x W_up + b_up) (GLU) or act(x W_up + b_up) (MLP), [M, H].
+
+  Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
+  from ``activation_table`` (PWL) or None. D and H must be multiples of 64.
+  """
+  m, d = x.shape
+  hidden = w_up.shape[1]
+  dtype = x.dtype
+  weights = [w_up] if w_gate is None else [w_gate, w_up]
+  biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
+  if biases and len(biases) != len(weights):
+    raise ValueError("gemm1_activation: give both GLU biases or neither")
+  config.check(len(weights), jnp.dtype(dtype).itemsize)
+  tile_m, tile_n = config.tile_m, config.tile_n
+  cta_m = 2 * tile_m
+  m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
+  operand_transforms = _swizzled(TILE_K, dtype)
+  inputs = [x, *weights, *biases] + ([table] if table is not None else [])
+
+  def make_pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_iters,), memory_registers=MEMORY_REGISTERS,
+        in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda k: (0, k), transforms=operand_transforms)]
+        + [plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, 0), transforms=operand_transforms)]
+        * len(weights),
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.stages,
+        compute_context=compute_context)
+
+  def kernel(*refs):
+    (x_gmem,), w_gmems, b_gmems, table_gmem, (out_gmem, out_smem, bias_smem, table_smem,
+                                              bias_barrier, table_barrier) = _split_refs(
+        refs, (1, len(weights), len(biases), int(table is not None), 6))
+    wg = lax.axis_index("wg")
+    if table is not None:
+      @pl.when(wg == 0)
+      def _():
+        plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, table_barrier.at[0])
+
+      @pl.when(wg < 2)
+      def _():
+        plgpu.barrier_wait(table_barrier.at[0])
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(pl.run_scoped,
+                       allocations=make_pipeline(ignore, ignore).get_allocations(
+                           x_gmem, *w_gmems),
+                       collective_axes="wg")
+    def _(allocations):
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tile_loop(loop_info):
+        (linear,) = loop_info.index
+        mi, ni = plgpu.planar_snake(linear, (m_iters, n_iters), config.grid_minor_dim,
+                                    config.grid_tile_width)
+        m_slice = pl.ds(mi * cta_m, cta_m)
+        n_slice = pl.ds(ni * tile_n, tile_n)
+        wg_rows = pl.ds(wg * tile_m, tile_m)
+
+        def compute_context(eval_pipeline):
+          def with_accumulators(*accumulators):
+            for i, bias in enumerate(b_gmems):  # lands while the pipeline runs
+              plgpu.copy_gmem_to_smem(bias.at[n_slice], bias_smem.at[wg, i], bias_barrier.at[wg])
+            eval_pipeline(accumulators)
+            if b_gmems:
+              plgpu.barrier_wait(bias_barrier.at[wg])
+            for epi in range(tile_n // EPILOGUE_N):
+              cols = slice(epi * EPILOGUE_N, (epi + 1) * EPILOGUE_N)
+              pre = [acc[:, cols] for acc in accumulators]
+              if b_gmems:
+                pre = [_add_bias(p, bias_smem.at[wg, i, cols]) for i, p in enumerate(pre)]
+              out = apply_activation(kind, pre[0], table_smem, num_knots)
+              if len(pre) == 2:
+                out = out * pre[1]
+              slot = epi % 2
+              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+              out_smem[wg, slot] = out.astype(dtype)
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg, slot],
+                  out_gmem.at[m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
+
+          pl.run_scoped(with_accumulators,
+                        *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
+
+        def mma(_, x_smem, *rest):
+          w_smems, accumulators = rest[:-1], rest[-1]
+          for w_smem, acc in zip(w_smems, accumulators):
+            plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem)
+          plgpu.wgmma_wait(0)
+          return accumulators
+
+        make_pipeline(mma, compute_context)(
+            x_gmem.at[m_slice, :], *[w.at[:, n_slice] for w in w_gmems], allocations=allocations)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out_transforms = _swizzled(EPILOGUE_N, dtype)
+  scratch = [
+      plgpu.SMEM((2, 2, tile_m, EPILOGUE_N), dtype, transforms=out_transforms),
+      plgpu.SMEM((2, max(len(biases), 1), tile_n), dtype),
+      plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
+      plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
+      plgpu.Barrier(num_barriers=1),
+  ]
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((m, hidden), dtype),
+      grid=(min(num_sms(), m_iters * n_iters),),
+      grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )(*inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fully fused FFN for small D
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+  """Tiles of ``fused_ffn``: hidden block width, GEMM1 weight buffers, CTAs per row block."""
+
+  block_h: int = 64
+  stages: int = 3
+  h_splits: int = 1
+
+  def check(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> None:
+    """NotImplementedError when the problem breaks the kernel's SMEM / register / layout limits."""
+    if self.block_h % 64 or self.block_h > 2 * MAX_WGMMA_N:
+      raise NotImplementedError(f"block_h={self.block_h}: need a multiple of 64 up to 512")
+    if d_model % TILE_K or d_out % 64:
+      raise NotImplementedError(f"D={d_model}, D_out={d_out}: need multiples of 64")
+    if d_out > 640:
+      raise NotImplementedError(f"D_out={d_out} > 640: the [64, D_out/2] f32 accumulator per "
+                                "warpgroup would not fit in registers")
+    if self.smem_bytes(d_model, d_out, num_weights, itemsize) > SMEM_BYTES:
+      raise NotImplementedError(
+          f"{self} with D={d_model}, D_out={d_out} needs "
+          f"{self.smem_bytes(d_model, d_out, num_weights, itemsize)} bytes of SMEM > {SMEM_BYTES}")
+
+  def smem_bytes(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
+    x_rows = WGMMA_ROWS * d_model
+    gemm1 = self.stages * num_weights * TILE_K * self.block_h
+    down = self.block_h * d_out
+    hidden = 2 * WGMMA_ROWS * self.block_h
+    small = (num_weights * self.block_h + d_out) * itemsize + 4 * 64 + 1024
+    return (x_rows + gemm1 + down + hidden) * itemsize + small
+
+
+def _output_chunks(width: int) -> tuple[int, int]:
+  """(count, size): split one warpgroup's ``width`` output columns into equal wgmma N <= 256."""
+  for count in range(1, width // 32 + 1):
+    size = width // count
+    if width % count == 0 and size % 32 == 0 and size <= MAX_WGMMA_N:
+      return count, size
+  raise NotImplementedError(f"cannot split {width} output columns into wgmma tiles")
+
+
+def fused_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down, *, kind: str,
+              num_knots: int, config: FusedConfig) -> jax.Array:
+  """Both GEMMs of the FFN in one kernel (see the module docstring).
+
+  Returns [M_pad, D_out] in x's dtype (b_down added) when ``config.h_splits == 1``, else f32
+  partial sums [h_splits, M_pad, D_out] without b_down; M_pad = M rounded up to 64.
+  """
+  m, d_model = x.shape
+  hidden, d_out = w_down.shape
+  dtype = x.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  weights = [w_up] if w_gate is None else [w_gate, w_up]
+  biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
+  if biases and len(biases) != len(weights):
+    raise ValueError("fused_ffn: give both GLU biases or neither")
+  config.check(d_model, d_out, len(weights), itemsize)
+  block_h, stages, splits = config.block_h, config.stages, config.h_splits
+  half = block_h // 2  # hidden columns computed by one compute warpgroup
+  k_steps = d_model // TILE_K
+  h_blocks = pl.cdiv(hidden, block_h)
+  blocks_per_split = pl.cdiv(h_blocks, splits)
+  out_width = d_out // 2  # output columns owned by one compute warpgroup
+  num_chunks, chunk = _output_chunks(out_width)
+  m_blocks = pl.cdiv(m, WGMMA_ROWS)
+  m_pad = m_blocks * WGMMA_ROWS
+  has_b_down = b_down is not None and splits == 1
+  inputs = ([x, *weights, *biases, w_down] + ([b_down] if has_b_down else [])
+            + ([table] if table is not None else []))
+  down_issue_step = min(stages, k_steps) - 1  # refill W_down once GEMM1's first chunks are queued
+
+  def kernel(*refs):
+    ((x_gmem,), w_gmems, b_gmems, (w_down_gmem,), b_down_gmem, table_gmem,
+     (out_gmem, x_smem, w1_smem, down_smem, hidden_smem, bias_smem, b_down_smem, table_smem,
+      x_ready, w1_ready, w1_free, down_ready, down_free, hidden_ready)) = _split_refs(
+        refs, (1, len(weights), len(biases), 1, int(has_b_down), int(table is not None), 14))
+    wg = lax.axis_index("wg")
+    row_block = lax.axis_index("m")
+    split = lax.axis_index("split")
+    rows = pl.ds(row_block * WGMMA_ROWS, WGMMA_ROWS)
+    first_block = split * blocks_per_split
+    num_blocks = jnp.clip(h_blocks - first_block, 0, blocks_per_split)
+
+    @pl.when(wg == 2)
+    def _memory_warpgroup():
+      plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+      for k in range(k_steps):
+        plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(k * TILE_K, TILE_K)], x_smem.at[k],
+                                x_ready.at[0])
+      if has_b_down:
+        plgpu.copy_gmem_to_smem(b_down_gmem[0], b_down_smem, x_ready.at[0])
+      if table is not None:
+        plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, x_ready.at[0])
+
+      @pl.loop(0, num_blocks)
+      def _block(j):
+        h_cols = pl.ds((first_block + j) * block_h, block_h)
+
+        @pl.loop(0, k_steps)
+        def _k(k):
+          step = j * k_steps + k
+          slot = lax.rem(step, stages)
+
+          @pl.when(step >= stages)
+          def _():
+            plgpu.barrier_wait(w1_free.at[slot])
+
+          for i, w in enumerate(w_gmems):
+            plgpu.copy_gmem_to_smem(w.at[pl.ds(k * TILE_K, TILE_K), h_cols], w1_smem.at[slot, i],
+                                    w1_ready.at[slot])
+
+          @pl.when(k == down_issue_step)
+          def _():
+            @pl.when(j > 0)
+            def _():
+              plgpu.barrier_wait(down_free.at[0])
+
+            for piece in range(2 * num_chunks):
+              plgpu.copy_gmem_to_smem(w_down_gmem.at[h_cols, pl.ds(piece * chunk, chunk)],
+                                      down_smem.at[piece], down_ready.at[0])
+            for i, bias in enumerate(b_gmems):
+              plgpu.copy_gmem_to_smem(bias.at[h_cols], bias_smem.at[i], down_ready.at[0])
+
+      # Observe the last release of every buffer before the barriers go away.
+      for slot in range(stages):
+        @pl.when(slot < num_blocks * k_steps)
+        def _():
+          plgpu.barrier_wait(w1_free.at[slot])
+
+      @pl.when(num_blocks > 0)
+      def _():
+        plgpu.barrier_wait(down_free.at[0])
+
+    @pl.when(wg < 2)
+    def _compute_warpgroup():
+      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+      plgpu.barrier_wait(x_ready.at[0])
+      my_cols = pl.ds(wg * half, half)
+
+      def with_output_accumulators(*out_accs):
+        @pl.loop(0, num_blocks)
+        def _block(j):
+          def gemm1(*h_accs):
+            @pl.loop(0, k_steps)
+            def _k(k):
+              slot = lax.rem(j * k_steps + k, stages)
+              plgpu.barrier_wait(w1_ready.at[slot])
+              for i, acc in enumerate(h_accs):
+                plgpu.wgmma(acc, x_smem.at[k], w1_smem.at[slot, i, :, my_cols])
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(w1_free.at[slot])
+            return [acc[...] for acc in h_accs]
+
+          pre = pl.run_scoped(gemm1, *[plgpu.ACC((WGMMA_ROWS, half), jnp.float32)] * len(w_gmems))
+          plgpu.barrier_wait(down_ready.at[0])
+          if b_gmems:
+            pre = [_add_bias(p, bias_smem.at[i, my_cols]) for i, p in enumerate(pre)]
+          h = apply_activation(kind, pre[0], table_smem, num_knots)
+          if len(pre) == 2:
+            h = h * pre[1]
+          buffer = lax.rem(j, 2)
+          hidden_smem.at[buffer, wg][...] = h.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(hidden_ready.at[buffer])
+          plgpu.barrier_wait(hidden_ready.at[buffer])
+          for c, acc in enumerate(out_accs):
+            for part in range(2):
+              plgpu.wgmma(acc, hidden_smem.at[buffer, part],
+                          down_smem.at[wg * num_chunks + c, pl.ds(part * half, half), :])
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(down_free.at[0])
+
+        for c, acc in enumerate(out_accs):
+          cols = pl.ds((wg * num_chunks + c) * chunk, chunk)
+          if splits > 1:
+            out_gmem.at[split, rows, cols][...] = acc[...]
+          else:
+            y = _add_bias(acc[...], b_down_smem.at[cols]) if has_b_down else acc[...]
+            out_gmem.at[rows, cols][...] = y.astype(dtype)
+
+      pl.run_scoped(with_output_accumulators,
+                    *[plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32)] * num_chunks)
+
+  num_weights = len(weights)
+  x_ready_arrivals = k_steps + int(has_b_down) + int(table is not None)
+  scratch = [
+      plgpu.SMEM((k_steps, WGMMA_ROWS, TILE_K), dtype, transforms=_swizzle_64b(dtype)),
+      plgpu.SMEM((stages, num_weights, TILE_K, block_h), dtype, transforms=_swizzle_64b(dtype)),
+      plgpu.SMEM((2 * num_chunks, block_h, chunk), dtype, transforms=_swizzle_64b(dtype)),
+      plgpu.SMEM((2, 2, WGMMA_ROWS, half), dtype, transforms=_swizzle_64b(dtype)),
+      plgpu.SMEM((max(len(biases), 1), block_h), dtype),
+      plgpu.SMEM((d_out,), dtype),
+      plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
+      plgpu.Barrier(num_arrivals=x_ready_arrivals, num_barriers=1),
+      plgpu.Barrier(num_arrivals=num_weights, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2 * num_chunks + len(biases), num_barriers=1),
+      plgpu.Barrier(num_arrivals=2, num_barriers=1),
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),
+  ]
+  if splits > 1:
+    out_type = jax.ShapeDtypeStruct((splits, m_pad, d_out), jnp.float32)
+  else:
+    out_type = jax.ShapeDtypeStruct((m_pad, d_out), dtype)
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(m_blocks, splits), grid_names=("m", "split"),
+      num_threads=3, thread_name="wg", scratch_types=scratch,
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )(*inputs)
