@@ -18,6 +18,7 @@ to something that computes a different function. Existing ``FusedFFN`` layers ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import warnings
@@ -94,15 +95,33 @@ def _role_assignments(linears: dict[str, nnx.Linear]) -> list[dict[str, str]]:
   return assignments
 
 
-def _probe(module: nnx.Module, d_model: int, dtype, up_kernel: jax.Array) -> jax.Array:
+def _probe(d_model: int, dtype, up_kernel: jax.Array) -> jax.Array:
   """Random input [PROBE_TOKENS, D] scaled so that x @ up has std PROBE_PREACTIVATION_STD."""
-  x = jax.random.normal(jax.random.key(0), (PROBE_TOKENS, d_model), jnp.float32)
-  pre = x @ up_kernel.astype(jnp.float32)
-  scale = PROBE_PREACTIVATION_STD / jnp.maximum(jnp.std(pre), 1e-6)
-  return (x * scale).astype(dtype)
+  x = np.random.default_rng(0).normal(size=(PROBE_TOKENS, d_model))
+  scale = PROBE_PREACTIVATION_STD / max(float(np.std(x @ np.asarray(up_kernel, np.float64))), 1e-6)
+  return jnp.asarray(x * scale, dtype)
 
 
-def _relative_error(actual: jax.Array, expected: jax.Array) -> float:
+@functools.partial(jax.jit, static_argnums=0)
+def _call_split_module(graphdef, state, x: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, state)(x)
+
+
+def _call_module(module: nnx.Module, x: jax.Array) -> jax.Array:
+  """The candidate's own output, compiled (identical layers share one compilation); any state
+  it would update (dropout rng counters, ...) is left as it was."""
+  return _call_split_module(*nnx.split(module), x)
+
+
+@functools.partial(jax.jit, static_argnames="precision")
+def _candidate_outputs(x: jax.Array, weights: dict, precision) -> jax.Array:
+  """[len(FITTABLE_ACTIVATIONS), ...] outputs of the FFN with each activation (one compile)."""
+  weights = {k: None if v is None else v.astype(x.dtype) for k, v in weights.items()}
+  return jnp.stack([ffn(x, **weights, activation=name, precision=precision)
+                    for name in FITTABLE_ACTIVATIONS])
+
+
+def _relative_error(actual, expected) -> float:
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   if not np.all(np.isfinite(actual)):
     return float("inf")
@@ -117,36 +136,41 @@ def _match_module(path: tuple, module: nnx.Module) -> MLPMatch | Rejected | None
   assignments = _role_assignments(linears)
   if not assignments:
     return None
-  first = linears[assignments[0]["w_up"]]
-  dtype = first.dtype or first.kernel.dtype
-  x = _probe(module, first.kernel.shape[0], dtype, first.kernel[...])
-  try:
-    expected = module(x)
-  except Exception as error:  # the module's own call; any failure means "cannot verify"
-    return Rejected(path, f"calling it on a [{PROBE_TOKENS}, D] array raised "
-                          f"{type(error).__name__}: {error}")
-  best = (float("inf"), None, None)
-  for assignment, activation in itertools.product(assignments, FITTABLE_ACTIVATIONS):
+  best, failure = (float("inf"), None, None, None), None
+  expected_by_dim = {}
+  for assignment in assignments:
+    up = linears[assignment["w_up"]]
+    dtype = up.dtype or up.kernel.dtype
+    d_model = up.kernel.shape[0]
+    if d_model not in expected_by_dim:  # the module's own output on a probe of this width
+      x = _probe(d_model, dtype, up.kernel[...])
+      try:
+        expected_by_dim[d_model] = (x, _call_module(module, x))
+      except Exception as error:  # the module's own call: any failure means "not this width"
+        expected_by_dim[d_model] = (x, None)
+        failure = f"calling it on a [{PROBE_TOKENS}, {d_model}] array raised {type(error).__name__}: {error}"
+    x, expected = expected_by_dim[d_model]
+    if expected is None or jnp.shape(expected) != x.shape[:1] + (linears[assignment["w_down"]].kernel.shape[1],):
+      continue
     weights = dict.fromkeys(WEIGHT_NAMES)
     for role, name in assignment.items():
       weights.update(_linear_weights(linears[name], role))
-    arrays = {k: None if v is None else v[...].astype(x.dtype) for k, v in weights.items()}
-    try:
-      fused = ffn(x, arrays.pop("w_up"), arrays.pop("w_down"), **arrays, activation=activation,
-                  precision=first.precision)
-      error = _relative_error(fused, expected)
-    except (TypeError, ValueError):
-      continue
-    if error < best[0]:
-      best = (error, activation, weights)
-  error, activation, weights = best
-  tolerance = MATCH_TOLERANCE.get(jnp.dtype(dtype), 3e-2)
-  if activation is None or error > tolerance:
+    outputs = _candidate_outputs(x, {k: None if v is None else v[...] for k, v in weights.items()},
+                                 up.precision)
+    for activation, output in zip(FITTABLE_ACTIVATIONS, outputs):
+      error = _relative_error(output, expected)
+      if error < best[0]:
+        best = (error, activation, weights, up)
+  error, activation, weights, up = best
+  if activation is None:
+    return Rejected(path, failure or "its output shape does not fit any reading of its Linear layers")
+  tolerance = MATCH_TOLERANCE.get(jnp.dtype(up.dtype or up.kernel.dtype), 3e-2)
+  if error > tolerance:
     forms = " or ".join(sorted({"act(x @ gate) * (x @ up) @ down" if "w_gate" in a else
                                 "act(x @ up) @ down" for a in assignments}))
     return Rejected(path, f"its output is not {forms} for any activation in "
                           f"{FITTABLE_ACTIVATIONS} (best relative error {error:.1e} > {tolerance:g})")
-  return MLPMatch(path, activation, weights, first.dtype, first.precision)
+  return MLPMatch(path, activation, weights, up.dtype, up.precision)
 
 
 def find_mlps(model: nnx.Module) -> tuple[list[MLPMatch], list[Rejected]]:

@@ -15,7 +15,7 @@ from flax import nnx
 import flashffn_jax as ff
 from flashffn_jax import linen as ff_linen
 from flashffn_jax.nnx import PWL_PARAM_NAMES, FusedFFN, pwl_from_arrays, pwl_to_arrays
-from tests.conftest import relative_error
+from tests.conftest import SESSION_SEED, relative_error
 
 ACTIVATIONS = {"gelu": lambda h: jax.nn.gelu(h, approximate=False), "silu": jax.nn.silu}
 # float64 NumPy activation and derivative, written independently of the library.
@@ -72,8 +72,13 @@ def plain_ffn(params: dict, x, act):
   return linear(hidden, "down")
 
 
+# Odd sizes (B, D, H, D_out) drawn once per session, so tests share compilations; the values in
+# every test are fresh.
+ODD_SHAPE = tuple(int(v) for v in np.random.default_rng(SESSION_SEED).integers([3, 5, 17, 3], [9, 23, 70, 19]))
+
+
 def odd_shape(rng):
-  return tuple(int(v) for v in rng.integers([3, 5, 17, 3], [9, 23, 70, 19]))  # B, D, H, D_out
+  return ODD_SHAPE
 
 
 def random_layer(rng, glu, bias, activation, **kwargs):
