@@ -69,7 +69,7 @@ def xla_estimate(p: tiling.Problem, training: bool, info) -> Estimate:
 
 
 def fused_estimate(p: tiling.Problem, chosen: tiling.Tiling, training: bool, info) -> Estimate:
-  kernels = tiling.KERNELS if training else ("forward",)
+  kernels = ("forward", *chosen.backward) if training else ("forward",)
   costs = [tiling.kernel_cost(kernel, p, getattr(chosen, kernel)) for kernel in kernels]
   peak, bandwidth = info.bf16_ops_per_second, info.mem_bw_bytes_per_second
   return Estimate(sum(c.flops for c in costs), sum(c.hbm_bytes for c in costs),
@@ -93,7 +93,7 @@ def rows(tokens: int, chips: list[str]) -> list[dict]:
             chip=chip, model=model, D=d, H=h, glu=glu, tokens=tokens,
             step="fwd+bwd" if training else "forward", useful_gflop=useful / 1e9,
             blocks={k: [getattr(chosen, k).block_m, getattr(chosen, k).block_h]
-                    for k in (tiling.KERNELS if training else ("forward",))},
+                    for k in (("forward", *chosen.backward) if training else ("forward",))},
             fused_gflop=fused.flops / 1e9, fused_mb=fused.hbm_bytes / 1e6,
             fused_us=fused.seconds * 1e6, fused_peak_pct=percent(fused),
             fused_bound="compute" if fused.compute_bound else "memory",
@@ -121,14 +121,14 @@ def markdown(table: list[dict], tokens: int, chips: list[str]) -> str:
         f"{info.vmem_capacity_bytes >> 20} MiB VMEM "
         f"(ridge {info.bf16_ops_per_second / info.mem_bw_bytes_per_second:.0f} flops/byte)",
         "",
-        "| model (D/H) | step | useful GFLOP | fused blocks bm×bh (fwd / dx / dW) | fused MXU GFLOP "
+        "| model (D/H) | step | useful GFLOP | fused kernels: bm×bh | fused MXU GFLOP "
         "| fused HBM MB | fused µs | fused % peak | XLA HBM MB | XLA µs | XLA % peak | XLA µs / fused µs |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
       if r["chip"] != chip:
         continue
-      blocks = " / ".join(f"{bm}×{bh}" for bm, bh in r["blocks"].values())
+      blocks = ", ".join(f"{kernel} {bm}×{bh}" for kernel, (bm, bh) in r["blocks"].items())
       kind = "GLU" if r["glu"] else "MLP"
       lines.append(
           f"| {r['model']} ({r['D']}/{r['H']} {kind}) | {r['step']} | {r['useful_gflop']:.0f} "

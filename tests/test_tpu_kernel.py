@@ -27,8 +27,10 @@ from pallas_kernels.tpu.tiling import Blocks, Tiling
 from tests.conftest import relative_error
 
 INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
-# Small blocks so that every kernel takes several steps along both grid axes.
-SMALL = Tiling(Blocks(32, 128), Blocks(32, 128), Blocks(32, 128))
+# Small blocks so that every kernel takes several steps along both grid axes; the two backward
+# paths: two kernels (dx over (M, H), weight gradients over (H, M)) or one fused kernel.
+SMALL = Tiling(Blocks(32, 128), backward_dx=Blocks(32, 128), backward_dweights=Blocks(32, 128))
+SMALL_FUSED = Tiling(Blocks(32, 128), backward_fused=Blocks(32, 128))
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 WEIGHT_NAMES = ("w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
 
@@ -110,6 +112,27 @@ def test_forward_and_all_gradients_match_reference(rng, glu, bias, activation_na
     np.testing.assert_array_equal(grads[3], 0.0)  # knots: the caller's chain rule handles them
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("activation_name", ["pwl", "exact"])
+@pytest.mark.parametrize("glu", [False, True], ids=["mlp", "glu"])
+def test_fused_backward_matches_reference(rng, glu, activation_name, dtype):
+  """The one-kernel backward (all weight gradients resident) on the same checks; GLU with
+  biases, MLP without."""
+  shape = odd_shape(rng)
+  problem = make_problem(rng, shape, glu, bias=glu, dtype=dtype)
+  base = "silu" if glu else "gelu"
+  activation = make_activation(f"pwl-{base}" if activation_name == "pwl" else base)
+  y, grads, y_ref, grads_ref = vjp_both(problem, activation, rng, tiling=SMALL_FUSED,
+                                         interpret=INTERPRET)
+  tolerance = TOLERANCE[dtype]
+  assert_close("y", y, y_ref, tolerance)
+  for name in problem:
+    assert_close(f"d{name}", grads[0][name], grads_ref[0][name], tolerance)
+  if activation.kind == "pwl":
+    assert_close("d_slopes", grads[1], grads_ref[1], tolerance)
+    assert_close("d_intercepts", grads[2], grads_ref[2], tolerance)
+
+
 @pytest.mark.parametrize("name", [n for n in EXACT_ACTIVATIONS if n not in ("gelu", "silu")])
 def test_other_exact_activations(rng, name):
   shape = odd_shape(rng)
@@ -144,8 +167,10 @@ def test_kernels_are_race_free_on_two_cores(rng):
 
   problem = make_problem(rng, (70, 130, 300, 90), glu=True, bias=True, dtype=jnp.float32)
   activation = make_activation("pwl-silu")
-  config = tpu_ffn.make_config(problem["x"], problem["w_up"], problem["w_down"],
-                               problem["w_gate"], activation, tiling=SMALL, interpret=params)
+  config, fused_config = (
+      tpu_ffn.make_config(problem["x"], problem["w_up"], problem["w_down"], problem["w_gate"],
+                          activation, tiling=tiling_choice, interpret=params)
+      for tiling_choice in (SMALL, SMALL_FUSED))
   weights, tables = tpu_ffn.pack_operands(*(problem.get(n) for n in WEIGHT_NAMES), activation)
   dy = jnp.asarray(rng.normal(size=(70, 90)), jnp.float32)
   runs = {
@@ -153,6 +178,8 @@ def test_kernels_are_race_free_on_two_cores(rng):
       "backward_dx": lambda: tpu_ffn.backward_dx_kernel(config, problem["x"], weights, tables, dy),
       "backward_dweights": lambda: tpu_ffn.backward_dweights_kernel(config, problem["x"], weights,
                                                                     tables, dy),
+      "backward_fused": lambda: tpu_ffn.backward_fused_kernel(fused_config, problem["x"], weights,
+                                                              tables, dy),
   }
   for kernel, run in runs.items():
     outputs = jax.block_until_ready(run())
@@ -232,10 +259,17 @@ def test_nan_propagates_to_its_row_only(rng):
   assert np.all(np.isfinite(np.delete(np.asarray(y), 5, axis=0)))
 
 
-def test_bad_tiling_names_the_argument(rng):
+@pytest.mark.parametrize("bad,match", [
+    (Tiling(Blocks(16, 128), Blocks(8, 128), Blocks(16, 128)),  # bf16 rows come in 16s
+     "tiling.backward_dx.block_m: expected a positive multiple of 16"),
+    (Tiling(Blocks(16, 100), backward_fused=Blocks(16, 128)),
+     "tiling.forward.block_h: expected a positive multiple of 128"),
+    (Tiling(Blocks(16, 128), Blocks(16, 128), Blocks(16, 128), Blocks(16, 128)),
+     "tiling: expected blocks for exactly one backward path"),
+])
+def test_bad_tiling_names_the_argument(rng, bad, match):
   problem = make_problem(rng, (8, 64, 128, 64), glu=False, bias=False, dtype=jnp.bfloat16)
-  bad = Tiling(Blocks(16, 128), Blocks(8, 128), Blocks(16, 128))  # bf16 rows come in 16s
-  with pytest.raises(ValueError, match="tiling.backward_dx.block_m: expected a positive multiple of 16"):
+  with pytest.raises(ValueError, match=match):
     tpu_ffn.fused_ffn(problem["x"], problem["w_up"], problem["w_down"],
                       activation=Activation("gelu"), tiling=bad, interpret=INTERPRET)
 
@@ -260,29 +294,37 @@ def test_chosen_tiling_fits_vmem_and_streams_weights_above_the_ridge(chip, model
     return
   chosen = tiling.choose_tiling(problem, info)
   chosen.validate(problem)
-  for kernel in tiling.KERNELS:
+  for kernel in ("forward", *chosen.backward):
     cost = tiling.kernel_cost(kernel, problem, getattr(chosen, kernel))
     assert cost.vmem_bytes <= tiling.VMEM_FRACTION * info.vmem_capacity_bytes, kernel
   ridge = info.bf16_ops_per_second / info.mem_bw_bytes_per_second
   assert chosen.forward.block_m > ridge
 
 
-@pytest.mark.parametrize("glu,name,dtype", [(False, "pwl-gelu", jnp.bfloat16),
-                                            (True, "silu", jnp.float32),
-                                            (True, "gelu", jnp.bfloat16)])
-def test_lowers_to_mosaic_for_tpu(rng, glu, name, dtype):
-  """Forward + both backward kernels pass Pallas' Mosaic TPU lowering (cross-platform lowering
-  from this CPU machine; Mosaic's own compile needs a TPU) at a SmolLM2-sized problem with the
-  tiling chosen for v6e."""
+LOWERING_TILINGS = {
+    "two-kernel": Tiling(Blocks(256, 512), Blocks(256, 512), Blocks(512, 256)),
+    "fused": Tiling(Blocks(256, 512), backward_fused=Blocks(256, 512)),
+}
+
+
+@pytest.mark.parametrize("glu,name,dtype,backward", [(False, "pwl-gelu", jnp.bfloat16, "two-kernel"),
+                                                     (True, "pwl-silu", jnp.bfloat16, "fused"),
+                                                     (True, "silu", jnp.float32, "two-kernel"),
+                                                     (True, "gelu", jnp.bfloat16, "fused")])
+def test_lowers_to_mosaic_for_tpu(rng, glu, name, dtype, backward):
+  """Forward + backward kernels pass Pallas' Mosaic TPU lowering (cross-platform lowering from
+  this CPU machine; Mosaic's own compile needs a TPU) at a SmolLM2-sized problem."""
   problem = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
              make_problem(rng, (1024, 576, 1536, 576), glu, bias=True, dtype=dtype).items()}
   activation = make_activation(name)
+  chosen = LOWERING_TILINGS[backward]
 
   def loss(problem, slopes, intercepts, knots):
-    y = as_call(tpu_ffn.fused_ffn, problem, activation, chip="v6e")(problem, slopes, intercepts, knots)
+    y = as_call(tpu_ffn.fused_ffn, problem, activation, tiling=chosen, chip="v6e")(
+        problem, slopes, intercepts, knots)
     return jnp.sum(y.astype(jnp.float32))
 
   tables = (activation.slopes, activation.intercepts, activation.knots)
   lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(problem, *tables).lower(
       lowering_platforms=("tpu",))
-  assert lowered.as_text().count("tpu_custom_call") == 3
+  assert lowered.as_text().count("tpu_custom_call") == 1 + len(chosen.backward)

@@ -27,24 +27,31 @@ d = dy W_down^T, the hidden-layer gradients are
     MLP: dz_up = d * act'(z_up)                              g = d        at z_up
     GLU: dz_gate = d * z_up * act'(z_gate), dz_up = d * act(z_gate)   g = d * z_up at z_gate
     PWL: d s_j = Σ_{seg(z)=j} g z,  d c_j = Σ_{seg(z)=j} g   (zero for the knots)
-and two kernels recompute z and d per [bm, bh] tile, each ordering its grid so that its
-accumulator stays resident in VMEM:
+and the backward kernels recompute z and d per [bm, bh] tile, each ordering its grid so that its
+accumulators stay resident in VMEM. Two paths (``tiling.choose_tiling`` takes the faster that
+fits):
   backward_dx       grid (M/bm "parallel", H/bh "arbitrary"):  dx[m] += dz W_in[:, h]^T
   backward_dweights grid (H/bh "parallel", M/bm "arbitrary"):  dW_in[:, h] += x[m]^T dz,
                     dW_down[h, :] += cast(hidden)^T dy[m], db_in[h] += Σ_rows dz,
                     PWL segment sums per hidden column (reduced over columns by XLA)
-  db_down = Σ_rows dy is one XLA reduction.
+or
+  backward_fused    grid (M/bm, H/bh), both "arbitrary": dx[m] as in backward_dx, and ALL of
+                    dW_in, dW_down, db_in, PWL sums resident as f32 for the whole grid, each step
+                    adding into its bh hidden columns; written back once at the end.
+db_down = Σ_rows dy is one XLA reduction.
+
 Recompute cost, in units of one [M, D] x [D, H] matmul (2 M D H flops; n = 1 MLP, 2 GLU;
 D_out = D): forward n + 1. backward_dx: n (z) + 1 (d) + n (dx) = 2n + 1; backward_dweights:
-n (z) + 1 (d) + n (dW_in) + 1 (dW_down) = 2n + 2. Backward 4n + 3 against 2n + 2 for autodiff
-that keeps z from the forward: 1.75x (MLP) / 1.83x (GLU); a training step 5n + 4 against 3n + 3:
-1.5x / 1.56x the MXU flops. That is the price of keeping no [M, H] tensor in HBM in either
-direction; at M = 8192 the matmuls are compute bound on v5e/v6e, so the roofline model
-(benchmarks/results/tpu-roofline.md) predicts the training step ~1.5x slower than XLA's best
-case and the forward at parity. The ordering choice: dx needs a sum over H, dW a sum over M, and
-the two cannot both stay resident in one grid order without holding all of dW in VMEM (fits only
-small models: (n D H + H D_out) * 4 bytes = 11.8 MB at SmolLM2, 0.7 GB at llama-8B) or
-read-modify-writing dx in HBM once per H tile. benchmarks/NOTES.md lists the cheaper variants.
+n (z) + 1 (d) + n (dW_in) + 1 (dW_down) = 2n + 2; together 4n + 3. backward_fused: 3n + 2.
+Autodiff that keeps z from the forward: 2n + 2. A training step is then 5n + 4 (two-kernel) or
+4n + 3 (fused) against 3n + 3: 1.5x / 1.56x (MLP / GLU) and 1.17x / 1.22x the MXU flops. That
+is the price of keeping no [M, H] tensor in HBM in either direction. Why two paths: dx needs a
+sum over H and dW a sum over M; one grid order keeps both resident only if all of dW sits in
+VMEM ((n D H + H D_out) * 4 bytes: 11 MB at SmolLM2, 19 MB at gpt2-small, 0.7 GB at llama-8B),
+and the fused kernel gives up the "parallel" axis (megacore) for it. At M = 8192 the matmuls
+are compute bound on v5e/v6e, so the roofline model (benchmarks/results/tpu-roofline.md)
+predicts the forward at parity with XLA's best case, the training step ~1.5x slower on the
+two-kernel path (llama sizes) and 0.8-1.3x XLA's speed on the fused path (small models).
 
 Dtypes: bfloat16 or float32 inputs; matmuls accumulate in f32 (``preferred_element_type``), the
 activation and its derivative run in f32, and the hidden tile is cast to x's dtype before the
@@ -60,7 +67,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -173,32 +179,24 @@ def _hidden_backward(act: _TileActivation, z: dict, d_hidden) -> _HiddenGrads:
   return _HiddenGrads(value, {"w_up": d_hidden * derivative}, z["w_up"], d_hidden)
 
 
-def _recompute_grads(config: KernelConfig, refs: dict) -> tuple[jax.Array, jax.Array, _HiddenGrads]:
-  """(x tile, dy tile, hidden-layer gradients) for the current (m, h) tile of a backward kernel."""
-  x, dy = refs["x"][...], refs["dy"][...]
-  act = _TileActivation(config.kind, refs)
-  z = _pre_activations(refs, x, config.precision)
-  d_hidden = _dot(dy, refs["w_down"][...], config.precision, NT)
-  return x, dy, _hidden_backward(act, z, d_hidden)
+def _first(axis: int):
+  return pl.program_id(axis) == 0
 
 
-def _first_step():
-  return pl.program_id(1) == 0
-
-
-def _last_step():
-  return pl.program_id(1) == pl.num_programs(1) - 1
+def _last(axis: int):
+  return pl.program_id(axis) == pl.num_programs(axis) - 1
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernel bodies; the reduction runs over grid axis 1 in all three
+# Kernel bodies
 # ------------------------------------------------------------------------------------------------
 
 
 def _forward_body(config: KernelConfig, refs: dict) -> None:
+  """Grid (M tiles, H tiles); y[m] accumulates over H in acc."""
   acc = refs["acc"]
 
-  @pl.when(_first_step())
+  @pl.when(_first(1))
   def _init():
     if "b_down" in refs:
       acc[...] = jnp.broadcast_to(refs["b_down"][...].astype(F32), acc.shape)
@@ -209,51 +207,70 @@ def _forward_body(config: KernelConfig, refs: dict) -> None:
   hidden = _hidden(_TileActivation(config.kind, refs), _pre_activations(refs, x, config.precision))
   acc[...] += _dot(hidden.astype(x.dtype), refs["w_down"][...], config.precision)
 
-  @pl.when(_last_step())
+  @pl.when(_last(1))
   def _flush():
     refs["y"][...] = acc[...].astype(refs["y"].dtype)
 
 
-def _backward_dx_body(config: KernelConfig, refs: dict) -> None:
-  acc = refs["acc"]
+def _backward_body(config: KernelConfig, refs: dict, *, kernel: str) -> None:
+  """One body for the three backward kernels; the accumulators present decide what it computes.
 
-  @pl.when(_first_step())
-  def _init():
-    acc[...] = jnp.zeros(acc.shape, F32)
-
-  x, _, grads = _recompute_grads(config, refs)
-  for name, dz in grads.dz.items():
-    acc[...] += _dot(dz.astype(x.dtype), refs[name][...], config.precision, NT)
-
-  @pl.when(_last_step())
-  def _flush():
-    refs["dx"][...] = acc[...].astype(refs["dx"].dtype)
-
-
-def _backward_dweights_body(config: KernelConfig, refs: dict) -> None:
-  accumulators = [name for name in refs if name.startswith("acc_")]
+  backward_dx (grid (m, h)): acc_dx, reset / flushed at the first / last H step.
+  backward_dweights (grid (h, m)): per-H-tile weight-gradient blocks, reset / flushed at the
+    first / last M step.
+  backward_fused (grid (m, h)): both; the weight gradients are whole arrays resident for the
+    entire grid, reset before the first step, flushed after the last, and each step adds into
+    its bh hidden columns.
+  """
+  h_axis = 0 if kernel == "backward_dweights" else 1
+  m_axis = 1 - h_axis
+  whole = kernel == "backward_fused"
+  weight_accumulators = [name for name in refs if name.startswith("acc_dw")]
   sums = [name for name in ("db_up", "db_gate", "pwl_sums") if name in refs]
+  starts = _first(m_axis) & _first(h_axis) if whole else _first(m_axis)
+  ends = _last(m_axis) & _last(h_axis) if whole else _last(m_axis)
 
-  @pl.when(_first_step())
-  def _init():
-    for name in accumulators + sums:
-      refs[name][...] = jnp.zeros(refs[name].shape, F32)
+  if "acc_dx" in refs:
+    @pl.when(_first(h_axis))
+    def _init_dx():
+      refs["acc_dx"][...] = jnp.zeros(refs["acc_dx"].shape, F32)
 
-  x, dy, grads = _recompute_grads(config, refs)
+  if weight_accumulators:
+    @pl.when(starts)
+    def _init_weight_grads():
+      for name in weight_accumulators + sums:
+        refs[name][...] = jnp.zeros(refs[name].shape, F32)
+
+  x, dy = refs["x"][...], refs["dy"][...]
+  act = _TileActivation(config.kind, refs)
+  z = _pre_activations(refs, x, config.precision)
+  grads = _hidden_backward(act, z, _dot(dy, refs["w_down"][...], config.precision, NT))
+
+  if "acc_dx" in refs:
+    for name, dz in grads.dz.items():
+      refs["acc_dx"][...] += _dot(dz.astype(x.dtype), refs[name][...], config.precision, NT)
+
+    @pl.when(_last(h_axis))
+    def _flush_dx():
+      refs["dx"][...] = refs["acc_dx"][...].astype(refs["dx"].dtype)
+
+  if not weight_accumulators:
+    return
+  block_h = refs["w_up"].shape[1]
+  columns = (pl.ds(pl.multiple_of(pl.program_id(h_axis) * block_h, block_h), block_h)
+             if whole else slice(None))
   for name, dz in grads.dz.items():
-    refs[f"acc_d{name}"][...] += _dot(x, dz.astype(x.dtype), config.precision, TN)
+    refs[f"acc_d{name}"][:, columns] += _dot(x, dz.astype(x.dtype), config.precision, TN)
     if f"d{BIASES_IN[name]}" in refs:
-      refs[f"d{BIASES_IN[name]}"][...] += jnp.sum(dz, axis=0, keepdims=True)
-  refs["acc_dw_down"][...] += _dot(grads.hidden.astype(x.dtype), dy, config.precision, TN)
+      refs[f"d{BIASES_IN[name]}"][:, columns] += jnp.sum(dz, axis=0, keepdims=True)
+  refs["acc_dw_down"][columns, :] += _dot(grads.hidden.astype(x.dtype), dy, config.precision, TN)
   if config.kind == "pwl":
-    act = _TileActivation(config.kind, refs)
-    rows = act.segment_column_sums(grads.act_input, grads.act_cotangent)
-    for row, column_sum in enumerate(rows):
-      refs["pwl_sums"][pl.ds(row, 1), :] += column_sum
+    for row, column_sum in enumerate(act.segment_column_sums(grads.act_input, grads.act_cotangent)):
+      refs["pwl_sums"][pl.ds(row, 1), columns] += column_sum
 
-  @pl.when(_last_step())
-  def _flush():
-    for name in accumulators:
+  @pl.when(ends)
+  def _flush_weight_grads():
+    for name in weight_accumulators:
       out = refs[name.removeprefix("acc_")]
       out[...] = refs[name][...].astype(out.dtype)
 
@@ -263,8 +280,10 @@ def _backward_dweights_body(config: KernelConfig, refs: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _block_specs(blocks: Blocks, padded: PaddedShape, num_rows: int, m_axis: int) -> dict:
-  """BlockSpec per operand name for a 2-D grid whose M-tile index is grid axis `m_axis`."""
+def _block_specs(blocks: Blocks, padded: PaddedShape, num_pwl_rows: int, m_axis: int,
+                 whole_weight_grads: bool) -> dict:
+  """BlockSpec per operand name for a 2-D grid whose M-tile index is grid axis `m_axis`; the
+  weight-gradient outputs are per-H-tile blocks, or whole arrays if `whole_weight_grads`."""
   bm, bh = blocks.block_m, blocks.block_h
 
   def spec(shape, index):  # index: (m, h) -> block index
@@ -277,12 +296,17 @@ def _block_specs(blocks: Blocks, padded: PaddedShape, num_rows: int, m_axis: int
   specs = dict(
       x=spec((bm, padded.d), rows_by_m), dy=spec((bm, padded.d_out), rows_by_m),
       y=spec((bm, padded.d_out), rows_by_m), dx=spec((bm, padded.d), rows_by_m),
-      w_down=spec((bh, padded.d_out), rows_by_h), dw_down=spec((bh, padded.d_out), rows_by_h),
-      b_down=spec((1, padded.d_out), whole), pwl_sums=spec((num_rows, bh), cols_by_h))
-  for name in ("w_up", "w_gate"):
-    specs[name] = specs[f"d{name}"] = spec((padded.d, bh), cols_by_h)
-  for name in ("b_up", "b_gate"):
-    specs[name] = specs[f"d{name}"] = spec((1, bh), cols_by_h)
+      w_down=spec((bh, padded.d_out), rows_by_h), b_down=spec((1, padded.d_out), whole))
+  for name in WEIGHTS_IN:
+    specs[name] = spec((padded.d, bh), cols_by_h)
+    specs[BIASES_IN[name]] = spec((1, bh), cols_by_h)
+  gradient_columns = padded.h if whole_weight_grads else bh
+  by_h = (lambda index: whole) if whole_weight_grads else (lambda index: index)
+  specs.update(dw_down=spec((gradient_columns, padded.d_out), by_h(rows_by_h)),
+               pwl_sums=spec((num_pwl_rows, gradient_columns), by_h(cols_by_h)))
+  for name in WEIGHTS_IN:
+    specs[f"d{name}"] = spec((padded.d, gradient_columns), by_h(cols_by_h))
+    specs[f"d{BIASES_IN[name]}"] = spec((1, gradient_columns), by_h(cols_by_h))
   for name in TABLES:
     specs[name] = pl.BlockSpec(memory_space=pltpu.SMEM)
   return specs
@@ -309,23 +333,26 @@ def _pad(array, shape):
   return jnp.pad(array, [(0, s - n) for s, n in zip(shape, array.shape)])
 
 
-def _run_kernel(config: KernelConfig, kernel: str, body: Callable, inputs: dict, outputs: dict,
+def _run_kernel(config: KernelConfig, kernel: str, inputs: dict, outputs: dict,
                 scratch: dict) -> dict:
-  """Run `body` over the kernel's grid on the zero-padded `inputs` (name -> array).
+  """Run `kernel`'s body over its grid on the zero-padded `inputs` (name -> array).
 
   `outputs` maps name -> (dtype, unpadded 2-D shape) and `scratch` name -> f(blocks, padded
   shape) -> f32 VMEM shape; returns {name: output sliced back to its unpadded shape}."""
   blocks: Blocks = getattr(config.tiling, kernel)
   padded = PaddedShape.of(config.problem, blocks)
   m_axis = 1 if kernel == "backward_dweights" else 0
+  whole_weight_grads = kernel == "backward_fused"  # resident across the whole grid: sequential
   num_pwl_rows = 2 * config.problem.pwl_segments
-  specs = _block_specs(blocks, padded, num_pwl_rows, m_axis)
+  specs = _block_specs(blocks, padded, num_pwl_rows, m_axis, whole_weight_grads)
   shapes = _padded_shapes(padded)
   shapes["pwl_sums"] = (num_pwl_rows, padded.h)
   tiles = (padded.m // blocks.block_m, padded.h // blocks.block_h)
   grid = tiles if m_axis == 0 else tiles[::-1]
   arrays = [a if name in TABLES else _pad(a, shapes[name]) for name, a in inputs.items()]
   names = [*inputs, *outputs, *scratch]
+  body = (_forward_body if kernel == "forward"
+          else functools.partial(_backward_body, kernel=kernel))
 
   def kernel_fn(*refs):
     body(config, dict(zip(names, refs)))
@@ -337,7 +364,7 @@ def _run_kernel(config: KernelConfig, kernel: str, body: Callable, inputs: dict,
       out_shape=[jax.ShapeDtypeStruct(shapes[name], dtype) for name, (dtype, _) in outputs.items()],
       scratch_shapes=[pltpu.VMEM(shape_fn(blocks, padded), F32) for shape_fn in scratch.values()],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary"),
+          dimension_semantics=("arbitrary" if whole_weight_grads else "parallel", "arbitrary"),
           vmem_limit_bytes=tiling_lib.vmem_limit_bytes(kernel, config.problem, blocks, config.chip)),
       interpret=config.interpret,
   )(*arrays)
@@ -355,37 +382,37 @@ def _inputs(x, weights: dict, tables: tuple, dy=None) -> dict:
 
 def forward_kernel(config: KernelConfig, x, weights: dict, tables: tuple):
   m, d_out = x.shape[0], weights["w_down"].shape[1]
-  out = _run_kernel(
-      config, "forward", _forward_body, _inputs(x, weights, tables),
-      outputs={"y": (x.dtype, (m, d_out))},
-      scratch={"acc": lambda blocks, padded: (blocks.block_m, padded.d_out)})
+  out = _run_kernel(config, "forward", _inputs(x, weights, tables),
+                    outputs={"y": (x.dtype, (m, d_out))},
+                    scratch={"acc": lambda blocks, padded: (blocks.block_m, padded.d_out)})
   return out["y"]
 
 
-def backward_dx_kernel(config: KernelConfig, x, weights: dict, tables: tuple, dy):
-  out = _run_kernel(
-      config, "backward_dx", _backward_dx_body, _inputs(x, weights, tables, dy=dy),
-      outputs={"dx": (x.dtype, x.shape)},
-      scratch={"acc": lambda blocks, padded: (blocks.block_m, padded.d)})
-  return out["dx"]
+_DX_SCRATCH = {"acc_dx": lambda blocks, padded: (blocks.block_m, padded.d)}
 
 
-def backward_dweights_kernel(config: KernelConfig, x, weights: dict, tables: tuple, dy) -> tuple[dict, tuple]:
-  """({"d" + weight name: gradient}, gradients of the PWL tables or ())."""
+def _weight_grad_operands(config: KernelConfig, x, weights: dict, whole: bool):
+  """(outputs, scratch) of the weight gradients: f32 accumulators of [D, bh] / [bh, D_out]
+  blocks, or of the whole [D, H] / [H, D_out] arrays if `whole`; bias and PWL sums in f32."""
   d, h = weights["w_up"].shape
   d_out = weights["w_down"].shape[1]
+  columns = (lambda blocks, padded: padded.h) if whole else (lambda blocks, padded: blocks.block_h)
   outputs = {"dw_down": (x.dtype, (h, d_out))}
-  scratch = {"acc_dw_down": lambda blocks, padded: (blocks.block_h, padded.d_out)}
+  scratch = {"acc_dw_down": lambda blocks, padded: (columns(blocks, padded), padded.d_out)}
   for name in WEIGHTS_IN:
     if name in weights:
       outputs[f"d{name}"] = (x.dtype, (d, h))
-      scratch[f"acc_d{name}"] = lambda blocks, padded: (padded.d, blocks.block_h)
+      scratch[f"acc_d{name}"] = lambda blocks, padded: (padded.d, columns(blocks, padded))
       if BIASES_IN[name] in weights:
         outputs[f"d{BIASES_IN[name]}"] = (F32, (1, h))
   if config.kind == "pwl":
     outputs["pwl_sums"] = (F32, (2 * config.problem.pwl_segments, h))
-  out = _run_kernel(config, "backward_dweights", _backward_dweights_body,
-                    _inputs(x, weights, tables, dy=dy), outputs, scratch)
+  return outputs, scratch
+
+
+def _finish_weight_grads(config: KernelConfig, out: dict, weights: dict, tables: tuple,
+                         dy) -> tuple[dict, tuple]:
+  """Kernel outputs -> ({weight name: gradient}, PWL table gradients or ()); db_down by XLA."""
   grads = {name: out[f"d{name}"].reshape(weights[name].shape).astype(weights[name].dtype)
            for name in weights if name != "b_down"}
   if "b_down" in weights:
@@ -399,6 +426,30 @@ def backward_dweights_kernel(config: KernelConfig, x, weights: dict, tables: tup
                  sums[segments:].astype(intercepts.dtype))
 
 
+def backward_dx_kernel(config: KernelConfig, x, weights: dict, tables: tuple, dy):
+  out = _run_kernel(config, "backward_dx", _inputs(x, weights, tables, dy=dy),
+                    outputs={"dx": (x.dtype, x.shape)}, scratch=_DX_SCRATCH)
+  return out["dx"]
+
+
+def backward_dweights_kernel(config: KernelConfig, x, weights: dict, tables: tuple,
+                             dy) -> tuple[dict, tuple]:
+  """({weight name: gradient}, gradients of the PWL tables or ())."""
+  outputs, scratch = _weight_grad_operands(config, x, weights, whole=False)
+  out = _run_kernel(config, "backward_dweights", _inputs(x, weights, tables, dy=dy), outputs,
+                    scratch)
+  return _finish_weight_grads(config, out, weights, tables, dy)
+
+
+def backward_fused_kernel(config: KernelConfig, x, weights: dict, tables: tuple,
+                          dy) -> tuple[jax.Array, dict, tuple]:
+  """(dx, {weight name: gradient}, gradients of the PWL tables or ()) from one kernel."""
+  outputs, scratch = _weight_grad_operands(config, x, weights, whole=True)
+  out = _run_kernel(config, "backward_fused", _inputs(x, weights, tables, dy=dy),
+                    {"dx": (x.dtype, x.shape), **outputs}, {**_DX_SCRATCH, **scratch})
+  return (out["dx"], *_finish_weight_grads(config, out, weights, tables, dy))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_ffn(config: KernelConfig, x, weights: dict, tables: tuple):
   return forward_kernel(config, x, weights, tables)
@@ -410,6 +461,8 @@ def _fused_ffn_fwd(config, x, weights, tables):
 
 def _fused_ffn_bwd(config, residuals, dy):
   x, weights, tables = residuals
+  if config.tiling.backward_fused:
+    return backward_fused_kernel(config, x, weights, tables, dy)
   dx = backward_dx_kernel(config, x, weights, tables, dy)
   d_weights, d_tables = backward_dweights_kernel(config, x, weights, tables, dy)
   return dx, d_weights, d_tables

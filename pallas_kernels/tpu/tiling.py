@@ -1,6 +1,6 @@
 """Block sizes for the Mosaic TPU fused FFN kernels, chosen with a model of VMEM use and run time.
 
-The three kernels of ``fused_ffn`` tile the padded problem x [Mp, Dp], W_up/W_gate [Dp, Hp],
+The kernels of ``fused_ffn`` tile the padded problem x [Mp, Dp], W_up/W_gate [Dp, Hp],
 W_down [Hp, Op] (Mp = M rounded up to block_m, Hp = H to block_h, Dp / Op = D / D_out to the
 128 lanes) with blocks (bm, bh); n = 2 weight matrices in front of the activation for a GLU, 1
 for an MLP; b = bytes per element of x:
@@ -10,6 +10,8 @@ for an MLP; b = bytes per element of x:
   backward_dx        (Mp/bm, Hp/bh) W_in[:, h], W_down[h, :]            dx tile [bm, Dp] f32
   backward_dweights  (Hp/bh, Mp/bm) x[m, :], dy[m, :]                   dW_in[:, h] [Dp, bh],
                                                                         dW_down[h, :] [bh, Op] f32
+  backward_fused     (Mp/bm, Hp/bh) W_in[:, h], W_down[h, :]            dx tile and ALL of dW_in
+                                                                        [Dp, Hp], dW_down [Hp, Op]
 
 Pallas re-fetches a block only when its index changes between consecutive grid steps, so the
 forward/backward_dx kernels read the weights once per M tile (once in total when Hp = bh) and
@@ -25,6 +27,10 @@ v4 (16 MiB) only with bm = 128..256 -- there the kernel runs memory bound by des
 gradient kernel has the mirror-image trade-off: x/dy bytes feed 2 * bh flops each, so it wants a
 large bh and a moderate bm.
 
+The backward runs either backward_dx + backward_dweights or backward_fused; the fused one does
+n + 1 fewer [M, D, H] matmuls (no second recompute) but needs every weight gradient in VMEM as
+f32 plus its output buffers, so it only fits small models (gpt2-small, SmolLM2 on v5e/v5p/v6e).
+
 ``choose_tiling`` enumerates bm in {sublane * 2^k} ∪ {M rounded to the sublane} and bh in
 {MXU width * 2^k} ∪ {H rounded to 128} (both capped at 2048) and, per kernel, picks the blocks
 with the least modelled time
@@ -32,7 +38,7 @@ with the least modelled time
       + (one step's blocks) / bandwidth        (the pipeline's exposed fill and drain)
 whose VMEM footprint fits 3/4 of the chip's VMEM (the rest is headroom for Mosaic's internal
 scratch and for this model's error). Padding is counted as real work, so shapes that a block
-divides win. This is a MODEL: nobody has run these kernels on a TPU yet (no TPU here).
+divides win; of the two backward paths it takes the faster that fits. This is a MODEL: nobody has run these kernels on a TPU yet (no TPU here).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ import math
 
 from jax._src import tpu_info
 
-KERNELS = ("forward", "backward_dx", "backward_dweights")
+KERNELS = ("forward", "backward_dx", "backward_dweights", "backward_fused")
+BACKWARDS = (("backward_dx", "backward_dweights"), ("backward_fused",))  # the two ways to backprop
 LANES = 128
 MAX_BLOCK = 2048
 STEP_OVERHEAD_S = 0.35e-6  # per grid step, from the Pallas TPU pipelining docs
@@ -100,14 +107,25 @@ class Blocks:
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  """Blocks for each of the three kernels."""
+  """Blocks for the forward kernel and for one of the two backward paths: backward_dx +
+  backward_dweights, or backward_fused (the other path's fields are None)."""
 
   forward: Blocks
-  backward_dx: Blocks
-  backward_dweights: Blocks
+  backward_dx: Blocks | None = None
+  backward_dweights: Blocks | None = None
+  backward_fused: Blocks | None = None
+
+  @property
+  def backward(self) -> tuple[str, ...]:
+    """The backward kernels this tiling runs."""
+    return BACKWARDS[1] if self.backward_fused else BACKWARDS[0]
 
   def validate(self, problem: Problem) -> None:
-    for name in KERNELS:
+    given = tuple(name for name in KERNELS[1:] if getattr(self, name) is not None)
+    if given not in BACKWARDS:
+      raise ValueError(f"tiling: expected blocks for exactly one backward path, "
+                       f"{' or '.join(' + '.join(path) for path in BACKWARDS)}; got {given}")
+    for name in ("forward", *given):
       getattr(self, name).validate(problem, f"tiling.{name}")
 
 
@@ -187,6 +205,17 @@ def kernel_cost(kernel: str, problem: Problem, blocks: Blocks) -> KernelCost:
     hbm = activation_reads + 2 * weight_bytes + x_pad + dy_pad + 2 * weight_pads
     flops = 2 * p.m * p.h * (2 * n * p.d + 2 * p.d_out)
     fill = bm * (p.d + p.d_out) * b + 2 * weight_tiles
+  elif kernel == "backward_fused":
+    # backward_dx's blocks plus every weight gradient resident: f32 accumulators and
+    # (double-buffered) whole-array outputs, written back once after the last step.
+    vmem = (2 * bm * (2 * p.d + p.d_out) * b + weight_blocks + bm * p.d * 4
+            + weight_bytes // b * (4 + 2 * b) + 2 * sublanes * n * p.h * 4
+            + 2 * round_up(2 * problem.pwl_segments, sublanes) * p.h * 4
+            + (2 * n + 3) * tile * 4 + (n + 1) * tile * b + bm * (p.d + p.d_out) * b)
+    hbm = (p.m * (2 * p.d + p.d_out) * b + weight_reads + weight_bytes + 2 * x_pad + dy_pad
+           + 2 * weight_pads)
+    flops = 2 * p.m * p.h * (3 * n * p.d + 2 * p.d_out)
+    fill = bm * (2 * p.d + p.d_out) * b + weight_tiles + weight_bytes
   else:
     raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
   return KernelCost(int(vmem), int(hbm), int(flops), m_tiles * h_tiles, int(fill))
@@ -214,13 +243,30 @@ def choose_blocks(kernel: str, problem: Problem, info: tpu_info.TpuInfo) -> Bloc
       if cost.vmem_bytes <= budget and seconds < best_seconds:
         best, best_seconds = blocks, seconds
   if best is None:
-    raise NotImplementedError(f"no {kernel} tiling of D={problem.d}, D_out={problem.d_out} fits "
+    raise NotImplementedError(f"no {kernel} tiling of D={problem.d}, H={problem.h}, "
+                              f"D_out={problem.d_out} fits "
                               f"{info.vmem_capacity_bytes >> 20} MiB of VMEM")
   return best
 
 
 def choose_tiling(problem: Problem, info: tpu_info.TpuInfo) -> Tiling:
-  return Tiling(*(choose_blocks(kernel, problem, info) for kernel in KERNELS))
+  """Best blocks per kernel, and the backward path (two kernels or fused) with the least
+  modelled time among those that fit."""
+  forward = choose_blocks("forward", problem, info)
+  paths = []
+  for path in BACKWARDS:
+    try:
+      blocks = {kernel: choose_blocks(kernel, problem, info) for kernel in path}
+    except NotImplementedError as reason:
+      paths.append((math.inf, str(reason), {}))
+      continue
+    seconds = sum(kernel_cost(kernel, problem, b).seconds(info, problem.itemsize)
+                  for kernel, b in blocks.items())
+    paths.append((seconds, "", blocks))
+  seconds, reason, blocks = min(paths, key=lambda path: path[0])
+  if not blocks:
+    raise NotImplementedError(reason)
+  return Tiling(forward, **blocks)
 
 
 def vmem_limit_bytes(kernel: str, problem: Problem, blocks: Blocks, info: tpu_info.TpuInfo) -> int:
