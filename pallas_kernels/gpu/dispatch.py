@@ -58,7 +58,7 @@ def default_plan(rows: int, d_model: int, d_out: int, glu: bool) -> Plan:
   if decode:
     return XLA
   return Plan("epilogue", epilogue=kernels.EpilogueConfig(tile_m=64 if glu else 128, tile_n=128,
-                                                          stages=4))
+                                                          stages=3))
 
 
 def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool) -> Plan:

@@ -1,0 +1,261 @@
+"""The Hopper (Mosaic GPU) FFN kernels against the XLA reference.
+
+Three kinds of test:
+  * CPU: the kernels run in Pallas' GPU interpret mode (TMA copies, wgmma, barriers and the three
+    warpgroups simulated on the host) -- forward and every gradient on odd shapes; Mosaic GPU
+    lowering for the benchmark shapes via ``jax.export(platforms=["cuda"])`` (no GPU needed); the
+    chunked recompute backward; dispatch and fallback.
+  * GPU (Hopper only, skipped elsewhere): the same comparisons on the real kernels, including the
+    public ``ff.ffn`` dispatch, NaN propagation and the float32 fallback.
+
+GPU interpret mode runs each warpgroup as a host thread whose barrier waits block inside XLA:CPU
+host callbacks; XLA:CPU runs those on a pool of one thread per core, so on a 2-core machine all
+three warpgroups waiting at once deadlocks. ``PJRT_NPROC`` enlarges that pool; it must be set
+before the CPU backend starts, hence at import (pytest imports every test module before running
+any test).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PJRT_NPROC", "8")
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax._src import xla_bridge  # noqa: E402
+
+import flashffn_jax as ff  # noqa: E402
+from flashffn_jax.ops import reference_ffn, to_kernel_activation  # noqa: E402
+from pallas_kernels.activation import Activation  # noqa: E402
+from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels  # noqa: E402
+from tests.conftest import relative_error  # noqa: E402
+
+BACKEND_STARTED_EARLY = xla_bridge.backends_are_initialized()
+ON_HOPPER = (jax.default_backend() == "gpu"
+             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an NVIDIA Hopper GPU (sm_90)")
+needs_interpret_threads = pytest.mark.skipif(
+    BACKEND_STARTED_EARLY and os.environ.get("PJRT_NPROC") is None,
+    reason="the CPU backend started before PJRT_NPROC could be set; GPU interpret mode needs "
+           ">= 3 XLA:CPU callback threads")
+on_cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU interpret-mode test")
+BF16_TOLERANCE = 1e-2  # ‖out − ref‖/‖ref‖ for bf16 operands, f32 accumulation
+
+FUSED_SMALL = dispatch.Plan("fused", fused=kernels.FusedConfig(block_h=64, stages=2, h_splits=1))
+FUSED_SPLIT = dispatch.Plan("fused", fused=kernels.FusedConfig(block_h=64, stages=2, h_splits=2))
+EPILOGUE_SMALL = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, stages=2))
+
+
+def make_problem(rng, rows, d_model, hidden, d_out, glu, bias, dtype=jnp.bfloat16):
+  """Random FFN inputs, weights scaled by 1/sqrt(fan-in) so activations stay O(1)."""
+  draw = lambda *shape: rng.normal(size=shape) / np.sqrt(shape[0] if len(shape) > 1 else 4)
+  arrays = dict(x=rng.normal(size=(rows, d_model)), w_up=draw(d_model, hidden),
+                w_down=draw(hidden, d_out), w_gate=draw(d_model, hidden) if glu else None,
+                b_up=draw(hidden) if bias else None, b_gate=draw(hidden) if bias and glu else None,
+                b_down=draw(d_out) if bias else None)
+  return {k: None if v is None else jnp.asarray(v, dtype) for k, v in arrays.items()}
+
+
+def kernel_activation(name: str, glu: bool) -> Activation:
+  """An exact activation by name, or "pwl": a 16-segment fit of SiLU (GLU) / GELU (MLP)."""
+  return to_kernel_activation(ff.fit("silu" if glu else "gelu", 16) if name == "pwl" else name)
+
+
+ARG_NAMES = ("x", "w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
+
+
+def loss_and_grads(fn, problem, activation, dy):
+  """⟨fn(...), dy⟩ and its gradient w.r.t. every array argument and the PWL slopes/intercepts."""
+  arrays = [problem[name] for name in ARG_NAMES]
+  present = [i for i, a in enumerate(arrays) if a is not None]
+  pwl = activation.kind == "pwl"
+  params = (activation.slopes, activation.intercepts) if pwl else ()
+
+  def loss(*flat):
+    args = list(arrays)
+    for i, value in zip(present, flat):
+      args[i] = value
+    act = Activation("pwl", activation.knots, *flat[len(present):]) if pwl else activation
+    return jnp.sum(fn(*args, act).astype(jnp.float32) * dy.astype(jnp.float32))
+
+  flat = [arrays[i] for i in present] + list(params)
+  return jax.value_and_grad(loss, argnums=tuple(range(len(flat))))(*flat)
+
+
+def reference_in_float32(*args):
+  """The XLA reference with every array upcast to float32 (the bf16 kernels' target)."""
+  *arrays, activation = args
+  up = [None if a is None else a.astype(jnp.float32) for a in arrays]
+  return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
+
+
+def check_against_reference(problem, activation, plan):
+  """Forward output and all gradients of the kernel path vs the float32 XLA reference."""
+  rows, d_out = problem["x"].shape[0], problem["w_down"].shape[1]
+  dy = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d_out)), jnp.bfloat16)
+  ours = lambda *args: dispatch._ffn(plan, args[-1].kind, None, *args[:-1], args[-1].knots,
+                                     args[-1].slopes, args[-1].intercepts)
+  out = jax.jit(lambda *a: ours(*a, activation))(*[problem[n] for n in ARG_NAMES])
+  expected = reference_in_float32(*[problem[n] for n in ARG_NAMES], activation)
+  assert out.dtype == problem["x"].dtype and out.shape == expected.shape
+  assert relative_error(out, expected) < BF16_TOLERANCE
+  _, grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d))(dy)
+  _, expected_grads = loss_and_grads(reference_in_float32, problem, activation, dy)
+  assert len(grads) == len(expected_grads)
+  for index, (got, want) in enumerate(zip(grads, expected_grads)):
+    assert got.shape == want.shape, index
+    assert relative_error(got, want) < BF16_TOLERANCE, f"gradient {index}"
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: interpret mode, lowering, backward math, dispatch
+# ------------------------------------------------------------------------------------------------
+
+
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_fused_glu_pwl_with_biases_and_split_hidden(rng):
+  """Odd M (not a multiple of 8 or 64), H not a multiple of block_h, D_out padded to 64."""
+  problem = make_problem(rng, rows=37, d_model=128, hidden=200, d_out=96, glu=True, bias=True)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation("pwl", glu=True), FUSED_SPLIT)
+
+
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_epilogue_mlp_gelu(rng):
+  """gemm1_activation + XLA GEMM2: M spans a partial CTA tile, H a partial tile_n, D = 3 * 64."""
+  problem = make_problem(rng, rows=100, d_model=192, hidden=320, d_out=72, glu=False, bias=True)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation("gelu", glu=False), EPILOGUE_SMALL)
+
+
+LOWERING_CASES = {
+    # name: (rows, D, H, D_out, glu, activation, plan)
+    "smollm2-fused": (8192, 576, 1536, 576, True, "pwl", dispatch.Plan(
+        "fused", fused=kernels.FusedConfig(64, 3, 1))),
+    "smollm2-decode": (16, 576, 1536, 576, True, "pwl", dispatch.Plan(
+        "fused", fused=kernels.FusedConfig(64, 3, 12))),
+    "gpt2-epilogue": (8192, 768, 3072, 768, False, "gelu", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
+    "llama-glu-epilogue": (4096, 2048, 8192, 2048, True, "silu", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOWERING_CASES))
+def test_kernels_lower_for_cuda(case):
+  """The whole Mosaic GPU lowering of the benchmark shapes runs without a GPU."""
+  rows, d_model, hidden, d_out, glu, name, plan = LOWERING_CASES[case]
+  activation = kernel_activation(name, glu)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  args = (spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_out),
+          spec(d_model, hidden) if glu else None)
+  forward = jax.jit(lambda x, wu, wd, wg: dispatch._forward(plan, x, wu, wd, wg, None, None, None,
+                                                            activation))
+  exported = jax.export.export(forward, platforms=["cuda"])(*args)
+  assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_chunked_backward_matches_autodiff(rng):
+  """ffn_backward (4 chunks, H padded to the chunk) equals jax.grad of the reference in f32."""
+  problem = make_problem(rng, rows=33, d_model=24, hidden=470, d_out=20, glu=True, bias=True,
+                         dtype=jnp.float32)
+  activation = kernel_activation("pwl", glu=True)
+  dy = jnp.asarray(rng.normal(size=(33, 20)), jnp.float32)
+  _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
+  grads = backward.ffn_backward(*[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
+                                precision=jax.lax.Precision.HIGHEST)
+  got = [g for g in grads if g is not None]
+  assert len(got) == len(expected)
+  for index, (g, want) in enumerate(zip(got, expected)):
+    assert relative_error(g, want) < 1e-5, f"gradient {index}"
+
+
+def test_chunk_columns():
+  assert backward.chunk_columns(8192, 14336, 4 * 2**20) == 512
+  assert backward.chunk_columns(16, 1536, 4 * 2**20) == 1536
+  assert backward.chunk_columns(10**9, 1536, 4 * 2**20) == 128
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="checks the fallback on machines without a Hopper GPU")
+def test_declines_without_hopper_and_ffn_falls_back(rng):
+  problem = make_problem(rng, rows=6, d_model=16, hidden=24, d_out=16, glu=False, bias=False)
+  with pytest.raises(NotImplementedError, match="GPU"):
+    dispatch.ffn_mosaic_gpu(*[problem[n] for n in ARG_NAMES], Activation("gelu"))
+  with pytest.warns(UserWarning, match="pallas_mosaic_gpu"):
+    out = ff.ffn(**problem, activation="gelu", implementation="pallas_mosaic_gpu")
+  expected = ff.ffn(**problem, activation="gelu", implementation="xla")
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+
+
+def test_configs_refuse_what_does_not_fit():
+  with pytest.raises(NotImplementedError, match="registers"):
+    kernels.FusedConfig().check(d_model=768, d_out=1024, num_weights=1, itemsize=2)
+  with pytest.raises(NotImplementedError, match="SMEM"):
+    kernels.FusedConfig(block_h=128, stages=4).check(640, 640, 2, 2)
+  with pytest.raises(NotImplementedError, match="registers"):
+    kernels.EpilogueConfig(tile_m=128, tile_n=128).check(num_weights=2, itemsize=2)
+  kernels.FusedConfig().check(576, 576, 2, 2)
+  kernels.EpilogueConfig(tile_m=64, tile_n=128).check(num_weights=2, itemsize=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the real kernels
+# ------------------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    # name: (rows, D, H, D_out, glu, bias, activation, plan)
+    "fused-glu-pwl-odd": (300, 576, 1000, 576, True, True, "pwl", FUSED_SMALL),
+    "fused-mlp-gelu": (513, 640, 1536, 640, False, False, "gelu", dispatch.Plan(
+        "fused", fused=kernels.FusedConfig(64, 2, 1))),
+    "decode-split-glu-silu": (16, 576, 1536, 576, True, False, "silu", dispatch.Plan(
+        "fused", fused=kernels.FusedConfig(64, 3, 12))),
+    "epilogue-mlp-pwl-odd": (1000, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
+    "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3))),
+}
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_forward_and_gradients(rng, case):
+  rows, d_model, hidden, d_out, glu, bias, name, plan = GPU_CASES[case]
+  problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
+  check_against_reference(problem, kernel_activation(name, glu), plan)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_public_op_with_batch_dims_and_nan(rng):
+  """ff.ffn picks the kernel by default on Hopper; NaN in x comes out as NaN in its row."""
+  problem = make_problem(rng, rows=2 * 96, d_model=576, hidden=1536, d_out=576, glu=True,
+                         bias=False)
+  x = problem.pop("x").reshape(2, 96, 576)
+  act = ff.fit("silu", 16)
+  out = ff.ffn(x, **problem, activation=act)
+  expected = ff.ffn(x.astype(jnp.float32), **{k: None if v is None else v.astype(jnp.float32)
+                                              for k, v in problem.items()},
+                    activation=act, implementation="xla")
+  assert out.shape == (2, 96, 576)
+  assert relative_error(out, expected) < BF16_TOLERANCE
+  poisoned = ff.ffn(x.at[1, 5, 7].set(jnp.nan), **problem, activation=act)
+  assert np.all(np.isnan(np.asarray(poisoned[1, 5], np.float32)))
+  assert np.all(np.isfinite(np.asarray(poisoned[0], np.float32)))
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_declines_float32(rng):
+  problem = make_problem(rng, rows=64, d_model=64, hidden=128, d_out=64, glu=False, bias=False,
+                         dtype=jnp.float32)
+  with pytest.raises(NotImplementedError, match="bfloat16"):
+    dispatch.ffn_mosaic_gpu(*[problem[n] for n in ARG_NAMES], Activation("gelu"))
