@@ -57,7 +57,7 @@ def make_problem(rng, shape, glu: bool, bias: bool, dtype) -> dict:
 def make_activation(name: str) -> Activation:
   """'pwl-gelu' -> a 16-segment minimax PWL of GELU; otherwise the exact activation."""
   if name.startswith("pwl-"):
-    return ops.to_kernel_activation(ff.fit(name.removeprefix("pwl-"), 16))
+    return ops.to_kernel_activation(ff.fit(name.removeprefix("pwl-"), 8))
   return Activation(name)
 
 

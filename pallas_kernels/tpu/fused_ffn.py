@@ -101,7 +101,7 @@ class KernelConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Tile math shared by the three kernel bodies (values already loaded from VMEM)
+# Tile math shared by the kernel bodies (values already loaded from VMEM)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -116,8 +116,7 @@ class _TileActivation:
 
   def __call__(self, z):
     if self.kind == "pwl":
-      slope, intercept = activation_math.pwl_select(z, self.knots, self.slopes, self.intercepts)
-      return slope * z + intercept
+      return self.with_derivative(z)[0]
     return activation_math.exact_activation(self.kind, z)
 
   def with_derivative(self, z):
