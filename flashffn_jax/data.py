@@ -68,7 +68,13 @@ def split_plays(split: str) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def _split_tokens_cached(tokenizer, split: str, separator: int) -> np.ndarray:
-  encoded = tokenizer.encode_batch([play_text(name) for name in split_plays(split)])
+  from tokenizers import Tokenizer
+
+  whole_texts = Tokenizer.from_str(tokenizer.to_str())  # a copy without truncation or padding
+  whole_texts.no_truncation()
+  whole_texts.no_padding()
+  encoded = whole_texts.encode_batch([play_text(name) for name in split_plays(split)],
+                                    add_special_tokens=False)
   pieces = []
   for item in encoded:
     pieces += [np.asarray(item.ids, np.int32), np.array([separator], np.int32)]
@@ -78,7 +84,8 @@ def _split_tokens_cached(tokenizer, split: str, separator: int) -> np.ndarray:
 
 
 def split_tokens(tokenizer, split: str, separator: int | None = None) -> np.ndarray:
-  """The split's token stream (int32, read-only), plays joined by ``separator``.
+  """The split's token stream (int32, read-only), plays joined by ``separator``; whole plays are
+  encoded even when ``tokenizer`` (a ``tokenizers.Tokenizer``) truncates or pads.
 
   ``separator`` defaults to the tokenizer's "<|endoftext|>" token (or "[SEP]").
   """
