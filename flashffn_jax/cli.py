@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "fit": "Fit a piecewise-linear approximation of an activation and report its error.",
     "eval": "Perplexity of a (linearized or fine-tuned) causal LM on a UTF-8 text file.",
     "generate": "Generate text with a (linearized or fine-tuned) causal LM, KV-cached.",
+    "finetune": "Linearize a model and distil it back to its exact self (optax, checkpoints).",
 }
 
 
