@@ -129,6 +129,8 @@ class EpilogueConfig:
 
   def check(self, num_weights: int, itemsize: int) -> None:
     """NotImplementedError when the tiles break a wgmma / register / SMEM limit."""
+    if self.stages < 2:
+      raise NotImplementedError(f"stages={self.stages}: the pipeline keeps one wgmma in flight")
     if self.tile_m % WGMMA_ROWS or self.tile_n % EPILOGUE_N or self.tile_n > MAX_WGMMA_N:
       raise NotImplementedError(f"tiles {self.tile_m}x{self.tile_n}: need tile_m % 64 == 0 and "
                                 f"tile_n a multiple of {EPILOGUE_N} up to {MAX_WGMMA_N}")
@@ -165,14 +167,16 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   cta_m = 2 * tile_m
   m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
+  in_flight = 1 if k_iters > 1 else 0  # wgmma groups left running; their buffers free one step late
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
 
   def make_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=MEMORY_REGISTERS,
-        in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda k: (0, k), transforms=operand_transforms)]
-        + [plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, 0), transforms=operand_transforms)]
-        * len(weights),
+        in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda k: (0, k), transforms=operand_transforms,
+                                  delay_release=in_flight)]
+        + [plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, 0), transforms=operand_transforms,
+                           delay_release=in_flight)] * len(weights),
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.stages,
         compute_context=compute_context)
 
@@ -236,7 +240,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
           w_smems, accumulators = rest[:-1], rest[-1]
           for w_smem, acc in zip(w_smems, accumulators):
             plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem)
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(in_flight)  # keep this step's wgmma in flight while the next loads
           return accumulators
 
         make_pipeline(mma, compute_context)(
@@ -276,6 +280,8 @@ class FusedConfig:
 
   def check(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> None:
     """NotImplementedError when the problem breaks the kernel's SMEM / register / layout limits."""
+    if self.stages < 2:
+      raise NotImplementedError(f"stages={self.stages}: GEMM1 keeps one wgmma in flight")
     if self.block_h % 64 or self.block_h > 2 * MAX_WGMMA_N:
       raise NotImplementedError(f"block_h={self.block_h}: need a multiple of 64 up to 512")
     if d_model % TILE_K or d_out % 64:
@@ -410,13 +416,20 @@ def fused_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down, *, kind: str
           def gemm1(*h_accs):
             @pl.loop(0, k_steps)
             def _k(k):
-              slot = lax.rem(j * k_steps + k, stages)
+              step = j * k_steps + k
+              slot = lax.rem(step, stages)
               plgpu.barrier_wait(w1_ready.at[slot])
               for i, acc in enumerate(h_accs):
                 plgpu.wgmma(acc, x_smem.at[k], w1_smem.at[slot, i, :, my_cols])
-              plgpu.wgmma_wait(0)
-              plgpu.barrier_arrive(w1_free.at[slot])
-            return [acc[...] for acc in h_accs]
+              plgpu.wgmma_wait(1)  # the previous step's wgmma has read its buffer: release it
+
+              @pl.when(k > 0)
+              def _():
+                plgpu.barrier_arrive(w1_free.at[lax.rem(step - 1, stages)])
+
+            values = [acc[...] for acc in h_accs]  # waits for every wgmma in flight
+            plgpu.barrier_arrive(w1_free.at[lax.rem((j + 1) * k_steps - 1, stages)])
+            return values
 
           pre = pl.run_scoped(gemm1, *[plgpu.ACC((WGMMA_ROWS, half), jnp.float32)] * len(w_gmems))
           plgpu.barrier_wait(down_ready.at[0])
