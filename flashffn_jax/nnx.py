@@ -149,9 +149,9 @@ class FusedFFN(nnx.Module):
     when the source module must stay independent. Shapes: w_up/w_gate [D, H], w_down [H, D_out],
     biases [H] / [H] / [D_out]; any bias may be None.
     """
-    weights = dict(w_up=w_up, w_down=w_down, w_gate=w_gate, b_up=b_up, b_gate=b_gate, b_down=b_down)
-    shapes = {name: tuple(jnp.shape(_value(_as_variable(w)))) for name, w in weights.items()
-              if w is not None}
+    weights = {name: _as_variable(w) for name, w in
+               dict(w_up=w_up, w_down=w_down, w_gate=w_gate, b_up=b_up, b_gate=b_gate, b_down=b_down).items()}
+    shapes = {name: tuple(w.shape) for name, w in weights.items() if w is not None}
     for name in ("w_up", "w_down") + (("w_gate",) if w_gate is not None else ()):
       if len(shapes[name]) != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {shapes[name]}")
@@ -169,7 +169,7 @@ class FusedFFN(nnx.Module):
     layer = nnx.eval_shape(lambda: cls(d_model, hidden, out_features, glu=w_gate is not None,
                                        use_bias=False, rngs=nnx.Rngs(0)))
     for name, w in weights.items():
-      setattr(layer, name, nnx.data(_as_variable(w)))
+      setattr(layer, name, nnx.data(w))
     layer.dtype, layer.implementation, layer.precision = dtype, implementation, precision
     layer.set_activation(activation, learnable=learnable_activation, approximates=approximates)
     return layer

