@@ -38,6 +38,9 @@ def test_generate_streams_greedy_text(capsys):
      "--knot-range: needs --activation pwlN-uniform"),
     (["eval", "--text", "{good}", "--max-tokens", "0"], "--max-tokens: expected a positive integer"),
     (["generate", "--model", "minilm", "--prompt", "hi"], "cannot generate text"),
+    (["eval", "--text", "{good}", "--checkpoint", "{good}.run"], "--checkpoint: "),
+    (["generate", "--prompt", "hi", "--checkpoint", "{good}.run", "--activation", "pwl8"],
+     "--checkpoint: the run's own activation is used"),
 ])
 def test_errors_are_one_clear_line(tmp_path, capsys, argv, message):
   (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")

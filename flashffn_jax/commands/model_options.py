@@ -48,15 +48,14 @@ def load_model(args: argparse.Namespace):
   dtype = jnp.dtype(args.dtype)
   activation = activation_choice(args, models.MODELS[args.model].activation)
   if args.checkpoint:
-    from flashffn_jax import finetune
+    from flashffn_jax.finetune import CheckpointError, load_finetuned
 
-    loader = getattr(finetune, "load_finetuned", None)
-    if loader is None:
-      raise ValueError("--checkpoint: this install has no flashffn_jax.finetune.load_finetuned "
-                       "(the fine-tune package provides it)")
     if activation is not None:
       raise ValueError("--checkpoint: the run's own activation is used; drop --activation/--knot-range")
-    return loader(args.checkpoint, dtype=dtype)
+    try:
+      return load_finetuned(args.checkpoint, dtype=dtype)
+    except CheckpointError as error:
+      raise ValueError(f"--checkpoint: {error}") from error
   model, tokenizer = models.load(args.model, path=args.model_path, dtype=dtype)
   if activation is not None:
     model = flashffn_jax.linearize(model, activation)
