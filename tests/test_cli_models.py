@@ -24,7 +24,7 @@ def test_eval_prints_json_perplexity_of_any_text_file(tmp_path, capsys):
 
 
 @needs_smollm2
-def test_generate_streams_greedy_text(capsys):
+def test_generate_full_model_greedy_knows_paris(capsys):
   assert cli.main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "3"]) == 0
   out = capsys.readouterr().out
   assert out.startswith("The capital of France is") and "Paris" in out

@@ -1,5 +1,6 @@
 """Real pretrained models against independent float64 NumPy forwards of the same weights, KV-cache
-decoding, sampling, linearize on real models, perplexity windows, and loader errors."""
+decoding, sampling, linearize on real models, perplexity windows, and loader errors. (Greedy
+decoding of the full SmolLM2 is tested through `flashffn generate` in test_cli_models.py.)"""
 
 import contextlib
 import importlib.util
@@ -39,11 +40,6 @@ def no_linearize_warning():
 @pytest.fixture(scope="session")
 def smollm2_slice():
   return smollm2.load(num_layers=SLICE_LAYERS)
-
-
-@pytest.fixture(scope="session")
-def smollm2_full():
-  return models.load("smollm2")
 
 
 @pytest.fixture(scope="session")
@@ -181,15 +177,6 @@ def test_bfloat16_load_stays_close(rng, smollm2_slice):
 
 
 @needs_smollm2
-def test_greedy_decoding_knows_paris(smollm2_full):
-  model, tokenizer = smollm2_full
-  streamed = []
-  text = models.generate(model, tokenizer, "The capital of France is", max_new_tokens=4,
-                         on_text=streamed.append)
-  assert "Paris" in text and "".join(streamed) == text
-
-
-@needs_smollm2
 def test_tokenizer_round_trips(smollm2_slice):
   _, tokenizer = smollm2_slice
   text = "To be, or not to be: that is the question.\n  Whether 'tis nobler 1234 — ünïcode"
@@ -202,10 +189,11 @@ def test_tokenizer_round_trips(smollm2_slice):
 @needs_smollm2
 def test_sampled_generation_is_seeded(smollm2_slice):
   model, tokenizer = smollm2_slice
-  sample = lambda seed: models.generate(model, tokenizer, "Hello", 6, temperature=1.0, top_k=50,
-                                        top_p=0.95, seed=seed, stop_at_eos=False)
-  first = sample(1)
-  assert first == sample(1) and len(tokenizer.encode(first).ids) >= 3
+  sample = lambda seed, **kw: models.generate(model, tokenizer, "Hello", 6, temperature=1.0, top_k=50,
+                                              top_p=0.95, seed=seed, stop_at_eos=False, **kw)
+  streamed = []
+  first = sample(1, on_text=streamed.append)
+  assert first == sample(1) == "".join(streamed) and len(tokenizer.encode(first).ids) >= 3
   assert len({sample(seed) for seed in (2, 3, 4)} | {first}) > 1
 
 
