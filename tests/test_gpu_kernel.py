@@ -49,7 +49,6 @@ BF16_TOLERANCE = 1e-2  # ‖out − ref‖/‖ref‖ for bf16 operands, f32 accu
 
 FUSED_SMALL = dispatch.Plan("fused", fused=kernels.FusedConfig(block_h=64, stages=2, h_splits=1))
 FUSED_SPLIT = dispatch.Plan("fused", fused=kernels.FusedConfig(block_h=64, stages=2, h_splits=2))
-EPILOGUE_SMALL = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, stages=2))
 
 
 def make_problem(rng, rows, d_model, hidden, d_out, glu, bias, dtype=jnp.bfloat16):
@@ -102,11 +101,13 @@ def check_against_reference(problem, activation, plan):
   ours = lambda *args: dispatch._ffn(plan, args[-1].kind, None, *args[:-1], args[-1].knots,
                                      args[-1].slopes, args[-1].intercepts)
   out = jax.jit(lambda *a: ours(*a, activation))(*[problem[n] for n in ARG_NAMES])
-  expected = reference_in_float32(*[problem[n] for n in ARG_NAMES], activation)
+  expected = jax.jit(lambda *a: reference_in_float32(*a, activation))(
+      *[problem[n] for n in ARG_NAMES])
   assert out.dtype == problem["x"].dtype and out.shape == expected.shape
   assert relative_error(out, expected) < BF16_TOLERANCE
   _, grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d))(dy)
-  _, expected_grads = loss_and_grads(reference_in_float32, problem, activation, dy)
+  _, expected_grads = jax.jit(lambda d: loss_and_grads(reference_in_float32, problem, activation,
+                                                       d))(dy)
   assert len(grads) == len(expected_grads)
   for index, (got, want) in enumerate(zip(grads, expected_grads)):
     assert got.shape == want.shape, index
@@ -129,11 +130,14 @@ def test_interpret_fused_glu_pwl_with_biases_and_split_hidden(rng):
 
 @on_cpu_only
 @needs_interpret_threads
-def test_interpret_epilogue_mlp_gelu(rng):
-  """gemm1_activation + XLA GEMM2: M spans a partial CTA tile, H a partial tile_n, D = 3 * 64."""
+@pytest.mark.parametrize("name, pwl_dtype", [("gelu", "float32"), ("pwl", "float16")])
+def test_interpret_epilogue_mlp(rng, name, pwl_dtype):
+  """gemm1_activation + XLA GEMM2: M spans a partial CTA tile, H a partial tile_n, D = 3 * 64;
+  the PWL case evaluates its hinges in packed float16."""
   problem = make_problem(rng, rows=100, d_model=192, hidden=320, d_out=72, glu=False, bias=True)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=pwl_dtype))
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    check_against_reference(problem, kernel_activation("gelu", glu=False), EPILOGUE_SMALL)
+    check_against_reference(problem, kernel_activation(name, glu=False), plan)
 
 
 LOWERING_CASES = {
