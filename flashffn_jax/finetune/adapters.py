@@ -37,6 +37,11 @@ def _is_pwl(path: Path) -> bool:
   return any(str(part) in FusedFFN.PWL_PARAM_NAMES for part in path)
 
 
+def is_pwl_key(key: str) -> bool:
+  """Whether a dotted parameter key is one of a fused FFN's PWL parameters."""
+  return _is_pwl(tuple(key.split(".")))
+
+
 def trained_paths(model: nnx.Module, mode: str) -> set[Path]:
   """Paths (tuples of keys) of the parameters that ``mode`` trains directly."""
   ffn_paths = _fused_ffn_paths(model)

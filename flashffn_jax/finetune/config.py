@@ -17,21 +17,27 @@ SHARDING = ("data", "fsdp")
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-  """Everything a run needs; ``flashffn finetune --help`` documents each field."""
+  """Everything a run needs; ``flashffn finetune --help`` documents each field.
+
+  The defaults are the README's CPU demo (about 10 minutes on 2 cores): SmolLM2 with PWL-8,
+  the PWL parameters trained, 80 steps of 4 x 64 tokens. On a GPU raise steps, batch_size,
+  seq_len and try trainable="ffn" (see benchmarks/finetune_recovery.py).
+  """
 
   out: str = "runs/finetune"
   model: str = "smollm2"
   model_path: str | None = None  # explicit weights file instead of the installed package
-  activation: str = "pwl16"  # what linearize() puts in every FFN
-  trainable: str = "ffn"  # all | ffn | pwl | lora
+  activation: str = "pwl8"  # what linearize() puts in every FFN
+  trainable: str = "pwl"  # all | ffn | pwl | lora
   lora_rank: int = 8
   lora_alpha: float = 16.0
-  steps: int = 200
-  batch_size: int = 8  # sequences per optimizer step (split into grad_accum micro-batches)
+  steps: int = 80
+  batch_size: int = 4  # sequences per optimizer step (split into grad_accum micro-batches)
   grad_accum: int = 1
-  seq_len: int = 128
-  learning_rate: float = 1e-4
-  warmup_steps: int = 20
+  seq_len: int = 64
+  learning_rate: float = 1e-5  # weights (and LoRA factors)
+  pwl_learning_rate: float = 3e-3  # the learnable PWL parameters
+  warmup_steps: int = 5
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   kl_weight: float = 1.0
@@ -40,9 +46,9 @@ class FinetuneConfig:
   temperature: float = 1.0
   compute_dtype: str = "float32"  # bfloat16 = mixed precision with float32 master weights
   sharding: str = "data"  # data parallel; "fsdp" also shards the parameters
-  eval_every: int = 50
+  eval_every: int = 20
   eval_batches: int = 4
-  checkpoint_every: int = 50
+  checkpoint_every: int = 20
   keep_checkpoints: int = 3
   seed: int = 0
   max_train_windows: int | None = None  # cap on the training split (small runs)
@@ -58,7 +64,7 @@ class FinetuneConfig:
     for name in non_negative:
       if getattr(self, name) < 0:
         raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)!r}")
-    for name in ("learning_rate", "clip_norm", "temperature", "lora_alpha"):
+    for name in ("learning_rate", "pwl_learning_rate", "clip_norm", "temperature", "lora_alpha"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name}: expected a value > 0, got {getattr(self, name)!r}")
     if self.trainable not in TRAINABLE:
@@ -81,7 +87,7 @@ class FinetuneConfig:
   def fingerprint(self) -> dict:
     """Fields a checkpoint depends on: resuming with other values would mix two runs."""
     keys = ("model", "activation", "trainable", "lora_rank", "lora_alpha", "seq_len",
-            "batch_size", "grad_accum", "seed", "max_train_windows", "learning_rate",
+            "batch_size", "grad_accum", "seed", "max_train_windows", "learning_rate", "pwl_learning_rate",
             "warmup_steps", "steps", "weight_decay", "clip_norm", "kl_weight", "ce_weight",
             "ffn_match_weight", "temperature", "compute_dtype")
     return {k: getattr(self, k) for k in keys}

@@ -6,7 +6,8 @@
 
 One optimizer step takes ``batch_size`` windows of ``seq_len`` + 1 tokens, split into
 ``grad_accum`` micro-batches whose gradients are averaged (``lax.scan``). The optimizer is
-clip_by_global_norm → AdamW with linear warm-up and cosine decay (weight decay on matrices only).
+clip_by_global_norm → AdamW with linear warm-up and cosine decay, with two learning rates: the
+PWL parameters (a few dozen numbers per layer) take large steps, the weights small ones.
 With ``compute_dtype="bfloat16"`` the model runs in bfloat16 and the trained parameters are kept
 as float32 master copies (cast at every step).
 
@@ -39,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from flashffn_jax import data, models
 from flashffn_jax.finetune import objectives
-from flashffn_jax.finetune.adapters import ParamSplit, split_params
+from flashffn_jax.finetune.adapters import ParamSplit, is_pwl_key, split_params
 from flashffn_jax.finetune.checkpoints import CheckpointError, RunCheckpoints, read_run_config
 from flashffn_jax.finetune.config import FinetuneConfig
 from flashffn_jax.finetune.report import MetricsLog, plot_recovery
@@ -80,11 +81,17 @@ def load_finetuned(out: str | pathlib.Path, *, dtype=None) -> tuple[nnx.Module, 
 
 
 def build_optimizer(config: FinetuneConfig, trained: dict) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, config.steps, end_value=0.1 * config.learning_rate)
-  decay_mask = {k: v.ndim >= 2 for k, v in trained.items()}
-  return optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                     optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+  """clip_by_global_norm → AdamW per group: PWL parameters at ``pwl_learning_rate``, weights at
+  ``learning_rate`` (weight decay on matrices); both warm up linearly and decay by cosine."""
+  def adamw(peak: float, decay: float):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, config.warmup_steps, config.steps,
+                                                  end_value=0.1 * peak)
+    return optax.adamw(schedule, weight_decay=decay, mask=lambda tree: jax.tree.map(lambda v: v.ndim >= 2, tree))
+
+  labels = {k: "pwl" if is_pwl_key(k) else "weights" for k in trained}
+  groups = {"pwl": adamw(config.pwl_learning_rate, 0.0),
+            "weights": adamw(config.learning_rate, config.weight_decay)}
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.multi_transform(groups, labels))
 
 
 def make_mesh(num_devices: int | None) -> jax.sharding.Mesh:
