@@ -73,7 +73,7 @@ SHAPES = (
 )
 
 
-def candidates(shape: Shape) -> dict[str, dispatch.Plan]:
+def candidates(shape: Shape, pwl_dtypes=("float32", "float16")) -> dict[str, dispatch.Plan]:
   """The kernel plans timed for this shape (the tuned table records the fastest).
 
   Run 1 (NOTES.md) swept more tiles at SmolLM2; what lost there (fused at M = 8192, 128x64 and
@@ -89,7 +89,7 @@ def candidates(shape: Shape) -> dict[str, dispatch.Plan]:
   if shape.name == "gpt2-small":
     tiles.append((64, 256, 3))
   for tile_m, tile_n, stages in tiles:
-    for pwl_dtype in ("float32", "float16"):
+    for pwl_dtype in pwl_dtypes:
       config = kernels.EpilogueConfig(tile_m=tile_m, tile_n=tile_n, stages=stages,
                                       pwl_dtype=pwl_dtype)
       plans[f"epilogue-{tile_m}x{tile_n}-s{stages}-{pwl_dtype[5:]}"] = dispatch.Plan(
@@ -240,8 +240,8 @@ def matmul_peak(rec: Recorder, rng) -> float:
   return tflops
 
 
-def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float,
-                with_tokamax: bool) -> dict:
+def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokamax: bool,
+                pwl_dtypes: tuple[str, ...]) -> dict:
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -265,7 +265,8 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float,
                           **base)
   xla_pwl = rec.measure("xla-pwl16", lambda: forward_result(xla_forward(act_pwl), "pwl"), **base)
   best_name, best = None, None
-  for name, plan in candidates(shape).items():
+  plans = candidates(shape, pwl_dtypes)
+  for name, plan in plans.items():
     if rec.over_budget():
       break
     result = rec.measure(name, lambda: forward_result(kernel_forward(act_pwl, plan), "pwl"),
@@ -274,7 +275,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float,
       best_name, best = name, result
   summary.update(xla_exact=xla_exact, xla_pwl=xla_pwl, best_plan=best_name, kernel_pwl=best)
   if best_name and not rec.over_budget():
-    plan = candidates(shape)[best_name]
+    plan = plans[best_name]
     summary["kernel_exact"] = rec.measure(
         best_name + "+exact", lambda: forward_result(kernel_forward(act_exact, plan), "exact"),
         activation=shape.activation, **base)
@@ -285,7 +286,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float,
   backward_base = {**base, "section": "fwd+bwd"}
   variants = [("xla-exact", xla_forward(act_exact))]
   if best_name:
-    variants.append((best_name, kernel_forward(act_pwl, candidates(shape)[best_name])))
+    variants.append((best_name, kernel_forward(act_pwl, plans[best_name])))
   for name, forward in variants:
     if rec.over_budget():
       break
@@ -358,9 +359,13 @@ def main(argv=None) -> int:
   peak = matmul_peak(rec, rng)
   wanted = args.shapes.split(",")
   summaries = []
+  pwl_dtypes = ("float32", "float16")  # narrowed to the winner once a shape has compared both
   for shape in SHAPES:
     if shape.name in wanted and not rec.over_budget():
-      summaries.append(bench_shape(rec, shape, rng, peak, args.tokamax))
+      summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes)
+      summaries.append(summary)
+      if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
+        pwl_dtypes = ("float16",) if summary["best_plan"].endswith("-16") else ("float32",)
   report = markdown(summaries, str(device.device_kind), peak)
   with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
     json.dump({"peak_tflops": peak, "summaries": summaries, "records": rec.records}, f, indent=1)
