@@ -243,7 +243,8 @@ def linearize(model: nnx.Module, activation: ActivationChoice = "pwl16",
   Args:
     model: an NNX module tree (the model is not modified).
     activation: a PWL spec ("pwl16", "pwl8-uniform", ...) fitted to each MLP's own activation;
-      "exact" (fused, same activation); a ``PiecewiseLinear``; an exact name or a callable.
+      "exact" (fused, same activation); a ``PiecewiseLinear``; an exact name or a callable; or a
+      calibrated ``flashffn_jax.fold.FoldSpec``: the MLPs become ``FoldedFFN`` layers instead.
     layers: None (every MLP), layer indices (the first integer in an MLP's path, e.g. the block
       number) and/or dotted MLP paths ("layers.3.mlp").
     learnable: the PWL becomes ``nnx.Param``s of each layer (knots stay sorted, see nnx.py).
@@ -255,6 +256,10 @@ def linearize(model: nnx.Module, activation: ActivationChoice = "pwl16",
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+  from flashffn_jax import fold  # imports this module: load it on first use
+
+  if fold.is_fold_spec(activation):
+    return fold.fold_model(model, activation, layers, learnable, implementation=implementation)
   new_model = nnx.clone(model)
   matches, rejected = find_mlps(new_model)
   if not matches:
