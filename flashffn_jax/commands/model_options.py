@@ -19,7 +19,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
   parser.add_argument("--model-path", help="weights file instead of the installed package")
   parser.add_argument("--activation", default="exact",
                       help="exact (the model as trained), a PWL spec fitted to the model's own "
-                           "activation (pwl16, pwl8-uniform, ...), or an exact name to fuse")
+                           "activation (pwl16, pwl8-uniform, ...), an exact name to fuse, or a "
+                           "fold calibrated on Shakespeare (fold, fold20, fold20-int2: see "
+                           "flashffn_jax.fold)")
   parser.add_argument("--knot-range", type=float, nargs=2, metavar=("LO", "HI"),
                       help="knot span for a uniform/curvature spec, e.g. pwl16-uniform --knot-range -6 4")
   parser.add_argument("--checkpoint", metavar="DIR",
@@ -58,7 +60,9 @@ def load_model(args: argparse.Namespace):
       raise ValueError(f"--checkpoint: {error}") from error
   model, tokenizer = models.load(args.model, path=args.model_path, dtype=dtype)
   if activation is not None:
-    model = flashffn_jax.linearize(model, activation)
+    from flashffn_jax.fold import calibrated
+
+    model = flashffn_jax.linearize(model, calibrated(activation, args.model, tokenizer))
   return model, tokenizer
 
 
