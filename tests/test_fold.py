@@ -3,6 +3,10 @@ gradients, MLP and GLU, odd shapes), the decode path vs the dense path, the laye
 linearize() with a fold spec, and errors."""
 
 import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -246,8 +250,10 @@ def test_decode_gather_path_equals_dense_and_drops_lowest_priority_flags(rng, gl
   weights = layer.weights()
   x = jnp.asarray(rng.normal(size=(4, D)), jnp.float32)
   dense = fold.folded_ffn(x, weights, implementation="dense")
-  gather = fold.folded_ffn(x, weights, implementation="gather", capacity=weights.num_folded)
-  np.testing.assert_allclose(gather, dense, rtol=1e-5, atol=1e-5)
+  for selection in ("priority", "index"):
+    gather = fold.folded_ffn(x, weights, implementation="gather", capacity=weights.num_folded,
+                             selection=selection)
+    np.testing.assert_allclose(gather, dense, rtol=1e-5, atol=1e-5)
   default = fold.folded_ffn(x, weights)  # M = 4: the decode path with its calibrated capacity
   assert default.shape == dense.shape
   # With a small capacity the highest-priority flagged neurons are corrected, the rest dropped.
@@ -260,6 +266,10 @@ def test_decode_gather_path_equals_dense_and_drops_lowest_priority_flags(rng, gl
   expected = numpy_with_flags(np.asarray(x, np.float64), weights, flags & chosen)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   assert relative_error(got, dense) > 1e-6  # dropping flags changes the output
+  first = np.cumsum(np.any(flags, 0)) <= capacity  # "index": the lowest-numbered flagged neurons
+  by_index = fold.folded_ffn(x, weights, implementation="gather", capacity=capacity, selection="index")
+  np.testing.assert_allclose(by_index, numpy_with_flags(np.asarray(x, np.float64), weights, flags & first),
+                             rtol=1e-4, atol=1e-4)
 
 
 def numpy_with_flags(x, weights, flags):
@@ -303,6 +313,8 @@ def test_nan_propagates_and_bad_inputs_are_named(rng):
     fold.folded_ffn(jnp.ones((2, D)), weights, implementation="pallas")
   with pytest.raises(ValueError, match="capacity: expected a positive integer"):
     fold.folded_ffn(jnp.ones((2, D)), weights, capacity=0)
+  with pytest.raises(ValueError, match="selection: expected one of"):
+    fold.folded_ffn(jnp.ones((2, D)), weights, selection="random")
   with pytest.raises(ValueError, match="'gather' needs outliers='predicted'"):
     fold.folded_ffn(jnp.ones((2, D)), weights, outliers="oracle", implementation="gather")
 
@@ -404,3 +416,20 @@ def test_fold_specs_parse_and_errors_name_the_argument(rng):
   assert fold.calibrated("pwl16", "smollm2", tokenizer=None) == "pwl16"
   with pytest.raises(ValueError, match="model_name: expected one of the bundled models"):
     fold.shakespeare_calibration("gpt2", tokenizer=None)
+
+
+def test_decode_benchmark_runs_tiny_on_cpu(tmp_path, monkeypatch):
+  """benchmarks/bench_fold_decode.py --tiny: every variant runs and the files are written."""
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_fold_decode.py"
+  spec = importlib.util.spec_from_file_location("bench_fold_decode", path)
+  bench = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+  spec.loader.exec_module(bench)
+  result = bench.main(["--tiny", "--out", str(tmp_path)])
+  assert {row["shape"] for row in result["rows"]} == set(bench.TINY_SHAPES)
+  for row in result["rows"]:
+    for name in ("xla_exact",) + bench.VARIANT_COLUMNS:
+      assert row.get(name + "_ms") and row[name + "_ms"] > 0, (name, row.get(name + "_error"))
+  written = sorted(p.suffix for p in tmp_path.iterdir())
+  assert written == [".json", ".md"]
+  assert json.loads(next(tmp_path.glob("*.json")).read_text())["rows"] == result["rows"]

@@ -20,10 +20,11 @@ The predictor flags neuron i when ẑ_i < lo_i + κ σ_i or ẑ_i > hi_i − κ 
 Implementations (both compute the same function):
   "dense"   r for every folded neuron, masked by the flags (prefill, training, CPU reference).
   "gather"  decode (M ≤ ``DECODE_MAX_TOKENS``): the union of the M tokens' flags picks at most
-            ``capacity`` neurons, ranked by ‖W_down[i]‖ · how far ẑ_i is outside the range;
-            only their rows of W_in (W_up) and W_down are read. When the union exceeds the
-            capacity the lowest-ranked flags are dropped (missed outliers): the only case in
-            which "gather" differs from "dense".
+            ``capacity`` neurons and only their rows of W_in (W_up) and W_down are read. With
+            ``selection="priority"`` (top-k) they are ranked by ‖W_down[i]‖ · how far ẑ_i is
+            outside the range; with "index" (a prefix sum, cheaper for large F) by neuron index.
+            When the union exceeds the capacity the last-ranked flags are dropped (missed
+            outliers): the only case in which "gather" differs from "dense".
 Matmuls accumulate in float32 and the activation runs in float32, like ``flashffn_jax.ffn``.
 """
 
@@ -40,6 +41,7 @@ from pallas_kernels.activation import exact_activation
 
 OUTLIER_MODES = ("predicted", "oracle", "ignored", "all", "predicted_or_oracle")
 IMPLEMENTATIONS = ("dense", "gather")
+SELECTIONS = ("priority", "index")
 DECODE_MAX_TOKENS = 64
 _F32 = jnp.float32
 _static = dict(metadata=dict(static=True))
@@ -139,19 +141,26 @@ def _dense_correction(x, w: FoldedWeights, outliers: str):
   return _dot(jnp.where(flags, r, 0.0).astype(x.dtype), w.w_down)
 
 
-def _gather_correction(x, w: FoldedWeights, capacity: int):
+def _gather_correction(x, w: FoldedWeights, capacity: int, selection: str):
   flags, violation = outlier_flags(x, w, "predicted")
-  score = jnp.max(jnp.where(flags, (violation + 1e-6) * w.priority, -1.0), axis=0)  # [F]
-  top, index = jax.lax.top_k(score, capacity)
+  if selection == "priority":
+    score = jnp.max(jnp.where(flags, (violation + 1e-6) * w.priority, -1.0), axis=0)  # [F]
+    top, index = jax.lax.top_k(score, capacity)
+    valid = top > 0
+  else:
+    union = jnp.any(flags, axis=0)
+    index = jnp.nonzero(union, size=capacity, fill_value=0)[0]
+    valid = jnp.arange(capacity) < jnp.sum(union)
   rows = lambda a: None if a is None else jnp.take(a, index, axis=0)
   r, _ = _residual(x, rows(w.w_in), rows(w.b_in), rows(w.w_up), rows(w.b_up), rows(w.slope),
                    rows(w.intercept), w.activation)
-  chosen = jnp.take(flags, index, axis=1) & (top > 0)
+  chosen = jnp.take(flags, index, axis=1) & valid
   return _dot(jnp.where(chosen, r, 0.0).astype(x.dtype), rows(w.w_down))
 
 
 def folded_ffn(x: jax.Array, weights: FoldedWeights, *, outliers: str = "predicted",
-               implementation: str | None = None, capacity: int | None = None) -> jax.Array:
+               implementation: str | None = None, capacity: int | None = None,
+               selection: str = "priority") -> jax.Array:
   """The folded FFN of x [..., D] -> [..., D_out] in x's dtype (see the module docstring).
 
   Args:
@@ -159,9 +168,12 @@ def folded_ffn(x: jax.Array, weights: FoldedWeights, *, outliers: str = "predict
     implementation: None ("gather" for predicted outliers at M ≤ DECODE_MAX_TOKENS when its
       capacity is below F, else "dense"), "dense" or "gather".
     capacity: neurons the gather path reads (default ``weights.capacity(M)``).
+    selection: how the gather path ranks flagged neurons, "priority" or "index".
   """
   if outliers not in OUTLIER_MODES:
     raise ValueError(f"outliers: expected one of {OUTLIER_MODES}, got {outliers!r}")
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection: expected one of {SELECTIONS}, got {selection!r}")
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation: expected None or one of {IMPLEMENTATIONS}, got {implementation!r}")
   if x.ndim < 1 or x.shape[-1] != weights.w_fold.shape[0]:
@@ -183,7 +195,7 @@ def folded_ffn(x: jax.Array, weights: FoldedWeights, *, outliers: str = "predict
 
   y = _add_bias(_dot(x2d, weights.w_fold), weights.b_fold)
   if weights.num_folded and outliers != "ignored":
-    y = y + (_gather_correction(x2d, weights, capacity) if implementation == "gather"
+    y = y + (_gather_correction(x2d, weights, capacity, selection) if implementation == "gather"
              else _dense_correction(x2d, weights, outliers))
   if weights.kept_w_down is not None:
     if weights.glu:
