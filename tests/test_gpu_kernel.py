@@ -70,7 +70,8 @@ ARG_NAMES = ("x", "w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
 
 
 def loss_and_grads(fn, problem, activation, dy):
-  """⟨fn(...), dy⟩ and its gradient w.r.t. every array argument and the PWL slopes/intercepts."""
+  """⟨fn(...), dy⟩ and its gradient w.r.t. every array argument and the PWL slopes and
+  intercepts."""
   arrays = [problem[name] for name in ARG_NAMES]
   present = [i for i, a in enumerate(arrays) if a is not None]
   pwl = activation.kind == "pwl"
@@ -180,6 +181,29 @@ def test_chunked_backward_matches_autodiff(rng):
   assert len(got) == len(expected)
   for index, (g, want) in enumerate(zip(got, expected)):
     assert relative_error(g, want) < 1e-5, f"gradient {index}"
+
+
+@pytest.mark.parametrize("pwl_dtype, tolerance", [("float32", 1e-5), ("float16", 3e-3)])
+def test_pwl_hinge_table_matches_segment_form(rng, pwl_dtype, tolerance):
+  """s_0 h + c + Σ Δs_k max(h, t_k) (what the kernels evaluate) equals s[seg] h + c[seg]."""
+  activation = kernel_activation("pwl", glu=True)
+  h = jnp.asarray(rng.normal(size=(64, 96)) * 4, jnp.float32)
+  table = kernels.activation_table(activation)
+  got = kernels.apply_activation("pwl", h, table, activation.knots.shape[0], pwl_dtype)
+  assert relative_error(got, activation(h)) < tolerance
+  nan = kernels.apply_activation("pwl", jnp.full((2, 2), jnp.nan), table,
+                                 activation.knots.shape[0], pwl_dtype)
+  assert np.all(np.isnan(np.asarray(nan)))
+
+
+def test_plan_table():
+  """Measured shapes get their tuned plan; unmeasured decode / large-D shapes go to XLA."""
+  assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.EPILOGUE_GLU_F16
+  assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.EPILOGUE_MLP
+  assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
+  assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
+  assert dispatch.choose_plan(8192, 2048, 8192, 2048, True, True) == dispatch.XLA
+  assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.EPILOGUE_MLP_F16
 
 
 def test_chunk_columns():

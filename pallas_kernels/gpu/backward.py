@@ -7,7 +7,8 @@ For a chunk c of hidden columns (f32 math, matmuls accumulate in f32):
     dW_down[c, :] = hidden_c^T dy            dhidden_c = dy W_down[c, :]^T
     GLU: du_c = dhidden_c a_c,  da_c = dhidden_c u_c,  dg_c = da_c act'(g_c)
     MLP: du_c = da_c act'(u_c),  da_c = dhidden_c
-    dW_up[:, c] = x^T du_c      dW_gate[:, c] = x^T dg_c      db_up[c] = Σ du_c   db_gate[c] = Σ dg_c
+    dW_up[:, c] = x^T du_c      dW_gate[:, c] = x^T dg_c
+    db_up[c] = Σ du_c           db_gate[c] = Σ dg_c
     dx += du_c W_up[:, c]^T + dg_c W_gate[:, c]^T
     PWL: d slope_j += Σ_{seg(p)=j} da_c p,  d intercept_j += Σ_{seg(p)=j} da_c   (p = g_c or u_c)
 

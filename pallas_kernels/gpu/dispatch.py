@@ -1,19 +1,22 @@
 """The "pallas_mosaic_gpu" implementation of ``flashffn_jax.ops.ffn``: path choice and custom VJP.
 
-Which path runs (decided at trace time from the shape; see ``choose_plan``):
+Which path runs (decided at trace time from the shape and activation kind; see ``choose_plan``):
 
-  * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM.
-                    Needs D_out <= 640 (the output row block lives in registers). At decode
-                    (M <= 64) the hidden blocks are split over CTAs and an XLA reduction sums the
-                    f32 partials.
   * ``epilogue`` -- ``fused_ffn_sm90.gemm1_activation`` (GEMM1 with the activation in its epilogue,
-                    bf16 [M, H] written once) followed by XLA's GEMM2.
+                    [M, H] written once in x's dtype) followed by XLA's GEMM2. Chosen for
+                    SmolLM2 (576/1536 GLU) and gpt2-small (768/3072 MLP) shapes at M > 64, for
+                    SmolLM2 decode with a PWL, and for untuned shapes with M > 64 and D <= 1024.
+  * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
+                    (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
+                    (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
+                    entry selects it; it runs when a caller passes its ``Plan``.
   * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
-                    devices, float32, callable activations, and shapes where ``TUNED`` records
-                    that XLA was fastest on the H200.
+                    devices, float32, callable activations, shapes where ``TUNED`` measured XLA
+                    faster (llama-8B decode; SmolLM2 decode with an exact activation), and
+                    untuned decode or D > 1024 shapes (not measured yet).
 
-``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?) from
-``benchmarks/bench_gpu.py``; untuned shapes use ``default_plan``.
+``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?, pwl?) from
+``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
 
 The backward pass (custom VJP) saves only the inputs and recomputes the hidden activations in
 XLA, one hidden chunk at a time (``backward.ffn_backward``): no [M, H] residual is stored.
@@ -45,25 +48,44 @@ class Plan:
 
 
 XLA = Plan("xla")
-# (glu, D, H, D_out, decode) -> measured winner on the H200; filled from benchmarks/results.
-TUNED: dict[tuple[bool, int, int, int, bool], Plan] = {}
+_GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
+_MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
+EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES))
+EPILOGUE_MLP = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES))
+EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES,
+                                                                    pwl_dtype="float16"))
+EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
+                                                                    pwl_dtype="float16"))
+
+# (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
+# XLA (benchmarks/results/h200-2026-11-30.md; times in ms, kernel vs XLA with the same activation
+# kind: exact vs exact, PWL vs XLA exact).
+TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
+    (True, 576, 1536, 576, False, True): EPILOGUE_GLU_F16,  # 0.0983 vs 0.1227
+    (True, 576, 1536, 576, False, False): EPILOGUE_GLU,  # 0.0892 vs 0.1227
+    (False, 768, 3072, 768, False, True): EPILOGUE_MLP_F16,  # 0.1430 vs 0.1596
+    (False, 768, 3072, 768, False, False): EPILOGUE_MLP,  # 0.1564 vs 0.1596
+    (True, 576, 1536, 576, True, True): EPILOGUE_GLU_F16,  # 0.0220 vs 0.0250; fused x12 0.0309
+    (True, 576, 1536, 576, True, False): XLA,  # kernel 0.0380 vs 0.0250
+    (True, 4096, 14336, 4096, True, True): XLA,  # kernel 0.1203 vs 0.1009
+    (True, 4096, 14336, 4096, True, False): XLA,  # kernel 0.1207 vs 0.1009
+}
 
 
-def default_plan(rows: int, d_model: int, d_out: int, glu: bool) -> Plan:
-  """The plan for shapes without a measurement. Run 1 on the H200 (benchmarks/NOTES.md): at
-  SmolLM2, M = 8192 the fused kernel took 0.209 ms against 0.122 for the epilogue kernel, so
-  fused is only the decode path (small D), where one launch replaces three."""
-  if rows <= DECODE_ROWS:
-    if d_out <= 640 and d_model <= 640:
-      return Plan("fused", fused=kernels.FusedConfig(block_h=64, stages=3, h_splits=12))
+def default_plan(rows: int, d_model: int, glu: bool, pwl: bool) -> Plan:
+  """The plan for shapes ``TUNED`` has not measured, extrapolated from the measured ones: the
+  epilogue kernel for M > 64 and D <= 1024 (it won at D = 576 and 768); XLA at decode and for
+  larger D (not measured; the fused kernel lost everywhere it was measured)."""
+  if rows <= DECODE_ROWS or d_model > 1024:
     return XLA
-  return Plan("epilogue", epilogue=kernels.EpilogueConfig(tile_m=64 if glu else 128, tile_n=128,
-                                                          stages=3))
+  if pwl:
+    return EPILOGUE_GLU_F16 if glu else EPILOGUE_MLP_F16
+  return EPILOGUE_GLU if glu else EPILOGUE_MLP
 
 
-def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool) -> Plan:
-  return TUNED.get((glu, d_model, hidden, d_out, rows <= DECODE_ROWS),
-                   default_plan(rows, d_model, d_out, glu))
+def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl: bool) -> Plan:
+  key = (glu, d_model, hidden, d_out, rows <= DECODE_ROWS, pwl)
+  return TUNED.get(key, default_plan(rows, d_model, glu, pwl))
 
 
 def unsupported_reason(x, activation: Activation) -> str | None:
@@ -158,7 +180,7 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
   if reason:
     raise NotImplementedError(reason)
   plan = plan or choose_plan(x.shape[0], x.shape[1], w_up.shape[1], w_down.shape[1],
-                             w_gate is not None)
+                             w_gate is not None, activation.kind == "pwl")
   if plan.path == "xla":
     raise NotImplementedError("the tuned table records XLA as fastest at this shape")
   return _ffn(plan, activation.kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down,

@@ -27,6 +27,14 @@ warpgroup) stays in registers, which is what bounds D_out (<= 640). GEMM1 stream
 warpgroup refills while GEMM1 of block j runs. With ``h_splits`` > 1 the hidden blocks are split
 over that many CTAs per row block and each writes an f32 partial y that the caller sums: at decode
 (M <= 64) this spreads the weight stream over many SMs.
+
+Measured on the H200 (benchmarks/NOTES.md): ``gemm1_activation`` + XLA GEMM2 beats XLA at D = 576
+and 768; ``fused_ffn`` is slower than that pair wherever it fits (its 64-row blocks re-stream
+the weights from L2 for every 64 rows, and its wgmma tiles are only 32 columns wide), so the
+dispatcher does not pick it; it stays as the measured starting point for a cluster version.
+
+PWL activations are evaluated as hinges (``activation_table``), 2 instructions per knot, in f32
+or in packed f16x2.
 """
 
 from __future__ import annotations
@@ -63,7 +71,8 @@ def activation_table(activation: Activation) -> jax.Array | None:
   """A PWL as the hinge table the kernels read from SMEM: [t_0..t_{K-1}, Δs_0..Δs_{K-1}, s_0, c].
 
   A continuous PWL (knots t_k, segment slopes s_0..s_K, intercepts c_j) equals
-      pwl(h) = s_0 h + c + Σ_k Δs_k max(h, t_k),   Δs_k = s_{k+1} - s_k,   c = c_0 - Σ_k Δs_k t_k,
+      pwl(h) = s_0 h + c + Σ_k Δs_k max(h, t_k),   Δs_k = s_{k+1} - s_k,
+      c = c_0 - Σ_k Δs_k t_k,
   i.e. 2 instructions per knot (max, fma) instead of a compare and two selects.
   """
   if activation.kind != "pwl":
