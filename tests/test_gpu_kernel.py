@@ -21,7 +21,6 @@ import os
 
 os.environ.setdefault("PJRT_NPROC", "8")
 
-import functools  # noqa: E402
 
 import jax  # noqa: E402
 import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: E402
