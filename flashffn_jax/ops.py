@@ -4,7 +4,8 @@
     GLU:  y = (act(x @ W_gate + b_gate) * (x @ W_up + b_up)) @ W_down + b_down
 
 Matmuls accumulate in float32; the activation runs in float32; the hidden activations are cast
-to x's dtype before the second matmul (what the fused kernels do on chip). x may have any
+to x's dtype before the second matmul (what the fused kernels do on chip). In the backward the
+cotangents are rounded to x's dtype before each GEMM (bf16 GEMMs for a bf16 FFN, as in the kernels). x may have any
 leading batch dims; the weights are 2-D.
 
 Implementations are tried in order. Each is a function with the signature of
@@ -18,6 +19,7 @@ declines falls back to XLA with a one-line warning giving its reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import warnings
@@ -53,14 +55,36 @@ def to_kernel_activation(activation: ActivationLike) -> Activation:
                    f"{type(activation).__name__}")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+  """x @ w accumulated and returned in float32. Its VJP rounds the float32 cotangent to x's
+  dtype first, so a bfloat16 FFN's backward runs bfloat16 GEMMs (f32 accumulation), like the
+  kernels' — plain autodiff would run every backward GEMM in float32."""
+  return jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _matmul_fwd(x, w, precision):
+  return _matmul(x, w, precision), (x, w)
+
+
+def _matmul_bwd(precision, residuals, g):
+  x, w = residuals
+  g = g.astype(x.dtype)
+  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32, precision=precision).astype(x.dtype)
+  dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32, precision=precision).astype(w.dtype)
+  return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def reference_ffn(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation,
                   precision=None) -> jax.Array:
   """The XLA reference on 2-D x [M, D]; see the module docstring for the math."""
-  f32 = jnp.float32
 
   def linear(inputs, weight, bias):
-    out = jnp.dot(inputs, weight, preferred_element_type=f32, precision=precision)
-    return out if bias is None else out + bias.astype(f32)
+    out = _matmul(inputs, weight, precision)
+    return out if bias is None else out + bias.astype(jnp.float32)
 
   up = linear(x, w_up, b_up)
   hidden = up if w_gate is None else linear(x, w_gate, b_gate)

@@ -94,6 +94,36 @@ def test_gradients_match_plain_autodiff(rng):
                                err_msg=field)
 
 
+def _equations(jaxpr, primitive: str):
+  """Equations of ``primitive`` in a jaxpr and all its sub-jaxprs (jit, custom_vjp, ...)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      yield eqn
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner, primitive)
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_bfloat16_backward_runs_bfloat16_gemms_and_stays_accurate(rng, glu):
+  """Every backward dot of a bf16 FFN takes bf16 operands; gradients match float32 to bf16 accuracy."""
+  act = ff.fit("silu", 16)
+  problem = make_problem(rng, batch=(32,), d=64, h=96, glu=glu, bias=True, dtype=jnp.bfloat16)
+  cotangent = jnp.asarray(rng.normal(size=(32, 64)), jnp.float32)
+  loss = lambda p: jnp.sum(cotangent * ff.ffn(**p, activation=act, implementation="xla").astype(jnp.float32))
+  dots = list(_equations(jax.make_jaxpr(jax.grad(loss))(problem).jaxpr, "dot_general"))
+  assert len(dots) == (9 if glu else 6)
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), [
+      [v.aval.dtype for v in e.invars] for e in dots]
+  grads = jax.grad(loss)(problem)
+  f32 = jax.tree.map(lambda a: a.astype(jnp.float32), problem)
+  want = jax.grad(lambda p: jnp.sum(cotangent * ff.ffn(**p, activation=act, precision=jax.lax.Precision.HIGHEST)))(f32)
+  for name in problem:
+    assert relative_error(grads[name], want[name]) < 3e-2, name
+
+
 def test_callable_activation_and_nan_propagation(rng):
   problem = make_problem(rng, batch=(2,), d=8, h=16)
   out = ff.ffn(**problem, activation=jnp.tanh, precision=jax.lax.Precision.HIGHEST)
