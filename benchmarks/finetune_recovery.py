@@ -7,10 +7,10 @@ For each activation: validation perplexity (held-out Shakespeare plays) of the e
 the linearized model before and after fine-tuning, the % of the log-perplexity gap recovered,
 tokens and wall time; and the perplexity on a text the loop never sees (the Python language
 reference shipped with CPython, ``pydoc_data.topics``) to check for cross-domain regressions.
-Then training throughput (tokens/s, median step after warm-up) of the linearized model on the
-default FFN implementation (the fused kernel where one serves) against the same loop whose FFNs
-run the exact activation on XLA. Writes recovery.json / recovery.md under --out and prints the
-table last.
+Training throughput (tokens/s, median step after warm-up) of each run (default FFN
+implementation: the fused kernel where one serves) and of the same loop whose FFNs run the exact
+activation on XLA. Writes recovery-<activations>.json under --out and prints the table last;
+``--render A.json B.json`` merges several such files into finetune-recovery-<date>.md.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import dataclasses
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 import pydoc_data.topics
 
+import flashffn_jax as ff
 from flashffn_jax import models
 from flashffn_jax.finetune import FinetuneConfig, finetune, load_finetuned
 from flashffn_jax.surgery import linearize
@@ -37,11 +39,51 @@ def reference_text_tokens(tokenizer) -> np.ndarray:
   return np.asarray(tokenizer.encode(text).ids, np.int32)
 
 
-def throughput(config: FinetuneConfig, built: tuple) -> float:
-  """Median training tokens/s over the steps after the first (compilation) of a short run."""
-  finetune(config, progress=False, built=built)
-  rows = [json.loads(line) for line in (pathlib.Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+def median_tokens_per_s(out: pathlib.Path) -> float:
+  """Median training tokens/s of a run, skipping the first two steps (compilation, warm-up)."""
+  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   return statistics.median(r["tokens_per_s"] for r in rows if r["split"] == "train" and r["step"] > 2)
+
+
+def ffn_implementation(base, student, args) -> str:
+  """The implementation the op picks for one training micro-batch of this model's FFNs."""
+  config = base.config
+  dtype = jax.numpy.dtype(args.compute_dtype)
+  array = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+  return ff.chosen_implementation(
+      array(args.batch_size * args.seq_len, config.hidden_size), array(config.hidden_size, config.intermediate_size),
+      array(config.intermediate_size, config.hidden_size), w_gate=array(config.hidden_size, config.intermediate_size),
+      activation=student.layers[0].mlp.activation)
+
+
+def render(summaries: list[dict]) -> str:
+  """One markdown report from the JSON of one or more runs of this script."""
+  first = summaries[0]
+  args = first["args"]
+  lines = [f"# Fine-tune recovery, SmolLM2-135M, {first['device']}, {first['date']}", "",
+           f"Command: `{first['command']}` (one invocation per row group). Trainable: {args['trainable']}, "
+           f"{args['steps']} steps x {args['batch_size']} x {args['seq_len']} tokens, lr {args['learning_rate']} "
+           f"(weights) / {args['pwl_learning_rate']} (PWL). Validation: {args['eval_batches']} batches of the held-out "
+           "Shakespeare plays. Other domain: the Python language reference (pydoc_data.topics), never "
+           "trained on.", "",
+           "| activation | exact ppl | linearized | fine-tuned | lin. vs exact | ft vs exact | gap recovered "
+           "| other-domain ppl exact / lin. / ft | tokens | seconds | train tokens/s | FFN implementation |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for summary in summaries:
+    for r in summary["rows"]:
+      lines.append(f"| {r['activation']} | {r['exact_ppl']:.3f} | {r['linearized_ppl']:.3f} | "
+                   f"{r['finetuned_ppl']:.3f} | {100 * r['linearized_vs_exact']:+.2f}% | "
+                   f"{100 * r['finetuned_vs_exact']:+.2f}% | {100 * r['recovered']:.1f}% | "
+                   f"{r['reference_exact_ppl']:.2f} / {r['reference_linearized_ppl']:.2f} / "
+                   f"{r['reference_finetuned_ppl']:.2f} | {r['tokens']} | {r['seconds']:.0f} | "
+                   f"{r['tokens_per_s']:.0f} | {r['ffn_implementation']} |")
+  for summary in summaries:
+    if summary.get("exact_xla_tokens_per_s"):
+      lines += ["", f"Training throughput of the same loop with exact-activation FFNs on XLA "
+                    f"(`linearize(model, 'exact', implementation='xla')`): "
+                    f"{summary['exact_xla_tokens_per_s']:.0f} tokens/s; the PWL runs above use the "
+                    "default implementation (the fused kernel where its tuned table picks it)."]
+  return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -53,24 +95,38 @@ def main(argv=None) -> int:
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--seq-len", type=int, default=256)
   parser.add_argument("--trainable", default="ffn")
-  parser.add_argument("--learning-rate", type=float, default=3e-5)
+  parser.add_argument("--learning-rate", type=float, default=1e-5)
+  parser.add_argument("--pwl-learning-rate", type=float, default=3e-3)
   parser.add_argument("--eval-batches", type=int, default=16)
+  parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--reference-tokens", type=int, default=16384, help="tokens of the other-domain text")
-  parser.add_argument("--throughput-steps", type=int, default=30)
+  parser.add_argument("--throughput-steps", type=int, default=30,
+                      help="steps of the exact-XLA throughput run (0: skip)")
+  parser.add_argument("--render", nargs="+", metavar="JSON", help="only merge these result files into markdown")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
+  if args.render:
+    text = render([json.loads(pathlib.Path(p).read_text()) for p in args.render])
+    (out / f"finetune-recovery-{time.strftime('%Y-%m-%d')}.md").write_text(text)
+    print(text)
+    return 0
   out.mkdir(parents=True, exist_ok=True)
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
 
-  base, tokenizer = models.load("smollm2", path=args.model_path)
+  base, tokenizer = models.load("smollm2", path=args.model_path, dtype=args.compute_dtype)
   reference = reference_text_tokens(tokenizer)[:args.reference_tokens + 1]
   ref_ppl = lambda model: models.perplexity(model, reference, seq_len=args.seq_len, batch_size=8)["ppl"]
   exact_reference = ref_ppl(base)
   rows = []
+  summary = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+             "command": "python3 benchmarks/finetune_recovery.py " + " ".join(argv or sys.argv[1:]),
+             "rows": rows}
+  result_file = out / f"recovery-{args.activations.replace(',', '-')}.json"
   for activation in args.activations.split(","):
     config = FinetuneConfig(out=str(out / activation), model_path=args.model_path, activation=activation,
                             trainable=args.trainable, steps=args.steps, batch_size=args.batch_size,
                             seq_len=args.seq_len, learning_rate=args.learning_rate,
+                            pwl_learning_rate=args.pwl_learning_rate, compute_dtype=args.compute_dtype,
                             warmup_steps=max(1, args.steps // 20), eval_every=max(1, args.steps // 5),
                             eval_batches=args.eval_batches, checkpoint_every=args.steps, keep_checkpoints=1)
     student = linearize(base, activation, learnable=True)
@@ -85,40 +141,21 @@ def main(argv=None) -> int:
                  "finetuned_vs_exact": result.finetuned_ppl / result.exact_ppl - 1,
                  "recovered": result.recovered, "tokens": result.tokens_trained, "seconds": seconds,
                  "reference_exact_ppl": exact_reference, "reference_linearized_ppl": before_reference,
-                 "reference_finetuned_ppl": after_reference})
+                 "reference_finetuned_ppl": after_reference,
+                 "tokens_per_s": median_tokens_per_s(pathlib.Path(config.out)),
+                 "ffn_implementation": ffn_implementation(base, student, args)})
     print(json.dumps(rows[-1]), flush=True)
-
-  speed = {}
+    result_file.write_text(json.dumps(summary, indent=1))  # a run cut short keeps its rows
   if args.throughput_steps:
-    short = dict(steps=args.throughput_steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                 warmup_steps=1, eval_every=10**6, eval_batches=1, checkpoint_every=10**6,
-                 keep_checkpoints=1, trainable=args.trainable, model_path=args.model_path)
-    pwl = FinetuneConfig(out=str(out / "speed-pwl16"), activation="pwl16", **short)
-    speed["pwl16_default_impl"] = throughput(pwl, (base, linearize(base, "pwl16", learnable=True), tokenizer))
-    exact = FinetuneConfig(out=str(out / "speed-exact-xla"), activation="exact", **short)
-    speed["exact_xla"] = throughput(exact, (base, linearize(base, "exact", implementation="xla"), tokenizer))
-    speed["ratio"] = speed["pwl16_default_impl"] / speed["exact_xla"]
-
-  summary = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows,
-             "throughput_tokens_per_s": speed}
-  (out / "recovery.json").write_text(json.dumps(summary, indent=1))
-  lines = [f"# Fine-tune recovery, SmolLM2-135M, {device}, {summary['date']}", "",
-           f"Trainable: {args.trainable}, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, "
-           f"lr {args.learning_rate}. Validation: held-out Shakespeare plays. Other domain: Python "
-           "language reference (pydoc_data.topics), never trained on.", "",
-           "| activation | exact ppl | linearized | fine-tuned | lin. vs exact | ft vs exact | gap recovered "
-           "| other-domain exact / lin. / ft | tokens | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['activation']} | {r['exact_ppl']:.3f} | {r['linearized_ppl']:.3f} | "
-                 f"{r['finetuned_ppl']:.3f} | {100 * r['linearized_vs_exact']:+.2f}% | "
-                 f"{100 * r['finetuned_vs_exact']:+.2f}% | {100 * r['recovered']:.1f}% | "
-                 f"{r['reference_exact_ppl']:.2f} / {r['reference_linearized_ppl']:.2f} / "
-                 f"{r['reference_finetuned_ppl']:.2f} | {r['tokens']} | {r['seconds']:.0f} |")
-  if speed:
-    lines += ["", f"Training throughput: linearized PWL-16 on the default FFN implementation "
-                  f"{speed['pwl16_default_impl']:.0f} tokens/s vs exact activation on XLA "
-                  f"{speed['exact_xla']:.0f} tokens/s (ratio {speed['ratio']:.2f})."]
-  (out / "recovery.md").write_text("\n".join(lines) + "\n")
+    exact = FinetuneConfig(out=str(out / "speed-exact-xla"), activation="exact", steps=args.throughput_steps,
+                           batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=1,
+                           eval_every=10**6, eval_batches=1, checkpoint_every=10**6, keep_checkpoints=1,
+                           trainable=args.trainable, model_path=args.model_path,
+                           compute_dtype=args.compute_dtype)
+    finetune(exact, progress=False, built=(base, linearize(base, "exact", implementation="xla"), tokenizer))
+    summary["exact_xla_tokens_per_s"] = median_tokens_per_s(pathlib.Path(exact.out))
+  result_file.write_text(json.dumps(summary, indent=1))
+  lines = render([summary]).splitlines()
   print("\n".join(lines))
   return 0
 

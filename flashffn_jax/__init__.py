@@ -6,10 +6,10 @@
 """
 
 from flashffn_jax.activations import Line
-from flashffn_jax.ops import IMPLEMENTATIONS, ffn, reference_ffn
+from flashffn_jax.ops import IMPLEMENTATIONS, chosen_implementation, ffn, reference_ffn
 from flashffn_jax.pwl import PiecewiseLinear, fit, from_spec
 
-__all__ = ["IMPLEMENTATIONS", "Line", "PiecewiseLinear", "ffn", "fit", "from_spec", "linearize",
+__all__ = ["IMPLEMENTATIONS", "Line", "PiecewiseLinear", "chosen_implementation", "ffn", "fit", "from_spec", "linearize",
            "reference_ffn"]
 __version__ = "0.1.0"
 

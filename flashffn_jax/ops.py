@@ -181,6 +181,13 @@ def ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *, w_gate: jax.Array |
     [..., D_out] in x's dtype. Differentiable w.r.t. x, all weights and biases, and the
     PiecewiseLinear's parameters.
   """
+  return _dispatch(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation, implementation,
+                   precision)[1]
+
+
+def _dispatch(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation, implementation,
+              precision) -> tuple[str, jax.Array]:
+  """(name of the implementation that ran, output) — see ``ffn``."""
   _validate(x, w_up, w_down, w_gate, b_up, b_gate, b_down)
   kernel_activation = to_kernel_activation(activation)
   x2d = x.reshape(-1, x.shape[-1])
@@ -191,9 +198,24 @@ def ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *, w_gate: jax.Array |
     except NotImplementedError as reason:
       if implementation is not None:
         warnings.warn(f"flashffn: implementation {name!r} cannot run this FFN ({reason}); "
-                      "falling back to 'xla'", stacklevel=2)
+                      "falling back to 'xla'", stacklevel=3)
       else:
         logger.info("flashffn: %s skipped: %s", name, reason)
       continue
-    return out.reshape(*x.shape[:-1], w_down.shape[1])
+    return name, out.reshape(*x.shape[:-1], w_down.shape[1])
   raise AssertionError("unreachable: the xla implementation accepts every problem")
+
+
+def chosen_implementation(x, w_up, w_down, *, w_gate=None, b_up=None, b_gate=None, b_down=None,
+                          activation: ActivationLike = "gelu", implementation: str | None = None) -> str:
+  """Which implementation ``ffn`` runs for these arguments on this platform (traced abstractly:
+  arrays or ``jax.ShapeDtypeStruct``s; nothing is computed)."""
+  chosen = []
+
+  def run(*arrays):
+    name, out = _dispatch(*arrays, activation, implementation, None)
+    chosen.append(name)
+    return out
+
+  jax.eval_shape(run, x, w_up, w_down, w_gate, b_up, b_gate, b_down)
+  return chosen[0]

@@ -175,3 +175,6 @@ def test_declining_implementation_falls_back_with_reason(rng, monkeypatch):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # implicit selection skips silently (logged at INFO)
     ff.ffn(**problem)
+    assert ff.chosen_implementation(**problem) == "xla"
+  monkeypatch.setattr(ops.Implementation, "load", lambda self: ops.reference_ffn)  # now it accepts
+  assert ff.chosen_implementation(**problem) == "picky"
