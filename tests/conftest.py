@@ -10,6 +10,11 @@ import pytest
 
 # Two host devices so the sharded tests can run on a CPU-only machine.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Pallas' GPU interpret mode runs each warpgroup as a host thread blocking inside an XLA:CPU host
+# callback; XLA:CPU runs callbacks on one thread per core, so on a 2-core machine the three
+# warpgroups of a kernel deadlock. PJRT_NPROC enlarges that pool; it must be set before the CPU
+# backend starts, i.e. here (conftest is imported before any test module).
+os.environ.setdefault("PJRT_NPROC", "4")
 
 
 # Fresh inputs every run; FLASHFFN_TEST_SEED=<n> replays a run (the seed is in pytest's header).

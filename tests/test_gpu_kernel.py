@@ -8,39 +8,31 @@ Three kinds of test:
   * GPU (Hopper only, skipped elsewhere): the same comparisons on the real kernels, including the
     public ``ff.ffn`` dispatch, NaN propagation and the float32 fallback.
 
-GPU interpret mode runs each warpgroup as a host thread whose barrier waits block inside XLA:CPU
-host callbacks; XLA:CPU runs those on a pool of one thread per core, so on a 2-core machine all
-three warpgroups waiting at once deadlocks. ``PJRT_NPROC`` enlarges that pool; it must be set
-before the CPU backend starts, hence at import (pytest imports every test module before running
-any test).
+GPU interpret mode needs at least 3 XLA:CPU callback threads; tests/conftest.py sets PJRT_NPROC
+before the CPU backend starts (see there).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("PJRT_NPROC", "8")
+import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
+import flashffn_jax as ff
+from flashffn_jax.ops import reference_ffn, to_kernel_activation
+from pallas_kernels.activation import Activation
+from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
+from tests.conftest import relative_error
 
-import jax  # noqa: E402
-import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax._src import xla_bridge  # noqa: E402
-
-import flashffn_jax as ff  # noqa: E402
-from flashffn_jax.ops import reference_ffn, to_kernel_activation  # noqa: E402
-from pallas_kernels.activation import Activation  # noqa: E402
-from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels  # noqa: E402
-from tests.conftest import relative_error  # noqa: E402
-
-BACKEND_STARTED_EARLY = xla_bridge.backends_are_initialized()
 ON_HOPPER = (jax.default_backend() == "gpu"
              and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an NVIDIA Hopper GPU (sm_90)")
 needs_interpret_threads = pytest.mark.skipif(
-    BACKEND_STARTED_EARLY and os.environ.get("PJRT_NPROC") is None,
+    int(os.environ.get("PJRT_NPROC", os.cpu_count())) < 3,
     reason="the CPU backend started before PJRT_NPROC could be set; GPU interpret mode needs "
            ">= 3 XLA:CPU callback threads")
 on_cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU interpret-mode test")
