@@ -43,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
   parser.add_argument("--num-devices", type=int, help="devices to use (default: all)")
   parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() first (multi-process jobs)")
+                      help="multi-process job: call jax.distributed.initialize() first (it detects "
+                           "TPU pod slices, SLURM, Open MPI and Kubernetes; elsewhere give the three "
+                           "options below or JAX_COORDINATOR_ADDRESS)")
+  parser.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+  parser.add_argument("--num-processes", type=int, help="processes in the job (with --distributed)")
+  parser.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
   from flashffn_jax.finetune import finetune
 
   if args.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
   logging.basicConfig(level=logging.WARNING)
   config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
   result = finetune(config, resume=args.resume, num_devices=args.num_devices,
