@@ -26,14 +26,38 @@ from flashffn_jax.models.llama import Llama, LlamaConfig
 from flashffn_jax.surgery import linearize
 
 
-def final_trained(out: pathlib.Path) -> dict[str, np.ndarray]:
+def final_trained(out: pathlib.Path, like: dict | None = None) -> dict[str, np.ndarray]:
+  """The newest checkpoint's trained parameters; pass ``like`` (arrays of the same shapes) to
+  read a checkpoint written on other devices (e.g. by another job layout)."""
   import orbax.checkpoint as ocp
 
   checkpoints = RunCheckpoints(out, keep=1, read_only=True)
-  restored = checkpoints.manager.restore(checkpoints.latest_step(), args=ocp.args.Composite(
-      trained=ocp.args.StandardRestore()))
+  step = checkpoints.latest_step()
+  if like is None:
+    trained = checkpoints.manager.restore(step, args=ocp.args.Composite(
+        trained=ocp.args.StandardRestore()))["trained"]
+  else:
+    trained = checkpoints.restore(step, trained=like)["trained"]
   checkpoints.close()
-  return {k: np.asarray(v) for k, v in restored["trained"].items()}
+  return {k: np.asarray(v) for k, v in trained.items()}
+
+
+def tiny_problem(tokenizer) -> tuple:
+  """(teacher, learnable PWL-8 student, tokenizer) of a small random Llama with SmolLM2's vocabulary."""
+  config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=128, intermediate_size=256,
+                       num_layers=2, num_heads=4, num_kv_heads=2)
+  teacher = Llama(config, rngs=nnx.Rngs(0))
+  return teacher, linearize(teacher, "pwl8", learnable=True), tokenizer
+
+
+def train(built: tuple, out: pathlib.Path, *, sharding: str, devices: int | None):
+  """Six steps of FFN fine-tuning; (result, final trained parameters)."""
+  batch = 2 * jax.device_count()  # the same global batch whatever the layout
+  cfg = FinetuneConfig(out=str(out), trainable="ffn", steps=6, batch_size=batch, seq_len=32,
+                       learning_rate=1e-3, warmup_steps=1, eval_every=3, eval_batches=1,
+                       checkpoint_every=6, keep_checkpoints=1, max_train_windows=64, sharding=sharding)
+  result = finetune(cfg, progress=False, built=built, num_devices=devices)
+  return result, final_trained(out)
 
 
 def main(argv=None) -> int:
@@ -50,19 +74,11 @@ def main(argv=None) -> int:
   n = jax.device_count()
   if n < 2:
     raise SystemExit(f"needs at least 2 devices, found {n}")
-  config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=128, intermediate_size=256,
-                       num_layers=2, num_heads=4, num_kv_heads=2)
-  teacher = Llama(config, rngs=nnx.Rngs(0))
-  built = (teacher, linearize(teacher, "pwl8", learnable=True), tokenizer)
+  built = tiny_problem(tokenizer)
   out = pathlib.Path(args.out)
   runs = {"1 device": ("data", 1), f"data x{n}": ("data", n), f"fsdp x{n}": ("fsdp", n)}
-  results = {}
-  for name, (sharding, devices) in runs.items():
-    cfg = FinetuneConfig(out=str(out / name.replace(" ", "-")), trainable="ffn", steps=6, batch_size=2 * n,
-                         seq_len=32, learning_rate=1e-3, warmup_steps=1, eval_every=3, eval_batches=1,
-                         checkpoint_every=6, keep_checkpoints=1, max_train_windows=64, sharding=sharding)
-    result = finetune(cfg, progress=False, built=built, num_devices=devices)
-    results[name] = (result, final_trained(pathlib.Path(cfg.out)))
+  results = {name: train(built, out / name.replace(" ", "-"), sharding=sharding, devices=devices)
+             for name, (sharding, devices) in runs.items()}
   reference = results["1 device"][1]
   rows = []
   for name, (result, params) in results.items():

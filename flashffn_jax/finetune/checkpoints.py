@@ -16,7 +16,7 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flashffn_jax.finetune.config import FinetuneConfig
@@ -24,6 +24,13 @@ from flashffn_jax.finetune.config import FinetuneConfig
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used for this run; nothing was written."""
+
+
+def _abstract(leaf) -> jax.ShapeDtypeStruct:
+  """Restore target for one leaf: its shape, dtype and sharding (NumPy leaves: this process's
+  first device), so a checkpoint written under another device layout restores here."""
+  sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
 
 
 class RunCheckpoints:
@@ -41,7 +48,8 @@ class RunCheckpoints:
 
   def save(self, step: int, trained: dict, opt_state, config: FinetuneConfig) -> None:
     meta = {"config": json.loads(config.to_json()), "fingerprint": config.fingerprint()}
-    optimizer = {"opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)}
+    # A NumPy step: a host-local jax scalar cannot be saved from several processes.
+    optimizer = {"opt_state": opt_state, "step": np.asarray(step, np.int32)}
     self.manager.save(step, args=ocp.args.Composite(
         trained=ocp.args.StandardSave(trained), optimizer=ocp.args.StandardSave(optimizer),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -67,7 +75,7 @@ class RunCheckpoints:
   def restore(self, step: int, **like) -> dict:
     """Restore the items named in ``like`` (trained=..., optimizer=...) shaped like the given
     trees; CheckpointError if they are unreadable or shaped otherwise."""
-    abstract = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree) for name, tree in like.items()}
+    abstract = {name: jax.tree.map(_abstract, tree) for name, tree in like.items()}
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))

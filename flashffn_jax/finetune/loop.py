@@ -294,7 +294,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int |
   baseline = evaluate(trainer, eval_fn, (trained, frozen, teacher_state), val_batches)
   start = 0
   if existing is not None:
-    state = checkpoints.restore(existing, trained=trained, optimizer={"opt_state": opt_state, "step": jnp.zeros((), jnp.int32)})
+    state = checkpoints.restore(existing, trained=trained, optimizer={"opt_state": opt_state, "step": np.zeros((), np.int32)})
     trained, opt_state, start = state["trained"], state["optimizer"]["opt_state"], int(state["optimizer"]["step"])
     logger.info("finetune: resumed %s at step %d", out, start)
   log = MetricsLog(out, truncate_after=start)
