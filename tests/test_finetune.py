@@ -52,9 +52,11 @@ def metric_rows(out) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference_run(tiny, tmp_path_factory):
-  """The uninterrupted run every other run is compared with (2 devices, data parallel)."""
+  """The uninterrupted run every other run is compared with (2 devices, data parallel), and the
+  rows its on_metrics callback saw."""
   cfg = config(tmp_path_factory.mktemp("reference"))
-  return cfg, finetune(cfg, progress=False, built=tiny)
+  rows = []
+  return cfg, finetune(cfg, progress=False, built=tiny, on_metrics=rows.append), rows
 
 
 def test_objectives_match_float64(rng):
@@ -101,8 +103,8 @@ def test_trainable_modes_select_the_right_parameters(tiny):
   np.testing.assert_array_equal(lora.merge(lora.trained)(tokens), student(tokens))
 
 
-def test_loss_falls_and_run_writes_its_files(reference_run):
-  cfg, result = reference_run
+def test_loss_falls_and_run_writes_its_files(tiny, reference_run):
+  cfg, result, callback_rows = reference_run
   evals = [r for r in metric_rows(cfg.out) if r["split"] == "validation"]
   assert [r["step"] for r in evals] == [0, 2, 4]
   assert evals[-1]["kl"] < 0.75 * evals[0]["kl"], evals
@@ -112,6 +114,12 @@ def test_loss_falls_and_run_writes_its_files(reference_run):
   assert summary["finetuned_ppl"] == result.finetuned_ppl and 0 < summary["recovered"]
   assert (pathlib.Path(cfg.out) / "recovery.png").stat().st_size > 10_000
   assert RunCheckpoints(cfg.out, keep=2, read_only=True).manager.all_steps() == [2, 4]
+  assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in callback_rows] == metric_rows(cfg.out)
+  assert result.eval_tokens == 4 * 16 and str(result.eval_tokens) in result.table()
+  tokens = jnp.asarray(np.arange(10).reshape(1, 10), jnp.int32)  # result.model is the trained student
+  trained = trained_params(cfg.out)
+  np.testing.assert_array_equal(result.model.layers[0].mlp.pwl_values[...], trained["layers.0.mlp.pwl_values"])
+  assert not np.allclose(result.model(tokens), tiny[1](tokens))
 
 
 def test_resume_after_kill_is_bit_exact(tiny, reference_run, tmp_path):

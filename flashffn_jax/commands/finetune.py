@@ -55,15 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   import jax
 
-  from flashffn_jax.finetune import finetune
+  from flashffn_jax.commands.model_options import fail
+  from flashffn_jax.finetune import CheckpointError, finetune
 
   if args.distributed:
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
   logging.basicConfig(level=logging.WARNING)
-  config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
-  result = finetune(config, resume=args.resume, num_devices=args.num_devices,
-                    progress=not args.no_progress)
+  try:
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
+    result = finetune(config, resume=args.resume, num_devices=args.num_devices,
+                      progress=not args.no_progress)
+  except (ValueError, FileNotFoundError, CheckpointError) as error:
+    return fail("finetune", str(error))
   if jax.process_index() == 0:
     print(result.table())
     print(f"run directory: {result.out} (metrics.jsonl, summary.json, recovery.png, checkpoints/)")

@@ -48,14 +48,13 @@ def run(args: argparse.Namespace) -> int:
 
 def plot_fit(fitted: pwl.PiecewiseLinear, activation: str, path: str) -> None:
   """Two panels: the activation with its PWL fit and knots, and the error curve."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: leaves a notebook's inline backend alone
 
   fn = activations.lookup(activation).fn
   knots = np.asarray(fitted.knots, np.float64)
   x = np.linspace(knots[0] - 2, knots[-1] + 2, 4001)
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+  fig = Figure(figsize=(7, 6))
+  top, bottom = fig.subplots(2, 1, sharex=True)
   top.plot(x, fn(x), label=activation)
   top.plot(x, fitted.numpy(x), "--", label=f"PWL, {fitted.num_segments} segments")
   top.plot(knots, fitted.numpy(knots), "k.", label="knots")
@@ -66,4 +65,3 @@ def plot_fit(fitted: pwl.PiecewiseLinear, activation: str, path: str) -> None:
   fig.tight_layout()
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
-  plt.close(fig)

@@ -84,7 +84,8 @@ def build_optimizer(config: FinetuneConfig, trained: dict) -> optax.GradientTran
   """clip_by_global_norm → AdamW per group: PWL parameters at ``pwl_learning_rate``, weights at
   ``learning_rate`` (weight decay on matrices); both warm up linearly and decay by cosine."""
   def adamw(peak: float, decay: float):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, config.warmup_steps, config.steps,
+    # Warm-up from peak/10, not 0: a zero first step would waste a step (and look like a bug).
+    schedule = optax.warmup_cosine_decay_schedule(0.1 * peak, peak, config.warmup_steps, config.steps,
                                                   end_value=0.1 * peak)
     return optax.adamw(schedule, weight_decay=decay, mask=lambda tree: jax.tree.map(lambda v: v.ndim >= 2, tree))
 
@@ -218,15 +219,18 @@ def evaluate(trainer: Trainer, eval_fn: Callable, arrays: tuple, batches: list[n
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneResult:
-  """What a run reports: perplexities before/after, and where its files are."""
+  """What a run reports: perplexities before/after, and where its files are. ``model`` is the
+  fine-tuned model itself (the student with the trained parameters in place)."""
 
   exact_ppl: float
   linearized_ppl: float
   finetuned_ppl: float
+  eval_tokens: int
   steps: int
   tokens_trained: int
   seconds: float
   out: str
+  model: nnx.Module | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def recovered(self) -> float:
@@ -234,16 +238,21 @@ class FinetuneResult:
     gap = math.log(self.linearized_ppl) - math.log(self.exact_ppl)
     return float("nan") if gap == 0 else (math.log(self.linearized_ppl) - math.log(self.finetuned_ppl)) / gap
 
+  def summary(self) -> dict:
+    """The JSON-able numbers (no model)."""
+    numbers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+    return {**numbers, "recovered": self.recovered}
+
   def table(self) -> str:
     return ("                 exact   linearized   fine-tuned\n"
             f"perplexity   {self.exact_ppl:9.3f}   {self.linearized_ppl:10.3f}   {self.finetuned_ppl:10.3f}\n"
-            f"gap recovered: {100 * self.recovered:.1f}% of the log-perplexity gap, "
-            f"{self.steps} steps, {self.tokens_trained} tokens, {self.seconds:.0f} s")
+            f"(validation: {self.eval_tokens} tokens) gap recovered: {100 * self.recovered:.1f}% of the "
+            f"log-perplexity gap, {self.steps} steps, {self.tokens_trained} tokens trained, {self.seconds:.0f} s")
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int | None = None,
-             progress: bool = True, stop_after: int | None = None,
-             built: tuple | None = None) -> FinetuneResult:
+             progress: bool = True, stop_after: int | None = None, built: tuple | None = None,
+             on_metrics: Callable[[dict], None] | None = None) -> FinetuneResult:
   """Run (or resume) a fine-tune; writes checkpoints, metrics.jsonl, summary.json, recovery.png
   under ``config.out``.
 
@@ -253,6 +262,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int |
     num_devices: devices of the data mesh (default: all).
     stop_after: stop (after checkpointing) at this step, as if killed — for tests and time limits.
     built: (teacher, student, tokenizer) to reuse instead of loading ``config.model``.
+    on_metrics: called with every metrics row as it is logged (live plots, custom loggers).
   """
   out = pathlib.Path(config.out)
   checkpoints = RunCheckpoints(out, config.keep_checkpoints)
@@ -297,7 +307,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int |
     state = checkpoints.restore(existing, trained=trained, optimizer={"opt_state": opt_state, "step": np.zeros((), np.int32)})
     trained, opt_state, start = state["trained"], state["optimizer"]["opt_state"], int(state["optimizer"]["step"])
     logger.info("finetune: resumed %s at step %d", out, start)
-  log = MetricsLog(out, truncate_after=start)
+  log = MetricsLog(out, truncate_after=start, on_row=on_metrics)
   if start == 0:
     log.write({"step": 0, "split": "validation", **baseline})
 
@@ -322,12 +332,12 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int |
   final_step = last if last > start else start
   final = evaluate(trainer, eval_fn, (trained, frozen, teacher_state), val_batches)
   result = FinetuneResult(exact_ppl=baseline["exact_ppl"], linearized_ppl=baseline["ppl"],
-                          finetuned_ppl=final["ppl"], steps=final_step,
+                          finetuned_ppl=final["ppl"], eval_tokens=final["tokens"], steps=final_step,
                           tokens_trained=final_step * tokens_per_step,
-                          seconds=time.perf_counter() - wall, out=str(out))
+                          seconds=time.perf_counter() - wall, out=str(out), model=split.merge(trained))
   if jax.process_index() == 0:
-    (out / "summary.json").write_text(json.dumps({**dataclasses.asdict(result), "recovered": result.recovered,
-                                                  "config": json.loads(config.to_json())}, indent=1))
+    (out / "summary.json").write_text(json.dumps({**result.summary(), "config": json.loads(config.to_json())},
+                                                 indent=1))
     plot_recovery(log.path, out / "recovery.png", result)
   log.close()
   checkpoints.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Callable
 
 import jax
 from tqdm.auto import tqdm
@@ -17,8 +18,10 @@ class MetricsLog:
   file reads as if the run had never stopped.
   """
 
-  def __init__(self, out: pathlib.Path, truncate_after: int = 0):
+  def __init__(self, out: pathlib.Path, truncate_after: int = 0,
+               on_row: Callable[[dict], None] | None = None):
     self.path = pathlib.Path(out) / "metrics.jsonl"
+    self.on_row = on_row
     self.enabled = jax.process_index() == 0
     self.tensorboard = None
     if not self.enabled:
@@ -36,6 +39,8 @@ class MetricsLog:
   def write(self, row: dict) -> None:
     if not self.enabled:
       return
+    if self.on_row is not None:
+      self.on_row(row)
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self.tensorboard is not None:
@@ -58,13 +63,12 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
 
 def plot_recovery(metrics_path: pathlib.Path, png: pathlib.Path, result) -> None:
   """Validation perplexity over steps against the exact and linearized levels, and the KL."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: leaves a notebook's inline backend alone
 
   rows = [r for r in read_metrics(metrics_path) if r["split"] == "validation" and "ppl" in r]
   train = [r for r in read_metrics(metrics_path) if r["split"] == "train"]
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+  fig = Figure(figsize=(7, 6))
+  top, bottom = fig.subplots(2, 1, sharex=True)
   top.plot([r["step"] for r in rows], [r["ppl"] for r in rows], "o-", label="student (validation)")
   top.axhline(result.exact_ppl, color="k", ls="--", label=f"exact {result.exact_ppl:.2f}")
   top.axhline(result.linearized_ppl, color="r", ls=":", label=f"linearized {result.linearized_ppl:.2f}")
@@ -77,4 +81,3 @@ def plot_recovery(metrics_path: pathlib.Path, png: pathlib.Path, result) -> None
   bottom.legend()
   fig.tight_layout()
   fig.savefig(png, dpi=100)
-  plt.close(fig)
