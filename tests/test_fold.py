@@ -386,6 +386,10 @@ def test_linearize_with_a_fold_spec_folds_every_mlp_and_trains(rng):
   target = model(x)
   fold.set_outliers(folded, "all")
   assert relative_error(folded(x), target) < 1e-5
+  # capturing a folded model's MLP inputs ignores what the FoldedFFN layers sow themselves
+  inputs = fold.capture_inputs(folded, [path for path, _ in layers], [fold.CalibrationBatch((x,))])
+  np.testing.assert_array_equal(inputs[("blocks", 0)], np.asarray(x).reshape(-1, D))
+  assert inputs[("blocks", 1)].shape == (21, D)
   fold.set_outliers(folded, "predicted")
   # one gradient step on the folded model's parameters lowers its distance to the exact model
   graphdef, params, rest = nnx.split(folded, nnx.Param, ...)

@@ -62,7 +62,7 @@ class FoldedFFN(nnx.Module):
   @classmethod
   def from_weights(cls, plan: LayerPlan, *, w_up, w_down, w_gate=None, b_up=None, b_gate=None,
                    b_down=None, activation: str, calibration_inputs: np.ndarray,
-                   predictor_bits: int = 4, margin: float = 2.0, dtype=jnp.float32,
+                   predictor_bits: int = 4, margin: float = 1.0, dtype=jnp.float32,
                    learnable: bool = False, outliers: str = "predicted",
                    implementation: str | None = None) -> FoldedFFN:
     """Fold an FFN's weights (arrays, [D, H] / [H, D_out] layouts) by ``plan``; the predictor's

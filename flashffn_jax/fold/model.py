@@ -57,7 +57,7 @@ class FoldSpec:
 
   exact_fraction: float = DEFAULT_EXACT_FRACTION
   predictor_bits: int = 4
-  margin: float = 2.0
+  margin: float = 1.0
   calibration: tuple = ()
   outliers: str = "predicted"
   implementation: str | None = None
@@ -116,11 +116,13 @@ def parse_spec(spec: str, **overrides) -> FoldSpec:
 class _InputRecorder(nnx.Module):
   """Wraps an MLP during calibration and records its input."""
 
+  NAME = "ffn_input"
+
   def __init__(self, inner: nnx.Module):
     self.inner = inner
 
   def __call__(self, x):
-    self.sow(nnx.Intermediate, "ffn_input", x)
+    self.sow(nnx.Intermediate, self.NAME, x)
     return self.inner(x)
 
 
@@ -143,6 +145,8 @@ def capture_inputs(model: nnx.Module, paths: Sequence[tuple],
     state = _recorded_inputs(recording, tuple(jnp.asarray(a) for a in batch.args))
     for key, variable in nnx.to_flat_state(state):
       path = tuple(key[:-1])
+      if key[-1] != _InputRecorder.NAME:
+        continue  # what the layers themselves record (FusedFFN / FoldedFFN outputs)
       if path not in inputs:
         raise ValueError(f"calibration: recorded an input at {path_name(path)}, not an MLP being folded")
       x = np.asarray(variable.get_value()[0], np.float32)

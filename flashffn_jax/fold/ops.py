@@ -74,7 +74,7 @@ class FoldedWeights:
   kept_b_up: jax.Array | None = None
   kept_w_down: jax.Array | None = None  # [K, D_out]
   activation: str = dataclasses.field(default="gelu", **_static)
-  margin: float = dataclasses.field(default=2.0, **_static)  # κ
+  margin: float = dataclasses.field(default=1.0, **_static)  # κ
   union_fractions: tuple = dataclasses.field(default=(), **_static)  # ((M, fraction), ...)
 
   @property
