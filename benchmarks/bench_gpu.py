@@ -9,7 +9,8 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
                plans in ``candidates`` with the PWL (hinges in f32 and in packed f16), the fastest
                plan again with the exact activation, tokamax's Mosaic GLU + XLA down-projection
                (GLU shapes, with --tokamax);
-  fwd+bwd:     XLA exact, and the kernel's custom VJP with the fastest forward plan;
+  fwd+bwd:     XLA exact and XLA PWL (bf16 GEMMs, autodiff), the kernel's custom VJP with the
+               fastest forward plan at each ``--backward-chunks`` budget, and with the exact act.;
   memory:      compiled temp bytes of fwd+bwd, and bytes the forward saves for the backward;
   accuracy:    ‖out − ref‖/‖ref‖ against XLA in float32 on the same inputs.
 It prints a table and writes ``<device>-<date>.json`` / ``.md`` (plus a JSON-lines log written as it
@@ -38,7 +39,7 @@ import numpy as np
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import dispatch, fused_ffn_sm90 as kernels
+from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
 
 L2_BYTES = 50 * 2**20
 HANG_SECONDS = 120  # one measurement longer than this is a hang: write what we have and exit
@@ -241,7 +242,7 @@ def matmul_peak(rec: Recorder, rng) -> float:
 
 
 def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokamax: bool,
-                pwl_dtypes: tuple[str, ...]) -> dict:
+                pwl_dtypes: tuple[str, ...], backward_chunks_mi: tuple[int, ...]) -> dict:
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -284,9 +285,19 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
         "tokamax-mosaic", lambda: forward_result(tokamax_forward(jax.nn.silu), "exact"), **base)
 
   backward_base = {**base, "section": "fwd+bwd"}
-  variants = [("xla-exact", xla_forward(act_exact))]
+  variants = [("xla-exact", xla_forward(act_exact)), ("xla-pwl16", xla_forward(act_pwl))]
   if best_name:
-    variants.append((best_name, kernel_forward(act_pwl, plans[best_name])))
+    best_plan = plans[best_name]
+    seen_chunks = set()
+    for chunk_mi in backward_chunks_mi:
+      chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
+      if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant
+        seen_chunks.add(chunk)
+        plan = dataclasses.replace(best_plan, backward_chunk_elements=chunk_mi * 2**20)
+        variants.append((f"{best_name}-bwd{chunk_mi}Mi", kernel_forward(act_pwl, plan)))
+    variants.append((f"{best_name}+exact-bwd{backward_chunks_mi[0]}Mi", kernel_forward(
+        act_exact, dataclasses.replace(best_plan,
+                                       backward_chunk_elements=backward_chunks_mi[0] * 2**20))))
   for name, forward in variants:
     if rec.over_budget():
       break
@@ -298,6 +309,10 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                   temp_mb=temp_bytes(step, arg_sets[0]) / 2**20,
                   saved_mb=saved_residual_bytes(forward, arg_sets[0]) / 2**20)
     summary[f"train:{name}"] = rec.measure(name, train_result, **backward_base)
+  kernel_trains = [r for key, r in summary.items()
+                   if key.startswith("train:epilogue") and "+exact" not in key and r and "ms" in r]
+  if kernel_trains:
+    summary["train:kernel-best"] = min(kernel_trains, key=lambda r: r["ms"])
   return summary
 
 
@@ -318,7 +333,7 @@ def markdown(summaries: list[dict], device: str, peak: float) -> str:
   for s in summaries:
     k = s.get("kernel_pwl") or {}
     plan = s.get("best_plan")
-    train_k = s.get(f"train:{plan}") or {}
+    train_k = s.get("train:kernel-best") or {}
     train_x = s.get("train:xla-exact") or {}
     tokamax = s.get("tokamax")
     fmt = lambda d, key, spec: format(d[key], spec) if d and key in d else "—"
@@ -330,6 +345,15 @@ def markdown(summaries: list[dict], device: str, peak: float) -> str:
         f"| {fmt(k, 'rel_err', '.1e')} | {fmt(train_k, 'ms', '.3f')} | {ratio(train_x, train_k)} "
         f"| {fmt(train_k, 'temp_mb', '.0f')} ({fmt(train_x, 'temp_mb', '.0f')}) "
         f"| {fmt(train_k, 'saved_mb', '.0f')} ({fmt(train_x, 'saved_mb', '.0f')}) |")
+  lines += ["", "## Forward + backward variants", "",
+            "| shape | variant | fwd+bwd ms | vs XLA exact | temp MB | saved for bwd MB |",
+            "|---|---|---:|---:|---:|---:|"]
+  for s in summaries:
+    for key, record in s.items():
+      if key.startswith("train:") and key != "train:kernel-best" and record and "ms" in record:
+        lines.append(f"| {s['shape']} | {key[6:]} | {record['ms']:.3f} "
+                     f"| {ratio(s.get('train:xla-exact'), record)} | {record['temp_mb']:.0f} "
+                     f"| {record['saved_mb']:.0f} |")
   lines += ["", "XLA reference times (ms): " + "; ".join(
       f"{s['shape']} exact {fmt_ms(s.get('xla_exact'))} / PWL {fmt_ms(s.get('xla_pwl'))}"
       for s in summaries), ""]
@@ -347,7 +371,14 @@ def main(argv=None) -> int:
   parser.add_argument("--shapes", default=",".join(s.name for s in SHAPES))
   parser.add_argument("--tokamax", action="store_true",
                       help="also time tokamax's Mosaic GLU (its autotuner adds ~50 s a shape)")
+  parser.add_argument("--backward-chunks", default="4,16,64",
+                      help="fwd+bwd is timed with each backward chunk budget (Mi elements)")
   args = parser.parse_args(argv)
+  wanted = args.shapes.split(",")
+  by_name = {shape.name: shape for shape in SHAPES}
+  unknown = [name for name in wanted if name not in by_name]
+  if unknown:
+    parser.error(f"--shapes: unknown {unknown}; expected some of {sorted(by_name)}")
   device = jax.devices()[0]
   device_name = getattr(device, "device_kind", device.platform).replace("NVIDIA ", "").lower()
   stem = f"{device_name.replace(' ', '-')}-{datetime.date.today().isoformat()}"
@@ -357,12 +388,12 @@ def main(argv=None) -> int:
            "capability": getattr(device, "compute_capability", None)})
   rng = np.random.default_rng(int(time.time()))
   peak = matmul_peak(rec, rng)
-  wanted = args.shapes.split(",")
   summaries = []
   pwl_dtypes = ("float32", "float16")  # narrowed to the winner once a shape has compared both
-  for shape in SHAPES:
-    if shape.name in wanted and not rec.over_budget():
-      summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes)
+  for shape in (by_name[name] for name in wanted):  # in the order asked for
+    if not rec.over_budget():
+      summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes,
+                            tuple(int(c) for c in args.backward_chunks.split(",")))
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
         pwl_dtypes = ("float16",) if summary["best_plan"].endswith("-16") else ("float32",)

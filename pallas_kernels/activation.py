@@ -105,14 +105,18 @@ def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.
   """Gradients of sum(g * pwl(x)) w.r.t. the per-segment slopes and intercepts.
 
   d/ds_j = Σ_{seg(x)=j} g·x,   d/dc_j = Σ_{seg(x)=j} g     (j = 0..K), each of shape [K+1].
+
+  Written as one reduction over a broadcast [..., K+1] segment indicator
+  (seg(x) = j  ⇔  x ≥ t_{j-1} and not x ≥ t_j, with t_{-1} = −∞, t_K = +∞), which XLA fuses into a
+  single pass over x and g; NaN x compares false everywhere, lands in segment 0 and propagates.
   """
-  num_knots = len(knots)
-  segment = jnp.zeros(x.shape, jnp.int32)
-  for k in range(num_knots):
-    segment = segment + (x >= knots[k]).astype(jnp.int32)
-  gx = g * x
-  d_slopes = jnp.stack([jnp.sum(jnp.where(segment == j, gx, 0.0)) for j in range(num_knots + 1)])
-  d_intercepts = jnp.stack([jnp.sum(jnp.where(segment == j, g, 0.0)) for j in range(num_knots + 1)])
+  at_or_above = x[..., None] >= jnp.asarray(knots, x.dtype)  # [..., K]
+  always = jnp.ones(x.shape + (1,), bool)
+  in_segment = (jnp.concatenate([always, at_or_above], -1)
+                & ~jnp.concatenate([at_or_above, ~always], -1))  # [..., K+1]
+  leading = tuple(range(x.ndim))
+  d_slopes = jnp.sum(jnp.where(in_segment, (g * x)[..., None], 0.0), axis=leading)
+  d_intercepts = jnp.sum(jnp.where(in_segment, g[..., None], 0.0), axis=leading)
   return d_slopes, d_intercepts
 
 

@@ -40,11 +40,13 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """How to run one shape: ``path`` is "fused", "epilogue" or "xla" plus that path's tiles."""
+  """How to run one shape: ``path`` is "fused", "epilogue" or "xla" plus that path's tiles, and
+  how many [M, chunk] elements the backward recomputes per hidden chunk."""
 
   path: str
   fused: kernels.FusedConfig | None = None
   epilogue: kernels.EpilogueConfig | None = None
+  backward_chunk_elements: int = BACKWARD_CHUNK_ELEMENTS
 
 
 XLA = Plan("xla")
@@ -158,7 +160,7 @@ def _ffn_fwd(plan, kind, precision, *args):
 def _ffn_bwd(plan, kind, precision, residuals, dy):
   x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts = residuals
   activation = Activation(kind, knots, slopes, intercepts)
-  chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], BACKWARD_CHUNK_ELEMENTS)
+  chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
   grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
                                 dy.astype(x.dtype), chunk=chunk, precision=precision)
   *array_grads, d_slopes, d_intercepts = grads
