@@ -78,3 +78,32 @@ def test_cli_eval_and_generate_with_a_fold(monkeypatch, capsys):
   assert cli.main(["generate", "--prompt", "To be", "--max-new-tokens", "3", "--activation",
                    "fold50", "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["text"]
+
+
+@needs_smollm2
+def test_cli_finetune_trains_the_fold_and_eval_restores_it(monkeypatch, capsys, tmp_path):
+  """`flashffn finetune --activation fold50 --trainable pwl` trains W_fold / b_fold of every
+  folded layer; `flashffn eval --checkpoint` rebuilds the same fold and restores them."""
+  from flashffn_jax.finetune.adapters import split_params
+  from tests.test_finetune import trained_params
+
+  monkeypatch.setattr(models, "load", lambda name, path=None, dtype=jnp.float32:
+                      smollm2.load(path, dtype=dtype, num_layers=SLICE_LAYERS))
+  monkeypatch.setattr(fold_model_module, "DEFAULT_CALIBRATION_TOKENS", SMALL_CALIBRATION)
+  out = str(tmp_path / "run")
+  assert cli.main(["finetune", "--activation", "fold50", "--trainable", "pwl", "--steps", "2",
+                   "--batch-size", "2", "--seq-len", "16", "--warmup-steps", "0", "--learning-rate",
+                   "1e-3", "--eval-every", "2", "--eval-batches", "1", "--checkpoint-every", "2",
+                   "--max-train-windows", "8", "--out", out, "--no-progress"]) == 0
+  trained = trained_params(out)
+  names = sorted(f"layers.{i}.mlp.{n}" for i in range(SLICE_LAYERS) for n in ("b_fold", "w_fold"))
+  assert sorted(trained) == names
+  model, tokenizer = models.load("smollm2")
+  calibration = fold.shakespeare_calibration("smollm2", tokenizer)
+  fresh = split_params(ff.linearize(model, fold.FoldSpec(exact_fraction=0.5, calibration=calibration),
+                                    learnable=True), "pwl").trained
+  assert set(fresh) == set(names) and not np.allclose(fresh[names[1]], trained[names[1]])
+  capsys.readouterr()
+  assert cli.main(["eval", "--checkpoint", out, "--text", "shakespeare:validation", "--max-tokens",
+                   "32", "--seq-len", "16", "--json"]) == 0
+  assert np.isfinite(json.loads(capsys.readouterr().out)["ppl"])

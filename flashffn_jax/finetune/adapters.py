@@ -2,8 +2,10 @@
 
 Modes (``FinetuneConfig.trainable``):
   all   every parameter of the student.
-  ffn   every parameter inside a fused-FFN layer (weights, biases, learnable PWLs).
-  pwl   only the learnable PWL parameters (tiny and cheap).
+  ffn   every parameter inside a fused-FFN layer (weights, biases, learnable PWLs) or a folded
+        FFN (``flashffn_jax.fold.FoldedFFN``: fold, correction rows, kept neurons, lines).
+  pwl   only the learnable PWL parameters (tiny and cheap); in a folded FFN, the fold itself
+        (W_fold, b_fold: the linear map that replaced the folded neurons).
   lora  low-rank adapters on each fused FFN's weight matrices, W' = W + (α/r) A B, with
         A ~ N(0, 1/in) [in, r] and B = 0 [r, out], so training starts from the linearized model;
         W stays frozen, plus the learnable PWL parameters.
@@ -20,13 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flashffn_jax.fold.layer import FoldedFFN
 from flashffn_jax.nnx import FusedFFN
 
 Path = tuple
 
 
-def _fused_ffn_paths(model: nnx.Module) -> list[Path]:
-  return [tuple(path) for path, module in nnx.iter_graph(model) if isinstance(module, FusedFFN)]
+def _fused_ffn_paths(model: nnx.Module, kinds: tuple = (FusedFFN, FoldedFFN)) -> list[Path]:
+  return [tuple(path) for path, module in nnx.iter_graph(model) if isinstance(module, kinds)]
 
 
 def _under(path: Path, prefixes: list[Path]) -> bool:
@@ -53,7 +56,9 @@ def trained_paths(model: nnx.Module, mode: str) -> set[Path]:
     return paths
   if mode == "ffn":
     return {p for p in paths if _under(p, ffn_paths)}
-  chosen = {p for p in paths if _under(p, ffn_paths) and _is_pwl(p)}
+  folds = _fused_ffn_paths(model, (FoldedFFN,))
+  chosen = {p for p in paths if _under(p, ffn_paths) and _is_pwl(p)
+            or _under(p, folds) and str(p[-1]) in FoldedFFN.FOLD_PARAM_NAMES}
   if mode == "pwl" and not chosen:
     raise ValueError("trainable: 'pwl' needs learnable PWL activations (linearize(..., learnable=True))")
   return chosen

@@ -60,8 +60,16 @@ def build_models(config: FinetuneConfig):
   compute = jnp.dtype(config.compute_dtype)
   base, tokenizer = models.load(config.model, path=config.model_path, dtype=compute)
   teacher = linearize(base, "exact") if config.ffn_match_weight > 0 else base
-  student = linearize(base, config.activation, learnable=True)
+  student = linearize(base, _student_activation(config, tokenizer), learnable=True)
   return teacher, student, tokenizer
+
+
+def _student_activation(config: FinetuneConfig, tokenizer):
+  """What linearize gets: ``config.activation``, or for a fold spec ("fold20", ...) that fold
+  calibrated on the Shakespeare training split (deterministic, so checkpoints restore)."""
+  from flashffn_jax.fold import calibrated
+
+  return calibrated(config.activation, config.model, tokenizer)
 
 
 def load_finetuned(out: str | pathlib.Path, *, dtype=None) -> tuple[nnx.Module, object]:
@@ -70,7 +78,7 @@ def load_finetuned(out: str | pathlib.Path, *, dtype=None) -> tuple[nnx.Module, 
   config, step = read_run_config(out)
   base, tokenizer = models.load(config.model, path=config.model_path,
                                 dtype=jnp.dtype(dtype or config.compute_dtype))
-  student = linearize(base, config.activation, learnable=True)
+  student = linearize(base, _student_activation(config, tokenizer), learnable=True)
   split = split_params(student, config.trainable, lora_rank=config.lora_rank,
                        lora_alpha=config.lora_alpha, key=jax.random.key(config.seed))
   like = {k: v.astype(jnp.float32) for k, v in split.trained.items()}

@@ -42,6 +42,8 @@ class FoldedFFN(nnx.Module):
   exact activation), ``stats`` (calibration numbers for reports, a tuple of (name, value)).
   """
 
+  FOLD_PARAM_NAMES = ("w_fold", "b_fold")  # what fine-tuning trains with trainable="pwl"
+
   def __init__(self, weights: FoldedWeights, *, learnable: bool = False,
                outliers: str = "predicted", implementation: str | None = None,
                stats: tuple = ()):
