@@ -113,11 +113,14 @@ def check_against_reference(problem, activation, plan):
 
 @on_cpu_only
 @needs_interpret_threads
-def test_interpret_fused_glu_pwl_with_biases_and_split_hidden(rng):
-  """Odd M (not a multiple of 8 or 64), H not a multiple of block_h, D_out padded to 64."""
-  problem = make_problem(rng, rows=37, d_model=128, hidden=200, d_out=96, glu=True, bias=True)
+@pytest.mark.parametrize("plan, d_out", [(FUSED_SPLIT, 96), (FUSED_SMALL, 300)],
+                         ids=["split-hidden", "b_down-in-two-copies"])
+def test_interpret_fused_glu_pwl_with_biases(rng, plan, d_out):
+  """Odd M (not a multiple of 8 or 64), H not a multiple of block_h, D_out padded to 64; with
+  one hidden split b_down is added in the kernel, copied in TMA boxes of <= 256 elements."""
+  problem = make_problem(rng, rows=37, d_model=128, hidden=200, d_out=d_out, glu=True, bias=True)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    check_against_reference(problem, kernel_activation("pwl", glu=True), FUSED_SPLIT)
+    check_against_reference(problem, kernel_activation("pwl", glu=True), plan)
 
 
 @on_cpu_only
@@ -132,6 +135,35 @@ def test_interpret_epilogue_mlp(rng, name, pwl_dtype):
     check_against_reference(problem, kernel_activation(name, glu=False), plan)
 
 
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_epilogue_glu_saves_preactivations(rng):
+  """residuals="preactivations": the epilogue kernel also writes g = x W_gate + b_gate and
+  u = x W_up + b_up (odd M and H; the three stores share two staging slots, tile_n = 64 gives an
+  odd store count per tile), and the backward reads them instead of recomputing GEMM1."""
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=True, bias=True)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="preactivations")
+  activation = kernel_activation("pwl", glu=True)
+  arrays = [problem[n] for n in ARG_NAMES]
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    _, (gate, up) = jax.jit(lambda *a: dispatch._forward(plan, *a, activation,
+                                                         save_preactivations=True))(*arrays)
+    f32 = lambda name: problem[name].astype(jnp.float32)
+    for (high, low), weight, bias in ((gate, "w_gate", "b_gate"), (up, "w_up", "b_up")):
+      expected = jnp.dot(f32("x"), f32(weight), precision="highest") + f32(bias)
+      assert relative_error(high, expected) < BF16_TOLERANCE  # one bf16 rounding
+      assert relative_error(high.astype(jnp.float32) + low, expected) < 1e-4  # hi + lo
+    check_against_reference(problem, activation, plan)
+
+
+def test_preactivation_residuals_need_the_epilogue_path():
+  with pytest.raises(ValueError, match="residuals"):
+    dispatch.Plan("epilogue", residuals="hidden")
+  with pytest.raises(ValueError, match="epilogue"):
+    dispatch.Plan("fused", fused=kernels.FusedConfig(), residuals="preactivations")
+
+
 LOWERING_CASES = {
     # name: (rows, D, H, D_out, glu, activation, plan)
     "smollm2-fused": (8192, 576, 1536, 576, True, "pwl", dispatch.Plan(
@@ -142,6 +174,8 @@ LOWERING_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "llama-glu-epilogue": (4096, 2048, 8192, 2048, True, "silu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3))),
+    "llama-glu-epilogue-saved": (4096, 4096, 14336, 4096, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations")),
 }
 
 
@@ -153,21 +187,31 @@ def test_kernels_lower_for_cuda(case):
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   args = (spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_out),
           spec(d_model, hidden) if glu else None)
-  forward = jax.jit(lambda x, wu, wd, wg: dispatch._forward(plan, x, wu, wd, wg, None, None, None,
-                                                            activation))
+  forward = jax.jit(lambda x, wu, wd, wg: dispatch._forward(
+      plan, x, wu, wd, wg, None, None, None, activation,
+      save_preactivations=plan.residuals == "preactivations"))
   exported = jax.export.export(forward, platforms=["cuda"])(*args)
   assert "mosaic_gpu" in exported.mlir_module()
 
 
-def test_chunked_backward_matches_autodiff(rng):
-  """ffn_backward (4 chunks, H padded to the chunk) equals jax.grad of the reference in f32."""
-  problem = make_problem(rng, rows=33, d_model=24, hidden=470, d_out=20, glu=True, bias=True,
+@pytest.mark.parametrize("glu", [True, False])
+@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "preactivations"])
+def test_chunked_backward_matches_autodiff(rng, glu, saved):
+  """ffn_backward (4 chunks, H padded to the chunk), recomputing GEMM1 or reading the saved
+  pre-activations, equals jax.grad of the reference in f32."""
+  problem = make_problem(rng, rows=33, d_model=24, hidden=470, d_out=20, glu=glu, bias=True,
                          dtype=jnp.float32)
-  activation = kernel_activation("pwl", glu=True)
+  activation = kernel_activation("pwl", glu=glu)
   dy = jnp.asarray(rng.normal(size=(33, 20)), jnp.float32)
   _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
+  pre = lambda w, b: jnp.dot(problem["x"], problem[w], precision="highest") + problem[b]
+  as_parts = lambda p: (p.astype(jnp.bfloat16), p - p.astype(jnp.bfloat16).astype(jnp.float32))
+  preactivations = (tuple(as_parts(pre(w, b)) for w, b in
+                          ((("w_gate", "b_gate"),) if glu else ()) + (("w_up", "b_up"),))
+                    if saved else None)
   grads = backward.ffn_backward(*[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
-                                precision=jax.lax.Precision.HIGHEST)
+                                precision=jax.lax.Precision.HIGHEST,
+                                preactivations=preactivations)
   got = [g for g in grads if g is not None]
   assert len(got) == len(expected)
   for index, (g, want) in enumerate(zip(got, expected)):
@@ -193,11 +237,18 @@ def test_plan_table():
   assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
-  assert dispatch.choose_plan(8192, 2048, 8192, 2048, True, True) == dispatch.XLA
+  assert dispatch.choose_plan(8192, 2048, 8192, 2048, True, True) == dispatch.EPILOGUE_GLU_F16
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.EPILOGUE_MLP_F16
+  assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
+  assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "preactivations"
 
 
 def test_chunk_columns():
+  """Near-equal chunks: gpt2-small's H = 3072 in two 1536-column chunks (not 2048 + 1024 padded
+  to 2 x 2048), llama-8B's 14336 in two of 7168."""
+  assert backward.chunk_columns(8192, 3072, 16 * 2**20) == 1536
+  assert backward.chunk_columns(8192, 14336, 64 * 2**20) == 7168
+  assert backward.chunk_columns(8192, 6400, 16 * 2**20) == 1664
   assert backward.chunk_columns(8192, 14336, 4 * 2**20) == 512
   assert backward.chunk_columns(16, 1536, 4 * 2**20) == 1536
   assert backward.chunk_columns(10**9, 1536, 4 * 2**20) == 128
@@ -240,6 +291,10 @@ GPU_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3))),
+    "epilogue-glu-pwl-saved": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations")),
+    "epilogue-mlp-gelu-saved": (513, 768, 3000, 768, False, False, "gelu", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3), residuals="preactivations")),
 }
 
 

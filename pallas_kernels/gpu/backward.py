@@ -1,8 +1,9 @@
-"""FFN gradients by recomputation, one hidden chunk at a time (XLA; no [M, H] residual).
+"""FFN gradients one hidden chunk at a time (XLA), from recomputed or saved pre-activations.
 
 For a chunk c of hidden columns (f32 math, matmuls accumulate in f32):
 
     u_c = x W_up[:, c] + b_up[c]             g_c = x W_gate[:, c] + b_gate[c]     (GLU)
+    (recomputed, or sliced from the forward kernel's saved pre-activations u, g [M, H])
     a_c = act(g_c) (GLU) | act(u_c) (MLP)    hidden_c = a_c * u_c (GLU) | a_c, cast to x's dtype
     dW_down[c, :] = hidden_c^T dy            dhidden_c = dy W_down[c, :]^T
     GLU: du_c = dhidden_c a_c,  da_c = dhidden_c u_c,  dg_c = da_c act'(g_c)
@@ -14,6 +15,8 @@ For a chunk c of hidden columns (f32 math, matmuls accumulate in f32):
 
 A ``lax.fori_loop`` walks the chunks, so XLA keeps one chunk's intermediates alive at a time: the
 peak extra memory is a few [M, chunk] arrays instead of XLA autodiff's [M, H] residuals.
+Recomputing costs GEMM1 again (2 of a GLU's 9 training GEMM units, 1 of an MLP's 6); saving the
+pre-activations costs 2 (GLU) or 1 (MLP) [M, H] arrays in x's dtype between forward and backward.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from pallas_kernels.activation import (Activation, exact_activation_and_derivati
 
 
 def chunk_columns(rows: int, hidden: int, budget_elements: int) -> int:
-  """Hidden columns per chunk: about ``budget_elements / rows``, a multiple of 128, at most H."""
-  columns = max(128, budget_elements // max(rows, 1) // 128 * 128)
-  return min(columns, hidden)
+  """Hidden columns per chunk: H split into n = ⌈M·H / budget⌉ near-equal chunks, each rounded up
+  to a multiple of 128 (so the zero padding of H to n chunks stays under 128 columns a chunk)."""
+  chunks = -(-rows * hidden // budget_elements)
+  columns = -(-hidden // max(chunks, 1))
+  return min(-(-columns // 128) * 128, hidden)
 
 
 def _activation_and_derivative(activation: Activation, pre: jax.Array):
@@ -48,12 +53,15 @@ def _pad_columns(array, columns: int, axis: int):
 
 
 def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation, dy, *,
-                 chunk: int, precision=None):
+                 chunk: int, precision=None, preactivations: tuple | None = None):
   """Cotangents (dx, dw_up, dw_down, dw_gate, db_up, db_gate, db_down, d_slopes, d_intercepts).
 
   x [M, D], dy [M, D_out]; entries for absent arguments are None (d_slopes / d_intercepts are None
   unless the activation is a PWL). Zero-padded hidden columns (H rounded up to ``chunk``) carry
   zero weights, so they add nothing to dx or to the PWL gradients and are sliced off.
+  ``preactivations``: the forward's saved (g, u) (GLU) or (u,) (MLP), biases included, each a
+  tuple of [M, H] parts whose f32 sum is the pre-activation (the kernel's (hi, lo) pairs); given,
+  GEMM1 is not recomputed.
   """
   f32 = jnp.float32
   hidden = w_up.shape[1]
@@ -63,6 +71,8 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   w_up_p, w_gate_p = _pad_columns(w_up, padded, 1), _pad_columns(w_gate, padded, 1)
   w_down_p = _pad_columns(w_down, padded, 0)
   b_up_p, b_gate_p = _pad_columns(b_up, padded, 0), _pad_columns(b_gate, padded, 0)
+  saved = None if preactivations is None else [
+      [_pad_columns(part, padded, 1) for part in parts] for parts in preactivations]
   is_pwl = activation.kind == "pwl"
   num_segments = activation.slopes.shape[0] if is_pwl else 0
 
@@ -77,8 +87,12 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
     dx, dw_up, dw_down, dw_gate, db_up, db_gate, d_slopes, d_intercepts = carry
     wu, wd, wg = columns(w_up_p, index, 1), columns(w_down_p, index, 0), columns(w_gate_p, index, 1)
     bu, bg = columns(b_up_p, index, 0), columns(b_gate_p, index, 0)
-    up = dot(x, wu, ((1,), (0,))) + (0.0 if bu is None else bu.astype(f32))
-    pre = dot(x, wg, ((1,), (0,))) + (0.0 if bg is None else bg.astype(f32)) if glu else up
+    if saved is None:
+      up = dot(x, wu, ((1,), (0,))) + (0.0 if bu is None else bu.astype(f32))
+      pre = dot(x, wg, ((1,), (0,))) + (0.0 if bg is None else bg.astype(f32)) if glu else up
+    else:
+      pre, up = (sum(columns(part, index, 1).astype(f32) for part in parts)
+                 for parts in (saved if glu else saved * 2))
     act, act_prime = _activation_and_derivative(activation, pre)
     hidden_c = (act * up if glu else act).astype(x.dtype)
     dw_down = lax.dynamic_update_slice_in_dim(

@@ -4,8 +4,8 @@ Which path runs (decided at trace time from the shape and activation kind; see `
 
   * ``epilogue`` -- ``fused_ffn_sm90.gemm1_activation`` (GEMM1 with the activation in its epilogue,
                     [M, H] written once in x's dtype) followed by XLA's GEMM2. Chosen for
-                    SmolLM2 (576/1536 GLU) and gpt2-small (768/3072 MLP) shapes at M > 64, for
-                    SmolLM2 decode with a PWL, and for untuned shapes with M > 64 and D <= 1024.
+                    every measured shape at M > 64 (SmolLM2, gpt2-small, gpt2-xl, llama-1B,
+                    llama-8B), SmolLM2 decode with a PWL, and untuned shapes with M > 64.
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
@@ -13,13 +13,20 @@ Which path runs (decided at trace time from the shape and activation kind; see `
   * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
                     devices, float32, callable activations, shapes where ``TUNED`` measured XLA
                     faster (llama-8B decode; SmolLM2 decode with an exact activation), and
-                    untuned decode or D > 1024 shapes (not measured yet).
+                    untuned decode shapes.
 
 ``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?, pwl?) from
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
 
-The backward pass (custom VJP) saves only the inputs and recomputes the hidden activations in
-XLA, one hidden chunk at a time (``backward.ffn_backward``): no [M, H] residual is stored.
+The backward pass (custom VJP, ``backward.ffn_backward``) runs in XLA one hidden chunk at a time
+and gets the pre-activations one of two ways, ``Plan.residuals``:
+
+  * "recompute"      -- the forward saves only its inputs; the backward recomputes GEMM1
+                        (no [M, H] residual; +2/9 of a GLU training step's FLOPs, +1/6 MLP);
+  * "preactivations" -- the epilogue kernel also writes g and u (GLU) or u (MLP), each as a
+                        (hi, lo) pair in x's dtype, and the backward reads them (epilogue path
+                        only): XLA autodiff's FLOPs, 4 (MLP) or 8 (GLU) bytes per [M, H] element
+                        kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -34,39 +41,61 @@ from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import backward, fused_ffn_sm90 as kernels
 
 DECODE_ROWS = 64  # M at or below this is "decode": one row block
-BACKWARD_CHUNK_ELEMENTS = 4 * 1024 * 1024  # [M, chunk] elements per recomputed hidden chunk
+# [M, chunk] elements per backward chunk: 64 Mi (one chunk up to llama-1B at M = 8192) was the
+# fastest budget measured on the H200 (benchmarks/results/h200-2026-12-01.md); 16 Mi uses less
+# temporary memory and was 5-20% slower.
+BACKWARD_CHUNK_ELEMENTS = 64 * 1024 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+RESIDUALS = ("recompute", "preactivations")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """How to run one shape: ``path`` is "fused", "epilogue" or "xla" plus that path's tiles, and
-  how many [M, chunk] elements the backward recomputes per hidden chunk."""
+  """How to run one shape: ``path`` is "fused", "epilogue" or "xla" plus that path's tiles, what
+  the forward keeps for the backward (``residuals``: "recompute" or "preactivations", the latter
+  on the epilogue path only) and how many [M, chunk] elements the backward handles per chunk."""
 
   path: str
   fused: kernels.FusedConfig | None = None
   epilogue: kernels.EpilogueConfig | None = None
   backward_chunk_elements: int = BACKWARD_CHUNK_ELEMENTS
+  residuals: str = "recompute"
+
+  def __post_init__(self):
+    if self.residuals not in RESIDUALS:
+      raise ValueError(f"residuals={self.residuals!r}: expected one of {RESIDUALS}")
+    if self.residuals == "preactivations" and self.path != "epilogue":
+      raise ValueError(f"residuals='preactivations' needs the epilogue path, got {self.path!r}")
 
 
 XLA = Plan("xla")
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
 _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
-EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES))
-EPILOGUE_MLP = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES))
+# Epilogue plans save the pre-activations for the backward: faster than recomputing GEMM1 at every
+# measured training shape (H200, 2026-12-01: e.g. llama-1B fwd+bwd 4.24 vs 5.05 ms). For the
+# memory-lean recompute, wrap the layer in jax.checkpoint / nnx.remat, or pass a Plan.
+_SAVED = dict(residuals="preactivations")
+EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES), **_SAVED)
+EPILOGUE_MLP = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES), **_SAVED)
 EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES,
-                                                                    pwl_dtype="float16"))
+                                                                    pwl_dtype="float16"), **_SAVED)
 EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
-                                                                    pwl_dtype="float16"))
+                                                                    pwl_dtype="float16"), **_SAVED)
 
 # (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
-# XLA (benchmarks/results/h200-2026-11-30.md; times in ms, kernel vs XLA with the same activation
-# kind: exact vs exact, PWL vs XLA exact).
+# XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
+# with the same activation kind: exact vs exact, PWL vs XLA exact).
 TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (True, 576, 1536, 576, False, True): EPILOGUE_GLU_F16,  # 0.0983 vs 0.1227
     (True, 576, 1536, 576, False, False): EPILOGUE_GLU,  # 0.0892 vs 0.1227
     (False, 768, 3072, 768, False, True): EPILOGUE_MLP_F16,  # 0.1430 vs 0.1596
     (False, 768, 3072, 768, False, False): EPILOGUE_MLP,  # 0.1564 vs 0.1596
+    (False, 1600, 6400, 1600, False, True): EPILOGUE_MLP_F16,  # 0.5409 vs 0.5961
+    (False, 1600, 6400, 1600, False, False): EPILOGUE_MLP,  # 0.5768 vs 0.5961
+    (True, 2048, 8192, 2048, False, True): EPILOGUE_GLU_F16,  # 1.2841 vs 1.3894
+    (True, 2048, 8192, 2048, False, False): EPILOGUE_GLU,  # 1.2597 vs 1.3894
+    (True, 4096, 14336, 4096, False, True): EPILOGUE_GLU_F16,  # 4.3634 vs 4.5064
+    (True, 4096, 14336, 4096, False, False): EPILOGUE_GLU,  # 4.3291 vs 4.5064
     (True, 576, 1536, 576, True, True): EPILOGUE_GLU_F16,  # 0.0220 vs 0.0250; fused x12 0.0309
     (True, 576, 1536, 576, True, False): XLA,  # kernel 0.0380 vs 0.0250
     (True, 4096, 14336, 4096, True, True): XLA,  # kernel 0.1203 vs 0.1009
@@ -76,9 +105,9 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
 
 def default_plan(rows: int, d_model: int, glu: bool, pwl: bool) -> Plan:
   """The plan for shapes ``TUNED`` has not measured, extrapolated from the measured ones: the
-  epilogue kernel for M > 64 and D <= 1024 (it won at D = 576 and 768); XLA at decode and for
-  larger D (not measured; the fused kernel lost everywhere it was measured)."""
-  if rows <= DECODE_ROWS or d_model > 1024:
+  epilogue kernel for M > 64 (its forward won at every measured D, 576 to 4096); XLA at decode
+  (the kernels lost at llama-8B decode; the fused kernel lost everywhere it was measured)."""
+  if rows <= DECODE_ROWS:
     return XLA
   if pwl:
     return EPILOGUE_GLU_F16 if glu else EPILOGUE_MLP_F16
@@ -115,9 +144,11 @@ def _pad(array, shape):
   return jnp.pad(array, [(0, target - size) for size, target in zip(array.shape, shape)])
 
 
-def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation):
+def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation,
+             save_preactivations: bool = False):
   """The kernel path of ``plan``. Pads D, H, D_out to multiples of 64 and M to a multiple of 8
-  (zero rows/columns change nothing: padded hidden units meet zero rows of W_down)."""
+  (zero rows/columns change nothing: padded hidden units meet zero rows of W_down). With
+  ``save_preactivations`` (epilogue path) it returns ``(out, preactivations)``, each [M, H]."""
   rows, d_model = x.shape
   hidden, d_out = w_down.shape
   dp, hp, op, mp = (_round_up(d_model, 64), _round_up(hidden, 64), _round_up(d_out, 64),
@@ -140,10 +171,16 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
       out = out if b_down is None else out + _pad(b_down, (op,)).astype(jnp.float32)
     return out[:rows, :d_out].astype(x.dtype)
   hidden_act = kernels.gemm1_activation(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
-                                        config=plan.epilogue, **kernel_args)
+                                        config=plan.epilogue, save_preactivations=save_preactivations,
+                                        **kernel_args)
+  if save_preactivations:
+    hidden_act, preactivations = hidden_act
   out = jnp.dot(hidden_act[:rows], _pad(w_down, (hp, d_out)), preferred_element_type=jnp.float32)
   out = out if b_down is None else out + b_down.astype(jnp.float32)
-  return out.astype(x.dtype)
+  out = out.astype(x.dtype)
+  if save_preactivations:
+    return out, tuple(tuple(part[:rows, :hidden] for part in parts) for parts in preactivations)
+  return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -154,15 +191,21 @@ def _ffn(plan, kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down, k
 
 
 def _ffn_fwd(plan, kind, precision, *args):
-  return _ffn(plan, kind, precision, *args), args  # residuals: the inputs only, no [M, H]
+  if plan.residuals == "recompute":
+    return _ffn(plan, kind, precision, *args), (args, None)  # the inputs only, no [M, H]
+  *arrays, knots, slopes, intercepts = args
+  out, preactivations = _forward(plan, *arrays, Activation(kind, knots, slopes, intercepts),
+                                 save_preactivations=True)
+  return out, (args, preactivations)
 
 
 def _ffn_bwd(plan, kind, precision, residuals, dy):
-  x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts = residuals
+  (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved = residuals
   activation = Activation(kind, knots, slopes, intercepts)
   chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
   grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
-                                dy.astype(x.dtype), chunk=chunk, precision=precision)
+                                dy.astype(x.dtype), chunk=chunk, precision=precision,
+                                preactivations=saved)
   *array_grads, d_slopes, d_intercepts = grads
   d_knots = None if knots is None else jnp.zeros_like(knots)
   return (*array_grads, d_knots, d_slopes, d_intercepts)

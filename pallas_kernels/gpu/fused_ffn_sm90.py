@@ -54,6 +54,7 @@ WGMMA_ROWS = 64  # rows of one wgmma (and of a fused-kernel row block)
 TILE_K = 64  # contraction slice: 64 bf16 = one 128-byte swizzle row
 MAX_WGMMA_N = 256
 EPILOGUE_N = 64  # columns per epilogue slice of gemm1_activation
+MAX_TMA_BOX = 256  # elements per dimension of one TMA copy
 TABLE_ALIGN = 32  # f32 entries: TMA copies move multiples of 128 bytes
 SMEM_BYTES = 227 * 1024 - 4096  # sm_90's 227 KiB per block, less Pallas' barriers and scratch
 H100_SMS = 132  # used when lowering without a GPU attached
@@ -172,11 +173,18 @@ class EpilogueConfig:
 
 
 def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_knots: int,
-                     config: EpilogueConfig) -> jax.Array:
+                     config: EpilogueConfig, save_preactivations: bool = False):
   """a = act(x W_gate + b_gate) * (x W_up + b_up) (GLU) or act(x W_up + b_up) (MLP), [M, H].
 
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
   from ``activation_table`` (PWL) or None. D and H must be multiples of 64.
+
+  With ``save_preactivations`` it returns ``(a, (g, u))`` (GLU: g = x W_gate + b_gate,
+  u = x W_up + b_up) or ``(a, (u,))`` (MLP), written from the same epilogue: the residuals a
+  backward needs instead of recomputing GEMM1. Each is a pair (hi, lo) of [M, H] arrays in x's
+  dtype with hi = round(p), lo = round(p - hi), so hi + lo keeps ~16 of f32's mantissa bits (one
+  bf16 moves PWL inputs across knots and costs the PWL gradients ~5%). All stores share the two
+  staging slots in turn, so SMEM does not grow.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -192,6 +200,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   operand_transforms = _swizzled(TILE_K, dtype)
   in_flight = 1 if k_iters > 1 else 0  # wgmma groups left running; their buffers free one step late
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
+  num_outputs = 1 + (2 * len(weights) if save_preactivations else 0)
 
   def make_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -204,9 +213,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
         compute_context=compute_context)
 
   def kernel(*refs):
-    (x_gmem,), w_gmems, b_gmems, table_gmem, (out_gmem, out_smem, bias_smem, table_smem,
-                                              bias_barrier, table_barrier) = _split_refs(
-        refs, (1, len(weights), len(biases), int(table is not None), 6))
+    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (out_smem, bias_smem, table_smem,
+                                                         bias_barrier, table_barrier) = _split_refs(
+        refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 5))
     wg = lax.axis_index("wg")
     if table is not None:
       @pl.when(wg == 0)
@@ -248,13 +257,20 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
               out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
               if len(pre) == 2:
                 out = out * pre[1]
-              slot = epi % 2
-              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              out_smem[wg, slot] = out.astype(dtype)
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot],
-                  out_gmem.at[m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
+              values = [out]
+              for p in pre if save_preactivations else []:
+                high = p.astype(dtype)
+                values += [high, p - high.astype(jnp.float32)]
+              for j, (value, gmem) in enumerate(zip(values, out_gmems)):
+                step = epi * num_outputs + j  # stores alternate between the two staging slots
+                # before a tile's first store, drain the previous tile's (an odd store count
+                # would otherwise reuse the slot of the store still in flight)
+                plgpu.wait_smem_to_gmem(0 if step == 0 else 1, wait_read_only=True)
+                out_smem[wg, step % 2] = value.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[wg, step % 2],
+                    gmem.at[m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
 
           pl.run_scoped(with_accumulators,
                         *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
@@ -279,13 +295,16 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
       plgpu.Barrier(num_barriers=1),
   ]
-  return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, hidden), dtype),
+  outputs = plgpu.kernel(
+      kernel, out_type=[jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
       grid=(min(num_sms(), m_iters * n_iters),),
       grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(
           approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
   )(*inputs)
+  if not save_preactivations:
+    return outputs[0]
+  return outputs[0], tuple(tuple(outputs[i:i + 2]) for i in range(1, num_outputs, 2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,6 +381,9 @@ def fused_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down, *, kind: str
   m_blocks = pl.cdiv(m, WGMMA_ROWS)
   m_pad = m_blocks * WGMMA_ROWS
   has_b_down = b_down is not None and splits == 1
+  # TMA boxes hold at most 256 elements a dimension: b_down [D_out] lands in pieces
+  b_down_pieces = [pl.ds(start, min(MAX_TMA_BOX, d_out - start))
+                   for start in range(0, d_out, MAX_TMA_BOX)] if has_b_down else []
   inputs = ([x, *weights, *biases, w_down] + ([b_down] if has_b_down else [])
             + ([table] if table is not None else []))
   down_issue_step = min(stages, k_steps) - 1  # refill W_down once GEMM1's first chunks are queued
@@ -384,8 +406,8 @@ def fused_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down, *, kind: str
       for k in range(k_steps):
         plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(k * TILE_K, TILE_K)], x_smem.at[k],
                                 x_ready.at[0])
-      if has_b_down:
-        plgpu.copy_gmem_to_smem(b_down_gmem[0], b_down_smem, x_ready.at[0])
+      for piece in b_down_pieces:
+        plgpu.copy_gmem_to_smem(b_down_gmem[0].at[piece], b_down_smem.at[piece], x_ready.at[0])
       if table is not None:
         plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, x_ready.at[0])
 
@@ -486,7 +508,7 @@ def fused_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down, *, kind: str
                     *[plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32)] * num_chunks)
 
   num_weights = len(weights)
-  x_ready_arrivals = k_steps + int(has_b_down) + int(table is not None)
+  x_ready_arrivals = k_steps + len(b_down_pieces) + int(table is not None)
   scratch = [
       plgpu.SMEM((k_steps, WGMMA_ROWS, TILE_K), dtype, transforms=_swizzle_64b(dtype)),
       plgpu.SMEM((stages, num_weights, TILE_K, block_h), dtype, transforms=_swizzle_64b(dtype)),
