@@ -9,8 +9,9 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
                plans in ``candidates`` with the PWL (hinges in f32 and in packed f16), the fastest
                plan again with the exact activation, tokamax's Mosaic GLU + XLA down-projection
                (GLU shapes, with --tokamax);
-  fwd+bwd:     XLA exact and XLA PWL (bf16 GEMMs, autodiff), the kernel's custom VJP with the
-               fastest forward plan at each ``--backward-chunks`` budget, and with the exact act.;
+  fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL
+               (bf16 GEMMs, autodiff), the kernel's custom VJP with the fastest forward plan for
+               each ``--residuals`` kind and ``--backward-chunks`` budget, and with the exact act.;
   memory:      compiled temp bytes of fwd+bwd, and bytes the forward saves for the backward;
   accuracy:    ‖out − ref‖/‖ref‖ against XLA in float32 on the same inputs.
 It prints a table and writes ``<device>-<date>.json`` / ``.md`` (plus a JSON-lines log written as it
@@ -203,12 +204,15 @@ def tokamax_forward(activation_fn):
 
 
 def with_gradients(forward):
-  """fwd+bwd: the gradient of ⟨forward(...), dy⟩ w.r.t. x and every weight (dy fixed random)."""
+  """fwd+bwd: ⟨forward(...), dy⟩ and its gradient w.r.t. x and every weight (dy fixed). The value
+  is returned so the forward runs as in training (``jax.grad`` alone lets XLA drop the forward's
+  second GEMM, and the recompute path's whole forward kernel)."""
   def step(x, wu, wd, wg):
     dy = jnp.cos(jnp.arange(x.shape[0] * wd.shape[1], dtype=jnp.float32)).reshape(
         x.shape[0], wd.shape[1])
     loss = lambda *a: jnp.sum(forward(*a).astype(jnp.float32) * dy)
-    return jax.grad(loss, argnums=(0, 1, 2) if wg is None else (0, 1, 2, 3))(x, wu, wd, wg)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2) if wg is None else (0, 1, 2, 3))(
+        x, wu, wd, wg)
   return step
 
 
@@ -242,7 +246,8 @@ def matmul_peak(rec: Recorder, rng) -> float:
 
 
 def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokamax: bool,
-                pwl_dtypes: tuple[str, ...], backward_chunks_mi: tuple[int, ...]) -> dict:
+                pwl_dtypes: tuple[str, ...], backward_chunks_mi: tuple[int, ...],
+                residuals: tuple[str, ...]) -> dict:
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -288,16 +293,20 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
   variants = [("xla-exact", xla_forward(act_exact)), ("xla-pwl16", xla_forward(act_pwl))]
   if best_name:
     best_plan = plans[best_name]
-    seen_chunks = set()
-    for chunk_mi in backward_chunks_mi:
-      chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
-      if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant
-        seen_chunks.add(chunk)
-        plan = dataclasses.replace(best_plan, backward_chunk_elements=chunk_mi * 2**20)
-        variants.append((f"{best_name}-bwd{chunk_mi}Mi", kernel_forward(act_pwl, plan)))
-    variants.append((f"{best_name}+exact-bwd{backward_chunks_mi[0]}Mi", kernel_forward(
-        act_exact, dataclasses.replace(best_plan,
-                                       backward_chunk_elements=backward_chunks_mi[0] * 2**20))))
+    for kept in residuals:
+      seen_chunks = set()
+      for chunk_mi in backward_chunks_mi:
+        chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
+        if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant
+          seen_chunks.add(chunk)
+          plan = dataclasses.replace(best_plan, backward_chunk_elements=chunk_mi * 2**20,
+                                     residuals=kept)
+          variants.append((f"{best_name}-{kept[:5]}-bwd{chunk_mi}Mi",
+                           kernel_forward(act_pwl, plan)))
+    variants.append((f"{best_name}+exact-{residuals[0][:5]}-bwd{backward_chunks_mi[0]}Mi",
+                     kernel_forward(act_exact, dataclasses.replace(
+                         best_plan, backward_chunk_elements=backward_chunks_mi[0] * 2**20,
+                         residuals=residuals[0]))))
   for name, forward in variants:
     if rec.over_budget():
       break
@@ -371,14 +380,19 @@ def main(argv=None) -> int:
   parser.add_argument("--shapes", default=",".join(s.name for s in SHAPES))
   parser.add_argument("--tokamax", action="store_true",
                       help="also time tokamax's Mosaic GLU (its autotuner adds ~50 s a shape)")
-  parser.add_argument("--backward-chunks", default="4,16,64",
+  parser.add_argument("--backward-chunks", default="16,64",
                       help="fwd+bwd is timed with each backward chunk budget (Mi elements)")
+  parser.add_argument("--residuals", default="recompute,preactivations",
+                      help=f"fwd+bwd is timed with each of {dispatch.RESIDUALS}")
   args = parser.parse_args(argv)
   wanted = args.shapes.split(",")
   by_name = {shape.name: shape for shape in SHAPES}
   unknown = [name for name in wanted if name not in by_name]
   if unknown:
     parser.error(f"--shapes: unknown {unknown}; expected some of {sorted(by_name)}")
+  bad_residuals = [r for r in args.residuals.split(",") if r not in dispatch.RESIDUALS]
+  if bad_residuals:
+    parser.error(f"--residuals: unknown {bad_residuals}; expected some of {dispatch.RESIDUALS}")
   device = jax.devices()[0]
   device_name = getattr(device, "device_kind", device.platform).replace("NVIDIA ", "").lower()
   stem = f"{device_name.replace(' ', '-')}-{datetime.date.today().isoformat()}"
@@ -393,7 +407,8 @@ def main(argv=None) -> int:
   for shape in (by_name[name] for name in wanted):  # in the order asked for
     if not rec.over_budget():
       summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes,
-                            tuple(int(c) for c in args.backward_chunks.split(",")))
+                            tuple(int(c) for c in args.backward_chunks.split(",")),
+                            tuple(args.residuals.split(",")))
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
         pwl_dtypes = ("float16",) if summary["best_plan"].endswith("-16") else ("float32",)

@@ -1,0 +1,105 @@
+"""What the PWL-parameter gradients cost in a training step (run on the GPU).
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_pwl_grads.py --out $OUT [--rows 4096]
+
+Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path:
+  * ``pwl_segment_sums`` alone on [M, H] f32 inputs, with the segment axis last (as the library
+    writes it) and first (so XLA sees K+1 row reductions instead of one column reduction);
+  * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
+    tail slopes (what ``trainable="ffn"`` fine-tuning asks for), against XLA's exact FFN.
+Writes ``pwl-grads-<date>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flashffn_jax as ff
+from flashffn_jax.ops import to_kernel_activation
+from pallas_kernels.activation import pwl_segment_sums
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_gpu import time_per_call  # noqa: E402
+
+
+def segment_sums_segment_major(x, g, knots):
+  """``pwl_segment_sums`` with the segment axis leading: [K+1, ...] indicator, reduced over the
+  trailing axes (row reductions)."""
+  at_or_above = x[None] >= jnp.asarray(knots, x.dtype)[(...,) + (None,) * x.ndim]  # [K, ...]
+  always = jnp.ones((1,) + x.shape, bool)
+  in_segment = (jnp.concatenate([always, at_or_above], 0)
+                & ~jnp.concatenate([at_or_above, ~always], 0))
+  trailing = tuple(range(1, x.ndim + 1))
+  return (jnp.sum(jnp.where(in_segment, (g * x)[None], 0.0), axis=trailing),
+          jnp.sum(jnp.where(in_segment, g[None], 0.0), axis=trailing))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--rows", type=int, default=4096)
+  args = parser.parse_args(argv)
+  rng = np.random.default_rng(0)
+  rows, d_model, hidden = args.rows, 576, 1536
+  pwl = ff.fit("silu", 16)
+  act = to_kernel_activation(pwl)
+  results = {}
+
+  draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32))
+  pre_sets = [(draw(rows, hidden) * 3, draw(rows, hidden)) for _ in range(3)]
+  for name, fn in (("segment-sums (segment axis last)", pwl_segment_sums),
+                   ("segment-sums (segment axis first)", segment_sums_segment_major)):
+    ms = 1e3 * time_per_call(lambda x, g: fn(x, g, act.knots), pre_sets)
+    results[name] = ms
+    print(f"{name}: {ms:.4f} ms", flush=True)
+
+  bf16 = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]), jnp.bfloat16)
+  weights = dict(w_up=bf16(d_model, hidden), w_gate=bf16(d_model, hidden),
+                 w_down=bf16(hidden, d_model))
+  sets = [(jnp.asarray(rng.standard_normal((rows, d_model)), jnp.bfloat16), pwl.values, pwl.left_slope, pwl.right_slope)
+          for _ in range(3)]
+  dy = jnp.cos(jnp.arange(rows * d_model, dtype=jnp.float32)).reshape(rows, d_model)
+
+  def step(activation_of, argnums, implementation=None):
+    def loss(x, w_up, w_gate, w_down, *pwl_leaves):
+      out = ff.ffn(x, w_up, w_down, w_gate=w_gate, activation=activation_of(*pwl_leaves),
+                   implementation=implementation)
+      return jnp.sum(out.astype(jnp.float32) * dy)
+    grad = jax.value_and_grad(loss, argnums=argnums)
+    return lambda x, *pwl_leaves: grad(x, weights["w_up"], weights["w_gate"], weights["w_down"],
+                                       *pwl_leaves)
+
+  learnable = lambda *leaves: ff.PiecewiseLinear(pwl.knots, *leaves)
+  variants = {
+      "xla exact SiLU, d(x, W)": step(lambda *_: "silu", (0, 1, 2, 3), "xla"),
+      "default path PWL-16, d(x, W)": step(learnable, (0, 1, 2, 3)),
+      "default path PWL-16, d(x, W, PWL values and tail slopes)": step(learnable,
+                                                                      (0, 1, 2, 3, 4, 5, 6)),
+  }
+  for name, fn in variants.items():
+    ms = 1e3 * time_per_call(fn, sets)
+    results[name] = ms
+    print(f"{name}: {ms:.4f} ms", flush=True)
+
+  record = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
+            "rows": rows, "d_model": d_model, "hidden": hidden, "ms": results,
+            "command": "python3 benchmarks/bench_pwl_grads.py " + " ".join(argv or sys.argv[1:])}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"pwl-grads-{record['date']}.json"), "w") as f:
+    json.dump(record, f, indent=1)
+  print("\n| variant | ms |\n|---|---:|")
+  for name, ms in results.items():
+    print(f"| {name} | {ms:.4f} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
