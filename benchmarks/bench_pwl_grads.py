@@ -3,8 +3,8 @@
     PYTHONPATH=$PWD python3 benchmarks/bench_pwl_grads.py --out $OUT [--rows 4096]
 
 Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path:
-  * ``pwl_segment_sums`` alone on [M, H] f32 inputs, with the segment axis last (as the library
-    writes it) and first (so XLA sees K+1 row reductions instead of one column reduction);
+  * ``pwl_segment_sums`` alone on [M, H] f32 inputs, as the library writes it and in the other
+    forms in ``SEGMENT_SUMS`` (each checked to give the same sums);
   * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
     tail slopes (what ``trainable="ffn"`` fine-tuning asks for), against XLA's exact FFN.
 Writes ``pwl-grads-<date>.json`` and prints a table.
@@ -30,16 +30,41 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import time_per_call  # noqa: E402
 
 
-def segment_sums_segment_major(x, g, knots):
-  """``pwl_segment_sums`` with the segment axis leading: [K+1, ...] indicator, reduced over the
-  trailing axes (row reductions)."""
-  at_or_above = x[None] >= jnp.asarray(knots, x.dtype)[(...,) + (None,) * x.ndim]  # [K, ...]
-  always = jnp.ones((1,) + x.shape, bool)
-  in_segment = (jnp.concatenate([always, at_or_above], 0)
-                & ~jnp.concatenate([at_or_above, ~always], 0))
-  trailing = tuple(range(1, x.ndim + 1))
-  return (jnp.sum(jnp.where(in_segment, (g * x)[None], 0.0), axis=trailing),
-          jnp.sum(jnp.where(in_segment, g[None], 0.0), axis=trailing))
+def _one_hot_segments(x, knots, axis: int):
+  """[.., K+1, ..] indicator of seg(x) = j along ``axis`` (0: leading, -1: trailing)."""
+  shape = [1] * (x.ndim + 1)
+  shape[axis] = -1
+  at_or_above = jnp.expand_dims(x, axis) >= jnp.asarray(knots, x.dtype).reshape(shape)  # K
+  always = jnp.ones_like(jnp.take(at_or_above, jnp.array([0]), axis=axis))
+  return (jnp.concatenate([always, at_or_above], axis)
+          & ~jnp.concatenate([at_or_above, ~always], axis))
+
+
+def segment_sums_one_hot(x, g, knots, axis: int = -1):
+  """The library's form until 2026-12-01: reduce a [..., K+1] segment indicator (``axis=-1``,
+  one column reduction) or a [K+1, ...] one (``axis=0``, K+1 row reductions)."""
+  in_segment = _one_hot_segments(x, knots, axis)
+  reduced = tuple(i for i in range(x.ndim + 1) if i != (axis % (x.ndim + 1)))
+  return (jnp.sum(jnp.where(in_segment, jnp.expand_dims(g * x, axis), 0.0), axis=reduced),
+          jnp.sum(jnp.where(in_segment, jnp.expand_dims(g, axis), 0.0), axis=reduced))
+
+
+def segment_sums_separate(x, g, knots):
+  """The library's cumulative sums S_k = Σ_{x ≥ t_k} v as K separate reductions (XLA may fuse
+  them as siblings) instead of one over [..., K+1]."""
+  def segments(v):
+    above = jnp.stack([jnp.sum(jnp.where(x >= t, v, 0.0)) for t in jnp.asarray(knots, x.dtype)])
+    cumulative = jnp.concatenate([jnp.sum(v)[None], above, jnp.zeros((1,), v.dtype)])
+    return cumulative[:-1] - cumulative[1:]
+  return segments(g * x), segments(g)
+
+
+SEGMENT_SUMS = {
+    "segment-sums (library: cumulative, one reduction over [M, H, K+1])": pwl_segment_sums,
+    "segment-sums (one-hot [M, H, K+1], the library until 2026-12-01)": segment_sums_one_hot,
+    "segment-sums (one-hot [K+1, M, H])": lambda x, g, knots: segment_sums_one_hot(x, g, knots, 0),
+    "segment-sums (cumulative, K separate reductions)": segment_sums_separate,
+}
 
 
 def main(argv=None) -> int:
@@ -55,9 +80,13 @@ def main(argv=None) -> int:
 
   draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32))
   pre_sets = [(draw(rows, hidden) * 3, draw(rows, hidden)) for _ in range(3)]
-  for name, fn in (("segment-sums (segment axis last)", pwl_segment_sums),
-                   ("segment-sums (segment axis first)", segment_sums_segment_major)):
-    ms = 1e3 * time_per_call(lambda x, g: fn(x, g, act.knots), pre_sets)
+  expected = [np.asarray(s, np.float64) for s in pwl_segment_sums(*pre_sets[0], act.knots)]
+  for name, fn in SEGMENT_SUMS.items():
+    got = jax.jit(fn)(*pre_sets[0], act.knots)
+    for a, b in zip(got, expected):  # every variant computes the same sums
+      np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-3,
+                                 atol=1e-4 * np.abs(b).max())
+    ms = 1e3 * time_per_call(lambda x, g, fn=fn: fn(x, g, act.knots), pre_sets)
     results[name] = ms
     print(f"{name}: {ms:.4f} ms", flush=True)
 

@@ -106,18 +106,23 @@ def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.
 
   d/ds_j = Σ_{seg(x)=j} g·x,   d/dc_j = Σ_{seg(x)=j} g     (j = 0..K), each of shape [K+1].
 
-  Written as one reduction over a broadcast [..., K+1] segment indicator
-  (seg(x) = j  ⇔  x ≥ t_{j-1} and not x ≥ t_j, with t_{-1} = −∞, t_K = +∞), which XLA fuses into a
-  single pass over x and g; NaN x compares false everywhere, lands in segment 0 and propagates.
+  Written as cumulative sums S_k(v) = Σ_{x ≥ t_k} v (S_{-1} = Σ v, S_K = 0) in one reduction over
+  a broadcast [..., K+1] (a compare, a select and an add per element and knot), then
+  segment j = S_{j-1} − S_j. Every S_k comes out of the same reduction, so an empty segment's
+  two sums add the same numbers in the same order and cancel exactly. Per element and segment
+  it does 3 operations where reducing a one-hot segment indicator does 5; on the CPU
+  (M×H = 4096×1536) 0.44-0.47 s against 0.47-0.59 s (benchmarks/bench_pwl_grads.py has both,
+  for the H200). NaN x compares false everywhere, so it only enters S_{-1}: segment 0 is NaN.
   """
-  at_or_above = x[..., None] >= jnp.asarray(knots, x.dtype)  # [..., K]
-  always = jnp.ones(x.shape + (1,), bool)
-  in_segment = (jnp.concatenate([always, at_or_above], -1)
-                & ~jnp.concatenate([at_or_above, ~always], -1))  # [..., K+1]
+  knots = jnp.asarray(knots, x.dtype)
+  counted = jnp.concatenate([jnp.ones(x.shape + (1,), bool), x[..., None] >= knots], -1)
   leading = tuple(range(x.ndim))
-  d_slopes = jnp.sum(jnp.where(in_segment, (g * x)[..., None], 0.0), axis=leading)
-  d_intercepts = jnp.sum(jnp.where(in_segment, g[..., None], 0.0), axis=leading)
-  return d_slopes, d_intercepts
+
+  def per_segment(v):
+    cumulative = jnp.sum(jnp.where(counted, v[..., None], 0.0), axis=leading)  # S_{-1}..S_{K-1}
+    return cumulative - jnp.concatenate([cumulative[1:], jnp.zeros((1,), cumulative.dtype)])
+
+  return per_segment(g * x), per_segment(g)
 
 
 @jax.custom_vjp
