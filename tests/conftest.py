@@ -8,8 +8,11 @@ import zlib
 import numpy as np
 import pytest
 
-# Two host devices so the sharded tests can run on a CPU-only machine.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Two host devices so the sharded tests can run on a CPU-only machine. On a GPU, no GEMM
+# autotuning: the tests check numbers, not speed, and each H200 kernel test spent ~60 s in XLA's
+# compile (likely autotuning its odd-shaped backward GEMMs; to be confirmed on the next run).
+os.environ.setdefault("XLA_FLAGS",
+                      "--xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=0")
 # Pallas' GPU interpret mode runs each warpgroup as a host thread blocking inside an XLA:CPU host
 # callback; XLA:CPU runs callbacks on one thread per core, so on a 2-core machine the three
 # warpgroups of a kernel deadlock. PJRT_NPROC enlarges that pool; it must be set before the CPU
