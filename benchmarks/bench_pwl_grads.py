@@ -93,8 +93,8 @@ def main(argv=None) -> int:
   bf16 = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]), jnp.bfloat16)
   weights = dict(w_up=bf16(d_model, hidden), w_gate=bf16(d_model, hidden),
                  w_down=bf16(hidden, d_model))
-  sets = [(jnp.asarray(rng.standard_normal((rows, d_model)), jnp.bfloat16), pwl.values, pwl.left_slope, pwl.right_slope)
-          for _ in range(3)]
+  sets = [(jnp.asarray(rng.standard_normal((rows, d_model)), jnp.bfloat16), pwl.values,
+           pwl.left_slope, pwl.right_slope) for _ in range(3)]
   dy = jnp.cos(jnp.arange(rows * d_model, dtype=jnp.float32)).reshape(rows, d_model)
 
   def step(activation_of, argnums, implementation=None):

@@ -16,7 +16,8 @@ For a chunk c of hidden columns (f32 math, matmuls accumulate in f32):
 A ``lax.fori_loop`` walks the chunks, so XLA keeps one chunk's intermediates alive at a time: the
 peak extra memory is a few [M, chunk] arrays instead of XLA autodiff's [M, H] residuals.
 Recomputing costs GEMM1 again (2 of a GLU's 9 training GEMM units, 1 of an MLP's 6); saving the
-pre-activations costs 2 (GLU) or 1 (MLP) [M, H] arrays in x's dtype between forward and backward.
+pre-activations costs their (hi, lo) pairs, 4 (GLU) or 2 (MLP) [M, H] arrays in x's dtype, kept
+between forward and backward.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
       up = dot(x, wu, ((1,), (0,))) + (0.0 if bu is None else bu.astype(f32))
       pre = dot(x, wg, ((1,), (0,))) + (0.0 if bg is None else bg.astype(f32)) if glu else up
     else:
-      pre, up = (sum(columns(part, index, 1).astype(f32) for part in parts)
-                 for parts in (saved if glu else saved * 2))
+      summed = lambda parts: sum(columns(part, index, 1).astype(f32) for part in parts)
+      up = summed(saved[-1])
+      pre = summed(saved[0]) if glu else up
     act, act_prime = _activation_and_derivative(activation, pre)
     hidden_c = (act * up if glu else act).astype(x.dtype)
     dw_down = lax.dynamic_update_slice_in_dim(
