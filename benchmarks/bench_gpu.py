@@ -34,13 +34,14 @@ import time
 import traceback
 
 import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
+from pallas_kernels.gpu import backward, decode_sm90, dispatch, fused_ffn_sm90 as kernels
 
 L2_BYTES = 50 * 2**20
 HANG_SECONDS = 120  # one measurement longer than this is a hang: write what we have and exit
@@ -68,6 +69,7 @@ SHAPES = (
     Shape("smollm2", 8192, 576, 1536, True, "silu"),
     Shape("gpt2-small", 8192, 768, 3072, False, "gelu"),
     Shape("smollm2-decode", 16, 576, 1536, True, "silu"),
+    Shape("gpt2-small-decode", 16, 768, 3072, False, "gelu"),
     Shape("llama8b-decode", 16, 4096, 14336, True, "silu"),
     Shape("gpt2-xl", 8192, 1600, 6400, False, "gelu"),
     Shape("llama1b", 8192, 2048, 8192, True, "silu"),
@@ -83,10 +85,14 @@ def candidates(shape: Shape, pwl_dtypes=("float32", "float16")) -> dict[str, dis
   """
   decode = shape.rows <= dispatch.DECODE_ROWS
   plans = {}
+  if decode and shape.d_model <= 1024:
+    for pwl_dtype in pwl_dtypes:  # every K slice that fits in flight, then only 2 (is depth it?)
+      for stages in (None, 2):
+        config = decode_sm90.DecodeConfig(stages=stages, pwl_dtype=pwl_dtype)
+        plans[f"decode-s{stages or 'max'}-{pwl_dtype[5:]}"] = dispatch.Plan("decode", decode=config)
   if shape.d_model <= 640 and decode:
-    for splits in (12, 24):
-      plans[f"fused-h64-s3-x{splits}"] = dispatch.Plan(
-          "fused", fused=kernels.FusedConfig(block_h=64, stages=3, h_splits=splits))
+    plans["fused-h64-s3-x12"] = dispatch.Plan(
+        "fused", fused=kernels.FusedConfig(block_h=64, stages=3, h_splits=12))
   tiles = [(64, 128, 3)] if shape.glu else [(128, 128, 3)]
   if shape.name == "gpt2-small":
     tiles.append((64, 256, 3))
@@ -203,6 +209,30 @@ def tokamax_forward(activation_fn):
   return forward
 
 
+def mosaic_copy(x, wu, wd, wg):
+  """A Mosaic GPU kernel that only copies x[:, :64] through SMEM: what any kernel launch costs in
+  this harness (the floor under every decode kernel time)."""
+  del wu, wd, wg
+
+  def kernel(x_gmem, out_gmem, smem, barrier):
+    plgpu.copy_gmem_to_smem(x_gmem.at[:, :64], smem, barrier.at[0])
+    plgpu.barrier_wait(barrier.at[0])
+    plgpu.copy_smem_to_gmem(smem, out_gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((x.shape[0], 64), x.dtype),
+                      scratch_types=[plgpu.SMEM((x.shape[0], 64), x.dtype),
+                                     plgpu.Barrier(num_barriers=1)])(x)
+
+
+def decode_partials_only(activation: Activation, config: decode_sm90.DecodeConfig):
+  """The decode kernel without the XLA sum of its partials (timing decomposition only)."""
+  table = kernels.activation_table(activation)
+  knots = 0 if activation.knots is None else activation.knots.shape[0]
+  return lambda x, wu, wd, wg: decode_sm90.decode_ffn(
+      x, wu, wg, None, None, table, wd, kind=activation.kind, num_knots=knots, config=config)
+
+
 def with_gradients(forward):
   """fwd+bwd: ⟨forward(...), dy⟩ and its gradient w.r.t. x and every weight (dy fixed). The value
   is returned so the forward runs as in training (``jax.grad`` alone lets XLA drop the forward's
@@ -247,7 +277,7 @@ def matmul_peak(rec: Recorder, rng) -> float:
 
 def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokamax: bool,
                 pwl_dtypes: tuple[str, ...], backward_chunks_mi: tuple[int, ...],
-                residuals: tuple[str, ...]) -> dict:
+                residuals: tuple[str, ...], with_backward: bool = True) -> dict:
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -285,10 +315,19 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     summary["kernel_exact"] = rec.measure(
         best_name + "+exact", lambda: forward_result(kernel_forward(act_exact, plan), "exact"),
         activation=shape.activation, **base)
+  if shape.rows <= dispatch.DECODE_ROWS and not rec.over_budget():
+    probe = lambda fn: lambda: dict(ms=1e3 * time_per_call(fn, arg_sets))
+    summary["probe:mosaic-copy"] = rec.measure("probe:mosaic-copy", probe(mosaic_copy), **base)
+    if best_name and best_name.startswith("decode"):
+      summary["probe:decode-partials"] = rec.measure(
+          "probe:decode-partials-only",
+          probe(decode_partials_only(act_pwl, plans[best_name].decode)), **base)
   if shape.glu and with_tokamax and not rec.over_budget():
     summary["tokamax"] = rec.measure(
         "tokamax-mosaic", lambda: forward_result(tokamax_forward(jax.nn.silu), "exact"), **base)
 
+  if not with_backward:
+    return summary
   backward_base = {**base, "section": "fwd+bwd"}
   variants = [("xla-exact", xla_forward(act_exact)), ("xla-pwl16", xla_forward(act_pwl))]
   if best_name:
@@ -363,6 +402,12 @@ def markdown(summaries: list[dict], device: str, peak: float) -> str:
         lines.append(f"| {s['shape']} | {key[6:]} | {record['ms']:.3f} "
                      f"| {ratio(s.get('train:xla-exact'), record)} | {record['temp_mb']:.0f} "
                      f"| {record['saved_mb']:.0f} |")
+  probes = [f"{s['shape']} {key[6:]} {fmt_ms(record)}" for s in summaries
+            for key, record in s.items() if key.startswith("probe:")]
+  if probes:
+    lines += ["", "Decode probes (ms; mosaic-copy: a kernel that only copies x, i.e. the launch "
+              "cost in this harness; decode-partials-only: the decode kernel without the XLA sum "
+              "of its partials): " + "; ".join(probes)]
   lines += ["", "XLA reference times (ms): " + "; ".join(
       f"{s['shape']} exact {fmt_ms(s.get('xla_exact'))} / PWL {fmt_ms(s.get('xla_pwl'))}"
       for s in summaries), ""]
@@ -382,6 +427,7 @@ def main(argv=None) -> int:
                       help="also time tokamax's Mosaic GLU (its autotuner adds ~50 s a shape)")
   parser.add_argument("--backward-chunks", default="16,64",
                       help="fwd+bwd is timed with each backward chunk budget (Mi elements)")
+  parser.add_argument("--forward-only", action="store_true", help="skip the fwd+bwd timings")
   parser.add_argument("--residuals", default="recompute,preactivations",
                       help=f"fwd+bwd is timed with each of {dispatch.RESIDUALS}")
   args = parser.parse_args(argv)
@@ -408,7 +454,7 @@ def main(argv=None) -> int:
     if not rec.over_budget():
       summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes,
                             tuple(int(c) for c in args.backward_chunks.split(",")),
-                            tuple(args.residuals.split(",")))
+                            tuple(args.residuals.split(",")), not args.forward_only)
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
         pwl_dtypes = ("float16",) if summary["best_plan"].endswith("-16") else ("float32",)

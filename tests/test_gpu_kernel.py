@@ -25,7 +25,7 @@ import pytest
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
+from pallas_kernels.gpu import backward, decode_sm90, dispatch, fused_ffn_sm90 as kernels
 from tests.conftest import relative_error
 
 ON_HOPPER = (jax.default_backend() == "gpu"
@@ -125,6 +125,24 @@ def test_interpret_fused_glu_pwl_with_biases(rng, plan, d_out):
 
 @on_cpu_only
 @needs_interpret_threads
+@pytest.mark.parametrize("rows, d_model, hidden, d_out, glu, bias, name, stages", [
+    (16, 128, 200, 96, True, True, "pwl", 1),
+    (37, 192, 130, 64, False, True, "gelu", None),
+    (70, 128, 64, 320, True, False, "silu", 2),
+], ids=["glu-pwl-one-stage", "mlp-gelu-all-stages", "two-row-blocks-five-chunks"])
+def test_interpret_decode(rng, rows, d_model, hidden, d_out, glu, bias, name, stages):
+  """decode_ffn: H split into 64-column CTAs (H = 130 / 200: a partial last block), partial sums
+  reduced by XLA; x rows past M zero-filled, stores clipped (M = 16, 37, and 70 = two row blocks);
+  one stage refilled every K step, or all K steps in flight; D_out padded to 128, or 320 in five
+  64-column output chunks."""
+  problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
+  plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(stages=stages))
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation(name, glu), plan)
+
+
+@on_cpu_only
+@needs_interpret_threads
 @pytest.mark.parametrize("name, pwl_dtype", [("gelu", "float32"), ("pwl", "float16")])
 def test_interpret_epilogue_mlp(rng, name, pwl_dtype):
   """gemm1_activation + XLA GEMM2: M spans a partial CTA tile, H a partial tile_n, D = 3 * 64;
@@ -169,7 +187,9 @@ LOWERING_CASES = {
     "smollm2-fused": (8192, 576, 1536, 576, True, "pwl", dispatch.Plan(
         "fused", fused=kernels.FusedConfig(64, 3, 1))),
     "smollm2-decode": (16, 576, 1536, 576, True, "pwl", dispatch.Plan(
-        "fused", fused=kernels.FusedConfig(64, 3, 12))),
+        "decode", decode=decode_sm90.DecodeConfig())),
+    "gpt2-decode": (1, 768, 3072, 768, False, "gelu", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16"))),
     "gpt2-epilogue": (8192, 768, 3072, 768, False, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "llama-glu-epilogue": (4096, 2048, 8192, 2048, True, "silu", dispatch.Plan(
@@ -272,6 +292,12 @@ def test_configs_refuse_what_does_not_fit():
     kernels.FusedConfig(block_h=128, stages=4).check(640, 640, 2, 2)
   with pytest.raises(NotImplementedError, match="registers"):
     kernels.EpilogueConfig(tile_m=128, tile_n=128).check(num_weights=2, itemsize=2)
+  with pytest.raises(NotImplementedError, match="SMEM"):
+    decode_sm90.DecodeConfig().resolve_stages(d_model=4096, d_out=4096, num_weights=2, itemsize=2)
+  with pytest.raises(NotImplementedError, match="SMEM"):
+    decode_sm90.DecodeConfig(stages=8).resolve_stages(576, 576, 2, 2)
+  assert decode_sm90.DecodeConfig().resolve_stages(576, 576, 2, 2) == 5
+  assert decode_sm90.DecodeConfig().resolve_stages(128, 576, 2, 2) == 2  # K steps cap it
   kernels.FusedConfig().check(576, 576, 2, 2)
   kernels.EpilogueConfig(tile_m=64, tile_n=128).check(num_weights=2, itemsize=2)
 
@@ -287,6 +313,10 @@ GPU_CASES = {
         "fused", fused=kernels.FusedConfig(64, 2, 1))),
     "decode-split-glu-silu": (16, 576, 1536, 576, True, False, "silu", dispatch.Plan(
         "fused", fused=kernels.FusedConfig(64, 3, 12))),
+    "decode-glu-pwl-odd": (5, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig())),
+    "decode-mlp-gelu": (64, 768, 3072, 768, False, True, "gelu", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(stages=2))),
     "epilogue-mlp-pwl-odd": (1000, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(

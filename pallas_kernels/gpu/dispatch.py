@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import backward, fused_ffn_sm90 as kernels
+from pallas_kernels.gpu import backward, decode_sm90, fused_ffn_sm90 as kernels
 
 DECODE_ROWS = 64  # M at or below this is "decode": one row block
 # [M, chunk] elements per backward chunk: 64 Mi (one chunk up to llama-1B at M = 8192) was the
@@ -58,6 +58,7 @@ class Plan:
   path: str
   fused: kernels.FusedConfig | None = None
   epilogue: kernels.EpilogueConfig | None = None
+  decode: decode_sm90.DecodeConfig | None = None
   backward_chunk_elements: int = BACKWARD_CHUNK_ELEMENTS
   residuals: str = "recompute"
 
@@ -162,6 +163,12 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   table = kernels.activation_table(activation)
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
   kernel_args = dict(kind=activation.kind, num_knots=num_knots)
+  if plan.path == "decode":
+    partials = decode_sm90.decode_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
+                                      _pad(w_down, (hp, op)), config=plan.decode, **kernel_args)
+    out = jnp.sum(partials[:, :rows, :d_out], axis=0)
+    out = out if b_down is None else out + b_down.astype(jnp.float32)
+    return out.astype(x.dtype)
   if plan.path == "fused":
     out = kernels.fused_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
                             _pad(w_down, (hp, op)), _pad(b_down, (op,)), config=plan.fused,

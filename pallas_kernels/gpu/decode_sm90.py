@@ -1,0 +1,181 @@
+"""Decode FFN for Hopper: CTAs split the hidden dimension and issue their whole weight stream early.
+
+At decode (M <= 64 tokens) an FFN reads all of its weights for a few rows of x, so its time is the
+weight stream (SmolLM2: 5.3 MB, ~1.6 us at the H200's bandwidth) plus launch latency; a kernel
+that waits on few loads at a time leaves the HBM idle (the epilogue kernel + XLA GEMM2 took 22 us
+at SmolLM2 decode, XLA 25 us). Here CTA j owns the hidden columns J = [64 j, 64 (j + 1)):
+
+    h_J = act(x W_gate[:, J] + b_gate[J]) * (x W_up[:, J] + b_up[J])    GLU    [64, 64], registers
+    h_J = act(x W_up[:, J] + b_up[J])                                   MLP
+    P_j = h_J W_down[J, :]                                              [M, D_out] f32 -> HBM
+    y   = sum_j P_j + b_down                                            the caller (one XLA fusion)
+
+so H/64 CTAs (SmolLM2 24, gpt2-small 48) stream disjoint weight slices. Each CTA issues its
+W_down[J, :] and the first ``stages`` K-slices of x and W_gate/W_up [64, 64] at once (100-170 KB
+in flight per SM), then refills a slot as soon as its wgmma has read it. x's rows past M are
+zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the partial stores clip to M rows.
+One warpgroup: at decode the wgmma work is tiny and the loads need no producer warpgroup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.gpu.fused_ffn_sm90 import (
+    MAX_WGMMA_N, SMEM_BYTES, TABLE_ALIGN, TILE_K, WGMMA_ROWS, _add_bias, _split_refs, _swizzled,
+    apply_activation)
+
+BLOCK_H = 64  # hidden columns per CTA: one 128-byte swizzle row of bf16, the wgmma K of GEMM2
+OUT_PIECE = 32  # f32 columns per partial-sum store: one 128-byte swizzle row
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """``stages``: K-slices of x and W_gate/W_up in flight per CTA (None: as many as SMEM holds)."""
+
+  stages: int | None = None
+  pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
+
+  def resolve_stages(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
+    """The stage count to run with; NotImplementedError when even one stage does not fit."""
+    if d_model % TILE_K or d_out % 64:
+      raise NotImplementedError(f"D={d_model}, D_out={d_out}: need multiples of 64")
+    k_steps = d_model // TILE_K
+    fixed = _fixed_smem_bytes(d_out, num_weights, itemsize)
+    stage = (WGMMA_ROWS + num_weights * BLOCK_H) * TILE_K * itemsize
+    fitting = (SMEM_BYTES - fixed) // stage
+    stages = min(k_steps, fitting if self.stages is None else self.stages)
+    if stages < 1 or stages > fitting:
+      raise NotImplementedError(
+          f"D_out={d_out}: W_down[64, D_out] plus {max(stages, 1)} stage(s) need "
+          f"{fixed + max(stages, 1) * stage} bytes of SMEM > {SMEM_BYTES}")
+    return stages
+
+
+def _fixed_smem_bytes(d_out: int, num_weights: int, itemsize: int) -> int:
+  """W_down slice, h, two f32 store slots, biases, PWL table, barriers."""
+  return ((BLOCK_H * d_out + WGMMA_ROWS * BLOCK_H + num_weights * BLOCK_H) * itemsize
+          + 2 * WGMMA_ROWS * OUT_PIECE * 4 + 4 * TABLE_ALIGN * 4 + 1024)
+
+
+def _output_chunk(d_out: int) -> int:
+  """The widest wgmma N (a multiple of 64, <= 256) that divides D_out."""
+  return max(n for n in range(64, MAX_WGMMA_N + 1, 64) if d_out % n == 0)
+
+
+def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_knots: int,
+               config: DecodeConfig) -> jax.Array:
+  """Partial sums P [ceil(H / 64), M, D_out] (f32, without b_down): y = P.sum(0) + b_down.
+
+  Args as ``fused_ffn_sm90.gemm1_activation`` plus w_down [H, D_out]; D and D_out multiples of 64.
+  Any M works (row blocks of 64 are a second grid axis); the kernel is meant for M <= 64.
+  """
+  m, d_model = x.shape
+  hidden, d_out = w_down.shape
+  dtype = x.dtype
+  weights = [w_up] if w_gate is None else [w_gate, w_up]
+  biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
+  if biases and len(biases) != len(weights):
+    raise ValueError("decode_ffn: give both GLU biases or neither")
+  stages = config.resolve_stages(d_model, d_out, len(weights), jnp.dtype(dtype).itemsize)
+  k_steps = d_model // TILE_K
+  chunk = _output_chunk(d_out)
+  num_chunks = d_out // chunk
+  h_blocks, m_blocks = pl.cdiv(hidden, BLOCK_H), pl.cdiv(m, WGMMA_ROWS)
+  has_consts = bool(biases) or table is not None
+  inputs = [x, *weights, *biases, w_down] + ([table] if table is not None else [])
+
+  def kernel(*refs):
+    ((x_gmem,), w_gmems, b_gmems, (w_down_gmem,), table_gmem,
+     (out_gmem, x_smem, w_smem, down_smem, hidden_smem, out_smem, bias_smem, table_smem,
+      k_ready, down_ready, consts_ready)) = _split_refs(
+        refs, (1, len(weights), len(biases), 1, int(table is not None), 11))
+    rows = pl.ds(lax.axis_index("m") * WGMMA_ROWS, WGMMA_ROWS)
+    block = lax.axis_index("h")
+    h_cols = pl.ds(block * BLOCK_H, BLOCK_H)
+
+    def issue(k, slot):
+      k_cols = pl.ds(k * TILE_K, TILE_K)
+      plgpu.copy_gmem_to_smem(x_gmem.at[rows, k_cols], x_smem.at[slot], k_ready.at[slot])
+      for i, w in enumerate(w_gmems):
+        plgpu.copy_gmem_to_smem(w.at[k_cols, h_cols], w_smem.at[slot, i], k_ready.at[slot])
+
+    for slot in range(stages):  # everything this CTA reads first is in flight from here on
+      issue(slot, slot)
+    for c in range(num_chunks):
+      plgpu.copy_gmem_to_smem(w_down_gmem.at[h_cols, pl.ds(c * chunk, chunk)], down_smem.at[c],
+                              down_ready.at[0])
+    for i, bias in enumerate(b_gmems):
+      plgpu.copy_gmem_to_smem(bias.at[h_cols], bias_smem.at[i], consts_ready.at[0])
+    if table is not None:
+      plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, consts_ready.at[0])
+
+    def gemm1(*accumulators):
+      @pl.loop(0, k_steps)
+      def _k(k):
+        slot = lax.rem(k, stages)
+        plgpu.barrier_wait(k_ready.at[slot])
+        for i, acc in enumerate(accumulators):
+          plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
+        plgpu.wgmma_wait(0)  # the slot has been read: refill it with K-slice k + stages
+
+        @pl.when(k + stages < k_steps)
+        def _():
+          issue(k + stages, slot)
+
+      return [acc[...] for acc in accumulators]
+
+    pre = pl.run_scoped(gemm1, *[plgpu.ACC((WGMMA_ROWS, BLOCK_H), jnp.float32)] * len(weights))
+    if has_consts:
+      plgpu.barrier_wait(consts_ready.at[0])
+    if b_gmems:
+      pre = [_add_bias(p, bias_smem.at[i]) for i, p in enumerate(pre)]
+    h = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
+    if len(pre) == 2:
+      h = h * pre[1]
+    hidden_smem[...] = h.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_wait(down_ready.at[0])
+
+    for c in range(num_chunks):
+      def gemm2(acc, c=c):
+        plgpu.wgmma(acc, hidden_smem, down_smem.at[c])
+        plgpu.wgmma_wait(0)
+        for p in range(chunk // OUT_PIECE):
+          step = c * (chunk // OUT_PIECE) + p
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's previous store has read it
+          out_smem[step % 2] = acc[:, p * OUT_PIECE:(p + 1) * OUT_PIECE]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[step % 2],
+              out_gmem.at[block, rows, pl.ds(c * chunk + p * OUT_PIECE, OUT_PIECE)])
+
+      pl.run_scoped(gemm2, plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  operand = _swizzled(TILE_K, dtype)
+  scratch = [
+      plgpu.SMEM((stages, WGMMA_ROWS, TILE_K), dtype, transforms=operand),
+      plgpu.SMEM((stages, len(weights), TILE_K, BLOCK_H), dtype, transforms=operand),
+      plgpu.SMEM((num_chunks, BLOCK_H, chunk), dtype, transforms=operand),
+      plgpu.SMEM((WGMMA_ROWS, BLOCK_H), dtype, transforms=operand),
+      plgpu.SMEM((2, WGMMA_ROWS, OUT_PIECE), jnp.float32,
+                 transforms=_swizzled(OUT_PIECE, jnp.float32)),
+      plgpu.SMEM((max(len(biases), 1), BLOCK_H), dtype),
+      plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
+      plgpu.Barrier(num_arrivals=1 + len(weights), num_barriers=stages),
+      plgpu.Barrier(num_arrivals=num_chunks, num_barriers=1),
+      plgpu.Barrier(num_arrivals=max(len(biases) + int(table is not None), 1), num_barriers=1),
+  ]
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((h_blocks, m, d_out), jnp.float32),
+      grid=(m_blocks, h_blocks), grid_names=("m", "h"), scratch_types=scratch,
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )(*inputs)
