@@ -125,18 +125,20 @@ def test_interpret_fused_glu_pwl_with_biases(rng, plan, d_out):
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("rows, d_model, hidden, d_out, glu, bias, name, stages", [
-    (16, 128, 200, 96, True, True, "pwl", 1),
-    (37, 192, 130, 64, False, True, "gelu", None),
-    (70, 128, 64, 320, True, False, "silu", 2),
-], ids=["glu-pwl-one-stage", "mlp-gelu-all-stages", "two-row-blocks-five-chunks"])
-def test_interpret_decode(rng, rows, d_model, hidden, d_out, glu, bias, name, stages):
+@pytest.mark.parametrize("rows, d_model, hidden, d_out, glu, bias, name, config", [
+    (16, 128, 200, 96, True, True, "pwl", decode_sm90.DecodeConfig(stages=1)),
+    (37, 192, 130, 64, False, True, "gelu", decode_sm90.DecodeConfig()),
+    (70, 128, 64, 320, True, False, "silu", decode_sm90.DecodeConfig(stages=2)),
+    (9, 96, 100, 128, True, True, "pwl", decode_sm90.DecodeConfig(block_h=32)),
+], ids=["glu-pwl-one-stage", "mlp-gelu-all-stages", "two-row-blocks-five-chunks",
+        "32-column-blocks"])
+def test_interpret_decode(rng, rows, d_model, hidden, d_out, glu, bias, name, config):
   """decode_ffn: H split into 64-column CTAs (H = 130 / 200: a partial last block), partial sums
-  reduced by XLA; x rows past M zero-filled, stores clipped (M = 16, 37, and 70 = two row blocks);
-  one stage refilled every K step, or all K steps in flight; D_out padded to 128, or 320 in five
-  64-column output chunks."""
+  reduced by XLA; x rows past M zero-filled, stores clipped (M = 9, 16, 37, and 70 = two row
+  blocks); one stage refilled every K step, or all K steps in flight; D_out padded to 128, or 320
+  in five 64-column output chunks; 64- and 32-column hidden blocks (128- / 64-byte swizzle)."""
   problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
-  plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(stages=stages))
+  plan = dispatch.Plan("decode", decode=config)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan)
 
@@ -298,6 +300,9 @@ def test_configs_refuse_what_does_not_fit():
     decode_sm90.DecodeConfig(stages=8).resolve_stages(576, 576, 2, 2)
   assert decode_sm90.DecodeConfig().resolve_stages(576, 576, 2, 2) == 5
   assert decode_sm90.DecodeConfig().resolve_stages(128, 576, 2, 2) == 2  # K steps cap it
+  assert decode_sm90.DecodeConfig(block_h=32).resolve_stages(576, 576, 2, 2) == 18
+  with pytest.raises(NotImplementedError, match="block_h"):
+    decode_sm90.DecodeConfig(block_h=48).resolve_stages(576, 576, 2, 2)
   kernels.FusedConfig().check(576, 576, 2, 2)
   kernels.EpilogueConfig(tile_m=64, tile_n=128).check(num_weights=2, itemsize=2)
 

@@ -3,17 +3,20 @@
 At decode (M <= 64 tokens) an FFN reads all of its weights for a few rows of x, so its time is the
 weight stream (SmolLM2: 5.3 MB, ~1.6 us at the H200's bandwidth) plus launch latency; a kernel
 that waits on few loads at a time leaves the HBM idle (the epilogue kernel + XLA GEMM2 took 22 us
-at SmolLM2 decode, XLA 25 us). Here CTA j owns the hidden columns J = [64 j, 64 (j + 1)):
+at SmolLM2 decode, XLA 25 us). Here CTA j owns the hidden columns J = [B j, B (j + 1)), B = 32
+or 64 (``DecodeConfig.block_h``):
 
-    h_J = act(x W_gate[:, J] + b_gate[J]) * (x W_up[:, J] + b_up[J])    GLU    [64, 64], registers
+    h_J = act(x W_gate[:, J] + b_gate[J]) * (x W_up[:, J] + b_up[J])    GLU    [64, B], registers
     h_J = act(x W_up[:, J] + b_up[J])                                   MLP
     P_j = h_J W_down[J, :]                                              [M, D_out] f32 -> HBM
     y   = sum_j P_j + b_down                                            the caller (one XLA fusion)
 
-so H/64 CTAs (SmolLM2 24, gpt2-small 48) stream disjoint weight slices. Each CTA issues its
-W_down[J, :] and the first ``stages`` K-slices of x and W_gate/W_up [64, 64] at once (100-170 KB
-in flight per SM), then refills a slot as soon as its wgmma has read it. x's rows past M are
-zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the partial stores clip to M rows.
+so H/B CTAs (SmolLM2 at B = 64: 24, gpt2-small 48) stream disjoint weight slices. Each CTA issues
+its W_down[J, :] and the first ``stages`` K-slices of x and W_gate/W_up ([64, B] and [B, B]) at
+once, then refills a slot as soon as its wgmma has read it. x's rows past M are
+zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the partial stores clip to M rows
+(TMA stores through two SMEM slots; storing all 64 rows straight from registers measured slower:
+benchmarks/NOTES.md).
 One warpgroup: at decode the wgmma work is tiny and the loads need no producer warpgroup.
 """
 
@@ -28,27 +31,32 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.gpu.fused_ffn_sm90 import (
-    MAX_WGMMA_N, SMEM_BYTES, TABLE_ALIGN, TILE_K, WGMMA_ROWS, _add_bias, _split_refs, _swizzled,
+    MAX_WGMMA_N, SMEM_BYTES, TABLE_ALIGN, WGMMA_ROWS, _add_bias, _split_refs, _swizzled,
     apply_activation)
 
-BLOCK_H = 64  # hidden columns per CTA: one 128-byte swizzle row of bf16, the wgmma K of GEMM2
+BLOCK_WIDTHS = (32, 64)  # hidden columns per CTA = K slice width: a 64- or 128-byte swizzle row
 OUT_PIECE = 32  # f32 columns per partial-sum store: one 128-byte swizzle row
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-  """``stages``: K-slices of x and W_gate/W_up in flight per CTA (None: as many as SMEM holds)."""
+  """``block_h``: hidden columns per CTA, also the K-slice width (32: twice the CTAs, each with half
+  the bytes); ``stages``: K-slices of x and W_gate/W_up in flight per CTA (None: all that fit)."""
 
+  block_h: int = 64
   stages: int | None = None
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
 
   def resolve_stages(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
     """The stage count to run with; NotImplementedError when even one stage does not fit."""
-    if d_model % TILE_K or d_out % 64:
-      raise NotImplementedError(f"D={d_model}, D_out={d_out}: need multiples of 64")
-    k_steps = d_model // TILE_K
-    fixed = _fixed_smem_bytes(d_out, num_weights, itemsize)
-    stage = (WGMMA_ROWS + num_weights * BLOCK_H) * TILE_K * itemsize
+    if self.block_h not in BLOCK_WIDTHS:
+      raise NotImplementedError(f"block_h={self.block_h}: expected one of {BLOCK_WIDTHS}")
+    if d_model % self.block_h or d_out % 64:
+      raise NotImplementedError(f"D={d_model}, D_out={d_out}: need multiples of "
+                                f"{self.block_h} and 64")
+    k_steps = d_model // self.block_h
+    fixed = _fixed_smem_bytes(self.block_h, d_out, num_weights, itemsize)
+    stage = (WGMMA_ROWS + num_weights * self.block_h) * self.block_h * itemsize
     fitting = (SMEM_BYTES - fixed) // stage
     stages = min(k_steps, fitting if self.stages is None else self.stages)
     if stages < 1 or stages > fitting:
@@ -58,9 +66,9 @@ class DecodeConfig:
     return stages
 
 
-def _fixed_smem_bytes(d_out: int, num_weights: int, itemsize: int) -> int:
+def _fixed_smem_bytes(block_h: int, d_out: int, num_weights: int, itemsize: int) -> int:
   """W_down slice, h, two f32 store slots, biases, PWL table, barriers."""
-  return ((BLOCK_H * d_out + WGMMA_ROWS * BLOCK_H + num_weights * BLOCK_H) * itemsize
+  return ((block_h * d_out + WGMMA_ROWS * block_h + num_weights * block_h) * itemsize
           + 2 * WGMMA_ROWS * OUT_PIECE * 4 + 4 * TABLE_ALIGN * 4 + 1024)
 
 
@@ -71,7 +79,7 @@ def _output_chunk(d_out: int) -> int:
 
 def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_knots: int,
                config: DecodeConfig) -> jax.Array:
-  """Partial sums P [ceil(H / 64), M, D_out] (f32, without b_down): y = P.sum(0) + b_down.
+  """Partial sums P [ceil(H / block_h), M, D_out] (f32, without b_down): y = P.sum(0) + b_down.
 
   Args as ``fused_ffn_sm90.gemm1_activation`` plus w_down [H, D_out]; D and D_out multiples of 64.
   Any M works (row blocks of 64 are a second grid axis); the kernel is meant for M <= 64.
@@ -84,10 +92,11 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
   if biases and len(biases) != len(weights):
     raise ValueError("decode_ffn: give both GLU biases or neither")
   stages = config.resolve_stages(d_model, d_out, len(weights), jnp.dtype(dtype).itemsize)
-  k_steps = d_model // TILE_K
+  block_h = tile_k = config.block_h
+  k_steps = d_model // tile_k
   chunk = _output_chunk(d_out)
   num_chunks = d_out // chunk
-  h_blocks, m_blocks = pl.cdiv(hidden, BLOCK_H), pl.cdiv(m, WGMMA_ROWS)
+  h_blocks, m_blocks = pl.cdiv(hidden, block_h), pl.cdiv(m, WGMMA_ROWS)
   has_consts = bool(biases) or table is not None
   inputs = [x, *weights, *biases, w_down] + ([table] if table is not None else [])
 
@@ -98,10 +107,10 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
         refs, (1, len(weights), len(biases), 1, int(table is not None), 11))
     rows = pl.ds(lax.axis_index("m") * WGMMA_ROWS, WGMMA_ROWS)
     block = lax.axis_index("h")
-    h_cols = pl.ds(block * BLOCK_H, BLOCK_H)
+    h_cols = pl.ds(block * block_h, block_h)
 
     def issue(k, slot):
-      k_cols = pl.ds(k * TILE_K, TILE_K)
+      k_cols = pl.ds(k * tile_k, tile_k)
       plgpu.copy_gmem_to_smem(x_gmem.at[rows, k_cols], x_smem.at[slot], k_ready.at[slot])
       for i, w in enumerate(w_gmems):
         plgpu.copy_gmem_to_smem(w.at[k_cols, h_cols], w_smem.at[slot, i], k_ready.at[slot])
@@ -131,7 +140,7 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
 
       return [acc[...] for acc in accumulators]
 
-    pre = pl.run_scoped(gemm1, *[plgpu.ACC((WGMMA_ROWS, BLOCK_H), jnp.float32)] * len(weights))
+    pre = pl.run_scoped(gemm1, *[plgpu.ACC((WGMMA_ROWS, block_h), jnp.float32)] * len(weights))
     if has_consts:
       plgpu.barrier_wait(consts_ready.at[0])
     if b_gmems:
@@ -159,15 +168,15 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
       pl.run_scoped(gemm2, plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32))
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  operand = _swizzled(TILE_K, dtype)
+  operand = _swizzled(block_h, dtype)  # wgmma wants one swizzle on both operands
   scratch = [
-      plgpu.SMEM((stages, WGMMA_ROWS, TILE_K), dtype, transforms=operand),
-      plgpu.SMEM((stages, len(weights), TILE_K, BLOCK_H), dtype, transforms=operand),
-      plgpu.SMEM((num_chunks, BLOCK_H, chunk), dtype, transforms=operand),
-      plgpu.SMEM((WGMMA_ROWS, BLOCK_H), dtype, transforms=operand),
+      plgpu.SMEM((stages, WGMMA_ROWS, tile_k), dtype, transforms=operand),
+      plgpu.SMEM((stages, len(weights), tile_k, block_h), dtype, transforms=operand),
+      plgpu.SMEM((num_chunks, block_h, chunk), dtype, transforms=operand),
+      plgpu.SMEM((WGMMA_ROWS, block_h), dtype, transforms=operand),
       plgpu.SMEM((2, WGMMA_ROWS, OUT_PIECE), jnp.float32,
                  transforms=_swizzled(OUT_PIECE, jnp.float32)),
-      plgpu.SMEM((max(len(biases), 1), BLOCK_H), dtype),
+      plgpu.SMEM((max(len(biases), 1), block_h), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=1 + len(weights), num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_chunks, num_barriers=1),

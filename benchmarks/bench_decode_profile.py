@@ -1,0 +1,167 @@
+"""Decode FFN time on the GPU itself (profiler), apart from the host's launch cost: run on the GPU.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_decode_profile.py --out $OUT [--rows 16] [--sets 12]
+
+At decode the FFN's GPU work is a few microseconds, so a wall-clock harness (bench_gpu.py) mostly
+measures how fast the host issues launches: there a Mosaic GPU kernel that only copies x costs
+~30 us, more than XLA's whole FFN. This script separates the two. For every variant it runs the
+FFN over ``--sets`` weight sets (``lax.map``; sets x weights > the 50 MB L2, so weights stream
+from HBM), traces ``--calls`` calls with ``jax.profiler`` and reads the GPU's kernel events:
+  device_us  -- union of kernel execution intervals per FFN (what the GPU is busy for);
+  kernels    -- kernel launches per FFN;
+  host_us    -- wall clock per FFN of the same calls (launch cost included).
+Writes ``decode-profile-<date>.json`` / ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flashffn_jax as ff
+from flashffn_jax.ops import reference_ffn, to_kernel_activation
+from pallas_kernels.activation import Activation
+from pallas_kernels.gpu import decode_sm90, dispatch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_gpu import decode_partials_only, mosaic_copy  # noqa: E402
+
+SHAPES = {  # name: (D, H, GLU, exact activation)
+    "smollm2": (576, 1536, True, "silu"),
+    "gpt2-small": (768, 3072, False, "gelu"),
+}
+
+
+def variants(glu: bool, exact: str) -> dict:
+  """name -> FFN(x, w_up, w_down, w_gate) on one weight set."""
+  pwl = to_kernel_activation(ff.fit(exact, 16))
+  xla = lambda act: lambda x, wu, wd, wg: reference_ffn(x, wu, wd, wg, None, None, None, act)
+  kernel = lambda plan: lambda x, wu, wd, wg: dispatch.ffn_mosaic_gpu(
+      x, wu, wd, wg, None, None, None, pwl, plan=plan)
+  epilogue = dispatch.EPILOGUE_GLU_F16 if glu else dispatch.EPILOGUE_MLP_F16
+  decode = {f"b{block_h}-{pwl_dtype[5:]}": decode_sm90.DecodeConfig(block_h, pwl_dtype=pwl_dtype)
+            for block_h in decode_sm90.BLOCK_WIDTHS for pwl_dtype in ("float32", "float16")}
+  return {
+      "xla-exact": xla(Activation(exact)),
+      "xla-pwl16": xla(pwl),
+      **{f"decode-pwl16-{name}": kernel(dispatch.Plan("decode", decode=config))
+         for name, config in decode.items()},
+      **{f"probe:decode-kernel-only-{name}": decode_partials_only(pwl, config)
+         for name, config in decode.items()},
+      "probe:decode-kernel-only-b64-16-2stages": decode_partials_only(
+          pwl, decode_sm90.DecodeConfig(64, stages=2, pwl_dtype="float16")),
+      "epilogue+xla-pwl16": kernel(dispatch.Plan("epilogue", epilogue=epilogue.epilogue)),
+      "probe:mosaic-copy": mosaic_copy,
+  }
+
+
+def kernel_intervals(trace_dir: str) -> tuple[list[tuple[int, int]], list[str]]:
+  """(start, end) ns of every kernel the GPU ran during the trace (stream lines of GPU planes),
+  and the names of the lines read."""
+  paths = [os.path.join(root, name) for root, _, names in os.walk(trace_dir) for name in names
+           if name.endswith(".xplane.pb")]
+  intervals, names = [], set()
+  for path in paths:
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        if "stream" in line.name.lower():  # skip the "XLA Ops" / "XLA Modules" summary lines
+          intervals += [(e.start_ns, e.end_ns) for e in line.events]
+          names.add(line.name)
+  return intervals, sorted(names)
+
+
+def union_ns(intervals) -> int:
+  total, end = 0, -1
+  for start, stop in sorted(intervals):
+    if stop > end:
+      total += stop - max(start, end)
+      end = stop
+  return total
+
+
+def profile(fn, args, calls: int, per_call: int) -> dict:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    host = time.perf_counter() - start
+    intervals, lines = kernel_intervals(trace_dir)
+  ffns = calls * per_call
+  return dict(device_us=union_ns(intervals) / 1e3 / ffns, kernels=len(intervals) / ffns,
+              host_us=host * 1e6 / ffns, lines=lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--rows", type=int, default=16)
+  parser.add_argument("--sets", type=int, default=12)
+  parser.add_argument("--calls", type=int, default=20)
+  parser.add_argument("--shapes", default=",".join(SHAPES))
+  parser.add_argument("--variants", help="comma-separated subset of the variant names")
+  args = parser.parse_args(argv)
+  rng = np.random.default_rng(0)
+  results = []
+  for name in args.shapes.split(","):
+    d_model, hidden, glu, exact = SHAPES[name]
+    draw = lambda *s: jnp.asarray(rng.standard_normal((args.sets, *s), np.float32)
+                                  / np.sqrt(s[0]), jnp.bfloat16)
+    weights = (draw(d_model, hidden), draw(hidden, d_model),
+               draw(d_model, hidden) if glu else None)
+    x = jnp.asarray(rng.standard_normal((args.rows, d_model)), jnp.bfloat16)
+    for variant, ffn in variants(glu, exact).items():
+      if args.variants and variant not in args.variants.split(","):
+        continue
+      over_sets = jax.jit(lambda x, wu, wd, wg, ffn=ffn: jax.lax.map(
+          lambda w: ffn(x, w[0], w[1], w[2]), (wu, wd, wg)))
+      try:
+        record = profile(over_sets, (x, *weights), args.calls, args.sets)
+      except Exception as error:  # noqa: BLE001 -- a failed variant is a result
+        record = {"error": f"{type(error).__name__}: {error}"[:300]}
+      record.update(shape=name, variant=variant, rows=args.rows)
+      results.append(record)
+      print(json.dumps(record), flush=True)
+
+  date = datetime.date.today().isoformat()
+  lines = [f"# Decode FFN, GPU time from the profiler ({jax.devices()[0].device_kind}, {date})",
+           "", f"M = {args.rows}, {args.sets} weight sets per call (lax.map), {args.calls} calls "
+           "traced. device us: union of kernel intervals per FFN; host us: wall clock per FFN.",
+           "", "| shape | variant | device us | kernels | host us | device vs XLA exact |",
+           "|---|---|---:|---:|---:|---:|"]
+  for r in results:
+    base = next((b for b in results if b["shape"] == r["shape"] and b["variant"] == "xla-exact"
+                 and b.get("device_us")), None)
+    if "device_us" not in r:
+      lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} | | | |")
+      continue
+    speedup = f"{base['device_us'] / r['device_us']:.2f}x" if base else "—"
+    lines.append(f"| {r['shape']} | {r['variant']} | {r['device_us']:.2f} | {r['kernels']:.1f} "
+                 f"| {r['host_us']:.1f} | {speedup} |")
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"decode-profile-{date}")
+  with open(stem + ".json", "w") as f:
+    json.dump({"command": "python3 benchmarks/bench_decode_profile.py " + " ".join(
+        argv or sys.argv[1:]), "results": results}, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
