@@ -4,9 +4,9 @@
 
 At decode the FFN's GPU work is a few microseconds, so a wall-clock harness (bench_gpu.py) mostly
 measures how fast the host issues launches: there a Mosaic GPU kernel that only copies x costs
-~30 us, more than XLA's whole FFN. This script separates the two. For every variant it runs the
-FFN over ``--sets`` weight sets (``lax.map``; sets x weights > the 50 MB L2, so weights stream
-from HBM), traces ``--calls`` calls with ``jax.profiler`` and reads the GPU's kernel events:
+~30 us, more than XLA's whole FFN. This script separates the two. For every variant one jit runs a
+chain of ``--sets`` FFNs, each with its own weights (like layers; sets x weights > the 50 MB L2,
+so weights stream from HBM), traces ``--calls`` calls with ``jax.profiler`` and reads the GPU's kernel events:
   device_us  -- union of kernel execution intervals per FFN (what the GPU is busy for);
   kernels    -- kernel launches per FFN;
   host_us    -- wall clock per FFN of the same calls (launch cost included).
@@ -48,6 +48,7 @@ def variants(glu: bool, exact: str) -> dict:
   kernel = lambda plan: lambda x, wu, wd, wg: dispatch.ffn_mosaic_gpu(
       x, wu, wd, wg, None, None, None, pwl, plan=plan)
   epilogue = dispatch.EPILOGUE_GLU_F16 if glu else dispatch.EPILOGUE_MLP_F16
+  f16 = decode_sm90.DecodeConfig(64, pwl_dtype="float16")
   decode = {f"b{block_h}-{pwl_dtype[5:]}": decode_sm90.DecodeConfig(block_h, pwl_dtype=pwl_dtype)
             for block_h in decode_sm90.BLOCK_WIDTHS for pwl_dtype in ("float32", "float16")}
   return {
@@ -59,17 +60,23 @@ def variants(glu: bool, exact: str) -> dict:
          for name, config in decode.items()},
       "probe:decode-kernel-only-b64-16-2stages": decode_partials_only(
           pwl, decode_sm90.DecodeConfig(64, stages=2, pwl_dtype="float16")),
+      # where the kernel's time goes: the same kernel with D_out = 64 (GEMM1 and the loads of
+      # W_gate/W_up, little GEMM2 / store work) and with D = 64 (one K step, all of GEMM2)
+      "probe:decode-kernel-only-b64-16-dout64": lambda x, wu, wd, wg: decode_partials_only(
+          pwl, f16)(x, wu, wd[:, :64], wg),
+      "probe:decode-kernel-only-b64-16-d64": lambda x, wu, wd, wg: decode_partials_only(
+          pwl, f16)(x[:, :64], wu[:64], wd, None if wg is None else wg[:64]),
       "epilogue+xla-pwl16": kernel(dispatch.Plan("epilogue", epilogue=epilogue.epilogue)),
       "probe:mosaic-copy": mosaic_copy,
   }
 
 
-def kernel_intervals(trace_dir: str) -> tuple[list[tuple[int, int]], list[str]]:
+def kernel_intervals(trace_dir: str) -> tuple[list[tuple[int, int]], list[str], dict[str, int]]:
   """(start, end) ns of every kernel the GPU ran during the trace (stream lines of GPU planes),
-  and the names of the lines read."""
+  the names of the lines read, and the total ns per kernel name."""
   paths = [os.path.join(root, name) for root, _, names in os.walk(trace_dir) for name in names
            if name.endswith(".xplane.pb")]
-  intervals, names = [], set()
+  intervals, names, by_kernel = [], set(), {}
   for path in paths:
     for plane in jax.profiler.ProfileData.from_file(path).planes:
       if not plane.name.startswith("/device:GPU"):
@@ -78,7 +85,9 @@ def kernel_intervals(trace_dir: str) -> tuple[list[tuple[int, int]], list[str]]:
         if "stream" in line.name.lower():  # skip the "XLA Ops" / "XLA Modules" summary lines
           intervals += [(e.start_ns, e.end_ns) for e in line.events]
           names.add(line.name)
-  return intervals, sorted(names)
+          for e in line.events:
+            by_kernel[e.name] = by_kernel.get(e.name, 0) + e.duration_ns
+  return intervals, sorted(names), by_kernel
 
 
 def union_ns(intervals) -> int:
@@ -100,10 +109,12 @@ def profile(fn, args, calls: int, per_call: int) -> dict:
         out = fn(*args)
       jax.block_until_ready(out)
     host = time.perf_counter() - start
-    intervals, lines = kernel_intervals(trace_dir)
+    intervals, lines, by_kernel = kernel_intervals(trace_dir)
   ffns = calls * per_call
+  top = sorted(by_kernel.items(), key=lambda item: -item[1])[:4]
   return dict(device_us=union_ns(intervals) / 1e3 / ffns, kernels=len(intervals) / ffns,
-              host_us=host * 1e6 / ffns, lines=lines)
+              host_us=host * 1e6 / ffns, lines=lines,
+              by_kernel_us={name[:60]: ns / 1e3 / ffns for name, ns in top})
 
 
 def main(argv=None) -> int:
@@ -119,18 +130,24 @@ def main(argv=None) -> int:
   results = []
   for name in args.shapes.split(","):
     d_model, hidden, glu, exact = SHAPES[name]
-    draw = lambda *s: jnp.asarray(rng.standard_normal((args.sets, *s), np.float32)
-                                  / np.sqrt(s[0]), jnp.bfloat16)
-    weights = (draw(d_model, hidden), draw(hidden, d_model),
-               draw(d_model, hidden) if glu else None)
+    draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]),
+                                  jnp.bfloat16)
+    weight_sets = [(draw(d_model, hidden), draw(hidden, d_model),
+                    draw(d_model, hidden) if glu else None) for _ in range(args.sets)]
     x = jnp.asarray(rng.standard_normal((args.rows, d_model)), jnp.bfloat16)
     for variant, ffn in variants(glu, exact).items():
       if args.variants and variant not in args.variants.split(","):
         continue
-      over_sets = jax.jit(lambda x, wu, wd, wg, ffn=ffn: jax.lax.map(
-          lambda w: ffn(x, w[0], w[1], w[2]), (wu, wd, wg)))
+      # a chain, as layers run: each FFN's output is the next one's input and each set's weights
+      # are separate arguments. (A lax.map over stacked weights made XLA copy each slice, 7 us
+      # per FFN; independent FFNs on one x let XLA concatenate their weights into one GEMM.)
+      def over_sets(x, sets, ffn=ffn):
+        for w in sets:
+          x = ffn(x, *w)
+        return x
+      over_sets = jax.jit(over_sets)
       try:
-        record = profile(over_sets, (x, *weights), args.calls, args.sets)
+        record = profile(over_sets, (x, weight_sets), args.calls, args.sets)
       except Exception as error:  # noqa: BLE001 -- a failed variant is a result
         record = {"error": f"{type(error).__name__}: {error}"[:300]}
       record.update(shape=name, variant=variant, rows=args.rows)
@@ -139,19 +156,20 @@ def main(argv=None) -> int:
 
   date = datetime.date.today().isoformat()
   lines = [f"# Decode FFN, GPU time from the profiler ({jax.devices()[0].device_kind}, {date})",
-           "", f"M = {args.rows}, {args.sets} weight sets per call (lax.map), {args.calls} calls "
+           "", f"M = {args.rows}, {args.sets} chained FFNs per call, {args.calls} calls "
            "traced. device us: union of kernel intervals per FFN; host us: wall clock per FFN.",
-           "", "| shape | variant | device us | kernels | host us | device vs XLA exact |",
-           "|---|---|---:|---:|---:|---:|"]
+           "", "| shape | variant | device us | kernels | host us | device vs XLA exact "
+           "| largest kernels (us per FFN) |", "|---|---|---:|---:|---:|---:|---|"]
   for r in results:
     base = next((b for b in results if b["shape"] == r["shape"] and b["variant"] == "xla-exact"
                  and b.get("device_us")), None)
     if "device_us" not in r:
-      lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} | | | |")
+      lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} | | | | |")
       continue
     speedup = f"{base['device_us'] / r['device_us']:.2f}x" if base else "—"
+    largest = ", ".join(f"{name} {us:.2f}" for name, us in r["by_kernel_us"].items())
     lines.append(f"| {r['shape']} | {r['variant']} | {r['device_us']:.2f} | {r['kernels']:.1f} "
-                 f"| {r['host_us']:.1f} | {speedup} |")
+                 f"| {r['host_us']:.1f} | {speedup} | {largest} |")
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, f"decode-profile-{date}")
   with open(stem + ".json", "w") as f:

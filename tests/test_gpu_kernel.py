@@ -322,6 +322,8 @@ GPU_CASES = {
         "decode", decode=decode_sm90.DecodeConfig())),
     "decode-mlp-gelu": (64, 768, 3072, 768, False, True, "gelu", dispatch.Plan(
         "decode", decode=decode_sm90.DecodeConfig(stages=2))),
+    "decode-b32-glu-pwl": (16, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(block_h=32, pwl_dtype="float16"))),
     "epilogue-mlp-pwl-odd": (1000, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(
