@@ -259,6 +259,7 @@ def test_plan_table():
   assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
+  assert dispatch.choose_plan(16, 576, 1536, 576, True, True) == dispatch.XLA  # measured 12-01
   assert dispatch.choose_plan(8192, 2048, 8192, 2048, True, True) == dispatch.EPILOGUE_GLU_F16
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.EPILOGUE_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU

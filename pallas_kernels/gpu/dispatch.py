@@ -5,15 +5,20 @@ Which path runs (decided at trace time from the shape and activation kind; see `
   * ``epilogue`` -- ``fused_ffn_sm90.gemm1_activation`` (GEMM1 with the activation in its epilogue,
                     [M, H] written once in x's dtype) followed by XLA's GEMM2. Chosen for
                     every measured shape at M > 64 (SmolLM2, gpt2-small, gpt2-xl, llama-1B,
-                    llama-8B), SmolLM2 decode with a PWL, and untuned shapes with M > 64.
+                    llama-8B) and untuned shapes with M > 64.
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
                     entry selects it; it runs when a caller passes its ``Plan``.
+  * ``decode``   -- ``decode_sm90.decode_ffn``: one kernel, H split over 32/64-column CTAs, f32
+                    partials summed by XLA (D_out <= ~1000). On the H200's own clock (profiler,
+                    benchmarks/results/decode-profile-h200-2026-12-01.md) it ties XLA at SmolLM2
+                    decode (10.0 vs 9.9 us) and loses at gpt2-small (11.9 vs 8.9 us); in wall
+                    clock every Mosaic launch costs more than XLA's whole decode FFN. No tuned
+                    entry selects it; it runs when a caller passes its ``Plan``.
   * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
                     devices, float32, callable activations, shapes where ``TUNED`` measured XLA
-                    faster (llama-8B decode; SmolLM2 decode with an exact activation), and
-                    untuned decode shapes.
+                    faster (llama-8B and SmolLM2 decode), and untuned decode shapes.
 
 ``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?, pwl?) from
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
@@ -97,7 +102,10 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (True, 2048, 8192, 2048, False, False): EPILOGUE_GLU,  # 1.2597 vs 1.3894
     (True, 4096, 14336, 4096, False, True): EPILOGUE_GLU_F16,  # 4.3634 vs 4.5064
     (True, 4096, 14336, 4096, False, False): EPILOGUE_GLU,  # 4.3291 vs 4.5064
-    (True, 576, 1536, 576, True, True): EPILOGUE_GLU_F16,  # 0.0220 vs 0.0250; fused x12 0.0309
+    # decode (M = 16): the epilogue path looked faster in wall clock on 11-30 (0.0220 vs 0.0250
+    # ms) but lost in both measures on 12-01: wall clock 0.042 vs 0.028, GPU time (profiler)
+    # 14.9 vs 9.9 us; the decode kernel ties XLA on the GPU (10.0 us) and loses in wall clock
+    (True, 576, 1536, 576, True, True): XLA,
     (True, 576, 1536, 576, True, False): XLA,  # kernel 0.0380 vs 0.0250
     (True, 4096, 14336, 4096, True, True): XLA,  # kernel 0.1203 vs 0.1009
     (True, 4096, 14336, 4096, True, False): XLA,  # kernel 0.1207 vs 0.1009
@@ -107,7 +115,7 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
 def default_plan(rows: int, d_model: int, glu: bool, pwl: bool) -> Plan:
   """The plan for shapes ``TUNED`` has not measured, extrapolated from the measured ones: the
   epilogue kernel for M > 64 (its forward won at every measured D, 576 to 4096); XLA at decode
-  (the kernels lost at llama-8B decode; the fused kernel lost everywhere it was measured)."""
+  (every kernel lost or tied at the measured decode shapes, SmolLM2, gpt2-small, llama-8B)."""
   if rows <= DECODE_ROWS:
     return XLA
   if pwl:
