@@ -13,7 +13,11 @@ table reports the fold's resulting shape (folded / kept neurons, predictor flag 
 the times, so the numbers can be read against the real-model results (benchmarks/results/fold-*).
 
 Variants, each timed as N back-to-back calls chained through a residual add inside one jit
-(y_{k+1} = x + 1e-3 · ffn(y_k)), median over repeats, per call:
+(y_{k+1} = x + 1e-3 · ffn(y_k)), median over repeats, per call. By default on the wall clock with
+one weight set (L2-resident at the small shapes); with ``--device-time`` on the GPU's clock
+(``gpu_profile.profile``: union of kernel intervals) with the chain cycling through copies of the
+weights that together exceed twice the 50 MB L2, so they stream from HBM as a model's layers do
+(at decode sizes the wall clock measures mostly the host's launch path: benchmarks/NOTES.md).
   xla_exact      flashffn_jax.ffn(..., implementation="xla"): the XLA reference FFN
   auto_exact     flashffn_jax.ffn(...) default dispatch (a Pallas kernel where one serves)
   fold_gather    folded_ffn decode path (predictor int8 -> union of flags -> top-k -> gather rows)
@@ -30,8 +34,11 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
+import os
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -43,6 +50,9 @@ from flashffn_jax.fold.layer import build_weights
 from flashffn_jax.fold.model import plan_layer
 from flashffn_jax.fold.ops import folded_ffn
 from flashffn_jax.ops import ffn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_profile import profile  # noqa: E402
 
 SHAPES = {  # name: (D, H, glu, activation)
     "gpt2-small": (768, 3072, False, "gelu_tanh"),
@@ -112,26 +122,43 @@ def variants(problem: Problem) -> dict:
   }
 
 
-def time_per_call(fn, weights, x: jax.Array, chain: int, repeats: int) -> float:
-  """Median seconds per call over ``repeats`` runs of ``chain`` chained calls (one jit)."""
-  def chained(x0, params):
-    y = x0
-    for _ in range(chain):
-      y = x0 + (1e-3 * fn(y, params).astype(jnp.float32)).astype(x0.dtype)
-    return y
+L2_BYTES = 50 * 2**20
 
-  run = jax.jit(chained)
-  run(x, weights).block_until_ready()
-  run(x, weights).block_until_ready()
+
+def chained_calls(fn, chain: int):
+  """jit of ``chain`` calls y_{k+1} = x + 1e-3 · fn(y_k, weights[k % len(weights)])."""
+  def chained(x0, weight_copies):
+    y = x0
+    for k in range(chain):
+      y = x0 + (1e-3 * fn(y, weight_copies[k % len(weight_copies)]).astype(jnp.float32)
+                ).astype(x0.dtype)
+    return y
+  return jax.jit(chained)
+
+
+def time_per_call(fn, weights, x: jax.Array, chain: int, repeats: int) -> float:
+  """Median wall-clock seconds per call over ``repeats`` runs of ``chain`` chained calls."""
+  run = chained_calls(fn, chain)
+  run(x, [weights]).block_until_ready()
+  run(x, [weights]).block_until_ready()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    run(x, weights).block_until_ready()
+    run(x, [weights]).block_until_ready()
     times.append((time.perf_counter() - start) / chain)
   return statistics.median(times)
 
 
-def measure(problem: Problem, tokens: tuple, chain: int, repeats: int, rng) -> list[dict]:
+def device_time_per_call(fn, weights, x: jax.Array, chain: int, repeats: int) -> float:
+  """GPU-busy seconds per call, the chain cycling through copies of ``weights`` (> 2x the L2)."""
+  nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(weights))
+  copies = [jax.tree.map(jnp.copy, weights)
+            for _ in range(min(chain, max(1, math.ceil(2 * L2_BYTES / nbytes))))]
+  return profile(chained_calls(fn, chain), (x, copies), repeats, chain)["device_us"] / 1e6
+
+
+def measure(problem: Problem, tokens: tuple, chain: int, repeats: int, rng,
+            clock=time_per_call) -> list[dict]:
   rows = []
   d = problem.folded.w_fold.shape[0]
   for m in tokens:
@@ -140,7 +167,7 @@ def measure(problem: Problem, tokens: tuple, chain: int, repeats: int, rng) -> l
            "folded": problem.stats["folded"], "kept": problem.stats["kept"]}
     for name, (fn, weights) in variants(problem).items():
       try:
-        row[name + "_ms"] = 1e3 * time_per_call(fn, weights, x, chain, repeats)
+        row[name + "_ms"] = 1e3 * clock(fn, weights, x, chain, repeats)
       except Exception as error:  # a variant that cannot run here is reported, not fatal
         row[name + "_ms"] = None
         row[name + "_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -169,7 +196,10 @@ def format_row(row: dict) -> str:
 def markdown(result: dict) -> str:
   lines = [f"# Fold decode timing ({result['device']}, {result['date']})", "",
            "Speed-up = XLA exact FFN time / variant time (bf16, random weights, see "
-           "benchmarks/bench_fold_decode.py).", "",
+           "benchmarks/bench_fold_decode.py). Clock: " + (
+               "the GPU's (profiler: kernel time; weights cycled through copies > 2x the L2)."
+               if result["args"]["device_time"] else
+               "wall clock (host launch cost included; one weight set)."), "",
            "| shape | M | folded/kept | flag rate | capacity | XLA exact ms | auto | gather int8 | "
            "gather int4 | gather by index | dense | fold only |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -195,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--calibration-tokens", type=int, default=2048)
   parser.add_argument("--chain", type=int, default=16, help="FFN calls per timed jit")
   parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--device-time", action="store_true",
+                      help="time on the GPU's clock (profiler), weights streaming from HBM")
   args = parser.parse_args(argv)
   shapes = TINY_SHAPES if args.tiny else {k: SHAPES[k] for k in (args.shapes or SHAPES)}
   if args.tiny:
@@ -206,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
   date = datetime.date.today().isoformat()
   result = {"device": getattr(device, "device_kind", device.platform), "platform": device.platform,
             "date": date, "jax": jax.__version__, "args": vars(args), "problems": [], "rows": []}
-  stem = f"fold-decode-{'tiny' if args.tiny else device.platform}-{date}"
+  clock = "-device-time" if args.device_time else ""
+  stem = f"fold-decode-{'tiny' if args.tiny else device.platform}{clock}-{date}"
   rng = np.random.default_rng(1)
   print(HEADER, flush=True)
   for name, (d, hidden, glu, activation) in shapes.items():
@@ -215,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
                             args.predictor_bits)
     result["problems"].append({"name": name, "D": d, "H": hidden, "glu": glu, "activation": activation,
                                "exact_fraction": fraction, "stats": problem.stats})
-    result["rows"] += measure(problem, tuple(args.tokens), args.chain, args.repeats, rng)
+    result["rows"] += measure(problem, tuple(args.tokens), args.chain, args.repeats, rng,
+                              device_time_per_call if args.device_time else time_per_call)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # partial results survive a timeout
   (out / f"{stem}.md").write_text(markdown(result))
   print(f"wrote {out / stem}.json and .md", flush=True)

@@ -50,8 +50,8 @@ def segment_sums_one_hot(x, g, knots, axis: int = -1):
 
 
 def segment_sums_separate(x, g, knots):
-  """The library's cumulative sums S_k = Σ_{x ≥ t_k} v as K separate reductions (XLA may fuse
-  them as siblings) instead of one over [..., K+1]."""
+  """The library's form without its integer counts (empty segments may get a rounding residue
+  instead of 0)."""
   def segments(v):
     above = jnp.stack([jnp.sum(jnp.where(x >= t, v, 0.0)) for t in jnp.asarray(knots, x.dtype)])
     cumulative = jnp.concatenate([jnp.sum(v)[None], above, jnp.zeros((1,), v.dtype)])
@@ -59,11 +59,27 @@ def segment_sums_separate(x, g, knots):
   return segments(g * x), segments(g)
 
 
+def segment_sums_broadcast(x, g, knots):
+  """Cumulative sums in one reduction over a broadcast [..., K+1] (the library's form during the
+  first 2026-12-01 session; exact for empty segments because every S_k comes out of the same
+  reduction)."""
+  knots = jnp.asarray(knots, x.dtype)
+  counted = jnp.concatenate([jnp.ones(x.shape + (1,), bool), x[..., None] >= knots], -1)
+
+  def per_segment(v):
+    cumulative = jnp.sum(jnp.where(counted, v[..., None], 0.0), axis=tuple(range(x.ndim)))
+    return cumulative - jnp.concatenate([cumulative[1:], jnp.zeros((1,), cumulative.dtype)])
+  return per_segment(g * x), per_segment(g)
+
+
 SEGMENT_SUMS = {
-    "segment-sums (library: cumulative, one reduction over [M, H, K+1])": pwl_segment_sums,
+    "segment-sums (library: K separate reductions, empty segments zeroed by counts)":
+        pwl_segment_sums,
+    "segment-sums (cumulative, one reduction over [M, H, K+1])": segment_sums_broadcast,
     "segment-sums (one-hot [M, H, K+1], the library until 2026-12-01)": segment_sums_one_hot,
     "segment-sums (one-hot [K+1, M, H])": lambda x, g, knots: segment_sums_one_hot(x, g, knots, 0),
-    "segment-sums (cumulative, K separate reductions)": segment_sums_separate,
+    "segment-sums (K separate reductions, no counts: not exact for empty segments)":
+        segment_sums_separate,
 }
 
 
