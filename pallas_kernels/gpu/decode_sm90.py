@@ -1,10 +1,10 @@
 """Decode FFN for Hopper: CTAs split the hidden dimension and issue their whole weight stream early.
 
 At decode (M <= 64 tokens) an FFN reads all of its weights for a few rows of x, so its time is the
-weight stream (SmolLM2: 5.3 MB, ~1.6 us at the H200's bandwidth) plus launch latency; a kernel
-that waits on few loads at a time leaves the HBM idle (the epilogue kernel + XLA GEMM2 took 22 us
-at SmolLM2 decode, XLA 25 us). Here CTA j owns the hidden columns J = [B j, B (j + 1)), B = 32
-or 64 (``DecodeConfig.block_h``):
+weight stream (SmolLM2: 5.3 MB, ~1.6 us at the H200's bandwidth) plus launch latency. On the
+GPU's clock XLA takes 9.9 us there (two GEMMs of 4.7 and 2.9 us and small fusions) and the
+epilogue kernel + XLA GEMM2 14.9 us. Here CTA j owns the hidden columns J = [B j, B (j + 1)),
+B = 32 or 64 (``DecodeConfig.block_h``):
 
     h_J = act(x W_gate[:, J] + b_gate[J]) * (x W_up[:, J] + b_up[J])    GLU    [64, B], registers
     h_J = act(x W_up[:, J] + b_up[J])                                   MLP
@@ -18,6 +18,11 @@ zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the partial stores
 (TMA stores through two SMEM slots; storing all 64 rows straight from registers measured slower:
 benchmarks/NOTES.md).
 One warpgroup: at decode the wgmma work is tiny and the loads need no producer warpgroup.
+
+Measured on the H200 (benchmarks/results/decode-profile-h200-2026-12-01.md, GPU clock, M = 16):
+8.8 us for the kernel + 1.2 us for the sum at SmolLM2 (XLA 9.9), 10.1 + 1.8 at gpt2-small (XLA
+8.9), against ~3 us predicted from its bytes; where the time goes is open (benchmarks/NOTES.md).
+The dispatcher does not pick it; pass ``Plan("decode", decode=DecodeConfig())`` to run it.
 """
 
 from __future__ import annotations

@@ -56,9 +56,10 @@ RESIDUALS = ("recompute", "preactivations")
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """How to run one shape: ``path`` is "fused", "epilogue" or "xla" plus that path's tiles, what
-  the forward keeps for the backward (``residuals``: "recompute" or "preactivations", the latter
-  on the epilogue path only) and how many [M, chunk] elements the backward handles per chunk."""
+  """How to run one shape: ``path`` is "fused", "epilogue", "decode" or "xla" plus that path's
+  config (``fused`` / ``epilogue`` / ``decode``), what the forward keeps for the backward
+  (``residuals``: "recompute" or "preactivations", the latter on the epilogue path only) and how
+  many [M, chunk] elements the backward handles per chunk."""
 
   path: str
   fused: kernels.FusedConfig | None = None
