@@ -66,7 +66,7 @@ class DecodeConfig:
     stages = min(k_steps, fitting if self.stages is None else self.stages)
     if stages < 1 or stages > fitting:
       raise NotImplementedError(
-          f"D_out={d_out}: W_down[64, D_out] plus {max(stages, 1)} stage(s) need "
+          f"D_out={d_out}: W_down[{self.block_h}, D_out] plus {max(stages, 1)} stage(s) need "
           f"{fixed + max(stages, 1) * stage} bytes of SMEM > {SMEM_BYTES}")
     return stages
 
