@@ -12,6 +12,9 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
   fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL
                (bf16 GEMMs, autodiff), the kernel's custom VJP with the fastest forward plan for
                each ``--residuals`` kind and ``--backward-chunks`` budget, and with the exact act.;
+  decode:      also a Mosaic kernel that only copies x (what one launch costs in this wall-clock
+               harness: ~30 us on the H200, 1 us of it on the GPU) and the decode kernel without
+               its XLA sum; for GPU time at decode use bench_decode_profile.py;
   memory:      compiled temp bytes of fwd+bwd, and bytes the forward saves for the backward;
   accuracy:    ‖out − ref‖/‖ref‖ against XLA in float32 on the same inputs.
 It prints a table and writes ``<device>-<date>.json`` / ``.md`` (plus a JSON-lines log written as it
