@@ -8,7 +8,11 @@ its calibration inputs fall) act(z) ≈ a_i z + c_i, so with the residual r_i(z)
 
 One D×D_out matrix replaces the two D×H matrices; S is the set of neurons whose z_i leaves its
 hot range (the outliers), corrected exactly with z_S = x W_up[:, S] + b_S. Inside the hot range
-the residual r_i is what is lost (the least-squares fit keeps it small).
+the residual r_i is what is lost (the least-squares fit keeps it small). By default W_fold and
+b_fold are then refitted jointly on the calibration tokens: the least-squares [W_fold; b_fold]
+for what the fold must stand for, Σ_F t_i W_down[i] with t_i the line where the predictor flags
+neuron i (the correction adds the rest) and act(z_i) elsewhere (``layer._refit_fold``; on
+all-MiniLM-L6-v2 it raised the held-out cosine of fold10-int4 from 0.973 to 0.981).
 
 GLU, y = (act(x W_gate) ⊙ (x W_up)) W_down. A line a z + c in the gate leaves a (x W_gate)(x W_up)
 term, quadratic in x: it does not fold. Only a CONSTANT gate segment folds: on a hot range where

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flashffn_jax import activations
 from flashffn_jax.fold import predictor as predictor_lib
 from flashffn_jax.fold.lines import LayerPlan
 from flashffn_jax.fold.ops import OUTLIER_MODES, FoldedWeights, folded_ffn
@@ -27,6 +28,8 @@ CONSTANT_FIELDS = ("hot_lower", "hot_upper", "predictor", "predictor_scale", "pr
                    "priority")
 UNION_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes whose flag-union size is measured
 UNION_QUANTILE = 0.99
+REFIT_RIDGE = 1e-6  # × the mean diagonal of [x 1]ᵀ[x 1]: pulls the refit towards the lines' fold
+REFIT_CHUNK = 1024  # calibration tokens per step of the refit's normal equations
 
 
 class FoldConstant(nnx.Variable):
@@ -66,13 +69,15 @@ class FoldedFFN(nnx.Module):
                    b_down=None, activation: str, calibration_inputs: np.ndarray,
                    predictor_bits: int = 4, margin: float = 1.0, dtype=jnp.float32,
                    learnable: bool = False, outliers: str = "predicted",
-                   implementation: str | None = None) -> FoldedFFN:
+                   implementation: str | None = None, refit: bool = True) -> FoldedFFN:
     """Fold an FFN's weights (arrays, [D, H] / [H, D_out] layouts) by ``plan``; the predictor's
-    margins and decode capacities are measured on ``calibration_inputs`` [N, D]."""
+    margins, decode capacities and (``refit``) W_fold / b_fold are fitted on
+    ``calibration_inputs`` [N, D]."""
     weights, stats = build_weights(plan, w_up=w_up, w_down=w_down, w_gate=w_gate, b_up=b_up,
                                    b_gate=b_gate, b_down=b_down, activation=activation,
                                    calibration_inputs=calibration_inputs,
-                                   predictor_bits=predictor_bits, margin=margin, dtype=dtype)
+                                   predictor_bits=predictor_bits, margin=margin, dtype=dtype,
+                                   refit=refit)
     return cls(weights, learnable=learnable, outliers=outliers, implementation=implementation,
                stats=stats)
 
@@ -107,9 +112,11 @@ def _np(array) -> np.ndarray | None:
 
 def build_weights(plan: LayerPlan, *, w_up, w_down, w_gate=None, b_up=None, b_gate=None,
                   b_down=None, activation: str, calibration_inputs: np.ndarray,
-                  predictor_bits: int, margin: float, dtype) -> tuple[FoldedWeights, dict]:
+                  predictor_bits: int, margin: float, dtype,
+                  refit: bool = True) -> tuple[FoldedWeights, dict]:
   """(FoldedWeights, stats): the fold computed in float64, stored in ``dtype`` (the lines,
-  ranges and scales in float32). See ``flashffn_jax.fold`` for the math."""
+  ranges and scales in float32). See ``flashffn_jax.fold`` for the math; with ``refit``,
+  W_fold and b_fold are then refitted on the calibration tokens (``_refit_fold``)."""
   w_up, w_down, w_gate = _np(w_up), _np(w_down), _np(w_gate)
   b_up, b_gate, b_down = _np(b_up), _np(b_gate), _np(b_down)
   glu = w_gate is not None
@@ -139,6 +146,13 @@ def build_weights(plan: LayerPlan, *, w_up, w_down, w_gate=None, b_up=None, b_ga
   spread = np.std(z_hat - z, axis=0)
   flags = (z_hat < plan.lower[fold] + margin * spread) | (z_hat > plan.upper[fold] - margin * spread)
   union = _union_fractions(flags)
+  fit_errors = {}
+  if refit and len(fold):
+    up_rows = (w_up[:, fold], cols(b_up, fold)) if glu else None
+    w_fold, b_fold, fit_errors = _refit_fold(
+        x, (w_in[:, fold], cols(b_in, fold)), up_rows, down_f, slope, intercept, flags,
+        activation, w_fold, b_fold - (0.0 if b_down is None else b_down))
+    b_fold = b_fold + (0.0 if b_down is None else b_down)
 
   as_dtype = lambda a: None if a is None else jnp.asarray(a, dtype)
   as_f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -163,8 +177,44 @@ def build_weights(plan: LayerPlan, *, w_up, w_down, w_gate=None, b_up=None, b_ga
            "plan_exact_fraction": plan.exact_fraction,
            "predicted_flag_rate": float(flags.mean()) if len(fold) else 0.0,
            "outlier_rate": float(1 - in_range.mean()) if len(fold) else 0.0,
-           "union_fractions": union}
+           "union_fractions": union, **fit_errors}
   return weights, tuple(stats.items())
+
+
+def _refit_fold(x, in_rows, up_rows, down, slope, intercept, flags, activation, w_fold, b_fold):
+  """W_fold, b_fold (without b_down) by ridge least squares on the calibration tokens x [N, D].
+
+  At inference the fold adds the exact residual r_i = exact_i − line_i of the flagged neurons S,
+  so x W_fold + b_fold must stand for Σ_F t_i W_down[i] with t_i = line_i for i ∈ S and
+  exact_i = act(z_i) (MLP) / act(g_i) u_i (GLU) otherwise. The lines' fold fits t only inside
+  each neuron's hot range, one neuron at a time; here [W_fold; b_fold] = argmin
+  ‖[x 1] β − T‖² + λ ‖β − β_lines‖² over all tokens at once (λ = ``REFIT_RIDGE`` × the normal
+  matrix's mean diagonal). Returns (w_fold, b_fold, relative calibration errors
+  ‖[x 1] β − T‖ / ‖T‖ of the lines' fold and of the refit).
+  """
+  act = activations.lookup(activation).fn
+  (w_in, b_in), d = in_rows, x.shape[1]
+  gram, cross, target_sq = np.zeros((d + 1, d + 1)), np.zeros((d + 1, down.shape[1])), 0.0
+  for start in range(0, len(x), REFIT_CHUNK):
+    xc, fc = x[start:start + REFIT_CHUNK], flags[start:start + REFIT_CHUNK]
+    z = xc @ w_in + (0.0 if b_in is None else b_in)
+    if up_rows is None:
+      exact, line = act(z), slope * z + intercept
+    else:
+      u = xc @ up_rows[0] + (0.0 if up_rows[1] is None else up_rows[1])
+      exact, line = act(z) * u, intercept * u
+    target = np.where(fc, line, exact) @ down
+    a = np.hstack([xc, np.ones((len(xc), 1))])
+    gram += a.T @ a
+    cross += a.T @ target
+    target_sq += float(np.sum(target ** 2))
+  start_point = np.vstack([w_fold, np.broadcast_to(b_fold, (1, down.shape[1]))])
+  ridge = REFIT_RIDGE * np.trace(gram) / (d + 1)
+  beta = np.linalg.solve(gram + ridge * np.eye(d + 1), cross + ridge * start_point)
+  error = lambda b: float(np.sqrt(max(np.sum(b * (gram @ b)) - 2 * np.sum(b * cross) + target_sq,
+                                      0.0) / max(target_sq, 1e-300)))
+  return beta[:d], beta[d], {"fold_fit_error_lines": error(start_point),
+                             "fold_fit_error_refit": error(beta)}
 
 
 def _union_fractions(flags: np.ndarray, groups: int = 256) -> tuple:

@@ -53,6 +53,8 @@ class FoldSpec:
     outliers: "predicted" (deployable), "oracle", "ignored" or "all" (``fold.ops``).
     implementation: None (decode path for M ≤ 64 tokens), "dense" or "gather".
     coverages: hot-range coverages each neuron may choose from.
+    refit: refit W_fold / b_fold by least squares on the calibration tokens after folding the
+      lines (``fold.layer._refit_fold``); False keeps the lines' fold.
   """
 
   exact_fraction: float = DEFAULT_EXACT_FRACTION
@@ -62,6 +64,7 @@ class FoldSpec:
   outliers: str = "predicted"
   implementation: str | None = None
   coverages: tuple = COVERAGES
+  refit: bool = True
 
   def __post_init__(self):
     if not 0.0 <= self.exact_fraction <= 1.0:
@@ -205,7 +208,7 @@ def fold_model(model: nnx.Module, spec: FoldSpec | str, layers=None, learnable: 
         plan, **weights, activation=match.base_activation, calibration_inputs=inputs[match.path],
         predictor_bits=spec.predictor_bits, margin=spec.margin,
         dtype=weights["w_up"].dtype, learnable=learnable, outliers=spec.outliers,
-        implementation=implementation or spec.implementation)
+        implementation=implementation or spec.implementation, refit=spec.refit)
     _set_child(new_model, match.path, layer)
     stats = dict(layer.stats)
     logger.info("fold: %s -> FoldedFFN(%d folded, %d kept)", path_name(match.path),

@@ -11,7 +11,9 @@ S(x) is the set of folded neurons flagged as outliers for token x (``outliers``)
   "predicted"  the b-bit predictor's flags (the deployable mode)
   "oracle"     z_i outside [lo_i, hi_i], computed exactly (the predictor's upper bound)
   "ignored"    none: the fold alone
-  "all"        every folded neuron: y equals the exact FFN up to rounding
+  "all"        every folded neuron: y equals the exact FFN up to rounding when W_fold, b_fold
+               are the lines' fold (``FoldSpec(refit=False)``); a refitted fold keeps its
+               least-squares deviation from it
   "predicted_or_oracle"  both (no missed outliers; measures what the predictor's misses cost)
 
 The predictor flags neuron i when ẑ_i < lo_i + κ σ_i or ẑ_i > hi_i − κ σ_i (κ = ``margin``,
