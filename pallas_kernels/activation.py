@@ -114,8 +114,8 @@ def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.
   false everywhere, so it only enters S_{-1} and C_{-1}: segment 0 is NaN.
   Speed (benchmarks/bench_pwl_grads.py, M×H = 4096×1536): on the H200, K separate reductions
   without the counts took 0.157 ms, one reduction over a broadcast [..., K+1] 0.244 ms, a one-hot
-  segment indicator 0.40 ms (this form with its counts: not yet timed there); on the CPU (256 rows)
-  this form 16.8 ms, the broadcast one 22.3 ms.
+  segment indicator 0.40 ms (this form with its counts: not yet timed there); on the CPU (256 rows,
+  two runs) this form 16.8-18.2 ms, the broadcast one 22.1-22.3 ms.
   """
   knots = jnp.asarray(knots, x.dtype)
   at_or_above = [x >= knot for knot in knots]

@@ -29,7 +29,6 @@ CONSTANT_FIELDS = ("hot_lower", "hot_upper", "predictor", "predictor_scale", "pr
 UNION_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes whose flag-union size is measured
 UNION_QUANTILE = 0.99
 REFIT_RIDGE = 1e-6  # × the mean diagonal of [x 1]ᵀ[x 1]: pulls the refit towards the lines' fold
-REFIT_CHUNK = 1024  # calibration tokens per step of the refit's normal equations
 
 
 class FoldConstant(nnx.Variable):
@@ -148,11 +147,17 @@ def build_weights(plan: LayerPlan, *, w_up, w_down, w_gate=None, b_up=None, b_ga
   union = _union_fractions(flags)
   fit_errors = {}
   if refit and len(fold):
-    up_rows = (w_up[:, fold], cols(b_up, fold)) if glu else None
-    w_fold, b_fold, fit_errors = _refit_fold(
-        x, (w_in[:, fold], cols(b_in, fold)), up_rows, down_f, slope, intercept, flags,
-        activation, w_fold, b_fold - (0.0 if b_down is None else b_down))
-    b_fold = b_fold + (0.0 if b_down is None else b_down)
+    # what x W_fold + b_fold stands for at inference: Σ_F t_i W_down[i] + b_down, with t_i the
+    # line where the predictor flags neuron i (its correction adds exact − line) and the exact
+    # term elsewhere; MLP exact = act(z), GLU exact = act(g) u
+    act = activations.lookup(activation).fn
+    if glu:
+      u = x @ w_up[:, fold] + (0.0 if b_up is None else b_up[fold])
+      exact, line = act(z) * u, intercept * u
+    else:
+      exact, line = act(z), slope * z + intercept
+    target = np.where(flags, line, exact) @ down_f + (0.0 if b_down is None else b_down)
+    w_fold, b_fold, fit_errors = _refit_fold(x, target, w_fold, b_fold)
 
   as_dtype = lambda a: None if a is None else jnp.asarray(a, dtype)
   as_f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -181,40 +186,23 @@ def build_weights(plan: LayerPlan, *, w_up, w_down, w_gate=None, b_up=None, b_ga
   return weights, tuple(stats.items())
 
 
-def _refit_fold(x, in_rows, up_rows, down, slope, intercept, flags, activation, w_fold, b_fold):
-  """W_fold, b_fold (without b_down) by ridge least squares on the calibration tokens x [N, D].
+def _refit_fold(x, target, w_fold, b_fold):
+  """W_fold, b_fold by ridge least squares on the calibration tokens x [N, D], target T [N, D_out].
 
-  At inference the fold adds the exact residual r_i = exact_i − line_i of the flagged neurons S,
-  so x W_fold + b_fold must stand for Σ_F t_i W_down[i] with t_i = line_i for i ∈ S and
-  exact_i = act(z_i) (MLP) / act(g_i) u_i (GLU) otherwise. The lines' fold fits t only inside
-  each neuron's hot range, one neuron at a time; here [W_fold; b_fold] = argmin
-  ‖[x 1] β − T‖² + λ ‖β − β_lines‖² over all tokens at once (λ = ``REFIT_RIDGE`` × the normal
-  matrix's mean diagonal). Returns (w_fold, b_fold, relative calibration errors
-  ‖[x 1] β − T‖ / ‖T‖ of the lines' fold and of the refit).
+  The lines' fold matches T only inside each neuron's hot range, one neuron at a time; here
+  [W_fold; b_fold] = argmin ‖[x 1] β − T‖² + λ ‖β − β_lines‖² over all tokens at once (λ =
+  ``REFIT_RIDGE`` × the normal matrix's mean diagonal). Returns (w_fold, b_fold, relative
+  calibration errors ‖[x 1] β − T‖ / ‖T‖ of the lines' fold and of the refit).
   """
-  act = activations.lookup(activation).fn
-  (w_in, b_in), d = in_rows, x.shape[1]
-  gram, cross, target_sq = np.zeros((d + 1, d + 1)), np.zeros((d + 1, down.shape[1])), 0.0
-  for start in range(0, len(x), REFIT_CHUNK):
-    xc, fc = x[start:start + REFIT_CHUNK], flags[start:start + REFIT_CHUNK]
-    z = xc @ w_in + (0.0 if b_in is None else b_in)
-    if up_rows is None:
-      exact, line = act(z), slope * z + intercept
-    else:
-      u = xc @ up_rows[0] + (0.0 if up_rows[1] is None else up_rows[1])
-      exact, line = act(z) * u, intercept * u
-    target = np.where(fc, line, exact) @ down
-    a = np.hstack([xc, np.ones((len(xc), 1))])
-    gram += a.T @ a
-    cross += a.T @ target
-    target_sq += float(np.sum(target ** 2))
-  start_point = np.vstack([w_fold, np.broadcast_to(b_fold, (1, down.shape[1]))])
-  ridge = REFIT_RIDGE * np.trace(gram) / (d + 1)
-  beta = np.linalg.solve(gram + ridge * np.eye(d + 1), cross + ridge * start_point)
+  a = np.hstack([x, np.ones((len(x), 1))])
+  gram, cross, target_sq = a.T @ a, a.T @ target, float(np.sum(target ** 2))
+  start_point = np.vstack([w_fold, np.broadcast_to(b_fold, (1, target.shape[1]))])
+  ridge = REFIT_RIDGE * np.trace(gram) / len(gram)
+  beta = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross + ridge * start_point)
   error = lambda b: float(np.sqrt(max(np.sum(b * (gram @ b)) - 2 * np.sum(b * cross) + target_sq,
                                       0.0) / max(target_sq, 1e-300)))
-  return beta[:d], beta[d], {"fold_fit_error_lines": error(start_point),
-                             "fold_fit_error_refit": error(beta)}
+  return beta[:-1], beta[-1], {"fold_fit_error_lines": error(start_point),
+                               "fold_fit_error_refit": error(beta)}
 
 
 def _union_fractions(flags: np.ndarray, groups: int = 256) -> tuple:

@@ -172,19 +172,20 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   table = kernels.activation_table(activation)
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
   kernel_args = dict(kind=activation.kind, num_knots=num_knots)
-  if plan.path == "decode":
-    partials = decode_sm90.decode_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
-                                      _pad(w_down, (hp, op)), config=plan.decode, **kernel_args)
+  def sum_partials(partials):  # [splits, ≥ M, ≥ D_out] f32 -> y [M, D_out] with b_down
     out = jnp.sum(partials[:, :rows, :d_out], axis=0)
-    out = out if b_down is None else out + b_down.astype(jnp.float32)
-    return out.astype(x.dtype)
+    return (out if b_down is None else out + b_down.astype(jnp.float32)).astype(x.dtype)
+
+  if plan.path == "decode":
+    return sum_partials(decode_sm90.decode_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
+                                               _pad(w_down, (hp, op)), config=plan.decode,
+                                               **kernel_args))
   if plan.path == "fused":
     out = kernels.fused_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
                             _pad(w_down, (hp, op)), _pad(b_down, (op,)), config=plan.fused,
                             **kernel_args)
     if plan.fused.h_splits > 1:
-      out = jnp.sum(out[:, :rows], axis=0)
-      out = out if b_down is None else out + _pad(b_down, (op,)).astype(jnp.float32)
+      return sum_partials(out)
     return out[:rows, :d_out].astype(x.dtype)
   hidden_act = kernels.gemm1_activation(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
                                         config=plan.epilogue, save_preactivations=save_preactivations,
