@@ -41,3 +41,19 @@ def relative_error(actual, expected) -> float:
   if not np.all(np.isfinite(actual)):
     return float("inf")
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def assert_pwl_grads_close(actual, expected, tolerance: float) -> None:
+  """Each PiecewiseLinear field's gradient within `tolerance` of the reference, in the norm.
+
+  A PWL parameter's gradient sums M·H float32 terms of both signs, so its rounding error scales
+  with the field's overall size, not with one (possibly cancelled-down) element: an element-wise
+  atol is flaky on fresh inputs, the field-wise norm (as for the weights) is not. A field whose
+  reference gradient is exactly zero (no input reached that tail) must be exactly zero too."""
+  for field in ("knots", "values", "left_slope", "right_slope"):
+    got, want = np.asarray(getattr(actual, field)), np.asarray(getattr(expected, field))
+    if not np.any(want):
+      np.testing.assert_array_equal(got, want, err_msg=f"d{field}: reference is exactly zero")
+      continue
+    error = relative_error(got, want)
+    assert error < tolerance, f"d{field}: relative error {error:.3g} >= {tolerance:g}"
