@@ -103,7 +103,12 @@ def layer_report(model: nnx.Module, batches: list[CalibrationBatch]) -> dict:
                       **layer_cost(layer, quality["flag_rate"]), **dict(layer.stats)})
   total = lambda key: float(sum(row[key] for row in per_layer))
   mean = lambda key: float(np.mean([row[key] for row in per_layer]))
+  # Bytes-only ceiling on a decode step's speed-up with M sequences (``fold.report``).
+  read_ceiling = [(m, total("exact_params") / sum(
+      layer_cost(layer, dict(row["union_mean"])[m])["params_read"]
+      for (_, layer), row in zip(layers, per_layer))) for m, _ in per_layer[0]["union_mean"]]
   return {"params_removed": 1 - total("params_read") / total("exact_params"),
+          "read_ceiling": read_ceiling,
           "flops_removed": 1 - total("flops") / total("exact_flops"),
           "stored_vs_exact": total("stored_params") / total("exact_params"),
           "folded_fraction": total("folded") / (total("folded") + total("kept")),
@@ -300,6 +305,7 @@ def markdown(result: dict) -> str:
                  f"{e['in_range_error']:.4f}; a missed outlier contributes "
                  f"{e['mean_missed_contribution']:.4f} on average vs {e['mean_caught_contribution']:.4f} "
                  "for a caught one (misses sit near the range boundary).")
+    out += ceiling_table(m["settings"])
     tuned = [e for e in m["settings"] if "finetuned" in e]
     for e in tuned:
       t = e["finetuned"]
@@ -323,7 +329,21 @@ def markdown(result: dict) -> str:
                  f"{100 * e['flops_removed']:.1f}% | {e['stored_vs_exact']:.2f} | {e['flag_rate']:.3f} | "
                  f"{e['recall']:.3f} | {e['precision']:.3f} | {e['predicted_ppl']:.3f} | "
                  f"{e['oracle_ppl']:.3f} | {e['ignored_ppl']:.3f} | {tuned} |")
+    out += ceiling_table(s["settings"])
   return "\n".join(out) + "\n"
+
+
+def ceiling_table(settings: list[dict]) -> list[str]:
+  """Markdown lines: the bytes-only ceiling on decode speed-up per setting and decode batch M."""
+  sizes = [m for m, _ in settings[0]["read_ceiling"]]
+  out = ["", "Bytes-only ceiling on the FFN decode speed-up (exact weight reads / folded reads, bf16 "
+         "weights, b-bit predictor) for a step of M independent sequences: the corrections read the "
+         "union of the M tokens' flags (mean over random groups of held-out tokens). No kernel can "
+         "beat it; launch and latency costs come on top.", "",
+         "| fold | " + " | ".join(f"M={m}" for m in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+  for e in settings:
+    out.append(f"| {e['spec']} | " + " | ".join(f"{c:.2f}×" for _, c in e["read_ceiling"]) + " |")
+  return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,7 +18,7 @@ from scipy import special
 import flashffn_jax as ff
 from flashffn_jax import fold
 from flashffn_jax.fold import lines, predictor
-from flashffn_jax.fold.layer import FoldConstant, FoldedFFN
+from flashffn_jax.fold.layer import FoldConstant, FoldedFFN, union_counts
 from flashffn_jax.fold.model import plan_layer
 from flashffn_jax.fold.report import layer_cost, predictor_quality
 from tests.conftest import relative_error
@@ -356,6 +356,18 @@ def test_report_accounts_reads_and_predictor_quality(rng):
   # decomposition: fold with predicted flags = exact − missed − in-range errors
   error = relative_error(layer(jnp.asarray(x, jnp.float32)), exact_ffn(x, w, act))
   assert error <= quality["missed_error"] + quality["in_range_error"] + 1e-5
+  # a decode step's corrections: one token's flags at M = 1, a growing union after
+  union = [fraction for _, fraction in quality["union_mean"]]
+  assert union[0] == pytest.approx(quality["flag_rate"], abs=0.05)
+  assert np.all(np.diff(union) >= 0) and union[-1] <= 1
+
+
+def test_union_counts_count_distinct_flagged_neurons():
+  same = np.zeros((10, 6), bool)
+  same[:, [1, 4]] = True  # every token flags the same two neurons: the union stays at two
+  assert all(np.all(c == 2) for c in union_counts(same).values())
+  for m, counts in union_counts(np.eye(8, dtype=bool)).items():  # one neuron per token
+    assert np.all((counts >= 1) & (counts <= min(m, 8))), m
 
 
 # ----------------------------------------------------------------------------------------------

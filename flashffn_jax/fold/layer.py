@@ -205,14 +205,17 @@ def _refit_fold(x, target, w_fold, b_fold):
                                "fold_fit_error_refit": error(beta)}
 
 
-def _union_fractions(flags: np.ndarray, groups: int = 256) -> tuple:
+def union_counts(flags: np.ndarray, groups: int = 256) -> dict[int, np.ndarray]:
+  """{M: |∪ flags| of each of ``groups`` random groups of M tokens} for M in UNION_TOKENS: the
+  neurons a decode step of M independent sequences must correct (fixed seed: reproducible)."""
+  rng = np.random.default_rng(0)
+  picks = {m: rng.integers(0, flags.shape[0], size=(groups, m)) for m in UNION_TOKENS}
+  return {m: np.any(flags[p], axis=1).sum(axis=1) for m, p in picks.items()}
+
+
+def _union_fractions(flags: np.ndarray) -> tuple:
   """((M, fraction), ...): the UNION_QUANTILE of |∪ flags| / F over random groups of M tokens."""
   if flags.shape[1] == 0:
     return tuple((m, 0.0) for m in UNION_TOKENS)
-  rng = np.random.default_rng(0)
-  result = []
-  for m in UNION_TOKENS:
-    picks = rng.integers(0, flags.shape[0], size=(groups, m))
-    counts = np.any(flags[picks], axis=1).sum(axis=1)
-    result.append((m, float(np.quantile(counts, UNION_QUANTILE) / flags.shape[1])))
-  return tuple(result)
+  return tuple((m, float(np.quantile(counts, UNION_QUANTILE) / flags.shape[1]))
+               for m, counts in union_counts(flags).items())

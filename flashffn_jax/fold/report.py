@@ -10,6 +10,10 @@ n = 2 matrices per neuron for an MLP and 3 for a GLU, and a measured flag rate �
 ("parameters read per token"). The folded model STORES more than the exact one: the fold,
 the predictor and every original row (corrections may need any of them).
 
+A decode step of M sequences reads each weight once, so its corrections read the UNION of the M
+tokens' flags: with ρ_M = E|∪ flags| / F in place of ρ, exact / folded reads is a bytes-only
+ceiling on the step's speed-up (``union_mean`` in the predictor quality).
+
 Predictor quality on held-out inputs, against the oracle (z outside the hot range):
 recall = caught outliers / outliers, precision = true outliers among flags. The cost of the
 misses is measured on the FFN output y: ‖Σ_{missed} r_i W_down[i]‖ / ‖y‖, next to the error
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashffn_jax.fold.layer import FoldedFFN
+from flashffn_jax.fold.layer import FoldedFFN, union_counts
 from flashffn_jax.fold.ops import FoldedWeights, _residual, outlier_flags
 
 
@@ -74,4 +78,6 @@ def predictor_quality(layer: FoldedFFN, inputs: np.ndarray, exact_output: np.nda
       "missed_error": float(np.linalg.norm(missed) / y_norm),
       "in_range_error": float(np.linalg.norm(in_range) / y_norm),
       "mean_missed_contribution": mean_of(misses), "mean_caught_contribution": mean_of(caught),
+      "union_mean": tuple((m, float(counts.mean() / max(predicted.shape[1], 1)))
+                          for m, counts in union_counts(predicted).items()),
   }
