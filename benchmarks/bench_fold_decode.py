@@ -20,8 +20,8 @@ weights that together exceed twice the 50 MB L2, so they stream from HBM as a mo
 (at decode sizes the wall clock measures mostly the host's launch path: benchmarks/NOTES.md).
   xla_exact      flashffn_jax.ffn(..., implementation="xla"): the XLA reference FFN
   auto_exact     flashffn_jax.ffn(...) default dispatch (a Pallas kernel where one serves)
-  fold_gather    folded_ffn decode path (predictor int8 -> union of flags -> top-k -> gather rows)
-  fold_gather_i4 the same with the predictor stored as int4
+  fold_gather    folded_ffn decode path (predictor as int8 -> union of flags -> top-k -> gather rows)
+  fold_gather_i4 the same with the predictor as the library stores it, int4
   fold_gather_nz the same (int8) choosing rows by index (jnp.nonzero) instead of top-k
   fold_dense     folded_ffn dense path (every folded neuron's residual, masked)
   fold_only      x W_fold + b_fold alone: the floor the fold approaches as corrections vanish
@@ -109,6 +109,7 @@ def variants(problem: Problem) -> dict:
   finished compiling on the H200)."""
   w, exact, act = problem.folded, problem.exact, problem.activation
   w_int4 = dataclasses.replace(w, predictor=w.predictor.astype(jnp.int4))
+  w = dataclasses.replace(w, predictor=w.predictor.astype(jnp.int8))  # the earlier runs' storage
   return {
       "xla_exact": (lambda x, p: ffn(x, **p, activation=act, implementation="xla"), exact),
       "auto_exact": (lambda x, p: ffn(x, **p, activation=act), exact),

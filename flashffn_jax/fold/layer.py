@@ -28,6 +28,9 @@ CONSTANT_FIELDS = ("hot_lower", "hot_upper", "predictor", "predictor_scale", "pr
                    "priority")
 UNION_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes whose flag-union size is measured
 UNION_QUANTILE = 0.99
+# The b-bit predictor is stored in a b-bit dtype (XLA packs sub-byte types on GPU and TPU), so
+# it occupies and reads the b/16 of a bf16 matrix that ``fold.report`` accounts for.
+PREDICTOR_STORAGE = {2: jnp.int2, 4: jnp.int4, 8: jnp.int8}
 REFIT_RIDGE = 1e-6  # × the mean diagonal of [x 1]ᵀ[x 1]: pulls the refit towards the lines' fold
 
 
@@ -167,7 +170,7 @@ def build_weights(plan: LayerPlan, *, w_up, w_down, w_gate=None, b_up=None, b_ga
       w_fold=as_dtype(w_fold), b_fold=as_dtype(np.broadcast_to(b_fold, (w_down.shape[1],))),
       w_in=rows(w_in), w_down=as_dtype(down_f), slope=as_f32(slope), intercept=as_f32(intercept),
       hot_lower=as_f32(plan.lower[fold]), hot_upper=as_f32(plan.upper[fold]),
-      predictor=jnp.asarray(q, jnp.int8), predictor_scale=as_f32(scale),
+      predictor=jnp.asarray(q, PREDICTOR_STORAGE[predictor_bits]), predictor_scale=as_f32(scale),
       predictor_error=as_f32(spread),
       priority=as_f32(np.linalg.norm(down_f, axis=1)),
       b_in=as_dtype(cols(b_in, fold)), w_up=rows(w_up) if glu else None,

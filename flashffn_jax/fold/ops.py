@@ -64,7 +64,7 @@ class FoldedWeights:
   hot_lower: jax.Array  # [F] float32, the hot range
   hot_upper: jax.Array
   predictor_error: jax.Array  # [F] float32, σ_i: std of ẑ_i − z_i on the calibration tokens
-  predictor: jax.Array  # [D, F] int8, ẑ = (x Q) s + ½ s Σx + b_in
+  predictor: jax.Array  # [D, F] int2/int4/int8 (b bits), ẑ = (x Q) s + ½ s Σx + b_in
   predictor_scale: jax.Array  # [F] float32
   priority: jax.Array  # [F] float32, ‖W_down[i]‖ (ranks flags in the decode path)
   b_in: jax.Array | None = None  # [F]
