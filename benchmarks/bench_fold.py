@@ -334,7 +334,10 @@ def markdown(result: dict) -> str:
 
 
 def ceiling_table(settings: list[dict]) -> list[str]:
-  """Markdown lines: the bytes-only ceiling on decode speed-up per setting and decode batch M."""
+  """Markdown lines: the bytes-only ceiling on decode speed-up per setting and decode batch M
+  (none for a section measured before bench_fold reported it)."""
+  if "read_ceiling" not in settings[0]:
+    return []
   sizes = [m for m, _ in settings[0]["read_ceiling"]]
   out = ["", "Bytes-only ceiling on the FFN decode speed-up (exact weight reads / folded reads, bf16 "
          "weights, b-bit predictor) for a step of M independent sequences: the corrections read the "

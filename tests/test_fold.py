@@ -255,7 +255,7 @@ def test_decode_gather_path_equals_dense_and_drops_lowest_priority_flags(rng, gl
     gather = fold.folded_ffn(x, weights, implementation="gather", capacity=weights.num_folded,
                              selection=selection)
     np.testing.assert_allclose(gather, dense, rtol=1e-5, atol=1e-5)
-  default = fold.folded_ffn(x, weights)  # M = 4: the decode path with its calibrated capacity
+  default = fold.folded_ffn(x, weights)  # M = 4: dense, or on CPU the gather at its capacity
   assert default.shape == dense.shape
   # With a small capacity the highest-priority flagged neurons are corrected, the rest dropped.
   flags, violation = (np.asarray(a) for a in fold.ops.outlier_flags(x, weights, "predicted"))
@@ -338,6 +338,16 @@ def test_nan_propagates_and_bad_inputs_are_named(rng):
     fold.folded_ffn(jnp.ones((2, D)), weights, selection="random")
   with pytest.raises(ValueError, match="'gather' needs outliers='predicted'"):
     fold.folded_ffn(jnp.ones((2, D)), weights, outliers="oracle", implementation="gather")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the default's CPU branch")
+def test_default_implementation_gathers_only_small_capacities_on_cpu(rng):
+  weights = build_layer(rng, glu=False, exact_fraction=0.3)[0].weights()
+  x = jnp.asarray(rng.normal(size=(1, D)), jnp.float32)
+  uses_top_k = lambda capacity: "top_k" in str(jax.make_jaxpr(
+      lambda x: fold.folded_ffn(x, weights, capacity=capacity))(x))
+  assert uses_top_k(2)  # ≤ GATHER_MAX_CAPACITY of F: the gather path
+  assert not uses_top_k(weights.num_folded - 1)  # most of F: dense reads it all at less cost
 
 
 def test_report_accounts_reads_and_predictor_quality(rng):

@@ -51,7 +51,7 @@ class FoldSpec:
     margin: κ, the predictor's safety margin in units of its error's standard deviation.
     calibration: CalibrationBatch items (or token arrays [B, T], each one ``model(tokens)``).
     outliers: "predicted" (deployable), "oracle", "ignored" or "all" (``fold.ops``).
-    implementation: None (decode path for M ≤ 64 tokens), "dense" or "gather".
+    implementation: None (``folded_ffn``'s measured choice), "dense" or "gather".
     coverages: hot-range coverages each neuron may choose from.
     refit: refit W_fold / b_fold by least squares on the calibration tokens after folding the
       lines (``fold.layer._refit_fold``); False keeps the lines' fold.

@@ -27,6 +27,12 @@ Implementations (both compute the same function):
             outside the range; with "index" (a prefix sum, cheaper for large F) by neuron index.
             When the union exceeds the capacity the last-ranked flags are dropped (missed
             outliers): the only case in which "gather" differs from "dense".
+By default (``implementation=None``) "gather" runs only on CPU, at M ≤ ``DECODE_MAX_TOKENS``
+with a capacity of at most ``GATHER_MAX_CAPACITY`` of F; "dense" everywhere else. Measured: on
+the H200 "dense" was faster than "gather" at every decode size (M = 1-64, gpt2-small / gpt2-xl /
+SmolLM2 shapes; the selection and gathers cost more launches than the rows they save), and on
+CPU "gather" won only at M = 1 of gpt2-small (capacity 28% of F, 1.3-2.7× faster than "dense" in
+three runs) — benchmarks/results/fold-decode-*.md. TPU: not measured, "dense".
 Matmuls accumulate in float32 and the activation runs in float32, like ``flashffn_jax.ffn``.
 """
 
@@ -45,6 +51,7 @@ OUTLIER_MODES = ("predicted", "oracle", "ignored", "all", "predicted_or_oracle")
 IMPLEMENTATIONS = ("dense", "gather")
 SELECTIONS = ("priority", "index")
 DECODE_MAX_TOKENS = 64
+GATHER_MAX_CAPACITY = 0.5  # of F: above it the default is "dense" (module docstring)
 _F32 = jnp.float32
 _static = dict(metadata=dict(static=True))
 
@@ -167,8 +174,9 @@ def folded_ffn(x: jax.Array, weights: FoldedWeights, *, outliers: str = "predict
 
   Args:
     outliers: "predicted", "oracle", "ignored" or "all".
-    implementation: None ("gather" for predicted outliers at M ≤ DECODE_MAX_TOKENS when its
-      capacity is below F, else "dense"), "dense" or "gather".
+    implementation: None (on CPU "gather" for predicted outliers at M ≤ DECODE_MAX_TOKENS with
+      a capacity ≤ GATHER_MAX_CAPACITY of F; "dense" otherwise and on GPU / TPU: see the module
+      docstring), "dense" or "gather".
     capacity: neurons the gather path reads (default ``weights.capacity(M)``).
     selection: how the gather path ranks flagged neurons, "priority" or "index".
   """
@@ -190,7 +198,8 @@ def folded_ffn(x: jax.Array, weights: FoldedWeights, *, outliers: str = "predict
     raise ValueError(f"capacity: expected a positive integer, got {capacity!r}")
   capacity = min(capacity, weights.num_folded)
   if implementation is None:
-    gather_pays = tokens <= DECODE_MAX_TOKENS and capacity < weights.num_folded
+    gather_pays = (jax.default_backend() == "cpu" and tokens <= DECODE_MAX_TOKENS
+                   and capacity <= GATHER_MAX_CAPACITY * weights.num_folded)
     implementation = "gather" if outliers == "predicted" and gather_pays else "dense"
   if implementation == "gather" and outliers != "predicted":
     raise ValueError(f"implementation: 'gather' needs outliers='predicted', got {outliers!r}")
