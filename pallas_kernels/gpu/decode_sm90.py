@@ -13,7 +13,8 @@ B = 32 or 64 (``DecodeConfig.block_h``):
 
 so H/B CTAs (SmolLM2 at B = 64: 24, gpt2-small 48) stream disjoint weight slices. Each CTA issues
 its W_down[J, :] and the first ``stages`` K-slices of x and W_gate/W_up ([64, B] and [B, B]) at
-once, then refills a slot as soon as its wgmma has read it. x's rows past M are
+once, then refills a slot once its wgmma has read it, waiting one step behind so the wgmmas
+queue back to back (with every K-slice resident, the K loop never waits on a wgmma). x's rows past M are
 zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the partial stores clip to M rows
 (TMA stores through two SMEM slots; storing all 64 rows straight from registers measured slower:
 benchmarks/NOTES.md).
@@ -137,13 +138,16 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
         plgpu.barrier_wait(k_ready.at[slot])
         for i, acc in enumerate(accumulators):
           plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
-        plgpu.wgmma_wait(0)  # the slot has been read: refill it with K-slice k + stages
+        if stages < k_steps:  # slots get refilled, one step behind when there is a spare slot:
+          lag = min(1, stages - 1)  # with step k's wgmma in flight, step k - 1's have read theirs
+          plgpu.wgmma_wait(lag)
+          done = k - lag
 
-        @pl.when(k + stages < k_steps)
-        def _():
-          issue(k + stages, slot)
+          @pl.when((done >= 0) & (done + stages < k_steps))
+          def _():
+            issue(done + stages, lax.rem(done, stages))
 
-      return [acc[...] for acc in accumulators]
+      return [acc[...] for acc in accumulators]  # waits for every wgmma in flight
 
     pre = pl.run_scoped(gemm1, *[plgpu.ACC((WGMMA_ROWS, block_h), jnp.float32)] * len(weights))
     if has_consts:
