@@ -81,7 +81,7 @@ PARAPHRASES = [
     ("The quality of mercy is not strained.", "Mercy is not something that can be forced."),
     ("Lord, what fools these mortals be!", "Humans are such foolish creatures!"),
 ]
-MINILM_SETTINGS = ((0.1, 4), (0.2, 4), (0.3, 4), (0.2, 2))  # (exact fraction, predictor bits)
+MINILM_SETTINGS = ((0.1, 4), (0.15, 4), (0.2, 4), (0.3, 4), (0.2, 2))  # (exact fraction, predictor bits)
 SMOLLM2_SETTINGS = ((0.5, 4), (0.6, 4), (0.7, 4))
 MEASURED_MODES = ("predicted", "oracle", "predicted_or_oracle", "ignored")
 
@@ -341,8 +341,10 @@ def ceiling_table(settings: list[dict]) -> list[str]:
   sizes = [m for m, _ in settings[0]["read_ceiling"]]
   out = ["", "Bytes-only ceiling on the FFN decode speed-up (exact weight reads / folded reads, bf16 "
          "weights, b-bit predictor) for a step of M independent sequences: the corrections read the "
-         "union of the M tokens' flags (mean over random groups of held-out tokens). No kernel can "
-         "beat it; launch and latency costs come on top.", "",
+         "union of the M tokens' flags (mean over random groups of held-out tokens). Against an exact "
+         "FFN that streams its weights as fast, no fold kernel can beat it; where launch latency "
+         "rather than bytes sets the time (small models), the ratio to a given exact kernel can "
+         "differ either way.", "",
          "| fold | " + " | ".join(f"M={m}" for m in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
   for e in settings:
     out.append(f"| {e['spec']} | " + " | ".join(f"{c:.2f}×" for _, c in e["read_ceiling"]) + " |")
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--calibration-tokens", type=int, default=fold.model.DEFAULT_CALIBRATION_TOKENS)
   parser.add_argument("--eval-tokens", type=int, default=4096)
   parser.add_argument("--finetune-steps", type=int, default=150)
-  parser.add_argument("--finetune-fraction", type=float, nargs="+", default=[0.1, 0.2],
+  parser.add_argument("--finetune-fraction", type=float, nargs="+", default=[0.1, 0.15, 0.2],
                       help="MiniLM settings to fine-tune")
   parser.add_argument("--smollm2-finetune-fraction", type=float, default=0.6)
   parser.add_argument("--minilm-lr", type=float, default=1e-4)
