@@ -14,10 +14,10 @@ B = 32 or 64 (``DecodeConfig.block_h``):
 so H/B CTAs (SmolLM2 at B = 64: 24, gpt2-small 48) stream disjoint weight slices. Each CTA issues
 its W_down[J, :] and the first ``stages`` K-slices of x and W_gate/W_up ([64, B] and [B, B]) at
 once, then refills a slot once its wgmma has read it, waiting one step behind so the wgmmas
-queue back to back (with every K-slice resident, the K loop never waits on a wgmma). x's rows past M are
-zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the partial stores clip to M rows
-(TMA stores through two SMEM slots; storing all 64 rows straight from registers measured slower:
-benchmarks/NOTES.md).
+queue back to back (with every K-slice resident, the K loop never waits on a wgmma). x's rows
+past M are zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the partial stores clip
+to M rows (TMA stores through two SMEM slots; storing all 64 rows straight from registers
+measured slower: benchmarks/NOTES.md).
 One warpgroup: at decode the wgmma work is tiny and the loads need no producer warpgroup.
 
 Measured on the H200 (benchmarks/results/decode-profile-h200-2026-12-01.md, GPU clock, M = 16):
