@@ -50,8 +50,12 @@ def variants(glu: bool, exact: str) -> dict:
   f16 = decode_sm90.DecodeConfig(64, pwl_dtype="float16")
   decode = {f"b{block_h}-{pwl_dtype[5:]}": decode_sm90.DecodeConfig(block_h, pwl_dtype=pwl_dtype)
             for block_h in decode_sm90.BLOCK_WIDTHS for pwl_dtype in ("float32", "float16")}
+  def padded_rows(ffn, rows=8):  # M = 1 takes XLA's matrix-vector path; M = 8 its GEMM path
+    return lambda x, *w: ffn(jnp.pad(x, ((0, max(rows - x.shape[0], 0)), (0, 0))), *w)[
+        :x.shape[0]]
   return {
       "xla-exact": xla(Activation(exact)),
+      "xla-exact-rows-padded-to-8": padded_rows(xla(Activation(exact))),
       "xla-pwl16": xla(pwl),
       **{f"decode-pwl16-{name}": kernel(dispatch.Plan("decode", decode=config))
          for name, config in decode.items()},
@@ -68,6 +72,35 @@ def variants(glu: bool, exact: str) -> dict:
       "epilogue+xla-pwl16": kernel(dispatch.Plan("epilogue", epilogue=epilogue.epilogue)),
       "probe:mosaic-copy": mosaic_copy,
   }
+
+
+def write_report(results: list, args, command: str) -> str:
+  """``decode-profile-<date>.json`` / ``.md`` in ``args.out`` (rewritten after every variant, so a
+  run cut short by a time limit keeps what it measured)."""
+  date = datetime.date.today().isoformat()
+  lines = [f"# Decode FFN, GPU time from the profiler ({jax.devices()[0].device_kind}, {date})",
+           "", f"M = {args.rows}, {args.sets} chained FFNs per call, {args.calls} calls "
+           "traced. device us: union of kernel intervals per FFN; host us: wall clock per FFN.",
+           "", "| shape | variant | device us | kernels | host us | device vs XLA exact "
+           "| largest kernels (us per FFN) |", "|---|---|---:|---:|---:|---:|---|"]
+  for r in results:
+    base = next((b for b in results if b["shape"] == r["shape"] and b["variant"] == "xla-exact"
+                 and b.get("device_us")), None)
+    if "device_us" not in r:
+      lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} | | | | |")
+      continue
+    speedup = f"{base['device_us'] / r['device_us']:.2f}x" if base else "—"
+    largest = ", ".join(f"{name} {us:.2f}" for name, us in r["by_kernel_us"].items())
+    lines.append(f"| {r['shape']} | {r['variant']} | {r['device_us']:.2f} | {r['kernels']:.1f} "
+                 f"| {r['host_us']:.1f} | {speedup} | {largest} |")
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"decode-profile-{date}")
+  with open(stem + ".json", "w") as f:
+    json.dump({"command": "python3 benchmarks/bench_decode_profile.py " + command,
+               "results": results}, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -108,31 +141,8 @@ def main(argv=None) -> int:
       record.update(shape=name, variant=variant, rows=args.rows)
       results.append(record)
       print(json.dumps(record), flush=True)
-
-  date = datetime.date.today().isoformat()
-  lines = [f"# Decode FFN, GPU time from the profiler ({jax.devices()[0].device_kind}, {date})",
-           "", f"M = {args.rows}, {args.sets} chained FFNs per call, {args.calls} calls "
-           "traced. device us: union of kernel intervals per FFN; host us: wall clock per FFN.",
-           "", "| shape | variant | device us | kernels | host us | device vs XLA exact "
-           "| largest kernels (us per FFN) |", "|---|---|---:|---:|---:|---:|---|"]
-  for r in results:
-    base = next((b for b in results if b["shape"] == r["shape"] and b["variant"] == "xla-exact"
-                 and b.get("device_us")), None)
-    if "device_us" not in r:
-      lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} | | | | |")
-      continue
-    speedup = f"{base['device_us'] / r['device_us']:.2f}x" if base else "—"
-    largest = ", ".join(f"{name} {us:.2f}" for name, us in r["by_kernel_us"].items())
-    lines.append(f"| {r['shape']} | {r['variant']} | {r['device_us']:.2f} | {r['kernels']:.1f} "
-                 f"| {r['host_us']:.1f} | {speedup} | {largest} |")
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"decode-profile-{date}")
-  with open(stem + ".json", "w") as f:
-    json.dump({"command": "python3 benchmarks/bench_decode_profile.py " + " ".join(
-        argv or sys.argv[1:]), "results": results}, f, indent=1)
-  with open(stem + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+      table = write_report(results, args, " ".join(argv or sys.argv[1:]))
+  print(table)
   return 0
 
 

@@ -94,6 +94,26 @@ def reference_ffn(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Act
   return linear(hidden.astype(x.dtype), w_down, b_down).astype(x.dtype)
 
 
+PADDED_ROWS = 8
+
+
+def xla_padded_row(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation,
+                   precision=None) -> jax.Array:
+  """The XLA reference on one row (M = 1) padded with zero rows to M = 8, then sliced back.
+
+  At M = 1 XLA's GPU compiler lowers each matmul to matrix-vector reduction fusions; at M = 8 it
+  runs its GEMMs, which on the H200's clock were 1.4x (SmolLM2) and 1.9x (gpt2-small) faster,
+  pad included (benchmarks/results/decode-profile-rows1-h200-2026-12-01.md). The zero rows get
+  zero cotangents, so gradients (PWL parameters' included) equal the unpadded reference's.
+  Declines any M other than 1.
+  """
+  if x.shape[0] != 1:
+    raise NotImplementedError(f"pads a single row, got M = {x.shape[0]}")
+  padded = jnp.pad(x, ((0, PADDED_ROWS - 1), (0, 0)))
+  return reference_ffn(padded, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
+                       precision)[:1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
   """A registered implementation: ``module:function`` imported on first use."""
@@ -109,13 +129,14 @@ class Implementation:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl for impl in (
         Implementation("xla", "flashffn_jax.ops:reference_ffn"),
+        Implementation("xla_padded_row", "flashffn_jax.ops:xla_padded_row"),
         Implementation("pallas_tpu", "pallas_kernels.tpu.fused_ffn:pallas_tpu"),
         Implementation("pallas_tpu_interpret", "pallas_kernels.tpu.fused_ffn:pallas_tpu_interpret"),
         Implementation("pallas_mosaic_gpu", "pallas_kernels.gpu.dispatch:ffn_mosaic_gpu"),
     )
 }
 # Tried in this order when implementation=None; "xla" always last.
-PLATFORM_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("pallas_mosaic_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
+PLATFORM_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("pallas_mosaic_gpu", "xla_padded_row", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
 def _check_array(name: str, array, shape: tuple, dtype) -> None:

@@ -362,6 +362,9 @@ def test_gpu_public_op_with_batch_dims_and_nan(rng):
   poisoned = ff.ffn(x.at[1, 5, 7].set(jnp.nan), **problem, activation=act)
   assert np.all(np.isnan(np.asarray(poisoned[1, 5], np.float32)))
   assert np.all(np.isfinite(np.asarray(poisoned[0], np.float32)))
+  one_token = x[:1, :1]  # batch-1 decode: the kernel declines, XLA runs on 8 zero-padded rows
+  assert ff.chosen_implementation(one_token, **problem, activation=act) == "xla_padded_row"
+  assert relative_error(ff.ffn(one_token, **problem, activation=act), expected[:1, :1]) < BF16_TOLERANCE
 
 
 @needs_hopper

@@ -176,3 +176,27 @@ def test_declining_implementation_falls_back_with_reason(rng, monkeypatch):
     assert ff.chosen_implementation(**problem) == "xla"
   monkeypatch.setattr(ops.Implementation, "load", lambda self: ops.reference_ffn)  # now it accepts
   assert ff.chosen_implementation(**problem) == "picky"
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_padded_row_matches_reference_forward_and_gradients(rng, glu):
+  """One token (leading dims (1, 1)) through the zero-padded XLA path: same output and gradients
+  (weights, biases, PWL parameters) as the unpadded reference; other M decline to the reference."""
+  act = ff.fit("silu" if glu else "gelu", 8)
+  problem = make_problem(rng, batch=(1, 1), d=16, h=24, glu=glu, bias=True)
+  cotangent = jnp.asarray(rng.normal(size=(1, 1, 16)), jnp.float32)
+
+  def grads(implementation):
+    loss = lambda p, a: jnp.sum(cotangent * ff.ffn(**p, activation=a, implementation=implementation,
+                                                    precision=jax.lax.Precision.HIGHEST))
+    return jax.value_and_grad(loss, argnums=(0, 1))(problem, act)
+
+  (value, (got, got_pwl)), (want_value, (want, want_pwl)) = grads("xla_padded_row"), grads("xla")
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for name in problem:
+    assert relative_error(got[name], want[name]) < 1e-6, name
+  assert_pwl_grads_close(got_pwl, want_pwl, 1e-6)
+  assert ff.chosen_implementation(**problem, implementation="xla_padded_row") == "xla_padded_row"
+  two_rows = {**problem, "x": jnp.concatenate([problem["x"]] * 2)}
+  with pytest.warns(UserWarning, match=r"'xla_padded_row' cannot run this FFN \(pads a single row, got M = 2\)"):
+    ff.ffn(**two_rows, activation=act, implementation="xla_padded_row")
