@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["rows"] += measure(problem, tuple(args.tokens), args.chain, args.repeats, rng,
                               device_time_per_call if args.device_time else time_per_call)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # partial results survive a timeout
-  (out / f"{stem}.md").write_text(markdown(result))
+    (out / f"{stem}.md").write_text(markdown(result))
   print(f"wrote {out / stem}.json and .md", flush=True)
   return result
 
