@@ -50,7 +50,7 @@ def segment_sums_one_hot(x, g, knots, axis: int = -1):
 
 
 def segment_sums_separate(x, g, knots):
-  """The library's form without its integer counts (empty segments may get a rounding residue
+  """The cumulative form without integer counts (empty segments may get a rounding residue
   instead of 0)."""
   def segments(v):
     above = jnp.stack([jnp.sum(jnp.where(x >= t, v, 0.0)) for t in jnp.asarray(knots, x.dtype)])
@@ -72,9 +72,25 @@ def segment_sums_broadcast(x, g, knots):
   return per_segment(g * x), per_segment(g)
 
 
+def segment_sums_bands(x, g, knots, rows_first: bool = False):
+  """K+1 separate reductions, one per segment's band t_{j-1} <= x < t_j: exact 0 for an empty
+  segment without counts (it sums only zeros). ``rows_first``: each band reduced over rows into
+  [H] partials, then over H. Alone faster than the library's form on the H200 (0.224 vs 0.282
+  ms), inside the FFN's training step slower (0.690 vs 0.584 ms): not adopted."""
+  knots = jnp.asarray(knots, x.dtype)
+  above = [x >= t for t in knots]
+  bands = [~above[0]] + [a & ~b for a, b in zip(above, above[1:])] + [above[-1]]
+  total = (lambda v: jnp.sum(jnp.sum(v, axis=0))) if rows_first else jnp.sum
+  per_segment = lambda v: jnp.stack([total(jnp.where(band, v, 0.0)) for band in bands])
+  return per_segment(g * x), per_segment(g)
+
+
 SEGMENT_SUMS = {
     "segment-sums (library: K separate reductions, empty segments zeroed by counts)":
         pwl_segment_sums,
+    "segment-sums (K+1 band reductions, exact zeros without counts)": segment_sums_bands,
+    "segment-sums (K+1 band reductions, rows first)":
+        lambda x, g, knots: segment_sums_bands(x, g, knots, rows_first=True),
     "segment-sums (cumulative, one reduction over [M, H, K+1])": segment_sums_broadcast,
     "segment-sums (one-hot [M, H, K+1], the library until 2026-12-01)": segment_sums_one_hot,
     "segment-sums (one-hot [K+1, M, H])": lambda x, g, knots: segment_sums_one_hot(x, g, knots, 0),
