@@ -106,28 +106,24 @@ def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.
 
   d/ds_j = Σ_{seg(x)=j} g·x,   d/dc_j = Σ_{seg(x)=j} g     (j = 0..K), each of shape [K+1].
 
-  Written as cumulative sums S_k(v) = Σ_{x ≥ t_k} v (S_{-1} = Σ v, S_K = 0), one reduction per
-  knot (XLA fuses the sibling reductions into one pass over x and g), then segment
-  j = S_{j-1} − S_j. Separate float reductions need not cancel exactly for an empty segment, so
-  integer counts C_k = #{x ≥ t_k} find the empty segments and their sums are set to exactly 0
-  (Adam would turn a rounding residue into full-size steps of an unused segment). NaN x compares
-  false everywhere, so it only enters S_{-1} and C_{-1}: segment 0 is NaN.
-  Speed (benchmarks/bench_pwl_grads.py, M×H = 4096×1536): on the H200, K separate reductions
-  without the counts took 0.157 ms, one reduction over a broadcast [..., K+1] 0.244 ms, a one-hot
-  segment indicator 0.40 ms (this form with its counts: not yet timed there); on the CPU (256 rows,
-  two runs) this form 16.8-18.2 ms, the broadcast one 22.1-22.3 ms.
+  One reduction per segment and value over the segment's band t_{j-1} <= x < t_j (t_{-1} = -inf,
+  t_K = +inf). An empty segment sums only zeros, so its gradient is exactly 0 (Adam would turn a
+  rounding residue into full-size steps of an unused segment), and no sum is a difference of two
+  others. NaN x compares false everywhere, so it lands in segment 0 (``~(x >= t_0)``), which is NaN.
+  x and g pass an optimization barrier first, so XLA materialises them once; without it the
+  training step below was 1.5x slower (likely XLA recomputing their producers, the backward's
+  pre-activation and cotangent arithmetic, inside the 2(K+1)-output reduction fusion).
+  H200, SmolLM2's FFN at M = 4096 (benchmarks/results/pwl-grads-2026-12-01-passes.json): the
+  training step with PWL gradients 0.45 ms with the barrier, 0.69 without, 0.58 for the previous
+  form (cumulative sums with integer counts); x and weight gradients alone 0.23 (XLA exact 0.24).
   """
   knots = jnp.asarray(knots, x.dtype)
+  x, g = jax.lax.optimization_barrier((x, g))
   at_or_above = [x >= knot for knot in knots]
-
-  def per_segment(v, total):
-    cumulative = jnp.stack([total] + [jnp.sum(jnp.where(above, v, 0)) for above in at_or_above]
-                           + [jnp.zeros((), total.dtype)])
-    return cumulative[:-1] - cumulative[1:]
-
-  counts = per_segment(jnp.ones(x.shape, jnp.int32), jnp.asarray(x.size, jnp.int32))
-  exact = lambda v: jnp.where(counts == 0, 0.0, per_segment(v, jnp.sum(v)))
-  return exact(g * x), exact(g)
+  bands = ([~at_or_above[0]] + [lower & ~upper for lower, upper in zip(at_or_above, at_or_above[1:])]
+           + [at_or_above[-1]])
+  per_segment = lambda v: jnp.stack([jnp.sum(jnp.where(band, v, 0.0)) for band in bands])
+  return per_segment(g * x), per_segment(g)
 
 
 @jax.custom_vjp
