@@ -350,6 +350,22 @@ def test_default_implementation_gathers_only_small_capacities_on_cpu(rng):
   assert not uses_top_k(weights.num_folded - 1)  # most of F: dense reads it all at less cost
 
 
+@pytest.mark.parametrize("glu", [False, True])
+def test_one_token_on_gpu_runs_the_dense_path_on_padded_rows(rng, glu, monkeypatch):
+  """The GPU default pads a single token to 8 rows (XLA's GEMMs instead of matrix-vector
+  reductions); the output equals the unpadded dense path's. The backend is faked as "gpu" so the
+  branch runs on CPU (the Hopper kernel declines: this device has no compute capability)."""
+  weights = build_layer(rng, glu, exact_fraction=0.3)[0].weights()
+  x = jnp.asarray(rng.normal(size=(1, 1, D)), jnp.float32)
+  unpadded = fold.folded_ffn(x, weights, implementation="dense")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  jaxpr = jax.make_jaxpr(lambda x: fold.folded_ffn(x, weights))(x).jaxpr
+  fold_gemms = [tuple(v.aval.shape for v in eqn.invars) for eqn in jaxpr.eqns
+                if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape == (D, D_OUT)]
+  assert fold_gemms == [((8, D), (D, D_OUT))]  # x W_fold on the padded rows
+  np.testing.assert_allclose(fold.folded_ffn(x, weights), unpadded, rtol=1e-6, atol=1e-6)
+
+
 def test_report_accounts_reads_and_predictor_quality(rng):
   layer, w, act, _ = build_layer(rng, glu=False, keep_some=False, exact_fraction=0.3)
   cost = layer_cost(layer, flag_rate=0.25)

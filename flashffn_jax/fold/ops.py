@@ -32,7 +32,9 @@ with a capacity of at most ``GATHER_MAX_CAPACITY`` of F; "dense" everywhere else
 the H200 "dense" was faster than "gather" at every decode size (M = 1-64, gpt2-small / gpt2-xl /
 SmolLM2 shapes; the selection and gathers cost more launches than the rows they save), and on
 CPU "gather" won only at M = 1 of gpt2-small (capacity 28% of F, 1.3-2.7× faster than "dense" in
-three runs) — benchmarks/results/fold-decode-*.md. TPU: not measured, "dense".
+three runs) — benchmarks/results/fold-decode-*.md. TPU: not measured, "dense". On GPUs "dense"
+pads a single token to 8 rows (XLA's GEMMs instead of its matrix-vector reductions: gpt2-small
+M = 1 on the H200's clock 28.2 → 15.0 us; fold-decode-gpu-device-time-2026-12-01-m1-padded.md).
 Matmuls accumulate in float32 and the activation runs in float32, like ``flashffn_jax.ffn``.
 """
 
@@ -44,7 +46,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from flashffn_jax.ops import ffn
+from flashffn_jax.ops import PADDED_ROWS, ffn
 from pallas_kernels.activation import exact_activation
 
 OUTLIER_MODES = ("predicted", "oracle", "ignored", "all", "predicted_or_oracle")
@@ -203,6 +205,12 @@ def folded_ffn(x: jax.Array, weights: FoldedWeights, *, outliers: str = "predict
     implementation = "gather" if outliers == "predicted" and gather_pays else "dense"
   if implementation == "gather" and outliers != "predicted":
     raise ValueError(f"implementation: 'gather' needs outliers='predicted', got {outliers!r}")
+  if implementation == "dense" and tokens == 1 and jax.default_backend() == "gpu":
+    # one row: XLA's GPU matrix-vector reductions are slower than its GEMMs on 8 rows (each row of
+    # the dense path is independent, so zero rows change nothing; ``flashffn_jax.ops.xla_padded_row``)
+    padded = jnp.pad(x2d, ((0, PADDED_ROWS - 1), (0, 0)))
+    return folded_ffn(padded, weights, outliers=outliers, implementation="dense")[:1].reshape(
+        *x.shape[:-1], weights.w_fold.shape[1])
 
   y = _add_bias(_dot(x2d, weights.w_fold), weights.b_fold)
   if weights.num_folded and outliers != "ignored":

@@ -20,9 +20,11 @@ to M rows (TMA stores through two SMEM slots; storing all 64 rows straight from 
 measured slower: benchmarks/NOTES.md).
 One warpgroup: at decode the wgmma work is tiny and the loads need no producer warpgroup.
 
-Measured on the H200 (benchmarks/results/decode-profile-h200-2026-12-01.md, GPU clock, M = 16):
-8.8 us for the kernel + 1.2 us for the sum at SmolLM2 (XLA 9.9), 10.1 + 1.8 at gpt2-small (XLA
-8.9), against ~3 us predicted from its bytes; where the time goes is open (benchmarks/NOTES.md).
+Measured on the H200 (benchmarks/results/decode-profile-h200-2026-12-01-kloop.md, GPU clock,
+M = 16): at SmolLM2 7.9 us for the kernel with 32-column blocks (8.6 with 64) + 1.6 us for the sum
+(XLA 9.8), at gpt2-small 10.0 + 2.1 (XLA 9.2), against ~3 us predicted from its bytes. Not
+waiting on each K step's wgmma saved 0.3 us (64) / 2.3 us (32); where the rest goes is open
+(benchmarks/NOTES.md).
 The dispatcher does not pick it; pass ``Plan("decode", decode=DecodeConfig())`` to run it.
 """
 

@@ -12,13 +12,14 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     entry selects it; it runs when a caller passes its ``Plan``.
   * ``decode``   -- ``decode_sm90.decode_ffn``: one kernel, H split over 32/64-column CTAs, f32
                     partials summed by XLA (D_out <= ~1000). On the H200's own clock (profiler,
-                    benchmarks/results/decode-profile-h200-2026-12-01.md) it ties XLA at SmolLM2
-                    decode (10.0 vs 9.9 us) and loses at gpt2-small (11.9 vs 8.9 us); in wall
-                    clock every Mosaic launch costs more than XLA's whole decode FFN. No tuned
-                    entry selects it; it runs when a caller passes its ``Plan``.
+                    benchmarks/results/decode-profile-h200-2026-12-01-kloop.md) it ties XLA at
+                    SmolLM2 decode (9.5 vs 9.8 us) and loses at gpt2-small (12.1 vs 9.2 us); in
+                    wall clock every Mosaic launch costs more than XLA's whole decode FFN. No
+                    tuned entry selects it; it runs when a caller passes its ``Plan``.
   * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
                     devices, float32, callable activations, shapes where ``TUNED`` measured XLA
-                    faster (llama-8B and SmolLM2 decode), and untuned decode shapes.
+                    faster (llama-8B and SmolLM2 decode), and untuned decode shapes. At M = 1
+                    ``flashffn_jax.ops.xla_padded_row`` serves first (XLA on 8 padded rows).
 
 ``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?, pwl?) from
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
