@@ -32,6 +32,9 @@ Measured on the H200 (benchmarks/NOTES.md): ``gemm1_activation`` + XLA GEMM2 bea
 and 768; ``fused_ffn`` is slower than that pair wherever it fits (its 64-row blocks re-stream
 the weights from L2 for every 64 rows, and its wgmma tiles are only 32 columns wide), so the
 dispatcher does not pick it; it stays as the measured starting point for a cluster version.
+Large D (D_out > 640): a cluster splitting D_out with h shared through DSMEM is designed and
+costed in benchmarks/NOTES.md ("Design for large D"); at most it saves the [M, H] round trip
+(3-6% of the forward at the llama shapes), less than its L2 re-streaming costs, so it is not built.
 
 PWL activations are evaluated as hinges (``activation_table``), 2 instructions per knot, in f32
 or in packed f16x2.
