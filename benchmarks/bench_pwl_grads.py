@@ -3,16 +3,18 @@
     PYTHONPATH=$PWD python3 benchmarks/bench_pwl_grads.py --out $OUT [--rows 4096]
 
 Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path:
-  * ``pwl_segment_sums`` alone on [M, H] f32 inputs, as the library writes it and in the other
-    forms in ``SEGMENT_SUMS`` (each checked to give the same sums);
+  * ``pwl_segment_sums`` alone on [M, H] f32 inputs, as the library writes it, in the other XLA
+    forms and as the Mosaic GPU kernel (``SEGMENT_SUMS``; each checked to give the same sums);
   * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
-    tail slopes (what ``trainable="ffn"`` fine-tuning asks for), against XLA's exact FFN.
+    tail slopes (what ``trainable="ffn"`` fine-tuning asks for), with the XLA segment sums and with
+    the kernel (``Plan(segment_sums="kernel")``), against XLA's exact FFN.
 Writes ``pwl-grads-<date>.json`` and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -24,7 +26,8 @@ import numpy as np
 
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
-from pallas_kernels.activation import pwl_segment_sums
+from pallas_kernels.activation import pwl_segment_sums, segment_bands
+from pallas_kernels.gpu import dispatch, segment_sums_sm90
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import time_per_call  # noqa: E402
@@ -93,9 +96,7 @@ def segment_sums_bands(x, g, knots, rows_first: bool = False):
   reduced over rows into [H] partials, then over H. On the H200 as fast alone as the library's
   (0.228 ms), inside the FFN's training step much slower (0.690 vs 0.448 ms; likely XLA
   recomputing the producers of x and g inside the reduction fusion, HLO not inspected)."""
-  knots = jnp.asarray(knots, x.dtype)
-  above = [x >= t for t in knots]
-  bands = [~above[0]] + [a & ~b for a, b in zip(above, above[1:])] + [above[-1]]
+  bands = segment_bands(x, jnp.asarray(knots, x.dtype))
   total = (lambda v: jnp.sum(jnp.sum(v, axis=0))) if rows_first else jnp.sum
   per_segment = lambda v: jnp.stack([total(jnp.where(band, v, 0.0)) for band in bands])
   return per_segment(g * x), per_segment(g)
@@ -112,6 +113,8 @@ SEGMENT_SUMS = {
     "segment-sums (one-hot [K+1, M, H])": lambda x, g, knots: segment_sums_one_hot(x, g, knots, 0),
     "segment-sums (K separate reductions, no counts: not exact for empty segments)":
         segment_sums_separate,
+    "segment-sums (Mosaic GPU kernel, one pass, per-thread accumulators)":
+        segment_sums_sm90.segment_sums,
 }
 
 
@@ -129,7 +132,12 @@ def main(argv=None) -> int:
   draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32))
   pre_sets = [(draw(rows, hidden) * 3, draw(rows, hidden)) for _ in range(3)]
   expected = [np.asarray(s, np.float64) for s in pwl_segment_sums(*pre_sets[0], act.knots)]
+  on_gpu = jax.default_backend() == "gpu"
+  if not on_gpu:
+    print("not a GPU: the Mosaic GPU segment-sum kernel variants are skipped", flush=True)
   for name, fn in SEGMENT_SUMS.items():
+    if fn is segment_sums_sm90.segment_sums and not on_gpu:
+      continue
     got = jax.jit(fn)(*pre_sets[0], act.knots)
     for a, b in zip(got, expected):  # every variant computes the same sums
       np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-3,
@@ -147,10 +155,13 @@ def main(argv=None) -> int:
           for _ in range(3)]
   dy = jnp.cos(jnp.arange(rows * d_model, dtype=jnp.float32)).reshape(rows, d_model)
 
-  def step(activation_of, argnums, implementation=None):
+  def step(activation_of, argnums, implementation=None, plan=None):
     def loss(x, w_up, w_gate, w_down, *pwl_leaves):
-      out = ff.ffn(x, w_up, w_down, w_gate=w_gate, activation=activation_of(*pwl_leaves),
-                   implementation=implementation)
+      activation = activation_of(*pwl_leaves)
+      out = (ff.ffn(x, w_up, w_down, w_gate=w_gate, activation=activation,
+                    implementation=implementation) if plan is None else
+             dispatch.ffn_mosaic_gpu(x, w_up, w_down, w_gate, None, None, None,
+                                     to_kernel_activation(activation), plan=plan))
       return jnp.sum(out.astype(jnp.float32) * dy)
     return jax.value_and_grad(loss, argnums=argnums)
 
@@ -161,6 +172,11 @@ def main(argv=None) -> int:
       "default path PWL-16, d(x, W, PWL values and tail slopes)": step(learnable,
                                                                       (0, 1, 2, 3, 4, 5, 6)),
   }
+  if on_gpu:
+    variants["default plan + segment-sum kernel, d(x, W, PWL values and tail slopes)"] = step(
+        learnable, (0, 1, 2, 3, 4, 5, 6), plan=dataclasses.replace(
+            dispatch.choose_plan(rows, d_model, hidden, d_model, True, True),
+            segment_sums="kernel"))
   for name, fn in variants.items():
     ms = 1e3 * time_per_call(fn, sets)
     results[name] = ms

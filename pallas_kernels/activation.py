@@ -101,6 +101,14 @@ def pwl_select(x: jax.Array, knots, slopes, intercepts) -> tuple[jax.Array, jax.
   return slope, intercept
 
 
+def segment_bands(x: jax.Array, thresholds) -> list[jax.Array]:
+  """The K+1 masks t_{j-1} <= x < t_j (t_{-1} = -inf, t_K = +inf) for K sorted thresholds (an
+  array or scalars); NaN x is in band 0 only."""
+  at_or_above = [x >= t for t in thresholds]
+  return ([~at_or_above[0]] + [lower & ~upper for lower, upper in zip(at_or_above, at_or_above[1:])]
+          + [at_or_above[-1]])
+
+
 def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.Array]:
   """Gradients of sum(g * pwl(x)) w.r.t. the per-segment slopes and intercepts.
 
@@ -117,11 +125,8 @@ def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.
   training step with PWL gradients 0.45 ms with the barrier, 0.69 without, 0.58 for the previous
   form (cumulative sums with integer counts); x and weight gradients alone 0.23 (XLA exact 0.24).
   """
-  knots = jnp.asarray(knots, x.dtype)
   x, g = jax.lax.optimization_barrier((x, g))
-  at_or_above = [x >= knot for knot in knots]
-  bands = ([~at_or_above[0]] + [lower & ~upper for lower, upper in zip(at_or_above, at_or_above[1:])]
-           + [at_or_above[-1]])
+  bands = segment_bands(x, jnp.asarray(knots, x.dtype))
   per_segment = lambda v: jnp.stack([jnp.sum(jnp.where(band, v, 0.0)) for band in bands])
   return per_segment(g * x), per_segment(g)
 

@@ -25,7 +25,8 @@ import pytest
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import backward, decode_sm90, dispatch, fused_ffn_sm90 as kernels
+from pallas_kernels.gpu import (backward, decode_sm90, dispatch, fused_ffn_sm90 as kernels,
+                                segment_sums_sm90)
 from tests.conftest import relative_error
 
 ON_HOPPER = (jax.default_backend() == "gpu"
@@ -177,7 +178,60 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
     check_against_reference(problem, activation, plan)
 
 
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_segment_sums_kernel_matches_float64(rng):
+  """The one-pass segment-sum kernel vs float64 NumPy on [64, 256]: sums per segment band, exact
+  zeros for the segments no element reaches (x clipped to [-1, 1.2]), NaN only in segment 0; a
+  shape that is not whole tiles is refused with its reason."""
+  knots = kernel_activation("pwl", glu=True).knots
+  x = np.clip(rng.normal(size=(64, 256)) * 2, -1.0, 1.2).astype(np.float32)
+  g = rng.normal(size=(64, 256)).astype(np.float32)
+  segment = np.searchsorted(np.asarray(knots, np.float64), x.astype(np.float64), side="right")
+  want_s, want_c = (np.array([np.sum(np.where(segment == j, v, 0.0)) for j in range(len(knots) + 1)])
+                    for v in (g.astype(np.float64) * x, g.astype(np.float64)))
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    got_s, got_c = segment_sums_sm90.segment_sums(jnp.asarray(x), jnp.asarray(g), knots)
+    poisoned = segment_sums_sm90.segment_sums(jnp.asarray(x).at[3, 5].set(jnp.nan),
+                                              jnp.asarray(g), knots)
+  for got, want in ((got_s, want_s), (got_c, want_c)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    assert np.all(np.asarray(got)[want == 0] == 0) and np.sum(want == 0) >= 4
+  assert np.isnan(poisoned[0][0]) and np.all(np.isfinite(poisoned[0][1:]))
+  assert "R % 32" in segment_sums_sm90.unsupported_reason(jnp.zeros((33, 256)))
+
+
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_backward_with_segment_sums_kernel(rng):
+  """ffn_backward with the kernel's segment sums (two 128-column chunks) equals autodiff."""
+  problem = make_problem(rng, rows=64, d_model=24, hidden=256, d_out=20, glu=True, bias=True,
+                         dtype=jnp.float32)
+  activation = kernel_activation("pwl", glu=True)
+  dy = jnp.asarray(rng.normal(size=(64, 20)), jnp.float32)
+  _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    grads = backward.ffn_backward(*[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
+                                  precision=jax.lax.Precision.HIGHEST,
+                                  segment_sums=segment_sums_sm90.segment_sums)
+  got = [g for g in grads if g is not None]
+  assert len(got) == len(expected)
+  for index, (g, want) in enumerate(zip(got, expected)):
+    assert relative_error(g, want) < 1e-5, f"gradient {index}"
+
+
+def test_segment_sums_kernel_lowers_for_cuda():
+  knots = kernel_activation("pwl", glu=True).knots
+  spec = jax.ShapeDtypeStruct((4096, 1536), jnp.float32)
+  exported = jax.export.export(jax.jit(lambda x, g: segment_sums_sm90.segment_sums(x, g, knots)),
+                               platforms=["cuda"])(spec, spec)
+  assert "mosaic_gpu" in exported.mlir_module()
+
+
 def test_preactivation_residuals_need_the_epilogue_path():
+  with pytest.raises(ValueError, match="segment_sums"):
+    dispatch.Plan("epilogue", segment_sums="triton")
   with pytest.raises(ValueError, match="residuals"):
     dispatch.Plan("epilogue", residuals="hidden")
   with pytest.raises(ValueError, match="epilogue"):
@@ -331,6 +385,9 @@ GPU_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3))),
     "epilogue-glu-pwl-saved": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations")),
+    "epilogue-glu-pwl-segment-kernel": (1024, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations",
+        segment_sums="kernel")),
     "epilogue-mlp-gelu-saved": (513, 768, 3000, 768, False, False, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3), residuals="preactivations")),
 }

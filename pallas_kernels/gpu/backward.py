@@ -22,6 +22,8 @@ between forward and backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -54,7 +56,8 @@ def _pad_columns(array, columns: int, axis: int):
 
 
 def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation, dy, *,
-                 chunk: int, precision=None, preactivations: tuple | None = None):
+                 chunk: int, precision=None, preactivations: tuple | None = None,
+                 segment_sums: Callable = pwl_segment_sums):
   """Cotangents (dx, dw_up, dw_down, dw_gate, db_up, db_gate, db_down, d_slopes, d_intercepts).
 
   x [M, D], dy [M, D_out]; entries for absent arguments are None (d_slopes / d_intercepts are None
@@ -62,7 +65,8 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   zero weights, so they add nothing to dx or to the PWL gradients and are sliced off.
   ``preactivations``: the forward's saved (g, u) (GLU) or (u,) (MLP), biases included, each a
   tuple of [M, H] parts whose f32 sum is the pre-activation (the kernel's (hi, lo) pairs); given,
-  GEMM1 is not recomputed.
+  GEMM1 is not recomputed. ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients (the
+  XLA form by default; ``segment_sums_sm90.segment_sums`` with ``Plan(segment_sums="kernel")``).
   """
   f32 = jnp.float32
   hidden = w_up.shape[1]
@@ -103,7 +107,7 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
     d_act = d_hidden * up if glu else d_hidden
     d_pre = d_act * act_prime
     if is_pwl:
-      seg_slopes, seg_intercepts = pwl_segment_sums(pre, d_act, activation.knots)
+      seg_slopes, seg_intercepts = segment_sums(pre, d_act, activation.knots)
       d_slopes, d_intercepts = d_slopes + seg_slopes, d_intercepts + seg_intercepts
     d_up = (d_hidden * act if glu else d_pre).astype(x.dtype)
     dx = dx + dot(d_up, wu, ((1,), (1,)))

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import backward, decode_sm90, fused_ffn_sm90 as kernels
+from pallas_kernels.activation import Activation, pwl_segment_sums
+from pallas_kernels.gpu import backward, decode_sm90, fused_ffn_sm90 as kernels, segment_sums_sm90
 
 DECODE_ROWS = 64  # M at or below this is "decode": one row block
 # [M, chunk] elements per backward chunk: 64 Mi (one chunk up to llama-1B at M = 8192) was the
@@ -53,6 +54,7 @@ DECODE_ROWS = 64  # M at or below this is "decode": one row block
 BACKWARD_CHUNK_ELEMENTS = 64 * 1024 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 RESIDUALS = ("recompute", "preactivations")
+SEGMENT_SUMS = ("xla", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,9 @@ class Plan:
   """How to run one shape: ``path`` is "fused", "epilogue", "decode" or "xla" plus that path's
   config (``fused`` / ``epilogue`` / ``decode``), what the forward keeps for the backward
   (``residuals``: "recompute" or "preactivations", the latter on the epilogue path only) and how
-  many [M, chunk] elements the backward handles per chunk."""
+  many [M, chunk] elements the backward handles per chunk; ``segment_sums``: how the backward
+  sums a PWL's parameter gradients, "xla" (``pwl_segment_sums``) or "kernel"
+  (``segment_sums_sm90``, one pass per chunk; interpret-mode tested, not yet timed on a GPU)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -68,10 +72,13 @@ class Plan:
   decode: decode_sm90.DecodeConfig | None = None
   backward_chunk_elements: int = BACKWARD_CHUNK_ELEMENTS
   residuals: str = "recompute"
+  segment_sums: str = "xla"
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
       raise ValueError(f"residuals={self.residuals!r}: expected one of {RESIDUALS}")
+    if self.segment_sums not in SEGMENT_SUMS:
+      raise ValueError(f"segment_sums={self.segment_sums!r}: expected one of {SEGMENT_SUMS}")
     if self.residuals == "preactivations" and self.path != "epilogue":
       raise ValueError(f"residuals='preactivations' needs the epilogue path, got {self.path!r}")
 
@@ -217,13 +224,25 @@ def _ffn_fwd(plan, kind, precision, *args):
   return out, (args, preactivations)
 
 
+def _kernel_segment_sums(pre, d_act, knots):
+  """The segment-sum kernel where it takes the chunk's shape, else the XLA form with a warning."""
+  reason = segment_sums_sm90.unsupported_reason(pre)
+  if reason is None:
+    return segment_sums_sm90.segment_sums(pre, d_act, knots)
+  warnings.warn(f"flashffn: the segment-sum kernel cannot run this chunk ({reason}); "
+                "using the XLA form", stacklevel=2)
+  return pwl_segment_sums(pre, d_act, knots)
+
+
 def _ffn_bwd(plan, kind, precision, residuals, dy):
   (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved = residuals
   activation = Activation(kind, knots, slopes, intercepts)
   chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
   grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
                                 dy.astype(x.dtype), chunk=chunk, precision=precision,
-                                preactivations=saved)
+                                preactivations=saved,
+                                segment_sums=(_kernel_segment_sums if plan.segment_sums == "kernel"
+                                              else pwl_segment_sums))
   *array_grads, d_slopes, d_intercepts = grads
   d_knots = None if knots is None else jnp.zeros_like(knots)
   return (*array_grads, d_knots, d_slopes, d_intercepts)
