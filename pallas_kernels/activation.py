@@ -102,8 +102,8 @@ def pwl_select(x: jax.Array, knots, slopes, intercepts) -> tuple[jax.Array, jax.
 
 
 def segment_bands(x: jax.Array, thresholds) -> list[jax.Array]:
-  """The K+1 masks t_{j-1} <= x < t_j (t_{-1} = -inf, t_K = +inf) for K sorted thresholds (an
-  array or scalars); NaN x is in band 0 only."""
+  """The K+1 masks t_{j-1} <= x < t_j (t_{-1} = -inf, t_K = +inf) for K >= 1 sorted thresholds
+  (an array or scalars; a PiecewiseLinear has at least 2 knots); NaN x is in band 0 only."""
   at_or_above = [x >= t for t in thresholds]
   return ([~at_or_above[0]] + [lower & ~upper for lower, upper in zip(at_or_above, at_or_above[1:])]
           + [at_or_above[-1]])
