@@ -180,7 +180,8 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
 
 @on_cpu_only
 @needs_interpret_threads
-def test_interpret_segment_sums_kernel_matches_float64(rng):
+@pytest.mark.parametrize("sub_rows", [4, 1])
+def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows):
   """The one-pass segment-sum kernel vs float64 NumPy on [64, 256]: sums per segment band, exact
   zeros for the segments no element reaches (x clipped to [-1, 1.2]), NaN only in segment 0; a
   shape that is not whole tiles is refused with its reason."""
@@ -191,9 +192,10 @@ def test_interpret_segment_sums_kernel_matches_float64(rng):
   want_s, want_c = (np.array([np.sum(np.where(segment == j, v, 0.0)) for j in range(len(knots) + 1)])
                     for v in (g.astype(np.float64) * x, g.astype(np.float64)))
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    got_s, got_c = segment_sums_sm90.segment_sums(jnp.asarray(x), jnp.asarray(g), knots)
+    got_s, got_c = segment_sums_sm90.segment_sums(jnp.asarray(x), jnp.asarray(g), knots,
+                                                  sub_rows=sub_rows)
     poisoned = segment_sums_sm90.segment_sums(jnp.asarray(x).at[3, 5].set(jnp.nan),
-                                              jnp.asarray(g), knots)
+                                              jnp.asarray(g), knots, sub_rows=sub_rows)
   for got, want in ((got_s, want_s), (got_c, want_c)):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
@@ -221,11 +223,12 @@ def test_interpret_backward_with_segment_sums_kernel(rng):
     assert relative_error(g, want) < 1e-5, f"gradient {index}"
 
 
-def test_segment_sums_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("sub_rows", [4, 2])
+def test_segment_sums_kernel_lowers_for_cuda(sub_rows):
   knots = kernel_activation("pwl", glu=True).knots
   spec = jax.ShapeDtypeStruct((4096, 1536), jnp.float32)
-  exported = jax.export.export(jax.jit(lambda x, g: segment_sums_sm90.segment_sums(x, g, knots)),
-                               platforms=["cuda"])(spec, spec)
+  exported = jax.export.export(jax.jit(lambda x, g: segment_sums_sm90.segment_sums(
+      x, g, knots, sub_rows=sub_rows)), platforms=["cuda"])(spec, spec)
   assert "mosaic_gpu" in exported.mlir_module()
 
 

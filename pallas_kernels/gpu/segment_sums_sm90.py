@@ -8,9 +8,10 @@ The gradients of Σ g·pwl(x) w.r.t. a PWL's K+1 slopes and intercepts are
 2(K+1) multi-output reduction took 0.16-0.23 ms for 4096 x 1536 f32 on the H200, ten times the
 50 MB it reads). Here x and g [R, C] f32 stream through SMEM in [TILE_ROWS, TILE_COLS] tiles
 (``plgpu.emit_pipeline``); CTA b owns a contiguous run of tiles and one warpgroup adds each
-[SUB_ROWS, TILE_COLS] slice into 2(K+1) register accumulators of that shape (4 f32 per thread
-each), masked by the slice's segment bands. Each CTA stores its accumulators as a partial
-[2(K+1), SUB_ROWS, TILE_COLS]; the caller sums the partials. An empty segment adds only zeros, so
+[sub_rows, TILE_COLS] slice into 2(K+1) register accumulators of that shape (sub_rows f32 per
+thread each), masked by the slice's segment bands. Each CTA stores its accumulators as a partial
+[2(K+1), sub_rows, TILE_COLS]; the caller sums the partials. Never run on a GPU yet
+(benchmarks/NOTES.md, next session's first item). An empty segment adds only zeros, so
 its sums are exactly 0; NaN x compares false everywhere and lands in segment 0.
 """
 
@@ -27,7 +28,7 @@ from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS, TABLE_ALIGN
 
 TILE_ROWS = 32
 TILE_COLS = 128
-SUB_ROWS = 4  # a [4, 128] f32 slice: 4 elements per thread of the warpgroup
+SUB_ROWS = 4  # default slice [4, 128] f32: 4 elements per thread of the warpgroup per accumulator
 STAGES = 2
 
 
@@ -46,8 +47,15 @@ def _num_ctas(tiles: int) -> int:
   return max(c for c in range(1, min(sms, tiles) + 1) if tiles % c == 0)
 
 
-def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(S, C), each [K+1] f32, for x, g [R, C] f32 and sorted knots [K] (see the module docstring)."""
+def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array, *,
+                 sub_rows: int = SUB_ROWS) -> tuple[jax.Array, jax.Array]:
+  """(S, C), each [K+1] f32, for x, g [R, C] f32 and sorted knots [K] (see the module docstring).
+
+  ``sub_rows`` (1, 2 or 4): rows per register slice; each of the 2(K+1) accumulators holds
+  sub_rows f32 per thread (fewer: less register pressure, more loop steps).
+  """
+  if sub_rows not in (1, 2, 4):
+    raise ValueError(f"sub_rows: expected 1, 2 or 4, got {sub_rows!r}")
   rows, cols = x.shape
   num_knots = knots.shape[0]
   segments = num_knots + 1
@@ -57,7 +65,7 @@ def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array) -> tuple[jax.Arra
   per_cta = tiles // ctas
   table = jnp.zeros((pl.cdiv(num_knots, TABLE_ALIGN) * TABLE_ALIGN,), jnp.float32)
   table = table.at[:num_knots].set(knots.astype(jnp.float32))
-  slice_layout = plgpu.Layout.WG_STRIDED((SUB_ROWS, TILE_COLS), vec_size=4)
+  slice_layout = plgpu.Layout.WG_STRIDED((sub_rows, TILE_COLS), vec_size=sub_rows)
 
   def segment_sums_kernel(x_gmem, g_gmem, table_gmem, out_gmem, table_smem, out_smem, ready):
     cta = lax.axis_index("cta")
@@ -67,21 +75,21 @@ def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array) -> tuple[jax.Arra
 
     def tile(_, x_smem, g_smem, sums):
       def add_slice(r, sums):
-        rows_r = pl.ds(r * SUB_ROWS, SUB_ROWS)
+        rows_r = pl.ds(r * sub_rows, sub_rows)
         xs = plgpu.load(x_smem.at[rows_r], layout=slice_layout)
         gs = plgpu.load(g_smem.at[rows_r], layout=slice_layout)
         bands = segment_bands(xs, thresholds)
         values = [gs * xs] * segments + [gs] * segments
         return tuple(s + jnp.where(band, v, 0.0)
                      for s, band, v in zip(sums, bands + bands, values))
-      return lax.fori_loop(0, TILE_ROWS // SUB_ROWS, add_slice, sums)
+      return lax.fori_loop(0, TILE_ROWS // sub_rows, add_slice, sums)
 
     def tile_index(i):
       t = cta * per_cta + i
       return t // col_tiles, t % col_tiles
 
     spec = pl.BlockSpec((TILE_ROWS, TILE_COLS), tile_index)
-    zero = plgpu.layout_cast(jnp.zeros((SUB_ROWS, TILE_COLS), jnp.float32), slice_layout)
+    zero = plgpu.layout_cast(jnp.zeros((sub_rows, TILE_COLS), jnp.float32), slice_layout)
     sums = plgpu.emit_pipeline(tile, grid=(per_cta,), in_specs=[spec, spec],
                                max_concurrent_steps=STAGES,
                                init_carry=(zero,) * (2 * segments))(x_gmem, g_gmem)
@@ -93,10 +101,10 @@ def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array) -> tuple[jax.Arra
 
   partials = plgpu.kernel(
       segment_sums_kernel,
-      out_type=jax.ShapeDtypeStruct((ctas, 2 * segments, SUB_ROWS, TILE_COLS), jnp.float32),
+      out_type=jax.ShapeDtypeStruct((ctas, 2 * segments, sub_rows, TILE_COLS), jnp.float32),
       grid=(ctas,), grid_names=("cta",),
       scratch_types=[plgpu.SMEM(table.shape, jnp.float32),
-                      plgpu.SMEM((2 * segments, SUB_ROWS, TILE_COLS), jnp.float32),
+                      plgpu.SMEM((2 * segments, sub_rows, TILE_COLS), jnp.float32),
                       plgpu.Barrier(num_arrivals=1)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )(x, g, table)
