@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashffn_jax as ff
-from flashffn_jax.ops import reference_ffn, to_kernel_activation
+from flashffn_jax.ops import reference_ffn, to_kernel_activation, xla_padded_row
 from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import decode_sm90, dispatch
 
@@ -50,12 +50,11 @@ def variants(glu: bool, exact: str) -> dict:
   f16 = decode_sm90.DecodeConfig(64, pwl_dtype="float16")
   decode = {f"b{block_h}-{pwl_dtype[5:]}": decode_sm90.DecodeConfig(block_h, pwl_dtype=pwl_dtype)
             for block_h in decode_sm90.BLOCK_WIDTHS for pwl_dtype in ("float32", "float16")}
-  def padded_rows(ffn, rows=8):  # M = 1 takes XLA's matrix-vector path; M = 8 its GEMM path
-    return lambda x, *w: ffn(jnp.pad(x, ((0, max(rows - x.shape[0], 0)), (0, 0))), *w)[
-        :x.shape[0]]
   return {
       "xla-exact": xla(Activation(exact)),
-      "xla-exact-rows-padded-to-8": padded_rows(xla(Activation(exact))),
+      # the library's M = 1 default on GPUs (declines other M: recorded as an error)
+      "xla-exact-rows-padded-to-8": lambda x, wu, wd, wg: xla_padded_row(
+          x, wu, wd, wg, None, None, None, Activation(exact)),
       "xla-pwl16": xla(pwl),
       **{f"decode-pwl16-{name}": kernel(dispatch.Plan("decode", decode=config))
          for name, config in decode.items()},
