@@ -180,14 +180,14 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("sub_rows", [4, 1])
-def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows):
-  """The one-pass segment-sum kernel vs float64 NumPy on [64, 256]: sums per segment band, exact
-  zeros for the segments no element reaches (x clipped to [-1, 1.2]), NaN only in segment 0; a
-  shape that is not whole tiles is refused with its reason."""
+@pytest.mark.parametrize("sub_rows, shape", [(2, (45, 200)), (4, (64, 256)), (1, (32, 128))])
+def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows, shape):
+  """The one-pass segment-sum kernel vs float64 NumPy: sums per segment band, exact zeros for the
+  segments no element reaches (x clipped to [-1, 1.2]), NaN only in segment 0; a shape that is not
+  whole tiles is padded (45 x 200); other dtypes and mismatched g are refused by name."""
   knots = kernel_activation("pwl", glu=True).knots
-  x = np.clip(rng.normal(size=(64, 256)) * 2, -1.0, 1.2).astype(np.float32)
-  g = rng.normal(size=(64, 256)).astype(np.float32)
+  x = np.clip(rng.normal(size=shape) * 2, -1.0, 1.2).astype(np.float32)
+  g = rng.normal(size=shape).astype(np.float32)
   segment = np.searchsorted(np.asarray(knots, np.float64), x.astype(np.float64), side="right")
   want_s, want_c = (np.array([np.sum(np.where(segment == j, v, 0.0)) for j in range(len(knots) + 1)])
                     for v in (g.astype(np.float64) * x, g.astype(np.float64)))
@@ -201,7 +201,10 @@ def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows):
                                atol=1e-5 * np.abs(want).max())
     assert np.all(np.asarray(got)[want == 0] == 0) and np.sum(want == 0) >= 4
   assert np.isnan(poisoned[0][0]) and np.all(np.isfinite(poisoned[0][1:]))
-  assert "R % 32" in segment_sums_sm90.unsupported_reason(jnp.zeros((33, 256)))
+  with pytest.raises(ValueError, match="x, g: needs a 2-D float32"):
+    segment_sums_sm90.segment_sums(jnp.asarray(x, jnp.bfloat16), jnp.asarray(g), knots)
+  with pytest.raises(ValueError, match="g must match x"):
+    segment_sums_sm90.segment_sums(jnp.asarray(x), jnp.asarray(g[:-1]), knots)
 
 
 @on_cpu_only
@@ -223,10 +226,10 @@ def test_interpret_backward_with_segment_sums_kernel(rng):
     assert relative_error(g, want) < 1e-5, f"gradient {index}"
 
 
-@pytest.mark.parametrize("sub_rows", [4, 2])
-def test_segment_sums_kernel_lowers_for_cuda(sub_rows):
+@pytest.mark.parametrize("sub_rows, shape", [(4, (4096, 1536)), (2, (4096, 1536)), (2, (1000, 3000))])
+def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape):
   knots = kernel_activation("pwl", glu=True).knots
-  spec = jax.ShapeDtypeStruct((4096, 1536), jnp.float32)
+  spec = jax.ShapeDtypeStruct(shape, jnp.float32)
   exported = jax.export.export(jax.jit(lambda x, g: segment_sums_sm90.segment_sums(
       x, g, knots, sub_rows=sub_rows)), platforms=["cuda"])(spec, spec)
   assert "mosaic_gpu" in exported.mlir_module()
@@ -388,9 +391,9 @@ GPU_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3))),
     "epilogue-glu-pwl-saved": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations")),
-    "epilogue-glu-pwl-segment-kernel": (1024, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
+    "epilogue-glu-pwl-segment-xla": (1024, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations",
-        segment_sums="kernel")),
+        segment_sums="xla")),
     "epilogue-mlp-gelu-saved": (513, 768, 3000, 768, False, False, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3), residuals="preactivations")),
 }

@@ -65,8 +65,9 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   zero weights, so they add nothing to dx or to the PWL gradients and are sliced off.
   ``preactivations``: the forward's saved (g, u) (GLU) or (u,) (MLP), biases included, each a
   tuple of [M, H] parts whose f32 sum is the pre-activation (the kernel's (hi, lo) pairs); given,
-  GEMM1 is not recomputed. ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients (the
-  XLA form by default; ``segment_sums_sm90.segment_sums`` with ``Plan(segment_sums="kernel")``).
+  GEMM1 is not recomputed. ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients
+  (``pwl_segment_sums``, the XLA form, by default here; ``dispatch`` passes the one-pass kernel,
+  ``segment_sums_sm90.segment_sums``, unless ``Plan(segment_sums="xla")``).
   """
   f32 = jnp.float32
   hidden = w_up.shape[1]

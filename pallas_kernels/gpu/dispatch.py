@@ -63,8 +63,8 @@ class Plan:
   config (``fused`` / ``epilogue`` / ``decode``), what the forward keeps for the backward
   (``residuals``: "recompute" or "preactivations", the latter on the epilogue path only) and how
   many [M, chunk] elements the backward handles per chunk; ``segment_sums``: how the backward
-  sums a PWL's parameter gradients, "xla" (``pwl_segment_sums``) or "kernel"
-  (``segment_sums_sm90``, one pass per chunk; interpret-mode tested, not yet timed on a GPU)."""
+  sums a PWL's parameter gradients, "kernel" (``segment_sums_sm90``, one pass per chunk: 0.05 vs
+  0.23 ms at SmolLM2 M = 4096 on the H200) or "xla" (``pwl_segment_sums``)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -72,7 +72,7 @@ class Plan:
   decode: decode_sm90.DecodeConfig | None = None
   backward_chunk_elements: int = BACKWARD_CHUNK_ELEMENTS
   residuals: str = "recompute"
-  segment_sums: str = "xla"
+  segment_sums: str = "kernel"
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
