@@ -10,8 +10,9 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
                plan again with the exact activation, tokamax's Mosaic GLU + XLA down-projection
                (GLU shapes, with --tokamax);
   fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL
-               (bf16 GEMMs, autodiff), the kernel's custom VJP with the fastest forward plan for
-               each ``--residuals`` kind and ``--backward-chunks`` budget, and with the exact act.;
+               (bf16 GEMMs, autodiff), the kernel's custom VJP with the library's tuned plan
+               (``dispatch.choose_plan``) for each ``--residuals`` kind and ``--backward-chunks``
+               budget, and with the exact activation; dy is an input of the step;
   decode:      also a Mosaic kernel that only copies x (what one launch costs in this wall-clock
                harness: ~30 us on the H200, 1 us of it on the GPU) and the decode kernel without
                its XLA sum; for GPU time at decode use bench_decode_profile.py;
@@ -96,9 +97,9 @@ def candidates(shape: Shape, pwl_dtypes=("float32", "float16")) -> dict[str, dis
   if shape.d_model <= 640 and decode:
     plans["fused-h64-s3-x12"] = dispatch.Plan(
         "fused", fused=kernels.FusedConfig(block_h=64, stages=3, h_splits=12))
-  tiles = [(64, 128, 3)] if shape.glu else [(128, 128, 3)]
-  if shape.name == "gpt2-small":
-    tiles.append((64, 256, 3))
+  # MLP: 128 x 128 x 3 no longer fits SMEM with the saved pre-activations' int8 staging; it is
+  # timed for the forward, the library's training forward uses 64 x 256
+  tiles = [(64, 128, 3)] if shape.glu else [(128, 128, 3), (64, 256, 3)]
   for tile_m, tile_n, stages in tiles:
     for pwl_dtype in pwl_dtypes:
       config = kernels.EpilogueConfig(tile_m=tile_m, tile_n=tile_n, stages=stages,
@@ -237,16 +238,23 @@ def decode_partials_only(activation: Activation, config: decode_sm90.DecodeConfi
 
 
 def with_gradients(forward):
-  """fwd+bwd: ⟨forward(...), dy⟩ and its gradient w.r.t. x and every weight (dy fixed). The value
-  is returned so the forward runs as in training (``jax.grad`` alone lets XLA drop the forward's
-  second GEMM, and the recompute path's whole forward kernel)."""
-  def step(x, wu, wd, wg):
-    dy = jnp.cos(jnp.arange(x.shape[0] * wd.shape[1], dtype=jnp.float32)).reshape(
-        x.shape[0], wd.shape[1])
+  """fwd+bwd: ⟨forward(...), dy⟩ and its gradient w.r.t. x and every weight, for
+  ``step(x, wu, wd, wg, dy)`` (sets from ``with_cotangents``). The value is returned so the
+  forward runs as in training (``jax.grad`` alone lets XLA drop the forward's second GEMM, and the
+  recompute path's whole forward kernel). dy is an input, not computed in the step: until
+  2026-12-01 it was cos(arange) inside the step, a fusion of 38-51 us per step on the H200 at
+  M = 8192 that both sides paid (results/backward-profile-2026-12-01.md)."""
+  def step(x, wu, wd, wg, dy):
     loss = lambda *a: jnp.sum(forward(*a).astype(jnp.float32) * dy)
     return jax.value_and_grad(loss, argnums=(0, 1, 2) if wg is None else (0, 1, 2, 3))(
         x, wu, wd, wg)
   return step
+
+
+def with_cotangents(arg_sets: list[tuple]) -> list[tuple]:
+  """Each (x, wu, wd, wg) set with a random f32 cotangent dy [M, D_out] appended."""
+  return [(*args, jax.random.normal(jax.random.key(i), (args[0].shape[0], args[2].shape[1])))
+          for i, args in enumerate(arg_sets)]
 
 
 def relative_error(out, ref) -> float:
@@ -333,31 +341,35 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     return summary
   backward_base = {**base, "section": "fwd+bwd"}
   variants = [("xla-exact", xla_forward(act_exact)), ("xla-pwl16", xla_forward(act_pwl))]
-  if best_name:
-    best_plan = plans[best_name]
+  train_plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
+                                    shape.glu, True)
+  if best_name and train_plan.path == "epilogue":  # the library's tuned plan, each residual kind
+    tiles = train_plan.epilogue
+    train_name = f"epilogue-{tiles.tile_m}x{tiles.tile_n}-s{tiles.stages}-{tiles.pwl_dtype[5:]}"
     for kept in residuals:
       seen_chunks = set()
       for chunk_mi in backward_chunks_mi:
         chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
         if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant
           seen_chunks.add(chunk)
-          plan = dataclasses.replace(best_plan, backward_chunk_elements=chunk_mi * 2**20,
+          plan = dataclasses.replace(train_plan, backward_chunk_elements=chunk_mi * 2**20,
                                      residuals=kept)
-          variants.append((f"{best_name}-{kept[:5]}-bwd{chunk_mi}Mi",
+          variants.append((f"{train_name}-{kept[:5]}-bwd{chunk_mi}Mi",
                            kernel_forward(act_pwl, plan)))
-    variants.append((f"{best_name}+exact-{residuals[0][:5]}-bwd{backward_chunks_mi[0]}Mi",
+    variants.append((f"{train_name}+exact-{residuals[0][:5]}-bwd{backward_chunks_mi[0]}Mi",
                      kernel_forward(act_exact, dataclasses.replace(
-                         best_plan, backward_chunk_elements=backward_chunks_mi[0] * 2**20,
+                         train_plan, backward_chunk_elements=backward_chunks_mi[0] * 2**20,
                          residuals=residuals[0]))))
+  train_sets = with_cotangents(arg_sets)
   for name, forward in variants:
     if rec.over_budget():
       break
     step = with_gradients(forward)
 
     def train_result():
-      seconds = time_per_call(step, arg_sets, reps=4, rounds=3)
+      seconds = time_per_call(step, train_sets, reps=4, rounds=3)
       return dict(ms=seconds * 1e3, tflops=3 * shape.flops / seconds / 1e12,
-                  temp_mb=temp_bytes(step, arg_sets[0]) / 2**20,
+                  temp_mb=temp_bytes(step, train_sets[0]) / 2**20,
                   saved_mb=saved_residual_bytes(forward, arg_sets[0]) / 2**20)
     summary[f"train:{name}"] = rec.measure(name, train_result, **backward_base)
   kernel_trains = [r for key, r in summary.items()

@@ -41,10 +41,10 @@ def union_ns(intervals) -> int:
   return total
 
 
-def profile(fn, args, calls: int, per_call: int) -> dict:
+def profile(fn, args, calls: int, per_call: int, top: int = 4) -> dict:
   """Trace ``calls`` calls of ``fn(*args)`` (after two warm-up calls), each running ``per_call``
   units of work (FFNs): GPU-busy us per unit (union of kernel intervals), kernel launches per
-  unit, wall-clock us per unit, the stream lines read and the four costliest kernels."""
+  unit, wall-clock us per unit, the stream lines read and the ``top`` costliest kernels."""
   jax.block_until_ready(fn(*args))  # compile and warm up
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -56,7 +56,7 @@ def profile(fn, args, calls: int, per_call: int) -> dict:
     host = time.perf_counter() - start
     intervals, lines, by_kernel = kernel_intervals(trace_dir)
   ffns = calls * per_call
-  top = sorted(by_kernel.items(), key=lambda item: -item[1])[:4]
+  top = sorted(by_kernel.items(), key=lambda item: -item[1])[:top]
   return dict(device_us=union_ns(intervals) / 1e3 / ffns, kernels=len(intervals) / ffns,
               host_us=host * 1e6 / ffns, lines=lines,
-              by_kernel_us={name[:60]: ns / 1e3 / ffns for name, ns in top})
+              by_kernel_us={name[:90]: ns / 1e3 / ffns for name, ns in top})

@@ -1,0 +1,121 @@
+"""Where a training step's FFN time goes on the GPU: every kernel of fwd+bwd, from the profiler.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_backward_profile.py --out $OUT [--shapes smollm2,gpt2-small]
+
+For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each variant -- XLA autodiff of the
+exact FFN, and the library's default GPU plan with the PWL-16 activation -- traces a jit of
+loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``) and lists each kernel's
+GPU time per step, costliest first, with the GPU-busy total. The floors to compare against:
+``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
+``backward-profile-<date>.json`` / ``.md`` after every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+
+import jax
+import numpy as np
+
+import flashffn_jax as ff
+from flashffn_jax.ops import to_kernel_activation
+from pallas_kernels.activation import Activation
+from pallas_kernels.gpu import dispatch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_gpu import (SHAPES, as_args, kernel_forward, make_sets, with_cotangents,  # noqa: E402
+                       with_gradients, xla_forward)
+from gpu_profile import profile  # noqa: E402
+
+
+def fusion_signatures(hlo_text: str, names) -> dict[str, str]:
+  """``result type = operand types`` of each named instruction in a compiled HLO module (which
+  GEMM, e.g., ``gemm_fusion_dot_general_14`` is)."""
+  types = {m.group(1): m.group(2) for m in re.finditer(
+      r"^\s*(?:ROOT )?%?([\w.-]+) = (\S+?)(?:\{[0-9,]*\})? ", hlo_text, re.MULTILINE)}
+  signatures = {}
+  for name in names:
+    for hlo_name in (name, re.sub(r"_(\d+)$", r".\1", name)):  # kernel names replace the "."
+      match = re.search(rf"^\s*(?:ROOT )?%?{re.escape(hlo_name)} = \S+? [\w-]+\(([^)]*)\)",
+                        hlo_text, re.MULTILINE)
+      if match:
+        operands = [types.get(op.strip().lstrip("%"), "?") for op in match.group(1).split(",")]
+        signatures[name] = f"{types[hlo_name]} = " + ", ".join(operands)
+        break
+  return signatures
+
+
+def gemm_signatures(hlo_text: str) -> dict[str, str]:
+  """Every GEMM of the entry computation (cuBLAS custom calls and GEMM fusions) with its types:
+  the cuBLAS kernels of a trace carry no HLO name, so they are matched to these by shape."""
+  names = re.findall(r"^\s*(?:ROOT )?%?([\w.-]*(?:gemm|dot|custom-call)[\w.-]*) = ", hlo_text,
+                     re.MULTILINE)
+  return fusion_signatures(hlo_text, dict.fromkeys(names))
+
+
+def write_report(results: list[dict], out: str, command: str) -> None:
+  stem = os.path.join(out, f"backward-profile-{datetime.date.today().isoformat()}")
+  with open(stem + ".json", "w") as f:
+    json.dump({"device": jax.devices()[0].device_kind, "command": command, "results": results}, f,
+              indent=1)
+  lines = [f"# fwd+bwd kernels on {jax.devices()[0].device_kind}", "", f"Command: `{command}`", ""]
+  for r in results:
+    lines += [f"## {r['shape']} — {r['variant']}", ""]
+    if "error" in r:
+      lines += [f"failed: {r['error']}", ""]
+      continue
+    lines += [f"GPU busy {r['device_us']:.1f} us per step, {r['kernels']:.0f} kernels, wall "
+              f"{r['host_us']:.1f} us", "", "| kernel | us per step | HLO (result = operands) |",
+              "|---|---:|---|"]
+    lines += [f"| `{name}` | {us:.1f} | `{r['hlo'].get(name, '')}` |"
+              for name, us in r["by_kernel_us"].items()]
+    lines += ["", "GEMMs in the compiled step:", ""]
+    lines += [f"- `{name}`: `{signature}`" for name, signature in r["gemms"].items()]
+    lines.append("")
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--shapes", default="smollm2,gpt2-small")
+  parser.add_argument("--calls", type=int, default=10)
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
+  rng = np.random.default_rng(0)
+  shapes = {shape.name: shape for shape in SHAPES}
+  results = []
+  for name in args.shapes.split(","):
+    shape = shapes[name]
+    (step_args,) = with_cotangents([as_args(make_sets(shape, rng)[0])])
+    pwl = to_kernel_activation(ff.fit(shape.activation, 16))
+    plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
+                                True)
+    variants = {"xla exact (autodiff)": xla_forward(Activation(shape.activation)),
+                f"library default plan ({plan.path}, residuals={plan.residuals}), PWL-16":
+                    kernel_forward(pwl, plan)}
+    for variant, forward in variants.items():
+      step = jax.jit(with_gradients(forward))
+      try:
+        record = profile(step, step_args, args.calls, 1, top=40)
+        hlo_text = step.lower(*step_args).compile().as_text()
+        record["hlo"] = fusion_signatures(hlo_text, record["by_kernel_us"])
+        record["gemms"] = gemm_signatures(hlo_text)
+      except Exception as error:  # noqa: BLE001 -- a failed variant is a result
+        record = {"error": f"{type(error).__name__}: {error}"[:300]}
+      record.update(shape=name, variant=variant, rows=shape.rows)
+      results.append(record)
+      print(json.dumps(record)[:2000], flush=True)
+      write_report(results, args.out, command)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
