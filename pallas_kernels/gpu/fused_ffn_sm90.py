@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import Activation, exact_activation
+from pallas_kernels.gpu.backward import split_preactivation
 
 WGMMA_ROWS = 64  # rows of one wgmma (and of a fused-kernel row block)
 TILE_K = 64  # contraction slice: 64 bf16 = one 128-byte swizzle row
@@ -144,7 +145,8 @@ class EpilogueConfig:
   """Tiles of ``gemm1_activation``: each compute warpgroup owns [tile_m, tile_n] of ``a``.
 
   The epilogue walks the tile in [tile_m, EPILOGUE_N] slices so the activation's temporaries
-  stay small, double-buffering the SMEM staging of the TMA stores.
+  stay small, double-buffering the SMEM staging of the TMA stores (saving the pre-activations
+  adds one int8 staging slot per warpgroup: ``saves``).
   """
 
   tile_m: int = 128
@@ -154,7 +156,7 @@ class EpilogueConfig:
   grid_tile_width: int = 8
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
 
-  def check(self, num_weights: int, itemsize: int) -> None:
+  def check(self, num_weights: int, itemsize: int, saves: bool = False) -> None:
     """NotImplementedError when the tiles break a wgmma / register / SMEM limit."""
     if self.stages < 2:
       raise NotImplementedError(f"stages={self.stages}: the pipeline keeps one wgmma in flight")
@@ -164,13 +166,15 @@ class EpilogueConfig:
     accumulator_registers = num_weights * self.tile_m * self.tile_n // 128
     if accumulator_registers > 128:
       raise NotImplementedError(f"{accumulator_registers} accumulator registers per thread > 128")
-    if self.smem_bytes(num_weights, itemsize) > SMEM_BYTES:
-      raise NotImplementedError(f"{self} needs {self.smem_bytes(num_weights, itemsize)} bytes of "
-                                f"SMEM > {SMEM_BYTES}")
+    if self.smem_bytes(num_weights, itemsize, saves) > SMEM_BYTES:
+      raise NotImplementedError(f"{self} needs {self.smem_bytes(num_weights, itemsize, saves)} "
+                                f"bytes of SMEM > {SMEM_BYTES}" + (" when saving the "
+                                "pre-activations" if saves else ""))
 
-  def smem_bytes(self, num_weights: int, itemsize: int) -> int:
+  def smem_bytes(self, num_weights: int, itemsize: int, saves: bool = False) -> int:
     stage = (2 * self.tile_m + num_weights * self.tile_n) * TILE_K * itemsize
-    staging = 2 * 2 * self.tile_m * EPILOGUE_N * itemsize
+    staging = 2 * 2 * self.tile_m * EPILOGUE_N * itemsize + (2 * self.tile_m * EPILOGUE_N
+                                                              if saves else 0)
     return self.stages * stage + staging + 2 * num_weights * self.tile_n * itemsize + 1024
 
 
@@ -184,10 +188,10 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
 
   With ``save_preactivations`` it returns ``(a, (g, u))`` (GLU: g = x W_gate + b_gate,
   u = x W_up + b_up) or ``(a, (u,))`` (MLP), written from the same epilogue: the residuals a
-  backward needs instead of recomputing GEMM1. Each is a pair (hi, lo) of [M, H] arrays in x's
-  dtype with hi = round(p), lo = round(p - hi), so hi + lo keeps ~16 of f32's mantissa bits (one
-  bf16 moves PWL inputs across knots and costs the PWL gradients ~5%). All stores share the two
-  staging slots in turn, so SMEM does not grow.
+  backward needs instead of recomputing GEMM1, in ``backward.split_preactivation``'s form: the
+  activation's input as (hi [M, H] in x's dtype, lo [M, H] int8), a GLU's u as (hi,); 5 (GLU) or
+  3 (MLP) bytes per hidden element. The x-dtype stores alternate between two staging slots, the
+  int8 ones use a third, smaller one.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -196,14 +200,18 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
   if biases and len(biases) != len(weights):
     raise ValueError("gemm1_activation: give both GLU biases or neither")
-  config.check(len(weights), jnp.dtype(dtype).itemsize)
+  config.check(len(weights), jnp.dtype(dtype).itemsize, save_preactivations)
   tile_m, tile_n = config.tile_m, config.tile_n
   cta_m = 2 * tile_m
   m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
   in_flight = 1 if k_iters > 1 else 0  # wgmma groups left running; their buffers free one step late
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
-  num_outputs = 1 + (2 * len(weights) if save_preactivations else 0)
+  # a, then per pre-activation its split_preactivation parts: the activation's input (hi, lo),
+  # a GLU's u (hi,)
+  out_dtypes = [dtype] + ([dtype, jnp.int8] + [dtype] * (len(weights) - 1)
+                          if save_preactivations else [])
+  num_outputs = len(out_dtypes)
 
   def make_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -216,9 +224,10 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
         compute_context=compute_context)
 
   def kernel(*refs):
-    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (out_smem, bias_smem, table_smem,
-                                                         bias_barrier, table_barrier) = _split_refs(
-        refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 5))
+    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (out_smem, correction_smem, bias_smem,
+                                                         table_smem, bias_barrier,
+                                                         table_barrier) = _split_refs(
+        refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 6))
     wg = lax.axis_index("wg")
     if table is not None:
       @pl.when(wg == 0)
@@ -252,6 +261,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
             eval_pipeline(accumulators)
             if b_gmems:
               plgpu.barrier_wait(bias_barrier.at[wg])
+            wide_stores = 0  # stores of this tile through the two x-dtype slots
             for epi in range(tile_n // EPILOGUE_N):
               cols = slice(epi * EPILOGUE_N, (epi + 1) * EPILOGUE_N)
               pre = [acc[:, cols] for acc in accumulators]
@@ -261,18 +271,23 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
               if len(pre) == 2:
                 out = out * pre[1]
               values = [out]
-              for p in pre if save_preactivations else []:
-                high = p.astype(dtype)
-                values += [high, p - high.astype(jnp.float32)]
+              for i, p in enumerate(pre if save_preactivations else []):
+                values += split_preactivation(p, dtype, with_correction=i == 0)
               for j, (value, gmem) in enumerate(zip(values, out_gmems)):
-                step = epi * num_outputs + j  # stores alternate between the two staging slots
-                # before a tile's first store, drain the previous tile's (an odd store count
-                # would otherwise reuse the slot of the store still in flight)
-                plgpu.wait_smem_to_gmem(0 if step == 0 else 1, wait_read_only=True)
-                out_smem[wg, step % 2] = value.astype(dtype)
+                # Each store waits until at most one store is in flight (before a tile's first
+                # store: none, as the previous tile's parity may differ). x-dtype stores
+                # alternate slots and int8 stores never come back to back, so the store still
+                # in flight never uses the slot being filled.
+                plgpu.wait_smem_to_gmem(0 if epi == j == 0 else 1, wait_read_only=True)
+                if value.dtype == jnp.int8:
+                  staging = correction_smem.at[wg]
+                else:
+                  staging = out_smem.at[wg, wide_stores % 2]
+                  wide_stores += 1
+                staging[...] = value.astype(staging.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
-                    out_smem.at[wg, step % 2],
+                    staging,
                     gmem.at[m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
 
           pl.run_scoped(with_accumulators,
@@ -293,13 +308,15 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   out_transforms = _swizzled(EPILOGUE_N, dtype)
   scratch = [
       plgpu.SMEM((2, 2, tile_m, EPILOGUE_N), dtype, transforms=out_transforms),
+      plgpu.SMEM((2, tile_m if save_preactivations else 8, EPILOGUE_N), jnp.int8,
+                 transforms=_swizzled(EPILOGUE_N, jnp.int8)),
       plgpu.SMEM((2, max(len(biases), 1), tile_n), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
       plgpu.Barrier(num_barriers=1),
   ]
   outputs = plgpu.kernel(
-      kernel, out_type=[jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
+      kernel, out_type=[jax.ShapeDtypeStruct((m, hidden), t) for t in out_dtypes],
       grid=(min(num_sms(), m_iters * n_iters),),
       grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(
@@ -307,7 +324,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   )(*inputs)
   if not save_preactivations:
     return outputs[0]
-  return outputs[0], tuple(tuple(outputs[i:i + 2]) for i in range(1, num_outputs, 2))
+  return outputs[0], (tuple(outputs[1:3]),) + tuple((o,) for o in outputs[3:])
 
 
 # ------------------------------------------------------------------------------------------------
