@@ -159,10 +159,10 @@ def test_interpret_epilogue_mlp(rng, name, pwl_dtype):
 @on_cpu_only
 @needs_interpret_threads
 def test_interpret_epilogue_glu_saves_preactivations(rng):
-  """residuals="preactivations": the epilogue kernel also writes g = x W_gate + b_gate as
-  (bf16, int8 correction) and u = x W_up + b_up as bf16 (odd M and H; tile_n = 64 gives one
-  epilogue slice per tile, so a tile's stores start on either staging slot), the same parts
-  ``split_preactivation`` makes in XLA, and the backward reads them instead of recomputing GEMM1."""
+  """residuals="preactivations": the epilogue kernel also writes g = x W_gate + b_gate and
+  u = x W_up + b_up as (hi, lo) bf16 pairs (odd M and H; the five stores share two staging
+  slots, tile_n = 64 gives an odd store count per tile), and the backward reads them instead of
+  recomputing GEMM1."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=True, bias=True)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals="preactivations")
@@ -174,14 +174,10 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
     f32 = lambda name: problem[name].astype(jnp.float32)
     expected = {name: jnp.dot(f32("x"), f32(weight), precision="highest") + f32(bias)
                 for name, weight, bias in (("gate", "w_gate", "b_gate"), ("up", "w_up", "b_up"))}
-    assert [part.dtype for part in gate] == [jnp.bfloat16, jnp.int8]
-    assert [part.dtype for part in up] == [jnp.bfloat16]
-    assert relative_error(gate[0], expected["gate"]) < BF16_TOLERANCE  # one bf16 rounding
-    assert relative_error(up[0], expected["up"]) < BF16_TOLERANCE
-    # every element: hi·(1 + lo·2^-15) within the encoding's 2^-15 (plus f32 accumulation-order
-    # differences between the kernel's GEMM and XLA's)
-    joined, want = np.asarray(backward.join_preactivation(gate)), np.asarray(expected["gate"])
-    assert np.all(np.abs(joined - want) <= 2.0 ** -14 * np.abs(want) + 2e-5)
+    for name, (high, low) in (("gate", gate), ("up", up)):
+      assert high.dtype == low.dtype == jnp.bfloat16
+      assert relative_error(high, expected[name]) < BF16_TOLERANCE  # one bf16 rounding
+      assert relative_error(backward.join_preactivation(high, low), expected[name]) < 1e-4
     check_against_reference(problem, activation, plan)
 
 
@@ -294,32 +290,29 @@ def test_chunked_backward_matches_autodiff(rng, glu, saved):
   dy = jnp.asarray(rng.normal(size=(33, 20)), jnp.float32)
   _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
   pre = lambda w, b: jnp.dot(problem["x"], problem[w], precision="highest") + problem[b]
-  preactivations = (tuple(backward.split_preactivation(pre(w, b), jnp.bfloat16, i == 0)
-                          for i, (w, b) in enumerate((("w_gate", "b_gate"),) * glu
-                                                     + (("w_up", "b_up"),)))
+  preactivations = (tuple(backward.split_preactivation(pre(w, b), jnp.bfloat16)
+                          for w, b in (("w_gate", "b_gate"),) * glu + (("w_up", "b_up"),))
                     if saved else None)
   grads = backward.ffn_backward(*[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
                                 precision=jax.lax.Precision.HIGHEST,
                                 preactivations=preactivations)
   got = [g for g in grads if g is not None]
   assert len(got) == len(expected)
-  # recomputed: f32 throughout. Saved: the activation's input to 2^-15, a GLU's u in bf16 (2^-9)
-  tolerance = 1e-5 if not saved else 5e-3 if glu else 2e-4
   for index, (g, want) in enumerate(zip(got, expected)):
-    assert relative_error(g, want) < tolerance, f"gradient {index}"
+    assert relative_error(g, want) < 1e-5, f"gradient {index}"
 
 
 def test_split_preactivation_round_trip_and_specials(rng):
-  """join(split(p)) within 2^-15 (bf16) / 2^-18 (f16) relative; zeros, infinities and NaN
-  survive (the correction is unused there)."""
+  """hi + lo within 2^-17 (bf16) / 2^-22 (f16) of p while lo is a normal number; infinities and
+  NaN survive (lo = p - hi is NaN there and is ignored)."""
   sign = np.where(rng.random((64, 96)) < 0.5, -1.0, 1.0)
-  for dtype, bound, decades in ((jnp.bfloat16, 2.0 ** -15, 30), (jnp.float16, 2.0 ** -18, 3)):
-    # magnitudes over ±decades powers of ten (f16: inside its normal range)
-    p = jnp.asarray(sign * 10.0 ** rng.uniform(-decades, decades, (64, 96)), jnp.float32)
-    joined = backward.join_preactivation(backward.split_preactivation(p, dtype))
+  for dtype, bound, exponents in ((jnp.bfloat16, 2.0 ** -17, (-30, 30)),
+                                  (jnp.float16, 2.0 ** -22, (-0.5, 4))):
+    p = jnp.asarray(sign * 10.0 ** rng.uniform(*exponents, (64, 96)), jnp.float32)
+    joined = backward.join_preactivation(*backward.split_preactivation(p, dtype))
     assert float(jnp.max(jnp.abs(joined - p) / jnp.abs(p))) <= bound * 1.1  # + f32 rounding
   special = jnp.asarray([0.0, -0.0, jnp.inf, -jnp.inf, jnp.nan, 3.4e38], jnp.float32)
-  joined = backward.join_preactivation(backward.split_preactivation(special, jnp.bfloat16))
+  joined = backward.join_preactivation(*backward.split_preactivation(special, jnp.bfloat16))
   np.testing.assert_array_equal(np.asarray(joined[:4]), np.asarray(special[:4]))
   assert np.isnan(joined[4]) and np.isinf(joined[5])  # 3.4e38 rounds to bf16 infinity
 
@@ -348,11 +341,6 @@ def test_plan_table():
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.EPILOGUE_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
   assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "preactivations"
-  for (glu, *_), plan in dispatch.TUNED.items():  # every tuned kernel plan fits when saving
-    if plan.epilogue is not None:
-      plan.epilogue.check(2 if glu else 1, 2, saves=plan.residuals == "preactivations")
-  with pytest.raises(NotImplementedError, match="when saving the pre-activations"):
-    kernels.EpilogueConfig(128, 128, 3).check(1, 2, saves=True)
 
 
 def test_chunk_columns():
@@ -424,7 +412,7 @@ GPU_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations",
         segment_sums="xla")),
     "epilogue-mlp-gelu-saved": (513, 768, 3000, 768, False, False, "gelu", dispatch.Plan(
-        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3), residuals="preactivations")),
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="preactivations")),
 }
 
 
@@ -435,6 +423,22 @@ def test_gpu_forward_and_gradients(rng, case):
   rows, d_model, hidden, d_out, glu, bias, name, plan = GPU_CASES[case]
   problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
   check_against_reference(problem, kernel_activation(name, glu), plan)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [(64, 256, 3), (128, 128, 3)])
+def test_gpu_epilogue_forward_at_gpt2_xl(rng, tiles):
+  """Regression: at gpt2-xl (M = 8192, 1600/6400, 25 K steps, ~12 tiles per SM) 64 x 256 tiles
+  gave rel. err 1.7e-2 when one wgmma stayed in flight across the persistent loop's tiles (see
+  gemm1_activation); the forward must match the f32 reference like XLA's bf16 path (2.4e-3)."""
+  problem = make_problem(rng, 8192, 1600, 6400, 1600, glu=False, bias=False)
+  activation = kernel_activation("gelu", glu=False)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(*tiles))
+  arrays = [problem[n] for n in ARG_NAMES]
+  out = jax.jit(lambda *a: dispatch._forward(plan, *a, activation))(*arrays)
+  expected = jax.jit(lambda *a: reference_in_float32(*a, activation))(*arrays)
+  assert relative_error(out, expected) < 4e-3
 
 
 @needs_hopper

@@ -16,8 +16,8 @@ For a chunk c of hidden columns (f32 math, matmuls accumulate in f32):
 A ``lax.fori_loop`` walks the chunks, so XLA keeps one chunk's intermediates alive at a time: the
 peak extra memory is a few [M, chunk] arrays instead of XLA autodiff's [M, H] residuals.
 Recomputing costs GEMM1 again (2 of a GLU's 9 training GEMM units, 1 of an MLP's 6); saving the
-pre-activations (``split_preactivation``) costs 3 bytes per [M, H] element for the activation's
-input and 2 for a GLU's u (GLU 5, MLP 3), kept between forward and backward.
+pre-activations (``split_preactivation``'s (hi, lo) pairs) costs 4 (MLP) or 8 (GLU) bytes per
+[M, H] element, kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -40,36 +40,21 @@ def chunk_columns(rows: int, hidden: int, budget_elements: int) -> int:
   return min(-(-columns // 128) * 128, hidden)
 
 
-def _correction_scale(dtype) -> float:
-  """2^(m + 8) for a float type with m mantissa bits: rounding to it moves p by at most
-  2^-(m+1)·|hi|, which this maps onto int8's ±128."""
-  return float(2 ** (jnp.finfo(dtype).nmant + 8))
-
-
-def split_preactivation(p: jax.Array, dtype, with_correction: bool = True) -> tuple:
-  """The saved form of an f32 pre-activation p: ``(hi,)``, hi = p rounded to ``dtype``, or with
-  ``with_correction`` ``(hi, lo)``, lo = int8 of (p - hi)/hi · 2^(m+8) (truncated, clipped to
-  ±127), so ``join_preactivation`` gives p within about 2^-(m+8) relative (bf16: 2^-15 ≈ 3e-5;
-  one bf16 alone, 2^-8, moves PWL inputs across knots and cost the PWL gradients 5-8%).
-
-  The activation's input gets the correction (its knots and derivative need it); a GLU's u
-  does not (it only scales products that are rounded to bf16 anyway). Also the kernel's epilogue
-  encoder (``fused_ffn_sm90.gemm1_activation``): plain jnp, runs on its register arrays too.
-  Where hi is 0 or not finite, lo is unused (hi·(1 + lo·2^-(m+8)) = hi for any finite lo)."""
+def split_preactivation(p: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """The saved form of an f32 pre-activation p: (hi, lo), hi = p rounded to ``dtype``,
+  lo = p - hi rounded to ``dtype``; hi + lo keeps ~2m + 2 of f32's mantissa bits (bf16: |error|
+  <= 2^-17 |p|). One bf16 alone moves PWL inputs across knots and cost the PWL-parameter
+  gradients 5-8%; an int8 correction (2^-15) still 0.7-1.3% (benchmarks/NOTES.md). Plain jnp:
+  also the kernel's epilogue encoder (``fused_ffn_sm90.gemm1_activation``), on its registers."""
   hi = p.astype(dtype)
-  if not with_correction:
-    return (hi,)
+  return hi, (p - hi.astype(jnp.float32)).astype(dtype)
+
+
+def join_preactivation(hi: jax.Array, lo: jax.Array) -> jax.Array:
+  """f32 pre-activation from ``split_preactivation``'s parts: hi + lo (lo ignored where hi is
+  not finite: p - hi is NaN there, and hi alone is the value)."""
   high = hi.astype(jnp.float32)
-  relative = (p - high) / high * _correction_scale(dtype)
-  return hi, jnp.clip(relative, -127.0, 127.0).astype(jnp.int8)
-
-
-def join_preactivation(parts: tuple) -> jax.Array:
-  """f32 pre-activation from ``split_preactivation``'s parts: hi, or hi·(1 + lo·2^-(m+8))."""
-  high = parts[0].astype(jnp.float32)
-  if len(parts) == 1:
-    return high
-  return high * (1.0 + parts[1].astype(jnp.float32) * (1.0 / _correction_scale(parts[0].dtype)))
+  return high + jnp.where(jnp.isfinite(high), lo.astype(jnp.float32), 0.0)
 
 
 def _activation_and_derivative(activation: Activation, pre: jax.Array):
@@ -96,8 +81,9 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   unless the activation is a PWL). Zero-padded hidden columns (H rounded up to ``chunk``) carry
   zero weights, so they add nothing to dx or to the PWL gradients and are sliced off.
   ``preactivations``: the forward's saved (g, u) (GLU) or (u,) (MLP), biases included, each a
-  tuple of [M, H] parts from ``split_preactivation``; given, GEMM1 is not recomputed. ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients
-  (``pwl_segment_sums``, the XLA form, by default here; ``dispatch`` passes the one-pass kernel,
+  pair of [M, H] arrays from ``split_preactivation``; given, GEMM1 is not recomputed.
+  ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients (``pwl_segment_sums``, the XLA
+  form, by default here; ``dispatch`` passes the one-pass kernel,
   ``segment_sums_sm90.segment_sums``, unless ``Plan(segment_sums="xla")``).
   """
   f32 = jnp.float32
@@ -128,7 +114,7 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
       up = dot(x, wu, ((1,), (0,))) + (0.0 if bu is None else bu.astype(f32))
       pre = dot(x, wg, ((1,), (0,))) + (0.0 if bg is None else bg.astype(f32)) if glu else up
     else:
-      joined = lambda parts: join_preactivation(tuple(columns(part, index, 1) for part in parts))
+      joined = lambda parts: join_preactivation(*(columns(part, index, 1) for part in parts))
       up = joined(saved[-1])
       pre = joined(saved[0]) if glu else up
     act, act_prime = _activation_and_derivative(activation, pre)

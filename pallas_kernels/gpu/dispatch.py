@@ -30,10 +30,9 @@ and gets the pre-activations one of two ways, ``Plan.residuals``:
   * "recompute"      -- the forward saves only its inputs; the backward recomputes GEMM1
                         (no [M, H] residual; +2/9 of a GLU training step's FLOPs, +1/6 MLP);
   * "preactivations" -- the epilogue kernel also writes g and u (GLU) or u (MLP) and the
-                        backward reads them (epilogue path only): XLA autodiff's FLOPs, 3 (MLP)
-                        or 5 (GLU) bytes per [M, H] element kept between forward and backward:
-                        the activation's input as bf16 + an int8 correction, a GLU's u as bf16
-                        (``backward.split_preactivation``).
+                        backward reads them (epilogue path only): XLA autodiff's FLOPs, 4 (MLP)
+                        or 8 (GLU) bytes per [M, H] element kept between forward and backward:
+                        (hi, lo) pairs in x's dtype (``backward.split_preactivation``).
 """
 
 from __future__ import annotations
@@ -86,9 +85,7 @@ class Plan:
 
 XLA = Plan("xla")
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
-# MLP: 64 x 256 since the int8 staging of the saved pre-activations (2026-12-01, fifth session);
-# 128 x 128 x 3 stages, measured fastest at gpt2-xl before, no longer fits SMEM when saving
-_MLP_TILES = dict(tile_m=64, tile_n=256, stages=3)
+_MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
 # Epilogue plans save the pre-activations for the backward: faster than recomputing GEMM1 at every
 # measured training shape (H200, 2026-12-01: e.g. llama-1B fwd+bwd 4.24 vs 5.05 ms). For the
 # memory-lean recompute, wrap the layer in jax.checkpoint / nnx.remat, or pass a Plan.

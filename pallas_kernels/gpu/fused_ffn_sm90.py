@@ -145,8 +145,7 @@ class EpilogueConfig:
   """Tiles of ``gemm1_activation``: each compute warpgroup owns [tile_m, tile_n] of ``a``.
 
   The epilogue walks the tile in [tile_m, EPILOGUE_N] slices so the activation's temporaries
-  stay small, double-buffering the SMEM staging of the TMA stores (saving the pre-activations
-  adds one int8 staging slot per warpgroup: ``saves``).
+  stay small, double-buffering the SMEM staging of the TMA stores.
   """
 
   tile_m: int = 128
@@ -156,7 +155,7 @@ class EpilogueConfig:
   grid_tile_width: int = 8
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
 
-  def check(self, num_weights: int, itemsize: int, saves: bool = False) -> None:
+  def check(self, num_weights: int, itemsize: int) -> None:
     """NotImplementedError when the tiles break a wgmma / register / SMEM limit."""
     if self.stages < 2:
       raise NotImplementedError(f"stages={self.stages}: the pipeline keeps one wgmma in flight")
@@ -166,15 +165,13 @@ class EpilogueConfig:
     accumulator_registers = num_weights * self.tile_m * self.tile_n // 128
     if accumulator_registers > 128:
       raise NotImplementedError(f"{accumulator_registers} accumulator registers per thread > 128")
-    if self.smem_bytes(num_weights, itemsize, saves) > SMEM_BYTES:
-      raise NotImplementedError(f"{self} needs {self.smem_bytes(num_weights, itemsize, saves)} "
-                                f"bytes of SMEM > {SMEM_BYTES}" + (" when saving the "
-                                "pre-activations" if saves else ""))
+    if self.smem_bytes(num_weights, itemsize) > SMEM_BYTES:
+      raise NotImplementedError(f"{self} needs {self.smem_bytes(num_weights, itemsize)} bytes of "
+                                f"SMEM > {SMEM_BYTES}")
 
-  def smem_bytes(self, num_weights: int, itemsize: int, saves: bool = False) -> int:
+  def smem_bytes(self, num_weights: int, itemsize: int) -> int:
     stage = (2 * self.tile_m + num_weights * self.tile_n) * TILE_K * itemsize
-    staging = 2 * 2 * self.tile_m * EPILOGUE_N * itemsize + (2 * self.tile_m * EPILOGUE_N
-                                                              if saves else 0)
+    staging = 2 * 2 * self.tile_m * EPILOGUE_N * itemsize
     return self.stages * stage + staging + 2 * num_weights * self.tile_n * itemsize + 1024
 
 
@@ -188,10 +185,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
 
   With ``save_preactivations`` it returns ``(a, (g, u))`` (GLU: g = x W_gate + b_gate,
   u = x W_up + b_up) or ``(a, (u,))`` (MLP), written from the same epilogue: the residuals a
-  backward needs instead of recomputing GEMM1, in ``backward.split_preactivation``'s form: the
-  activation's input as (hi [M, H] in x's dtype, lo [M, H] int8), a GLU's u as (hi,); 5 (GLU) or
-  3 (MLP) bytes per hidden element. The x-dtype stores alternate between two staging slots, the
-  int8 ones use a third, smaller one.
+  backward needs instead of recomputing GEMM1. Each is ``backward.split_preactivation``'s pair
+  (hi, lo) of [M, H] arrays in x's dtype, hi + lo within 2^-17 of p (bf16). All stores share the
+  two staging slots in turn, so SMEM does not grow.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -200,34 +196,27 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
   if biases and len(biases) != len(weights):
     raise ValueError("gemm1_activation: give both GLU biases or neither")
-  config.check(len(weights), jnp.dtype(dtype).itemsize, save_preactivations)
+  config.check(len(weights), jnp.dtype(dtype).itemsize)
   tile_m, tile_n = config.tile_m, config.tile_n
   cta_m = 2 * tile_m
   m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
-  in_flight = 1 if k_iters > 1 else 0  # wgmma groups left running; their buffers free one step late
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
-  # a, then per pre-activation its split_preactivation parts: the activation's input (hi, lo),
-  # a GLU's u (hi,)
-  out_dtypes = [dtype] + ([dtype, jnp.int8] + [dtype] * (len(weights) - 1)
-                          if save_preactivations else [])
-  num_outputs = len(out_dtypes)
+  num_outputs = 1 + (2 * len(weights) if save_preactivations else 0)
 
   def make_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=MEMORY_REGISTERS,
-        in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda k: (0, k), transforms=operand_transforms,
-                                  delay_release=in_flight)]
-        + [plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, 0), transforms=operand_transforms,
-                           delay_release=in_flight)] * len(weights),
+        in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda k: (0, k), transforms=operand_transforms)]
+        + [plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, 0),
+                           transforms=operand_transforms)] * len(weights),
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.stages,
         compute_context=compute_context)
 
   def kernel(*refs):
-    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (out_smem, correction_smem, bias_smem,
-                                                         table_smem, bias_barrier,
-                                                         table_barrier) = _split_refs(
-        refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 6))
+    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (out_smem, bias_smem, table_smem,
+                                                         bias_barrier, table_barrier) = _split_refs(
+        refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 5))
     wg = lax.axis_index("wg")
     if table is not None:
       @pl.when(wg == 0)
@@ -261,7 +250,6 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
             eval_pipeline(accumulators)
             if b_gmems:
               plgpu.barrier_wait(bias_barrier.at[wg])
-            wide_stores = 0  # stores of this tile through the two x-dtype slots
             for epi in range(tile_n // EPILOGUE_N):
               cols = slice(epi * EPILOGUE_N, (epi + 1) * EPILOGUE_N)
               pre = [acc[:, cols] for acc in accumulators]
@@ -271,23 +259,17 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
               if len(pre) == 2:
                 out = out * pre[1]
               values = [out]
-              for i, p in enumerate(pre if save_preactivations else []):
-                values += split_preactivation(p, dtype, with_correction=i == 0)
+              for p in pre if save_preactivations else []:
+                values += split_preactivation(p, dtype)
               for j, (value, gmem) in enumerate(zip(values, out_gmems)):
-                # Each store waits until at most one store is in flight (before a tile's first
-                # store: none, as the previous tile's parity may differ). x-dtype stores
-                # alternate slots and int8 stores never come back to back, so the store still
-                # in flight never uses the slot being filled.
-                plgpu.wait_smem_to_gmem(0 if epi == j == 0 else 1, wait_read_only=True)
-                if value.dtype == jnp.int8:
-                  staging = correction_smem.at[wg]
-                else:
-                  staging = out_smem.at[wg, wide_stores % 2]
-                  wide_stores += 1
-                staging[...] = value.astype(staging.dtype)
+                step = epi * num_outputs + j  # stores alternate between the two staging slots
+                # before a tile's first store, drain the previous tile's (an odd store count
+                # would otherwise reuse the slot of the store still in flight)
+                plgpu.wait_smem_to_gmem(0 if step == 0 else 1, wait_read_only=True)
+                out_smem[wg, step % 2] = value.astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
-                    staging,
+                    out_smem.at[wg, step % 2],
                     gmem.at[m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
 
           pl.run_scoped(with_accumulators,
@@ -297,7 +279,15 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
           w_smems, accumulators = rest[:-1], rest[-1]
           for w_smem, acc in zip(w_smems, accumulators):
             plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem)
-          plgpu.wgmma_wait(in_flight)  # keep this step's wgmma in flight while the next loads
+          # Each K step waits for its wgmma before the pipeline releases its buffers. Until
+          # 2026-12-01 one wgmma stayed in flight (delay_release = 1), which races across the
+          # persistent loop's tiles: before the next tile's prologue refills every slot, the
+          # memory warpgroup waits only for all but the last delay_release steps to be consumed
+          # (jax 0.11.2, pallas/mosaic_gpu/pipeline.py, _quiesce), so the last step's buffer
+          # could be overwritten under its wgmma. Seen on the H200: rel. err 1.7e-2 at gpt2-xl
+          # with 64 x 256 tiles (2.5e-3 expected); waiting also made gpt2-xl faster (0.584 ->
+          # 0.540 ms with 128 x 128 tiles).
+          plgpu.wgmma_wait(0)
           return accumulators
 
         make_pipeline(mma, compute_context)(
@@ -308,15 +298,13 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   out_transforms = _swizzled(EPILOGUE_N, dtype)
   scratch = [
       plgpu.SMEM((2, 2, tile_m, EPILOGUE_N), dtype, transforms=out_transforms),
-      plgpu.SMEM((2, tile_m if save_preactivations else 8, EPILOGUE_N), jnp.int8,
-                 transforms=_swizzled(EPILOGUE_N, jnp.int8)),
       plgpu.SMEM((2, max(len(biases), 1), tile_n), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
       plgpu.Barrier(num_barriers=1),
   ]
   outputs = plgpu.kernel(
-      kernel, out_type=[jax.ShapeDtypeStruct((m, hidden), t) for t in out_dtypes],
+      kernel, out_type=[jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
       grid=(min(num_sms(), m_iters * n_iters),),
       grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(
@@ -324,7 +312,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   )(*inputs)
   if not save_preactivations:
     return outputs[0]
-  return outputs[0], (tuple(outputs[1:3]),) + tuple((o,) for o in outputs[3:])
+  return outputs[0], tuple(tuple(outputs[i:i + 2]) for i in range(1, num_outputs, 2))
 
 
 # ------------------------------------------------------------------------------------------------
