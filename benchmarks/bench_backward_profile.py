@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python3 benchmarks/bench_backward_profile.py --out $OUT [--shapes smollm2,gpt2-small]
 
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each variant -- XLA autodiff of the
-exact FFN, and the library's default GPU plan with the PWL-16 activation -- traces a jit of
+exact FFN, the library's default GPU plan with the PWL-16 activation, and that plan with the
+dgrad epilogue kernel -- traces a jit of
 loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``) and lists each kernel's
 GPU time per step, costliest first, with the GPU-busy total. The floors to compare against:
 ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
@@ -13,6 +14,7 @@ GPU time per step, costliest first, with the GPU-busy total. The floors to compa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -100,7 +102,9 @@ def main(argv=None) -> int:
                                 True)
     variants = {"xla exact (autodiff)": xla_forward(Activation(shape.activation)),
                 f"library default plan ({plan.path}, residuals={plan.residuals}), PWL-16":
-                    kernel_forward(pwl, plan)}
+                    kernel_forward(pwl, plan),
+                "same with the dgrad epilogue kernel (backward='epilogue'), PWL-16":
+                    kernel_forward(pwl, dataclasses.replace(plan, backward="epilogue"))}
     for variant, forward in variants.items():
       step = jax.jit(with_gradients(forward))
       try:

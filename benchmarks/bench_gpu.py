@@ -12,7 +12,8 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
   fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL
                (bf16 GEMMs, autodiff), the kernel's custom VJP with the library's tuned plan
                (``dispatch.choose_plan``) for each ``--residuals`` kind and ``--backward-chunks``
-               budget, and with the exact activation; dy is an input of the step;
+               budget, with the dgrad epilogue kernel (``Plan(backward="epilogue")``), and with
+               the exact activation; dy is an input of the step;
   decode:      also a Mosaic kernel that only copies x (what one launch costs in this wall-clock
                harness: ~30 us on the H200, 1 us of it on the GPU) and the decode kernel without
                its XLA sum; for GPU time at decode use bench_decode_profile.py;
@@ -355,6 +356,9 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                                      residuals=kept)
           variants.append((f"{train_name}-{kept[:5]}-bwd{chunk_mi}Mi",
                            kernel_forward(act_pwl, plan)))
+    if "preactivations" in residuals:  # the backward's first GEMM with its epilogue kernel
+      dgrad_plan = dataclasses.replace(train_plan, residuals="preactivations", backward="epilogue")
+      variants.append((f"{train_name}-preac-dgrad-kernel", kernel_forward(act_pwl, dgrad_plan)))
     variants.append((f"{train_name}+exact-{residuals[0][:5]}-bwd{backward_chunks_mi[0]}Mi",
                      kernel_forward(act_exact, dataclasses.replace(
                          train_plan, backward_chunk_elements=backward_chunks_mi[0] * 2**20,

@@ -14,6 +14,7 @@ before the CPU backend starts (see there).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -25,8 +26,8 @@ import pytest
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import (backward, decode_sm90, dispatch, fused_ffn_sm90 as kernels,
-                                segment_sums_sm90)
+from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch,
+                                fused_ffn_sm90 as kernels, segment_sums_sm90)
 from tests.conftest import relative_error
 
 ON_HOPPER = (jax.default_backend() == "gpu"
@@ -238,7 +239,72 @@ def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape):
   assert "mosaic_gpu" in exported.mlir_module()
 
 
+@on_cpu_only
+@needs_interpret_threads
+@pytest.mark.parametrize("glu, name, d_act", [(True, "pwl", True), (False, "gelu", False),
+                                              (False, "pwl", True)])
+def test_interpret_dgrad_activation_matches_xla(rng, glu, name, d_act):
+  """dgrad_activation vs the same math in XLA (f32) on saved pairs: h, d_u, d_g, d_act for
+  200 rows (a partial 128-row tile) and two hidden tiles."""
+  rows, d_out, hidden = 200, 128, 256
+  dy = jnp.asarray(rng.normal(size=(rows, d_out)), jnp.bfloat16)
+  w_down = jnp.asarray(rng.normal(size=(hidden, d_out)) / np.sqrt(d_out), jnp.bfloat16)
+  pres = [jnp.asarray(rng.normal(size=(rows, hidden)) * 2, jnp.float32) for _ in range(1 + glu)]
+  pairs = tuple(backward.split_preactivation(p, jnp.bfloat16) for p in pres)
+  activation = kernel_activation(name, glu)
+  num_knots = 0 if activation.knots is None else activation.knots.shape[0]
+  config = dispatch.DGRAD_GLU if glu else dispatch.DGRAD_MLP
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    got = jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
+        *a, kind=name, num_knots=num_knots, config=config, with_d_act=d_act))(
+            dy, w_down, pairs, kernels.activation_table(activation))
+  d_hidden = jnp.dot(dy.astype(jnp.float32), w_down.astype(jnp.float32).T, precision="highest")
+  pre = [backward.join_preactivation(*pair) for pair in pairs]
+  act, slope = backward._activation_and_derivative(activation, pre[0])
+  want = ([act * pre[1], d_hidden * act, d_hidden * pre[1] * slope, d_hidden * pre[1]] if glu
+          else [act, d_hidden * slope, None, d_hidden])
+  for index, (g, w) in enumerate(zip(got, want)):
+    if w is None or (index == 3 and not d_act):
+      assert g is None, index
+    else:
+      assert g.dtype == jnp.bfloat16 and relative_error(g, w) < BF16_TOLERANCE / 2, index
+
+
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_backward_epilogue_plan(rng):
+  """Plan(backward="epilogue"): forward and every gradient (weights, biases, PWL parameters)
+  against the float32 reference, odd M, H and D_out (H and D_out padded to 64 for the kernel)."""
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=True, bias=True)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="preactivations", backward="epilogue")
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation("pwl", glu=True), plan)
+
+
+@pytest.mark.parametrize("glu, name", [(True, "pwl"), (False, "gelu")])
+def test_backward_epilogue_lowers_for_cuda(glu, name):
+  """The training step with Plan(backward="epilogue") lowers for CUDA at SmolLM2 / gpt2-small."""
+  rows, d_model, hidden = (8192, 576, 1536) if glu else (8192, 768, 3072)
+  activation = kernel_activation(name, glu)
+  plan = dataclasses.replace(dispatch.choose_plan(rows, d_model, hidden, d_model, glu, True),
+                             backward="epilogue")
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda x, wu, wd, wg: jnp.sum(dispatch._ffn(
+      plan, activation.kind, None, x, wu, wd, wg, None, None, None, activation.knots,
+      activation.slopes, activation.intercepts).astype(jnp.float32))
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2) + ((3,) if glu else ())))
+  exported = jax.export.export(step, platforms=["cuda"])(
+      spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_model),
+      spec(d_model, hidden) if glu else None)
+  assert exported.mlir_module().count("mosaic_gpu") >= 2  # forward epilogue + dgrad kernels
+
+
 def test_preactivation_residuals_need_the_epilogue_path():
+  with pytest.raises(ValueError, match="backward='epilogue' reads the saved pre-activations"):
+    dispatch.Plan("epilogue", backward="epilogue")
+  with pytest.raises(ValueError, match="backward"):
+    dispatch.Plan("epilogue", residuals="preactivations", backward="triton")
   with pytest.raises(ValueError, match="segment_sums"):
     dispatch.Plan("epilogue", segment_sums="triton")
   with pytest.raises(ValueError, match="residuals"):
@@ -411,6 +477,12 @@ GPU_CASES = {
     "epilogue-glu-pwl-segment-xla": (1024, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations",
         segment_sums="xla")),
+    "epilogue-glu-pwl-dgrad": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations",
+        backward="epilogue")),
+    "epilogue-mlp-gelu-dgrad": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3), residuals="preactivations",
+        backward="epilogue")),
     "epilogue-mlp-gelu-saved": (513, 768, 3000, 768, False, False, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="preactivations")),
 }

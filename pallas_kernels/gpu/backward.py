@@ -51,10 +51,11 @@ def split_preactivation(p: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 
 
 def join_preactivation(hi: jax.Array, lo: jax.Array) -> jax.Array:
-  """f32 pre-activation from ``split_preactivation``'s parts: hi + lo (lo ignored where hi is
-  not finite: p - hi is NaN there, and hi alone is the value)."""
-  high = hi.astype(jnp.float32)
-  return high + jnp.where(jnp.isfinite(high), lo.astype(jnp.float32), 0.0)
+  """f32 pre-activation from ``split_preactivation``'s parts: hi + lo where hi is finite, else hi
+  (lo = p - hi is then NaN or infinite, and hi alone is the value). Plain jnp without
+  ``isfinite`` (Mosaic GPU lacks it): also the decoder of ``dgrad_sm90``'s epilogue."""
+  high, low = hi.astype(jnp.float32), lo.astype(jnp.float32)
+  return jnp.where(jnp.abs(high) < jnp.inf, high + low, high)
 
 
 def _activation_and_derivative(activation: Activation, pre: jax.Array):

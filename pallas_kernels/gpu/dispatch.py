@@ -24,8 +24,11 @@ Which path runs (decided at trace time from the shape and activation kind; see `
 ``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?, pwl?) from
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
 
-The backward pass (custom VJP, ``backward.ffn_backward``) runs in XLA one hidden chunk at a time
-and gets the pre-activations one of two ways, ``Plan.residuals``:
+The backward pass (custom VJP) runs in XLA one hidden chunk at a time (``backward.ffn_backward``)
+or, with ``Plan(backward="epilogue")`` (opt-in, not yet run on a GPU), starts with
+``dgrad_sm90.dgrad_activation``: dy W_down^T with the activation's derivative in its epilogue,
+so the f32 [M, H] d_hidden never reaches HBM. It gets the pre-activations one of two ways,
+``Plan.residuals``:
 
   * "recompute"      -- the forward saves only its inputs; the backward recomputes GEMM1
                         (no [M, H] residual; +2/9 of a GLU training step's FLOPs, +1/6 MLP);
@@ -43,9 +46,11 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.activation import Activation, pwl_segment_sums
-from pallas_kernels.gpu import backward, decode_sm90, fused_ffn_sm90 as kernels, segment_sums_sm90
+from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
+                                segment_sums_sm90)
 
 DECODE_ROWS = 64  # M at or below this is "decode": one row block
 # [M, chunk] elements per backward chunk: 64 Mi (one chunk up to llama-1B at M = 8192) was the
@@ -55,6 +60,7 @@ BACKWARD_CHUNK_ELEMENTS = 64 * 1024 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 RESIDUALS = ("recompute", "preactivations")
 SEGMENT_SUMS = ("xla", "kernel")
+BACKWARDS = ("xla", "epilogue")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +70,9 @@ class Plan:
   (``residuals``: "recompute" or "preactivations", the latter on the epilogue path only) and how
   many [M, chunk] elements the backward handles per chunk; ``segment_sums``: how the backward
   sums a PWL's parameter gradients, "kernel" (``segment_sums_sm90``, one pass per chunk: 0.05 vs
-  0.23 ms at SmolLM2 M = 4096 on the H200) or "xla" (``pwl_segment_sums``)."""
+  0.23 ms at SmolLM2 M = 4096 on the H200) or "xla" (``pwl_segment_sums``); ``backward``: "xla"
+  (chunked) or "epilogue" (``dgrad_sm90``, needs saved pre-activations; tiles ``dgrad``, default
+  ``DGRAD_GLU`` / ``DGRAD_MLP``)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -73,6 +81,8 @@ class Plan:
   backward_chunk_elements: int = BACKWARD_CHUNK_ELEMENTS
   residuals: str = "recompute"
   segment_sums: str = "kernel"
+  backward: str = "xla"
+  dgrad: kernels.EpilogueConfig | None = None
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -81,9 +91,17 @@ class Plan:
       raise ValueError(f"segment_sums={self.segment_sums!r}: expected one of {SEGMENT_SUMS}")
     if self.residuals == "preactivations" and self.path != "epilogue":
       raise ValueError(f"residuals='preactivations' needs the epilogue path, got {self.path!r}")
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"backward={self.backward!r}: expected one of {BACKWARDS}")
+    if self.backward == "epilogue" and self.residuals != "preactivations":
+      raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
+                       f"residuals='preactivations', got {self.residuals!r}")
 
 
 XLA = Plan("xla")
+# dgrad_sm90 tiles: a GLU's four saved parts leave SMEM for 64-column tiles only
+DGRAD_GLU = kernels.EpilogueConfig(tile_m=64, tile_n=64, stages=3)
+DGRAD_MLP = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=3)
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
 _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
 # Epilogue plans save the pre-activations for the backward: faster than recomputing GEMM1 at every
@@ -234,15 +252,55 @@ def _kernel_segment_sums(pre, d_act, knots):
   return pwl_segment_sums(pre, d_act, knots)
 
 
+def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down, dy,
+                    preactivations, precision, segment_sums):
+  """The cotangents of ``backward.ffn_backward`` with its first GEMM and elementwise work in
+  ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g)."""
+  f32 = jnp.float32
+  rows, hidden = x.shape[0], w_up.shape[1]
+  hp, op = _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
+  glu = w_gate is not None
+  is_pwl = activation.kind == "pwl"
+  pairs = tuple(tuple(_pad(part, (rows, hp)) for part in pair) for pair in preactivations)
+  table = kernels.activation_table(activation)
+  h, d_u, d_g, d_act = dgrad_sm90.dgrad_activation(
+      _pad(dy, (rows, op)), _pad(w_down, (hp, op)), pairs, table, kind=activation.kind,
+      num_knots=0 if activation.knots is None else activation.knots.shape[0],
+      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), with_d_act=is_pwl)
+  h, d_u = h[:, :hidden], d_u[:, :hidden]
+  dot = lambda a, b, contract: lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                                               preferred_element_type=f32)
+  dx = dot(d_u, w_up, ((1,), (1,)))
+  d_w_up = dot(x, d_u, ((0,), (0,))).astype(w_up.dtype)
+  d_w_down = dot(h, dy, ((0,), (0,))).astype(w_down.dtype)
+  d_w_gate = d_b_gate = None
+  if glu:
+    d_g = d_g[:, :hidden]
+    dx = dx + dot(d_g, w_gate, ((1,), (1,)))
+    d_w_gate = dot(x, d_g, ((0,), (0,))).astype(w_gate.dtype)
+    d_b_gate = None if b_gate is None else jnp.sum(d_g.astype(f32), 0).astype(b_gate.dtype)
+  d_b_up = None if b_up is None else jnp.sum(d_u.astype(f32), 0).astype(b_up.dtype)
+  d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
+  d_slopes = d_intercepts = None
+  if is_pwl:
+    pre = backward.join_preactivation(*preactivations[0])
+    d_slopes, d_intercepts = segment_sums(pre, d_act[:, :hidden].astype(f32), activation.knots)
+  return (dx.astype(x.dtype), d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate, d_b_down, d_slopes,
+          d_intercepts)
+
+
 def _ffn_bwd(plan, kind, precision, residuals, dy):
   (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved = residuals
   activation = Activation(kind, knots, slopes, intercepts)
-  chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
-  grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
-                                dy.astype(x.dtype), chunk=chunk, precision=precision,
-                                preactivations=saved,
-                                segment_sums=(_kernel_segment_sums if plan.segment_sums == "kernel"
-                                              else pwl_segment_sums))
+  segment_sums = _kernel_segment_sums if plan.segment_sums == "kernel" else pwl_segment_sums
+  if plan.backward == "epilogue":
+    grads = _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
+                            dy.astype(x.dtype), saved, precision, segment_sums)
+  else:
+    chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
+    grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
+                                  dy.astype(x.dtype), chunk=chunk, precision=precision,
+                                  preactivations=saved, segment_sums=segment_sums)
   *array_grads, d_slopes, d_intercepts = grads
   d_knots = None if knots is None else jnp.zeros_like(knots)
   return (*array_grads, d_knots, d_slopes, d_intercepts)

@@ -135,6 +135,59 @@ def _split_refs(refs, counts):
   return groups
 
 
+def load_table(table_gmem, table_smem, barrier, wg) -> None:
+  """Warpgroup 0 copies the PWL hinge table into SMEM; both compute warpgroups wait for it."""
+  @pl.when(wg == 0)
+  def _():
+    plgpu.copy_gmem_to_smem(table_gmem, table_smem, barrier)
+
+  @pl.when(wg < 2)
+  def _():
+    plgpu.barrier_wait(barrier)
+
+
+def for_each_tile(config, m_iters: int, n_iters: int, make_pipeline, gmems, tile_body) -> None:
+  """The persistent loop of a warp-specialized GEMM kernel: the K pipeline's SMEM is allocated
+  once, and each CTA walks its share of the [2 tile_m, tile_n] output tiles in planar-snake
+  order calling ``tile_body(m_slice, n_slice, allocations)``."""
+  ignore = lambda *_, **__: None
+
+  @functools.partial(pl.run_scoped,
+                     allocations=make_pipeline(ignore, ignore).get_allocations(*gmems),
+                     collective_axes="wg")
+  def _(allocations):
+    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+    def _(loop_info):
+      (linear,) = loop_info.index
+      mi, ni = plgpu.planar_snake(linear, (m_iters, n_iters), config.grid_minor_dim,
+                                  config.grid_tile_width)
+      cta_m = 2 * config.tile_m
+      tile_body(pl.ds(mi * cta_m, cta_m), pl.ds(ni * config.tile_n, config.tile_n), allocations)
+
+
+def store_slice(values, gmems, out_smem, wg, epi: int, destination) -> None:
+  """TMA-store epilogue slice ``epi``'s values (one per output, ``destination(gmem)`` its
+  [tile_m, EPILOGUE_N] window) through the warpgroup's two SMEM staging slots in turn."""
+  for j, (value, gmem) in enumerate(zip(values, gmems)):
+    step = epi * len(gmems) + j  # stores alternate between the two staging slots
+    # before a tile's first store, drain the previous tile's (an odd store count would otherwise
+    # reuse the slot of the store still in flight)
+    plgpu.wait_smem_to_gmem(0 if step == 0 else 1, wait_read_only=True)
+    out_smem[wg, step % 2] = value.astype(out_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem.at[wg, step % 2], destination(gmem))
+
+
+def launch_persistent(kernel, out_type, tiles: int, scratch, inputs):
+  """Run a three-warpgroup kernel (two compute, one memory) on one CTA per SM, at most ``tiles``."""
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(min(num_sms(), tiles),), grid_names=("sm",), num_threads=3,
+      thread_name="wg", scratch_types=scratch,
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )(*inputs)
+
+
 # ------------------------------------------------------------------------------------------------
 # GEMM1 + activation epilogue
 # ------------------------------------------------------------------------------------------------
@@ -219,80 +272,54 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
         refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 5))
     wg = lax.axis_index("wg")
     if table is not None:
-      @pl.when(wg == 0)
-      def _():
-        plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, table_barrier.at[0])
+      load_table(table_gmem[0], table_smem, table_barrier.at[0], wg)
 
-      @pl.when(wg < 2)
-      def _():
-        plgpu.barrier_wait(table_barrier.at[0])
+    def tile(m_slice, n_slice, allocations):
+      wg_rows = pl.ds(wg * tile_m, tile_m)
 
-    ignore = lambda *_, **__: None
-
-    @functools.partial(pl.run_scoped,
-                       allocations=make_pipeline(ignore, ignore).get_allocations(
-                           x_gmem, *w_gmems),
-                       collective_axes="wg")
-    def _(allocations):
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _tile_loop(loop_info):
-        (linear,) = loop_info.index
-        mi, ni = plgpu.planar_snake(linear, (m_iters, n_iters), config.grid_minor_dim,
-                                    config.grid_tile_width)
-        m_slice = pl.ds(mi * cta_m, cta_m)
-        n_slice = pl.ds(ni * tile_n, tile_n)
-        wg_rows = pl.ds(wg * tile_m, tile_m)
-
-        def compute_context(eval_pipeline):
-          def with_accumulators(*accumulators):
-            for i, bias in enumerate(b_gmems):  # lands while the pipeline runs
-              plgpu.copy_gmem_to_smem(bias.at[n_slice], bias_smem.at[wg, i], bias_barrier.at[wg])
-            eval_pipeline(accumulators)
+      def compute_context(eval_pipeline):
+        def with_accumulators(*accumulators):
+          for i, bias in enumerate(b_gmems):  # lands while the pipeline runs
+            plgpu.copy_gmem_to_smem(bias.at[n_slice], bias_smem.at[wg, i], bias_barrier.at[wg])
+          eval_pipeline(accumulators)
+          if b_gmems:
+            plgpu.barrier_wait(bias_barrier.at[wg])
+          for epi in range(tile_n // EPILOGUE_N):
+            cols = slice(epi * EPILOGUE_N, (epi + 1) * EPILOGUE_N)
+            pre = [acc[:, cols] for acc in accumulators]
             if b_gmems:
-              plgpu.barrier_wait(bias_barrier.at[wg])
-            for epi in range(tile_n // EPILOGUE_N):
-              cols = slice(epi * EPILOGUE_N, (epi + 1) * EPILOGUE_N)
-              pre = [acc[:, cols] for acc in accumulators]
-              if b_gmems:
-                pre = [_add_bias(p, bias_smem.at[wg, i, cols]) for i, p in enumerate(pre)]
-              out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
-              if len(pre) == 2:
-                out = out * pre[1]
-              values = [out]
-              for p in pre if save_preactivations else []:
-                values += split_preactivation(p, dtype)
-              for j, (value, gmem) in enumerate(zip(values, out_gmems)):
-                step = epi * num_outputs + j  # stores alternate between the two staging slots
-                # before a tile's first store, drain the previous tile's (an odd store count
-                # would otherwise reuse the slot of the store still in flight)
-                plgpu.wait_smem_to_gmem(0 if step == 0 else 1, wait_read_only=True)
-                out_smem[wg, step % 2] = value.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    out_smem.at[wg, step % 2],
-                    gmem.at[m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
+              pre = [_add_bias(p, bias_smem.at[wg, i, cols]) for i, p in enumerate(pre)]
+            out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
+            if len(pre) == 2:
+              out = out * pre[1]
+            values = [out]
+            for p in pre if save_preactivations else []:
+              values += split_preactivation(p, dtype)
+            store_slice(values, out_gmems, out_smem, wg, epi, lambda gmem: gmem.at[
+                m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
 
-          pl.run_scoped(with_accumulators,
-                        *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
+        pl.run_scoped(with_accumulators,
+                      *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
 
-        def mma(_, x_smem, *rest):
-          w_smems, accumulators = rest[:-1], rest[-1]
-          for w_smem, acc in zip(w_smems, accumulators):
-            plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem)
-          # Each K step waits for its wgmma before the pipeline releases its buffers. Until
-          # 2026-12-01 one wgmma stayed in flight (delay_release = 1), which races across the
-          # persistent loop's tiles: before the next tile's prologue refills every slot, the
-          # memory warpgroup waits only for all but the last delay_release steps to be consumed
-          # (jax 0.11.2, pallas/mosaic_gpu/pipeline.py, _quiesce), so the last step's buffer
-          # could be overwritten under its wgmma. Seen on the H200: rel. err 1.7e-2 at gpt2-xl
-          # with 64 x 256 tiles (2.5e-3 expected); waiting also made gpt2-xl faster (0.584 ->
-          # 0.540 ms with 128 x 128 tiles).
-          plgpu.wgmma_wait(0)
-          return accumulators
+      def mma(_, x_smem, *rest):
+        w_smems, accumulators = rest[:-1], rest[-1]
+        for w_smem, acc in zip(w_smems, accumulators):
+          plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem)
+        # Each K step waits for its wgmma before the pipeline releases its buffers. Until
+        # 2026-12-01 one wgmma stayed in flight (delay_release = 1), which races across the
+        # persistent loop's tiles: before the next tile's prologue refills every slot, the
+        # memory warpgroup waits only for all but the last delay_release steps to be consumed
+        # (jax 0.11.2, pallas/mosaic_gpu/pipeline.py, _quiesce), so the last step's buffer
+        # could be overwritten under its wgmma. Seen on the H200: rel. err 1.7e-2 at gpt2-xl
+        # with 64 x 256 tiles (2.5e-3 expected); waiting also made gpt2-xl faster (0.584 ->
+        # 0.540 ms with 128 x 128 tiles).
+        plgpu.wgmma_wait(0)
+        return accumulators
 
-        make_pipeline(mma, compute_context)(
-            x_gmem.at[m_slice, :], *[w.at[:, n_slice] for w in w_gmems], allocations=allocations)
+      make_pipeline(mma, compute_context)(
+          x_gmem.at[m_slice, :], *[w.at[:, n_slice] for w in w_gmems], allocations=allocations)
 
+    for_each_tile(config, m_iters, n_iters, make_pipeline, (x_gmem, *w_gmems), tile)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   out_transforms = _swizzled(EPILOGUE_N, dtype)
@@ -303,13 +330,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
       plgpu.Barrier(num_barriers=1),
   ]
-  outputs = plgpu.kernel(
-      kernel, out_type=[jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
-      grid=(min(num_sms(), m_iters * n_iters),),
-      grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
-      compiler_params=plgpu.CompilerParams(
-          approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
-  )(*inputs)
+  outputs = launch_persistent(kernel, [jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
+                              m_iters * n_iters, scratch, inputs)
   if not save_preactivations:
     return outputs[0]
   return outputs[0], tuple(tuple(outputs[i:i + 2]) for i in range(1, num_outputs, 2))

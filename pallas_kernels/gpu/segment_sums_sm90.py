@@ -17,8 +17,9 @@ are exactly 0; NaN x compares false everywhere and lands in segment 0.
 H200, 4096 x 1536, PWL-16 (benchmarks/results/pwl-grads-2026-12-01-kernel-default.json): 0.049 ms
 with [2, 128] slices, 0.051 with [1, 128], 0.068 with [4, 128] (the XLA form 0.220); SmolLM2's FFN
 training step with PWL gradients 0.443 -> 0.276 ms, the fine-tune loop 0.69x -> 0.97x of the
-exact XLA loop's tokens/s (benchmarks/results/finetune-h200-2026-12-01c/). CTAs: the largest divisor of the tile
-count up to the SM count, so a tile count with no large divisor (e.g. a prime) uses few SMs.
+exact XLA loop's tokens/s (benchmarks/results/finetune-h200-2026-12-01c/). CTAs: the largest
+divisor of the tile count up to the SM count, so a tile count with no large divisor (e.g. a
+prime) uses few SMs.
 """
 
 from __future__ import annotations
