@@ -272,14 +272,15 @@ def test_interpret_dgrad_activation_matches_xla(rng, glu, name, d_act):
 
 @on_cpu_only
 @needs_interpret_threads
-def test_interpret_backward_epilogue_plan(rng):
+@pytest.mark.parametrize("glu, name", [(True, "pwl"), (False, "gelu")])
+def test_interpret_backward_epilogue_plan(rng, glu, name):
   """Plan(backward="epilogue"): forward and every gradient (weights, biases, PWL parameters)
   against the float32 reference, odd M, H and D_out (H and D_out padded to 64 for the kernel)."""
-  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=True, bias=True)
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals="preactivations", backward="epilogue")
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    check_against_reference(problem, kernel_activation("pwl", glu=True), plan)
+    check_against_reference(problem, kernel_activation(name, glu), plan)
 
 
 @pytest.mark.parametrize("glu, name", [(True, "pwl"), (False, "gelu")])
