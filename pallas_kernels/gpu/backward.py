@@ -58,6 +58,27 @@ def join_preactivation(hi: jax.Array, lo: jax.Array) -> jax.Array:
   return jnp.where(jnp.abs(high) < jnp.inf, high + low, high)
 
 
+def column_gradients(x, dy, w_up, w_gate, hidden, d_up, d_gate, precision=None) -> tuple:
+  """The GEMM gradients of hidden columns c from h_c and the pre-activation cotangents d_u (, d_g),
+  all in f32: (dx part, dW_up[:, c], dW_down[c, :], dW_gate[:, c], Σ_rows d_u, Σ_rows d_g), with
+
+      dx part = d_u W_up[:, c]^T (+ d_g W_gate[:, c]^T),  dW_up = x^T d_u,  dW_down = h^T dy,
+      dW_gate = x^T d_g
+
+  (the gate entries None without d_g). Shared by ``ffn_backward`` (per chunk) and the dgrad
+  kernel's backward (``dispatch``, all columns at once)."""
+  f32 = jnp.float32
+  dot = lambda a, b, contract: lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                                               preferred_element_type=f32)
+  dx = dot(d_up, w_up, ((1,), (1,)))
+  if d_gate is not None:
+    dx = dx + dot(d_gate, w_gate, ((1,), (1,)))
+  gate = lambda value: None if d_gate is None else value()
+  return (dx, dot(x, d_up, ((0,), (0,))), dot(hidden, dy, ((0,), (0,))),
+          gate(lambda: dot(x, d_gate, ((0,), (0,)))), jnp.sum(d_up.astype(f32), 0),
+          gate(lambda: jnp.sum(d_gate.astype(f32), 0)))
+
+
 def _activation_and_derivative(activation: Activation, pre: jax.Array):
   if activation.kind == "pwl":
     slope, intercept = pwl_select(pre, activation.knots, activation.slopes, activation.intercepts)
@@ -120,8 +141,6 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
       pre = joined(saved[0]) if glu else up
     act, act_prime = _activation_and_derivative(activation, pre)
     hidden_c = (act * up if glu else act).astype(x.dtype)
-    dw_down = lax.dynamic_update_slice_in_dim(
-        dw_down, dot(hidden_c, dy, ((0,), (0,))).astype(dw_down.dtype), index * chunk, 0)
     d_hidden = dot(dy, wd, ((1,), (1,)))
     d_act = d_hidden * up if glu else d_hidden
     d_pre = d_act * act_prime
@@ -129,19 +148,18 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
       seg_slopes, seg_intercepts = segment_sums(pre, d_act, activation.knots)
       d_slopes, d_intercepts = d_slopes + seg_slopes, d_intercepts + seg_intercepts
     d_up = (d_hidden * act if glu else d_pre).astype(x.dtype)
-    dx = dx + dot(d_up, wu, ((1,), (1,)))
-    dw_up = lax.dynamic_update_slice_in_dim(
-        dw_up, dot(x, d_up, ((0,), (0,))).astype(dw_up.dtype), index * chunk, 1)
+    d_gate = d_pre.astype(x.dtype) if glu else None
+    dx_c, dw_up_c, dw_down_c, dw_gate_c, db_up_c, db_gate_c = column_gradients(
+        x, dy, wu, wg, hidden_c, d_up, d_gate, precision)
+    put = lambda total, part, axis: lax.dynamic_update_slice_in_dim(
+        total, part.astype(total.dtype), index * chunk, axis)
+    dx, dw_up, dw_down = dx + dx_c, put(dw_up, dw_up_c, 1), put(dw_down, dw_down_c, 0)
     if b_up is not None:
-      db_up = lax.dynamic_update_slice_in_dim(db_up, jnp.sum(d_up.astype(f32), 0), index * chunk, 0)
+      db_up = put(db_up, db_up_c, 0)
     if glu:
-      d_gate = d_pre.astype(x.dtype)
-      dx = dx + dot(d_gate, wg, ((1,), (1,)))
-      dw_gate = lax.dynamic_update_slice_in_dim(
-          dw_gate, dot(x, d_gate, ((0,), (0,))).astype(dw_gate.dtype), index * chunk, 1)
+      dw_gate = put(dw_gate, dw_gate_c, 1)
       if b_gate is not None:
-        db_gate = lax.dynamic_update_slice_in_dim(db_gate, jnp.sum(d_gate.astype(f32), 0),
-                                                  index * chunk, 0)
+        db_gate = put(db_gate, db_gate_c, 0)
     return dx, dw_up, dw_down, dw_gate, db_up, db_gate, d_slopes, d_intercepts
 
   zeros = lambda like, shape=None: None if like is None else jnp.zeros(shape or like.shape, f32)

@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels.activation import Activation, pwl_segment_sums
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
@@ -242,16 +240,6 @@ def _ffn_fwd(plan, kind, precision, *args):
   return out, (args, preactivations)
 
 
-def _kernel_segment_sums(pre, d_act, knots):
-  """The segment-sum kernel where it takes the chunk's shape, else the XLA form with a warning."""
-  reason = segment_sums_sm90.unsupported_reason(pre)
-  if reason is None:
-    return segment_sums_sm90.segment_sums(pre, d_act, knots)
-  warnings.warn(f"flashffn: the segment-sum kernel cannot run this chunk ({reason}); "
-                "using the XLA form", stacklevel=2)
-  return pwl_segment_sums(pre, d_act, knots)
-
-
 def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down, dy,
                     preactivations, precision, segment_sums):
   """The cotangents of ``backward.ffn_backward`` with its first GEMM and elementwise work in
@@ -267,32 +255,24 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
       _pad(dy, (rows, op)), _pad(w_down, (hp, op)), pairs, table, kind=activation.kind,
       num_knots=0 if activation.knots is None else activation.knots.shape[0],
       config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), with_d_act=is_pwl)
-  h, d_u = h[:, :hidden], d_u[:, :hidden]
-  dot = lambda a, b, contract: lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                                               preferred_element_type=f32)
-  dx = dot(d_u, w_up, ((1,), (1,)))
-  d_w_up = dot(x, d_u, ((0,), (0,))).astype(w_up.dtype)
-  d_w_down = dot(h, dy, ((0,), (0,))).astype(w_down.dtype)
-  d_w_gate = d_b_gate = None
-  if glu:
-    d_g = d_g[:, :hidden]
-    dx = dx + dot(d_g, w_gate, ((1,), (1,)))
-    d_w_gate = dot(x, d_g, ((0,), (0,))).astype(w_gate.dtype)
-    d_b_gate = None if b_gate is None else jnp.sum(d_g.astype(f32), 0).astype(b_gate.dtype)
-  d_b_up = None if b_up is None else jnp.sum(d_u.astype(f32), 0).astype(b_up.dtype)
+  d_g = None if d_g is None else d_g[:, :hidden]
+  dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
+      x, dy, w_up, w_gate, h[:, :hidden], d_u[:, :hidden], d_g, precision)
+  cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
   d_slopes = d_intercepts = None
   if is_pwl:
     pre = backward.join_preactivation(*preactivations[0])
     d_slopes, d_intercepts = segment_sums(pre, d_act[:, :hidden].astype(f32), activation.knots)
-  return (dx.astype(x.dtype), d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate, d_b_down, d_slopes,
-          d_intercepts)
+  return (dx.astype(x.dtype), cast(d_w_up, w_up), cast(d_w_down, w_down), cast(d_w_gate, w_gate),
+          cast(d_b_up, b_up), cast(d_b_gate, b_gate), d_b_down, d_slopes, d_intercepts)
 
 
 def _ffn_bwd(plan, kind, precision, residuals, dy):
   (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved = residuals
   activation = Activation(kind, knots, slopes, intercepts)
-  segment_sums = _kernel_segment_sums if plan.segment_sums == "kernel" else pwl_segment_sums
+  segment_sums = (segment_sums_sm90.segment_sums if plan.segment_sums == "kernel"
+                  else pwl_segment_sums)
   if plan.backward == "epilogue":
     grads = _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
                             dy.astype(x.dtype), saved, precision, segment_sums)
