@@ -246,24 +246,25 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g)."""
   f32 = jnp.float32
   rows, hidden = x.shape[0], w_up.shape[1]
-  hp, op = _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
+  # TMA's swizzled [M, H] boxes need M a multiple of 8 (the H200 refused 513 rows)
+  mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
   is_pwl = activation.kind == "pwl"
-  pairs = tuple(tuple(_pad(part, (rows, hp)) for part in pair) for pair in preactivations)
+  pairs = tuple(tuple(_pad(part, (mp, hp)) for part in pair) for pair in preactivations)
   table = kernels.activation_table(activation)
-  h, d_u, d_g, d_act = dgrad_sm90.dgrad_activation(
-      _pad(dy, (rows, op)), _pad(w_down, (hp, op)), pairs, table, kind=activation.kind,
+  h, d_u, d_g, d_act = (None if out is None else out[:rows, :hidden]
+                        for out in dgrad_sm90.dgrad_activation(
+      _pad(dy, (mp, op)), _pad(w_down, (hp, op)), pairs, table, kind=activation.kind,
       num_knots=0 if activation.knots is None else activation.knots.shape[0],
-      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), with_d_act=is_pwl)
-  d_g = None if d_g is None else d_g[:, :hidden]
+      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), with_d_act=is_pwl))
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
-      x, dy, w_up, w_gate, h[:, :hidden], d_u[:, :hidden], d_g, precision)
+      x, dy, w_up, w_gate, h, d_u, d_g, precision)
   cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
   d_slopes = d_intercepts = None
   if is_pwl:
     pre = backward.join_preactivation(*preactivations[0])
-    d_slopes, d_intercepts = segment_sums(pre, d_act[:, :hidden].astype(f32), activation.knots)
+    d_slopes, d_intercepts = segment_sums(pre, d_act.astype(f32), activation.knots)
   return (dx.astype(x.dtype), cast(d_w_up, w_up), cast(d_w_down, w_down), cast(d_w_gate, w_gate),
           cast(d_b_up, b_up), cast(d_b_gate, b_gate), d_b_down, d_slopes, d_intercepts)
 
