@@ -25,7 +25,7 @@ import pytest
 
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
-from pallas_kernels.activation import Activation
+from pallas_kernels.activation import Activation, pwl_select
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch,
                                 fused_ffn_sm90 as kernels, segment_sums_sm90)
 from tests.conftest import relative_error
@@ -171,7 +171,7 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
   arrays = [problem[n] for n in ARG_NAMES]
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     _, (gate, up) = jax.jit(lambda *a: dispatch._forward(plan, *a, activation,
-                                                         save_preactivations=True))(*arrays)
+                                                         saves="preactivations"))(*arrays)
     f32 = lambda name: problem[name].astype(jnp.float32)
     expected = {name: jnp.dot(f32("x"), f32(weight), precision="highest") + f32(bias)
                 for name, weight, bias in (("gate", "w_gate", "b_gate"), ("up", "w_up", "b_up"))}
@@ -180,6 +180,69 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
       assert relative_error(high, expected[name]) < BF16_TOLERANCE  # one bf16 rounding
       assert relative_error(backward.join_preactivation(high, low), expected[name]) < 1e-4
     check_against_reference(problem, activation, plan)
+
+
+@on_cpu_only
+@needs_interpret_threads
+@pytest.mark.parametrize("glu", [True, False])
+def test_interpret_epilogue_saves_segments(rng, glu):
+  """residuals="segments": the epilogue kernel writes the activation's input as (bf16, int8
+  segment index) and a GLU's u as bf16 (odd M and H; the int8 store takes its own staging slot);
+  the segments equal ``segment_index`` of the f32 pre-activation wherever it is not within f32
+  accumulation noise of a knot; forward and every gradient (PWL parameters included) match the
+  f32 reference."""
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="segments")
+  activation = kernel_activation("pwl", glu=glu)
+  knots = activation.knots
+  arrays = [problem[n] for n in ARG_NAMES]
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    _, saved = jax.jit(lambda *a: dispatch._forward(plan, *a, activation,
+                                                    saves="segments"))(*arrays)
+    f32 = lambda name: problem[name].astype(jnp.float32)
+    weights = (("w_gate", "b_gate"),) * glu + (("w_up", "b_up"),)
+    expected = [jnp.dot(f32("x"), f32(w), precision="highest") + f32(b) for w, b in weights]
+    (high, seg), *rest = saved
+    assert high.dtype == jnp.bfloat16 and seg.dtype == jnp.int8 and seg.shape == high.shape
+    assert [len(parts) for parts in rest] == [1] * glu and all(
+        parts[0].dtype == jnp.bfloat16 for parts in rest)
+    assert relative_error(high, expected[0]) < BF16_TOLERANCE
+    want = backward.segment_index(expected[0], knots, knots.shape[0])
+    near_knot = jnp.min(jnp.abs(expected[0][..., None] - knots), -1) < 1e-5
+    assert bool(jnp.all((seg == want) | near_knot)) and int(jnp.sum(seg != want)) <= 2
+    assert len(np.unique(np.asarray(seg))) > 8  # the test inputs reach most segments
+    joined = backward.join_saved((high, seg), knots)
+    assert bool(jnp.all(backward.segment_index(joined, knots, knots.shape[0]) == seg))
+    check_against_reference(problem, activation, plan)
+
+
+def test_segment_index_and_join():
+  """seg(p) follows pwl_select (a knot takes the segment above; NaN -> 0); join_segmented puts a
+  bf16 rounding that crossed a knot back on the forward's side, within 2^-8 of p (half a bf16 ulp), and keeps
+  infinities and NaN."""
+  activation = kernel_activation("pwl", glu=True)
+  knots = activation.knots.astype(jnp.float32)
+  k = knots.shape[0]
+  # every knot, its f32 neighbours (which bf16 rounds onto or across the knot), and specials
+  below, above = jnp.nextafter(knots, -jnp.inf), jnp.nextafter(knots, jnp.inf)
+  p = jnp.concatenate([knots, below, above, knots * (1 + 2.0 ** -10), knots * (1 - 2.0 ** -10),
+                       jnp.asarray([0.0, -0.0, 1e30, -1e30], jnp.float32)])
+  seg = backward.segment_index(p, knots, k)
+  slope, _ = pwl_select(p, activation.knots, activation.slopes, activation.intercepts)
+  np.testing.assert_array_equal(np.asarray(activation.slopes)[np.asarray(seg, np.int32)],
+                                np.asarray(slope))
+  np.testing.assert_array_equal(np.asarray(seg[:k]), np.arange(1, k + 1))  # on a knot: above
+  np.testing.assert_array_equal(np.asarray(seg[k:2 * k]), np.arange(k))  # just below: below
+  joined = backward.join_saved((p.astype(jnp.bfloat16), seg), knots)
+  np.testing.assert_array_equal(np.asarray(backward.segment_index(joined, knots, k)),
+                                np.asarray(seg))
+  assert float(jnp.max(jnp.abs(joined - p) / jnp.maximum(jnp.abs(p), 1e-30))) <= 2.0 ** -8
+  special = jnp.asarray([jnp.inf, -jnp.inf, jnp.nan], jnp.float32)
+  joined = backward.join_saved((special.astype(jnp.bfloat16),
+                                backward.segment_index(special, knots, k)), knots)
+  np.testing.assert_array_equal(np.asarray(joined[:2]), np.asarray(special[:2]))
+  assert np.isnan(joined[2])
 
 
 @on_cpu_only
@@ -302,6 +365,24 @@ def test_backward_epilogue_lowers_for_cuda(glu, name):
   assert exported.mlir_module().count("mosaic_gpu") >= 2  # forward epilogue + dgrad kernels
 
 
+def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
+  """residuals="segments" refuses an exact activation by name, and tiles whose SMEM cannot also
+  hold the int8 staging slot (gpt2-small's 128 x 128 x 3 forward tiles)."""
+  problem = make_problem(rng, rows=16, d_model=64, hidden=64, d_out=64, glu=False, bias=False)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="segments")
+  gelu = kernel_activation("gelu", glu=False)
+  with pytest.raises(ValueError, match="residuals='segments' saves PWL segment indices"):
+    jax.grad(lambda x: jnp.sum(dispatch._ffn(plan, "gelu", None, x, problem["w_up"],
+                                             problem["w_down"], None, None, None, None,
+                                             gelu.knots, gelu.slopes, gelu.intercepts)))(
+        problem["x"])
+  with pytest.raises(NotImplementedError, match="int8 staging of saved segments"):
+    kernels.EpilogueConfig(128, 128, 3).check(1, 2, int8_staging=True)
+  kernels.EpilogueConfig(128, 128, 3).check(1, 2)
+  kernels.EpilogueConfig(64, 256, 3).check(1, 2, int8_staging=True)
+
+
 def test_preactivation_residuals_need_the_epilogue_path():
   with pytest.raises(ValueError, match="backward='epilogue' reads the saved pre-activations"):
     dispatch.Plan("epilogue", backward="epilogue")
@@ -313,6 +394,10 @@ def test_preactivation_residuals_need_the_epilogue_path():
     dispatch.Plan("epilogue", residuals="hidden")
   with pytest.raises(ValueError, match="epilogue"):
     dispatch.Plan("fused", fused=kernels.FusedConfig(), residuals="preactivations")
+  with pytest.raises(ValueError, match="needs the epilogue path"):
+    dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(), residuals="segments")
+  with pytest.raises(ValueError, match="reads the saved pre-activations"):  # pairs only
+    dispatch.Plan("epilogue", residuals="segments", backward="epilogue")
 
 
 LOWERING_CASES = {
@@ -329,6 +414,12 @@ LOWERING_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3))),
     "llama-glu-epilogue-saved": (4096, 4096, 14336, 4096, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations")),
+    "smollm2-glu-segments": (8191, 576, 1536, 576, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16"),
+        residuals="segments")),
+    "gpt2-mlp-segments": (8192, 768, 3072, 768, False, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3, pwl_dtype="float16"),
+        residuals="segments")),
 }
 
 
@@ -342,7 +433,7 @@ def test_kernels_lower_for_cuda(case):
           spec(d_model, hidden) if glu else None)
   forward = jax.jit(lambda x, wu, wd, wg: dispatch._forward(
       plan, x, wu, wd, wg, None, None, None, activation,
-      save_preactivations=plan.residuals == "preactivations"))
+      saves=None if plan.residuals == "recompute" else plan.residuals))
   exported = jax.export.export(forward, platforms=["cuda"])(*args)
   assert "mosaic_gpu" in exported.mlir_module()
 
@@ -490,6 +581,11 @@ GPU_CASES = {
         backward="epilogue")),
     "epilogue-mlp-gelu-saved": (513, 768, 3000, 768, False, False, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="preactivations")),
+    "epilogue-glu-pwl-segments": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16"),
+        residuals="segments")),
+    "epilogue-mlp-pwl-segments": (513, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="segments")),
 }
 
 

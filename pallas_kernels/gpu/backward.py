@@ -16,8 +16,14 @@ For a chunk c of hidden columns (f32 math, matmuls accumulate in f32):
 A ``lax.fori_loop`` walks the chunks, so XLA keeps one chunk's intermediates alive at a time: the
 peak extra memory is a few [M, chunk] arrays instead of XLA autodiff's [M, H] residuals.
 Recomputing costs GEMM1 again (2 of a GLU's 9 training GEMM units, 1 of an MLP's 6); saving the
-pre-activations (``split_preactivation``'s (hi, lo) pairs) costs 4 (MLP) or 8 (GLU) bytes per
-[M, H] element, kept between forward and backward.
+pre-activations (``save_preactivations``) costs, per [M, H] element kept between forward and
+backward:
+
+  * "preactivations" -- ``split_preactivation``'s (hi, lo) pairs: 4 (MLP) or 8 (GLU) bytes;
+  * "segments"       -- PWL only: the activation's input p as (bf16 hi, int8 seg(p)) and a GLU's
+                        u as bf16: 3 (MLP) or 5 (GLU) bytes. seg(p) is exact, so act'(p) and the
+                        PWL-parameter sums see the forward's segment; ``join_segmented`` clips
+                        hi into that segment (|p - joined| <= 2^-8 |p|).
 """
 
 from __future__ import annotations
@@ -56,6 +62,47 @@ def join_preactivation(hi: jax.Array, lo: jax.Array) -> jax.Array:
   ``isfinite`` (Mosaic GPU lacks it): also the decoder of ``dgrad_sm90``'s epilogue."""
   high, low = hi.astype(jnp.float32), lo.astype(jnp.float32)
   return jnp.where(jnp.abs(high) < jnp.inf, high + low, high)
+
+
+def segment_index(p: jax.Array, knots, num_knots: int) -> jax.Array:
+  """seg(p) = #{k : p >= t_k} as int8 (``pwl_select``'s convention: a point on a knot takes the
+  segment above; NaN -> 0). ``knots``: K scalars by index, an array in XLA or the SMEM hinge
+  table in a kernel's epilogue (its first K entries are the knots)."""
+  count = jnp.zeros_like(p)
+  for k in range(num_knots):
+    count = count + jnp.where(p >= knots[k], 1.0, 0.0)
+  return count.astype(jnp.int8)
+
+
+def join_segmented(hi: jax.Array, seg: jax.Array, knots: jax.Array) -> jax.Array:
+  """f32 p from (hi, seg(p)): hi clipped into segment seg, [t_{seg-1}, t_seg) (a rounding that
+  crossed a knot is undone to the knot's side the forward saw). NaN and infinities survive."""
+  f32 = jnp.float32
+  knots = knots.astype(f32)
+  lower = jnp.concatenate([jnp.full((1,), -jnp.inf, f32), knots])
+  upper = jnp.concatenate([jnp.nextafter(knots, jnp.full_like(knots, -jnp.inf)),
+                           jnp.full((1,), jnp.inf, f32)])
+  index = seg.astype(jnp.int32)
+  return jnp.clip(hi.astype(f32), lower[index], upper[index])
+
+
+def save_preactivations(pre: list, dtype, residuals: str, knots=None, num_knots: int = 0) -> tuple:
+  """The saved parts of [p, u] (GLU: p = g) or [p] (MLP), f32 pre-activations, for ``residuals``
+  "preactivations" (a (hi, lo) pair each) or "segments" ((hi, seg(p)) for p, (hi,) for u; see the
+  module docstring). Plain jnp: also the forward kernel's epilogue encoder."""
+  if residuals == "preactivations":
+    return tuple(split_preactivation(p, dtype) for p in pre)
+  first = (pre[0].astype(dtype), segment_index(pre[0], knots, num_knots))
+  return (first,) + tuple((p.astype(dtype),) for p in pre[1:])
+
+
+def join_saved(parts: tuple, knots=None) -> jax.Array:
+  """f32 pre-activation from one entry of ``save_preactivations``: a pair, (hi, int8 seg) or hi."""
+  if len(parts) == 1:
+    return parts[0].astype(jnp.float32)
+  if parts[1].dtype == jnp.int8:
+    return join_segmented(*parts, knots)
+  return join_preactivation(*parts)
 
 
 def column_gradients(x, dy, w_up, w_gate, hidden, d_up, d_gate, precision=None) -> tuple:
@@ -102,8 +149,8 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   x [M, D], dy [M, D_out]; entries for absent arguments are None (d_slopes / d_intercepts are None
   unless the activation is a PWL). Zero-padded hidden columns (H rounded up to ``chunk``) carry
   zero weights, so they add nothing to dx or to the PWL gradients and are sliced off.
-  ``preactivations``: the forward's saved (g, u) (GLU) or (u,) (MLP), biases included, each a
-  pair of [M, H] arrays from ``split_preactivation``; given, GEMM1 is not recomputed.
+  ``preactivations``: the forward's saved (g, u) (GLU) or (u,) (MLP), biases included, in
+  ``save_preactivations``' form; given, GEMM1 is not recomputed.
   ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients (``pwl_segment_sums``, the XLA
   form, by default here; ``dispatch`` passes the one-pass kernel,
   ``segment_sums_sm90.segment_sums``, unless ``Plan(segment_sums="xla")``).
@@ -136,7 +183,8 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
       up = dot(x, wu, ((1,), (0,))) + (0.0 if bu is None else bu.astype(f32))
       pre = dot(x, wg, ((1,), (0,))) + (0.0 if bg is None else bg.astype(f32)) if glu else up
     else:
-      joined = lambda parts: join_preactivation(*(columns(part, index, 1) for part in parts))
+      joined = lambda parts: join_saved(tuple(columns(part, index, 1) for part in parts),
+                                        activation.knots)
       up = joined(saved[-1])
       pre = joined(saved[0]) if glu else up
     act, act_prime = _activation_and_derivative(activation, pre)

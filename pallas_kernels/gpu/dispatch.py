@@ -36,6 +36,9 @@ so the f32 [M, H] d_hidden never reaches HBM. It gets the pre-activations one of
                         backward reads them (epilogue path only): XLA autodiff's FLOPs, 4 (MLP)
                         or 8 (GLU) bytes per [M, H] element kept between forward and backward:
                         (hi, lo) pairs in x's dtype (``backward.split_preactivation``).
+  * "segments"       -- the same for a PWL in 3 (MLP) or 5 (GLU) bytes: the activation's input
+                        as bf16 + its int8 segment index, a GLU's u as bf16
+                        (``backward.save_preactivations``).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ DECODE_ROWS = 64  # M at or below this is "decode": one row block
 # temporary memory and was 5-20% slower.
 BACKWARD_CHUNK_ELEMENTS = 64 * 1024 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-RESIDUALS = ("recompute", "preactivations")
+RESIDUALS = ("recompute", "preactivations", "segments")
 SEGMENT_SUMS = ("xla", "kernel")
 BACKWARDS = ("xla", "epilogue")
 
@@ -69,8 +72,8 @@ class Plan:
   many [M, chunk] elements the backward handles per chunk; ``segment_sums``: how the backward
   sums a PWL's parameter gradients, "kernel" (``segment_sums_sm90``, one pass per chunk: 0.05 vs
   0.23 ms at SmolLM2 M = 4096 on the H200) or "xla" (``pwl_segment_sums``); ``backward``: "xla"
-  (chunked) or "epilogue" (``dgrad_sm90``, needs saved pre-activations; tiles ``dgrad``, default
-  ``DGRAD_GLU`` / ``DGRAD_MLP``)."""
+  (chunked) or "epilogue" (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``,
+  default ``DGRAD_GLU`` / ``DGRAD_MLP``)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -87,8 +90,8 @@ class Plan:
       raise ValueError(f"residuals={self.residuals!r}: expected one of {RESIDUALS}")
     if self.segment_sums not in SEGMENT_SUMS:
       raise ValueError(f"segment_sums={self.segment_sums!r}: expected one of {SEGMENT_SUMS}")
-    if self.residuals == "preactivations" and self.path != "epilogue":
-      raise ValueError(f"residuals='preactivations' needs the epilogue path, got {self.path!r}")
+    if self.residuals != "recompute" and self.path != "epilogue":
+      raise ValueError(f"residuals={self.residuals!r} needs the epilogue path, got {self.path!r}")
     if self.backward not in BACKWARDS:
       raise ValueError(f"backward={self.backward!r}: expected one of {BACKWARDS}")
     if self.backward == "epilogue" and self.residuals != "preactivations":
@@ -179,10 +182,11 @@ def _pad(array, shape):
 
 
 def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation,
-             save_preactivations: bool = False):
+             saves: str | None = None):
   """The kernel path of ``plan``. Pads D, H, D_out to multiples of 64 and M to a multiple of 8
   (zero rows/columns change nothing: padded hidden units meet zero rows of W_down). With
-  ``save_preactivations`` (epilogue path) it returns ``(out, preactivations)``, each [M, H]."""
+  ``saves`` (a ``Plan.residuals`` kind other than "recompute"; epilogue path) it returns
+  ``(out, preactivations)``, each part [M, H]."""
   rows, d_model = x.shape
   hidden, d_out = w_down.shape
   dp, hp, op, mp = (_round_up(d_model, 64), _round_up(hidden, 64), _round_up(d_out, 64),
@@ -212,14 +216,13 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
       return sum_partials(out)
     return out[:rows, :d_out].astype(x.dtype)
   hidden_act = kernels.gemm1_activation(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
-                                        config=plan.epilogue, save_preactivations=save_preactivations,
-                                        **kernel_args)
-  if save_preactivations:
+                                        config=plan.epilogue, saves=saves, **kernel_args)
+  if saves:
     hidden_act, preactivations = hidden_act
   out = jnp.dot(hidden_act[:rows], _pad(w_down, (hp, d_out)), preferred_element_type=jnp.float32)
   out = out if b_down is None else out + b_down.astype(jnp.float32)
   out = out.astype(x.dtype)
-  if save_preactivations:
+  if saves:
     return out, tuple(tuple(part[:rows, :hidden] for part in parts) for parts in preactivations)
   return out
 
@@ -235,8 +238,10 @@ def _ffn_fwd(plan, kind, precision, *args):
   if plan.residuals == "recompute":
     return _ffn(plan, kind, precision, *args), (args, None)  # the inputs only, no [M, H]
   *arrays, knots, slopes, intercepts = args
+  if plan.residuals == "segments" and kind != "pwl":
+    raise ValueError(f"residuals='segments' saves PWL segment indices, the activation is {kind!r}")
   out, preactivations = _forward(plan, *arrays, Activation(kind, knots, slopes, intercepts),
-                                 save_preactivations=True)
+                                 saves=plan.residuals)
   return out, (args, preactivations)
 
 

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import Activation, exact_activation
-from pallas_kernels.gpu.backward import split_preactivation
+from pallas_kernels.gpu.backward import save_preactivations
 
 WGMMA_ROWS = 64  # rows of one wgmma (and of a fused-kernel row block)
 TILE_K = 64  # contraction slice: 64 bf16 = one 128-byte swizzle row
@@ -165,17 +165,26 @@ def for_each_tile(config, m_iters: int, n_iters: int, make_pipeline, gmems, tile
       tile_body(pl.ds(mi * cta_m, cta_m), pl.ds(ni * config.tile_n, config.tile_n), allocations)
 
 
-def store_slice(values, gmems, out_smem, wg, epi: int, destination) -> None:
+def store_slice(values, gmems, out_smem, wg, epi: int, destination, int8_smem=None) -> None:
   """TMA-store epilogue slice ``epi``'s values (one per output, ``destination(gmem)`` its
-  [tile_m, EPILOGUE_N] window) through the warpgroup's two SMEM staging slots in turn."""
+  [tile_m, EPILOGUE_N] window) through the warpgroup's two SMEM staging slots in turn; int8
+  outputs go through the warpgroup's ``int8_smem`` slot and must not come first or back to back
+  (at most one store is left in flight, so the slot being filled is never the one in flight)."""
+  narrow = [gmem.dtype == jnp.int8 for gmem in gmems]
+  if narrow[0] or any(a and b for a, b in zip(narrow, narrow[1:])):
+    raise NotImplementedError(f"store_slice: int8 outputs first or back to back: {narrow}")
+  wide = epi * narrow.count(False)  # this slice's first store through the two wide slots
   for j, (value, gmem) in enumerate(zip(values, gmems)):
-    step = epi * len(gmems) + j  # stores alternate between the two staging slots
     # before a tile's first store, drain the previous tile's (an odd store count would otherwise
     # reuse the slot of the store still in flight)
-    plgpu.wait_smem_to_gmem(0 if step == 0 else 1, wait_read_only=True)
-    out_smem[wg, step % 2] = value.astype(out_smem.dtype)
+    plgpu.wait_smem_to_gmem(0 if epi == j == 0 else 1, wait_read_only=True)
+    if narrow[j]:
+      staging = int8_smem.at[wg]
+    else:
+      staging, wide = out_smem.at[wg, wide % 2], wide + 1
+    staging[...] = value.astype(staging.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[wg, step % 2], destination(gmem))
+    plgpu.copy_smem_to_gmem(staging, destination(gmem))
 
 
 def launch_persistent(kernel, out_type, tiles: int, scratch, inputs):
@@ -198,7 +207,8 @@ class EpilogueConfig:
   """Tiles of ``gemm1_activation``: each compute warpgroup owns [tile_m, tile_n] of ``a``.
 
   The epilogue walks the tile in [tile_m, EPILOGUE_N] slices so the activation's temporaries
-  stay small, double-buffering the SMEM staging of the TMA stores.
+  stay small, double-buffering the SMEM staging of the TMA stores (saving segment indices adds
+  one int8 staging slot per warpgroup: ``int8_staging``).
   """
 
   tile_m: int = 128
@@ -208,7 +218,7 @@ class EpilogueConfig:
   grid_tile_width: int = 8
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
 
-  def check(self, num_weights: int, itemsize: int) -> None:
+  def check(self, num_weights: int, itemsize: int, int8_staging: bool = False) -> None:
     """NotImplementedError when the tiles break a wgmma / register / SMEM limit."""
     if self.stages < 2:
       raise NotImplementedError(f"stages={self.stages}: the pipeline keeps one wgmma in flight")
@@ -218,29 +228,31 @@ class EpilogueConfig:
     accumulator_registers = num_weights * self.tile_m * self.tile_n // 128
     if accumulator_registers > 128:
       raise NotImplementedError(f"{accumulator_registers} accumulator registers per thread > 128")
-    if self.smem_bytes(num_weights, itemsize) > SMEM_BYTES:
-      raise NotImplementedError(f"{self} needs {self.smem_bytes(num_weights, itemsize)} bytes of "
-                                f"SMEM > {SMEM_BYTES}")
+    needed = self.smem_bytes(num_weights, itemsize, int8_staging)
+    if needed > SMEM_BYTES:
+      raise NotImplementedError(f"{self} needs {needed} bytes of SMEM > {SMEM_BYTES}" + (
+          " with the int8 staging of saved segments" if int8_staging else ""))
 
-  def smem_bytes(self, num_weights: int, itemsize: int) -> int:
+  def smem_bytes(self, num_weights: int, itemsize: int, int8_staging: bool = False) -> int:
     stage = (2 * self.tile_m + num_weights * self.tile_n) * TILE_K * itemsize
-    staging = 2 * 2 * self.tile_m * EPILOGUE_N * itemsize
+    staging = (2 * 2 * itemsize + 2 * int8_staging) * self.tile_m * EPILOGUE_N
     return self.stages * stage + staging + 2 * num_weights * self.tile_n * itemsize + 1024
 
 
 
 def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_knots: int,
-                     config: EpilogueConfig, save_preactivations: bool = False):
+                     config: EpilogueConfig, saves: str | None = None):
   """a = act(x W_gate + b_gate) * (x W_up + b_up) (GLU) or act(x W_up + b_up) (MLP), [M, H].
 
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
   from ``activation_table`` (PWL) or None. D and H must be multiples of 64.
 
-  With ``save_preactivations`` it returns ``(a, (g, u))`` (GLU: g = x W_gate + b_gate,
-  u = x W_up + b_up) or ``(a, (u,))`` (MLP), written from the same epilogue: the residuals a
-  backward needs instead of recomputing GEMM1. Each is ``backward.split_preactivation``'s pair
-  (hi, lo) of [M, H] arrays in x's dtype, hi + lo within 2^-17 of p (bf16). All stores share the
-  two staging slots in turn, so SMEM does not grow.
+  With ``saves`` ("preactivations" or "segments", a PWL's) it returns ``(a, (g, u))`` (GLU:
+  g = x W_gate + b_gate, u = x W_up + b_up) or ``(a, (u,))`` (MLP), written from the same
+  epilogue: the residuals a backward needs instead of recomputing GEMM1, each a tuple of [M, H]
+  arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype; or (hi, int8
+  segment) for the activation's input and (hi,) for u). x-dtype stores share the two staging
+  slots in turn, segments add one int8 slot.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -249,13 +261,19 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
   if biases and len(biases) != len(weights):
     raise ValueError("gemm1_activation: give both GLU biases or neither")
-  config.check(len(weights), jnp.dtype(dtype).itemsize)
+  if saves == "segments" and table is None:
+    raise ValueError("gemm1_activation: saves='segments' needs a PWL activation table")
+  segments = saves == "segments"
+  config.check(len(weights), jnp.dtype(dtype).itemsize, int8_staging=segments)
   tile_m, tile_n = config.tile_m, config.tile_n
   cta_m = 2 * tile_m
   m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
-  num_outputs = 1 + (2 * len(weights) if save_preactivations else 0)
+  saved_dtypes = {None: [], "preactivations": [dtype] * 2 * len(weights),
+                  "segments": [dtype, jnp.int8] + [dtype] * (len(weights) - 1)}[saves]
+  out_dtypes = [dtype] + saved_dtypes
+  num_outputs = len(out_dtypes)
 
   def make_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -267,9 +285,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
         compute_context=compute_context)
 
   def kernel(*refs):
-    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (out_smem, bias_smem, table_smem,
-                                                         bias_barrier, table_barrier) = _split_refs(
-        refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 5))
+    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (
+        out_smem, int8_smem, bias_smem, table_smem, bias_barrier, table_barrier) = _split_refs(
+            refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 6))
     wg = lax.axis_index("wg")
     if table is not None:
       load_table(table_gmem[0], table_smem, table_barrier.at[0], wg)
@@ -293,10 +311,11 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
             if len(pre) == 2:
               out = out * pre[1]
             values = [out]
-            for p in pre if save_preactivations else []:
-              values += split_preactivation(p, dtype)
+            for parts in save_preactivations(pre, dtype, saves, table_smem,
+                                             num_knots) if saves else ():
+              values += parts
             store_slice(values, out_gmems, out_smem, wg, epi, lambda gmem: gmem.at[
-                m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)])
+                m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)], int8_smem)
 
         pl.run_scoped(with_accumulators,
                       *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
@@ -325,16 +344,20 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   out_transforms = _swizzled(EPILOGUE_N, dtype)
   scratch = [
       plgpu.SMEM((2, 2, tile_m, EPILOGUE_N), dtype, transforms=out_transforms),
+      plgpu.SMEM((2, tile_m if segments else 8, EPILOGUE_N), jnp.int8,
+                 transforms=_swizzled(EPILOGUE_N, jnp.int8)),
       plgpu.SMEM((2, max(len(biases), 1), tile_n), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
       plgpu.Barrier(num_barriers=1),
   ]
-  outputs = launch_persistent(kernel, [jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
+  outputs = launch_persistent(kernel, [jax.ShapeDtypeStruct((m, hidden), t) for t in out_dtypes],
                               m_iters * n_iters, scratch, inputs)
-  if not save_preactivations:
+  if not saves:
     return outputs[0]
-  return outputs[0], tuple(tuple(outputs[i:i + 2]) for i in range(1, num_outputs, 2))
+  widths = [2] * len(weights) if saves == "preactivations" else [2] + [1] * (len(weights) - 1)
+  starts = [1 + sum(widths[:i]) for i in range(len(widths))]
+  return outputs[0], tuple(tuple(outputs[s:s + w]) for s, w in zip(starts, widths))
 
 
 # ------------------------------------------------------------------------------------------------
