@@ -2,9 +2,9 @@
 
     PYTHONPATH=$PWD python3 benchmarks/bench_backward_profile.py --out $OUT [--shapes smollm2,gpt2-small]
 
-For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each variant -- XLA autodiff of the
-exact FFN, the library's default GPU plan with the PWL-16 activation, and that plan with the
-dgrad epilogue kernel -- traces a jit of
+For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
+autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
+saving residuals="segments", and that plan with the dgrad epilogue kernel -- traces a jit of
 loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``) and lists each kernel's
 GPU time per step, costliest first, with the GPU-busy total. The floors to compare against:
 ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
@@ -88,6 +88,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--shapes", default="smollm2,gpt2-small")
   parser.add_argument("--calls", type=int, default=10)
+  parser.add_argument("--variants", default="xla,default,segments,dgrad",
+                      help="which steps to profile: xla, default, segments, dgrad")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -100,12 +102,16 @@ def main(argv=None) -> int:
     pwl = to_kernel_activation(ff.fit(shape.activation, 16))
     plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                                 True)
-    variants = {"xla exact (autodiff)": xla_forward(Activation(shape.activation)),
-                f"library default plan ({plan.path}, residuals={plan.residuals}), PWL-16":
-                    kernel_forward(pwl, plan),
-                "same with the dgrad epilogue kernel (backward='epilogue'), PWL-16":
-                    kernel_forward(pwl, dataclasses.replace(plan, backward="epilogue"))}
-    for variant, forward in variants.items():
+    segments = dispatch.with_segments(plan, shape.glu).epilogue
+    variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),
+                "default": (f"library default plan ({plan.path}, residuals={plan.residuals}), "
+                            "PWL-16", kernel_forward(pwl, plan)),
+                "segments": (f"same saving residuals='segments' ({segments.tile_m}x"
+                             f"{segments.tile_n} tiles), PWL-16",
+                             kernel_forward(pwl, dispatch.with_segments(plan, shape.glu))),
+                "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), PWL-16",
+                          kernel_forward(pwl, dataclasses.replace(plan, backward="epilogue")))}
+    for variant, forward in (variants[key] for key in args.variants.split(",")):
       step = jax.jit(with_gradients(forward))
       try:
         record = profile(step, step_args, args.calls, 1, top=40)

@@ -348,12 +348,11 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     train_name = f"epilogue-{tiles.tile_m}x{tiles.tile_n}-s{tiles.stages}-{tiles.pwl_dtype[5:]}"
     for kept in residuals:
       seen_chunks = set()
-      kept_plan, kept_name = train_plan, train_name
-      if kept == "segments" and tiles.smem_bytes(1 + shape.glu, 2, True) > kernels.SMEM_BYTES:
-        # the int8 staging slot does not fit next to these tiles (MLP 128 x 128 x 3)
-        kept_plan = dataclasses.replace(train_plan, epilogue=dataclasses.replace(
-            tiles, tile_m=64, tile_n=256))
-        kept_name = f"epilogue-64x256-s{tiles.stages}-{tiles.pwl_dtype[5:]}"
+      kept_plan = (dispatch.with_segments(train_plan, shape.glu) if kept == "segments"
+                   else train_plan)
+      kept_tiles = kept_plan.epilogue
+      kept_name = f"epilogue-{kept_tiles.tile_m}x{kept_tiles.tile_n}-s{kept_tiles.stages}-" + (
+          kept_tiles.pwl_dtype[5:])
       for chunk_mi in backward_chunks_mi:
         chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
         if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant

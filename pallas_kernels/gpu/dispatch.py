@@ -151,6 +151,15 @@ def default_plan(rows: int, d_model: int, glu: bool, pwl: bool) -> Plan:
   return EPILOGUE_GLU if glu else EPILOGUE_MLP
 
 
+def with_segments(plan: Plan, glu: bool) -> Plan:
+  """``plan`` saving residuals="segments" (a PWL's); epilogue tiles that leave no SMEM for the
+  int8 staging slot (gpt2-small's MLP 128 x 128 x 3) become 64 x 256."""
+  tiles = plan.epilogue
+  if tiles.smem_bytes(1 + glu, 2, int8_staging=True) > kernels.SMEM_BYTES:
+    tiles = dataclasses.replace(tiles, tile_m=64, tile_n=256)
+  return dataclasses.replace(plan, epilogue=tiles, residuals="segments")
+
+
 def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl: bool) -> Plan:
   key = (glu, d_model, hidden, d_out, rows <= DECODE_ROWS, pwl)
   return TUNED.get(key, default_plan(rows, d_model, glu, pwl))
