@@ -502,7 +502,9 @@ def test_plan_table():
   assert dispatch.choose_plan(8192, 2048, 8192, 2048, True, True) == dispatch.EPILOGUE_GLU_F16
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.EPILOGUE_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
-  assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "preactivations"
+  assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "segments"
+  assert dispatch.choose_plan(300, 576, 1536, 576, True, False).residuals == "preactivations"
+  assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).residuals == "preactivations"
 
 
 def test_chunk_columns():
