@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                              f"{segments.tile_n} tiles), PWL-16",
                              kernel_forward(pwl, dispatch.with_segments(plan, shape.glu))),
                 "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), PWL-16",
-                          kernel_forward(pwl, dataclasses.replace(plan, backward="epilogue")))}
+                          kernel_forward(pwl, dataclasses.replace(
+                              plan, residuals="preactivations", backward="epilogue")))}
     for variant, forward in (variants[key] for key in args.variants.split(",")):
       step = jax.jit(with_gradients(forward))
       try:

@@ -353,7 +353,7 @@ def test_backward_epilogue_lowers_for_cuda(glu, name):
   rows, d_model, hidden = (8191, 576, 1536) if glu else (8191, 768, 3072)
   activation = kernel_activation(name, glu)
   plan = dataclasses.replace(dispatch.choose_plan(rows, d_model, hidden, d_model, glu, True),
-                             backward="epilogue")
+                             residuals="preactivations", backward="epilogue")
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   loss = lambda x, wu, wd, wg: jnp.sum(dispatch._ffn(
       plan, activation.kind, None, x, wu, wd, wg, None, None, None, activation.knots,
