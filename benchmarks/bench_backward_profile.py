@@ -109,8 +109,9 @@ def main(argv=None) -> int:
                 "segments": (f"same saving residuals='segments' ({segments.tile_m}x"
                              f"{segments.tile_n} tiles), PWL-16",
                              kernel_forward(pwl, dispatch.with_segments(plan, shape.glu))),
-                "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), PWL-16",
-                          kernel_forward(pwl, dataclasses.replace(
+                "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), exact "
+                          "activation (refused with a PWL)",
+                          kernel_forward(Activation(shape.activation), dataclasses.replace(
                               plan, residuals="preactivations", backward="epilogue")))}
     for variant, forward in (variants[key] for key in args.variants.split(",")):
       step = jax.jit(with_gradients(forward))

@@ -12,8 +12,8 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
   fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL
                (bf16 GEMMs, autodiff), the kernel's custom VJP with the library's tuned plan
                (``dispatch.choose_plan``) for each ``--residuals`` kind and ``--backward-chunks``
-               budget, with the dgrad epilogue kernel (``Plan(backward="epilogue")``), and with
-               the exact activation; dy is an input of the step;
+               budget, with the exact activation, and with the exact activation and the dgrad
+               epilogue kernel (``Plan(backward="epilogue")``); dy is an input of the step;
   decode:      also a Mosaic kernel that only copies x (what one launch costs in this wall-clock
                harness: ~30 us on the H200, 1 us of it on the GPU) and the decode kernel without
                its XLA sum; for GPU time at decode use bench_decode_profile.py;
@@ -363,7 +363,9 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                            kernel_forward(act_pwl, plan)))
     if "preactivations" in residuals:  # the backward's first GEMM with its epilogue kernel
       dgrad_plan = dataclasses.replace(train_plan, residuals="preactivations", backward="epilogue")
-      variants.append((f"{train_name}-preac-dgrad-kernel", kernel_forward(act_pwl, dgrad_plan)))
+      # exact activation: the public op refuses the dgrad kernel with a PWL (see ffn_mosaic_gpu)
+      variants.append((f"{train_name}+exact-preac-dgrad-kernel",
+                       kernel_forward(act_exact, dgrad_plan)))
     exact_kept = "preactivations" if residuals[0] == "segments" else residuals[0]  # PWL only
     variants.append((f"{train_name}+exact-{exact_kept[:5]}-bwd{backward_chunks_mi[0]}Mi",
                      kernel_forward(act_exact, dataclasses.replace(

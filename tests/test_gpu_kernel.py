@@ -383,6 +383,18 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
   kernels.EpilogueConfig(64, 256, 3).check(1, 2, int8_staging=True)
 
 
+def test_public_op_refuses_the_dgrad_kernel_with_a_pwl(rng, monkeypatch):
+  """Plan(backward="epilogue") with a PWL falls back (NotImplementedError: ``ops.ffn`` then runs
+  XLA): its PWL-parameter gradients missed the tolerance on the H200 once."""
+  monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
+  problem = make_problem(rng, rows=16, d_model=64, hidden=64, d_out=64, glu=False, bias=False)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="preactivations", backward="epilogue")
+  with pytest.raises(NotImplementedError, match="backward='epilogue' with a PWL"):
+    dispatch.ffn_mosaic_gpu(problem["x"], problem["w_up"], problem["w_down"], None, None, None,
+                            None, kernel_activation("pwl", glu=False), plan=plan)
+
+
 def test_preactivation_residuals_need_the_epilogue_path():
   with pytest.raises(ValueError, match="backward='epilogue' reads the saved pre-activations"):
     dispatch.Plan("epilogue", backward="epilogue")
@@ -575,7 +587,7 @@ GPU_CASES = {
     "epilogue-glu-pwl-segment-xla": (1024, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations",
         segment_sums="xla")),
-    "epilogue-glu-pwl-dgrad": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+    "epilogue-glu-silu-dgrad": (1000, 576, 1000, 576, True, True, "silu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3), residuals="preactivations",
         backward="epilogue")),
     "epilogue-mlp-gelu-dgrad": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(

@@ -25,10 +25,12 @@ Which path runs (decided at trace time from the shape and activation kind; see `
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
 
 The backward pass (custom VJP) runs in XLA one hidden chunk at a time (``backward.ffn_backward``)
-or, with ``Plan(backward="epilogue")`` (opt-in, not yet run on a GPU), starts with
+or, with ``Plan(backward="epilogue")`` (opt-in, exact activations only), starts with
 ``dgrad_sm90.dgrad_activation``: dy W_down^T with the activation's derivative in its epilogue,
-so the f32 [M, H] d_hidden never reaches HBM. It gets the pre-activations one of two ways,
-``Plan.residuals``:
+so the f32 [M, H] d_hidden never reaches HBM. Measured slower than the chunked backward at every
+shape on the H200 (2026-12-01, sixth session: fwd+bwd 0.90x vs 1.01x of XLA at SmolLM2, 0.83x
+vs 0.86x at gpt2-small; the kernel takes ~135 / ~205 us where the XLA GEMM + elementwise pass
+it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``Plan.residuals``:
 
   * "recompute"      -- the forward saves only its inputs; the backward recomputes GEMM1
                         (no [M, H] residual; +2/9 of a GLU training step's FLOPs, +1/6 MLP);
@@ -324,5 +326,9 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
                              w_gate is not None, activation.kind == "pwl")
   if plan.path == "xla":
     raise NotImplementedError("the tuned table records XLA as fastest at this shape")
+  if plan.backward == "epilogue" and activation.kind == "pwl":
+    raise NotImplementedError(
+        "backward='epilogue' with a PWL: on the H200 (2026-12-01) its PWL-parameter gradients "
+        "missed the 1e-2 tolerance in one of two runs (1.5e-2; cause not found); backward='xla'")
   return _ffn(plan, activation.kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
               activation.knots, activation.slopes, activation.intercepts)
