@@ -21,7 +21,7 @@ table: pwl'(p) = s_0 + sum_k ds_k [p >= t_k].
 On the H200 (2026-12-01, benchmarks/NOTES.md) it is correct for exact activations and slower
 than what it replaces (SmolLM2 ~135 vs ~85 us, gpt2-small ~205 vs ~155 us: the K loop, the part
 loads, the activation math and the stores of a tile run one after another); with a PWL its
-PWL-parameter gradients (from the bf16 d_act) missed 1e-2 in one of two GPU runs, so
+PWL-parameter gradients (from the bf16 d_act) missed 1e-2 in one of three GPU runs, so
 ``dispatch.ffn_mosaic_gpu`` refuses that combination. No ``Plan`` selects it (opt-in:
 ``Plan(backward="epilogue")``).
 """
