@@ -270,9 +270,10 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
-  saved_dtypes = {None: [], "preactivations": [dtype] * 2 * len(weights),
-                  "segments": [dtype, jnp.int8] + [dtype] * (len(weights) - 1)}[saves]
-  out_dtypes = [dtype] + saved_dtypes
+  # the dtypes of each saved pre-activation's parts (backward.save_preactivations' form)
+  saved_parts = {None: [], "preactivations": [(dtype, dtype)] * len(weights),
+                 "segments": [(dtype, jnp.int8)] + [(dtype,)] * (len(weights) - 1)}[saves]
+  out_dtypes = [dtype] + [part for parts in saved_parts for part in parts]
   num_outputs = len(out_dtypes)
 
   def make_pipeline(body, compute_context):
@@ -355,9 +356,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
                               m_iters * n_iters, scratch, inputs)
   if not saves:
     return outputs[0]
-  widths = [2] * len(weights) if saves == "preactivations" else [2] + [1] * (len(weights) - 1)
-  starts = [1 + sum(widths[:i]) for i in range(len(widths))]
-  return outputs[0], tuple(tuple(outputs[s:s + w]) for s, w in zip(starts, widths))
+  saved = iter(outputs[1:])
+  return outputs[0], tuple(tuple(next(saved) for _ in parts) for parts in saved_parts)
 
 
 # ------------------------------------------------------------------------------------------------
