@@ -335,10 +335,13 @@ def test_interpret_dgrad_activation_matches_xla(rng, glu, name, d_act):
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("glu, name", [(True, "pwl"), (False, "gelu")])
+@pytest.mark.parametrize("glu, name", [(True, "silu"), (False, "gelu")])
 def test_interpret_backward_epilogue_plan(rng, glu, name):
-  """Plan(backward="epilogue"): forward and every gradient (weights, biases, PWL parameters)
-  against the float32 reference, odd M, H and D_out (H and D_out padded to 64 for the kernel)."""
+  """Plan(backward="epilogue"): forward and every gradient (weights, biases) against the float32
+  reference, odd M, H and D_out (H and D_out padded to 64 for the kernel). Exact activations: the
+  public op refuses this plan with a PWL (its PWL-parameter gradients, summed from the kernel's
+  bf16 d_act, missed 1e-2 on rare inputs: once on the H200, once here in ~40 seeds); the
+  kernel's PWL outputs are checked elementwise in test_interpret_dgrad_activation_matches_xla."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals="preactivations", backward="epilogue")
@@ -385,7 +388,7 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
 
 def test_public_op_refuses_the_dgrad_kernel_with_a_pwl(rng, monkeypatch):
   """Plan(backward="epilogue") with a PWL falls back (NotImplementedError: ``ops.ffn`` then runs
-  XLA): its PWL-parameter gradients missed the tolerance on the H200 once."""
+  XLA): its PWL-parameter gradients missed the tolerance on rare inputs."""
   monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
   problem = make_problem(rng, rows=16, d_model=64, hidden=64, d_out=64, glu=False, bias=False)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),

@@ -20,10 +20,11 @@ table: pwl'(p) = s_0 + sum_k ds_k [p >= t_k].
 
 On the H200 (2026-12-01, benchmarks/NOTES.md) it is correct for exact activations and slower
 than what it replaces (SmolLM2 ~135 vs ~85 us, gpt2-small ~205 vs ~155 us: the K loop, the part
-loads, the activation math and the stores of a tile run one after another); with a PWL its
-PWL-parameter gradients (from the bf16 d_act) missed 1e-2 in one of three GPU runs, so
-``dispatch.ffn_mosaic_gpu`` refuses that combination. No ``Plan`` selects it (opt-in:
-``Plan(backward="epilogue")``).
+loads, the activation math and the stores of a tile run one after another). With a PWL its
+outputs match XLA elementwise, but the PWL-parameter gradients summed from its bf16 d_act missed
+1e-2 on rare inputs (1.5e-2 in one of three H200 runs; once in ~40 interpret-mode seeds), so
+``dispatch.ffn_mosaic_gpu`` refuses that combination (an f32 d_act would need an f32 staging
+slot). No ``Plan`` selects it (opt-in: ``Plan(backward="epilogue")``).
 """
 
 from __future__ import annotations
