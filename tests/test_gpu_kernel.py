@@ -384,6 +384,12 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
     kernels.EpilogueConfig(128, 128, 3).check(1, 2, int8_staging=True)
   kernels.EpilogueConfig(128, 128, 3).check(1, 2)
   kernels.EpilogueConfig(64, 256, 3).check(1, 2, int8_staging=True)
+  # with_segments keeps tiles that fit (GLU 64 x 128) and moves the MLP's to 64 x 256
+  glu = dispatch.with_segments(dispatch.EPILOGUE_GLU, glu=True)
+  mlp = dispatch.with_segments(dispatch.EPILOGUE_MLP_F16, glu=False)
+  assert glu.residuals == mlp.residuals == "segments"
+  assert glu.epilogue == dispatch.EPILOGUE_GLU.epilogue
+  assert (mlp.epilogue.tile_m, mlp.epilogue.tile_n, mlp.epilogue.pwl_dtype) == (64, 256, "float16")
 
 
 def test_public_op_refuses_the_dgrad_kernel_with_a_pwl(rng, monkeypatch):
