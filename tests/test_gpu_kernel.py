@@ -219,8 +219,8 @@ def test_interpret_epilogue_saves_segments(rng, glu):
 
 def test_segment_index_and_join():
   """seg(p) follows pwl_select (a knot takes the segment above; NaN -> 0); join_segmented puts a
-  bf16 rounding that crossed a knot back on the forward's side, within 2^-8 of p (half a bf16 ulp), and keeps
-  infinities and NaN."""
+  bf16 rounding that crossed a knot back on the forward's side, within 2^-8 of p (half a bf16
+  ulp), and keeps infinities and NaN."""
   activation = kernel_activation("pwl", glu=True)
   knots = activation.knots.astype(jnp.float32)
   k = knots.shape[0]
