@@ -104,9 +104,13 @@ def candidates(shape: Shape, pwl_dtypes=("float32", "float16")) -> dict[str, dis
     for pwl_dtype in pwl_dtypes:
       config = kernels.EpilogueConfig(tile_m=tile_m, tile_n=tile_n, stages=stages,
                                       pwl_dtype=pwl_dtype)
-      plans[f"epilogue-{tile_m}x{tile_n}-s{stages}-{pwl_dtype[5:]}"] = dispatch.Plan(
-          "epilogue", epilogue=config)
+      plans[epilogue_name(config)] = dispatch.Plan("epilogue", epilogue=config)
   return plans
+
+
+def epilogue_name(config: kernels.EpilogueConfig) -> str:
+  """How the results name an epilogue plan's tiles, e.g. "epilogue-64x128-s3-16"."""
+  return f"epilogue-{config.tile_m}x{config.tile_n}-s{config.stages}-{config.pwl_dtype[5:]}"
 
 
 class Recorder:
@@ -344,15 +348,12 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
   train_plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
                                     shape.glu, True)
   if best_name and train_plan.path == "epilogue":  # the library's tuned plan, each residual kind
-    tiles = train_plan.epilogue
-    train_name = f"epilogue-{tiles.tile_m}x{tiles.tile_n}-s{tiles.stages}-{tiles.pwl_dtype[5:]}"
+    train_name = epilogue_name(train_plan.epilogue)
     for kept in residuals:
       seen_chunks = set()
       kept_plan = (dispatch.with_segments(train_plan, shape.glu) if kept == "segments"
                    else train_plan)
-      kept_tiles = kept_plan.epilogue
-      kept_name = f"epilogue-{kept_tiles.tile_m}x{kept_tiles.tile_n}-s{kept_tiles.stages}-" + (
-          kept_tiles.pwl_dtype[5:])
+      kept_name = epilogue_name(kept_plan.epilogue)
       for chunk_mi in backward_chunks_mi:
         chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
         if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant

@@ -270,10 +270,12 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
-  # the dtypes of each saved pre-activation's parts (backward.save_preactivations' form)
-  saved_parts = {None: [], "preactivations": [(dtype, dtype)] * len(weights),
-                 "segments": [(dtype, jnp.int8)] + [(dtype,)] * (len(weights) - 1)}[saves]
-  out_dtypes = [dtype] + [part for parts in saved_parts for part in parts]
+  # each saved pre-activation's parts, as backward.save_preactivations forms them
+  slice_f32 = jax.ShapeDtypeStruct((WGMMA_ROWS, EPILOGUE_N), jnp.float32)
+  saved_parts = jax.eval_shape(
+      lambda pre, knots: save_preactivations(pre, dtype, saves, knots, num_knots),
+      [slice_f32] * len(weights), table) if saves else ()
+  out_dtypes = [dtype] + [part.dtype for parts in saved_parts for part in parts]
   num_outputs = len(out_dtypes)
 
   def make_pipeline(body, compute_context):
