@@ -21,8 +21,9 @@ table: pwl'(p) = s_0 + sum_k ds_k [p >= t_k].
 On the H200 (2026-12-01, benchmarks/NOTES.md) it is correct for exact activations and slower
 than what it replaces (SmolLM2 ~135 vs ~85 us, gpt2-small ~205 vs ~155 us: the K loop, the part
 loads, the activation math and the stores of a tile run one after another). With a PWL its
-outputs match XLA elementwise, but the PWL-parameter gradients summed from its bf16 d_act missed
-1e-2 on rare inputs (1.5e-2 in one of three H200 runs; once in ~40 interpret-mode seeds), so
+outputs match XLA elementwise, but the PWL-parameter gradients missed 1e-2 on rare inputs (1.5e-2
+in one of three H200 runs; once in ~40 interpret-mode seeds; its bf16 d_act, or the saved pairs
+moving a pre-activation across a knot, benchmarks/NOTES.md), so
 ``dispatch.ffn_mosaic_gpu`` refuses that combination (an f32 d_act would need an f32 staging
 slot). No ``Plan`` selects it (opt-in: ``Plan(backward="epilogue")``).
 """

@@ -328,7 +328,7 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
     raise NotImplementedError("the tuned table records XLA as fastest at this shape")
   if plan.backward == "epilogue" and activation.kind == "pwl":
     raise NotImplementedError(
-        "backward='epilogue' with a PWL: its PWL-parameter gradients, summed from the kernel's "
-        "bf16 d_act, missed the 1e-2 tolerance on rare inputs (1.5e-2 on the H200); backward='xla'")
+        "backward='epilogue' with a PWL: its PWL-parameter gradients missed the 1e-2 tolerance "
+        "on rare inputs (1.5e-2 on the H200; benchmarks/NOTES.md); backward='xla'")
   return _ffn(plan, activation.kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
               activation.knots, activation.slopes, activation.intercepts)
