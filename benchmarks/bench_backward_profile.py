@@ -4,9 +4,10 @@
 
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
-saving residuals="segments", and that plan with the dgrad epilogue kernel -- traces a jit of
-loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``) and lists each kernel's
-GPU time per step, costliest first, with the GPU-busy total. The floors to compare against:
+saving residuals="segments", that plan with the ping-pong forward schedule, and that plan with
+the dgrad epilogue kernel -- traces a jit of loss + gradients w.r.t. x and the weights
+(``bench_gpu.with_gradients``) and lists each kernel's GPU time per step, costliest first, with
+the GPU-busy total. The floors to compare against:
 ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
 ``backward-profile-<date>.json`` / ``.md`` after every variant.
 """
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
   parser.add_argument("--shapes", default="smollm2,gpt2-small")
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
-                      help="which steps to profile: xla, default, segments, dgrad")
+                      help="which steps to profile: xla, default, segments, pingpong, dgrad")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -103,12 +104,18 @@ def main(argv=None) -> int:
     plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                                 True)
     segments = dispatch.with_segments(plan, shape.glu).epilogue
+    pingpong = dataclasses.replace(
+        plan.epilogue, schedule="pingpong",
+        **dispatch.PINGPONG_GLU_TILES if shape.glu else dispatch.PINGPONG_MLP_TILES)
     variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),
                 "default": (f"library default plan ({plan.path}, residuals={plan.residuals}), "
                             "PWL-16", kernel_forward(pwl, plan)),
                 "segments": (f"same saving residuals='segments' ({segments.tile_m}x"
                              f"{segments.tile_n} tiles), PWL-16",
                              kernel_forward(pwl, dispatch.with_segments(plan, shape.glu))),
+                "pingpong": (f"same with the ping-pong forward ({pingpong.tile_m}x"
+                             f"{pingpong.tile_n} tiles per warpgroup), PWL-16",
+                             kernel_forward(pwl, dataclasses.replace(plan, epilogue=pingpong))),
                 "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), exact "
                           "activation (refused with a PWL)",
                           kernel_forward(Activation(shape.activation), dataclasses.replace(

@@ -82,7 +82,8 @@ SHAPES = (
 )
 
 
-def candidates(shape: Shape, pwl_dtypes=("float32", "float16")) -> dict[str, dispatch.Plan]:
+def candidates(shape: Shape, pwl_dtypes=("float32", "float16"),
+               schedules=kernels.SCHEDULES) -> dict[str, dispatch.Plan]:
   """The kernel plans timed for this shape (the tuned table records the fastest).
 
   Run 1 (NOTES.md) swept more tiles at SmolLM2; what lost there (fused at M = 8192, 128x64 and
@@ -99,18 +100,24 @@ def candidates(shape: Shape, pwl_dtypes=("float32", "float16")) -> dict[str, dis
     plans["fused-h64-s3-x12"] = dispatch.Plan(
         "fused", fused=kernels.FusedConfig(block_h=64, stages=3, h_splits=12))
   # MLP: 64 x 256 won at gpt2-small (12-01), 128 x 128 at gpt2-xl; they tie since the race fix
-  tiles = [(64, 128, 3)] if shape.glu else [(128, 128, 3), (64, 256, 3)]
-  for tile_m, tile_n, stages in tiles:
-    for pwl_dtype in pwl_dtypes:
-      config = kernels.EpilogueConfig(tile_m=tile_m, tile_n=tile_n, stages=stages,
-                                      pwl_dtype=pwl_dtype)
-      plans[epilogue_name(config)] = dispatch.Plan("epilogue", epilogue=config)
+  tiles = {"cooperative": [(64, 128, 3)] if shape.glu else [(128, 128, 3), (64, 256, 3)],
+           "pingpong": [(128, 64, 5), (64, 128, 4)] if shape.glu else [(128, 128, 4),
+                                                                      (64, 256, 4)]}
+  for schedule in schedules:
+    for tile_m, tile_n, stages in tiles[schedule]:
+      for pwl_dtype in pwl_dtypes:
+        config = kernels.EpilogueConfig(tile_m=tile_m, tile_n=tile_n, stages=stages,
+                                        pwl_dtype=pwl_dtype, schedule=schedule)
+        plans[epilogue_name(config)] = dispatch.Plan("epilogue", epilogue=config)
   return plans
 
 
 def epilogue_name(config: kernels.EpilogueConfig) -> str:
-  """How the results name an epilogue plan's tiles, e.g. "epilogue-64x128-s3-16"."""
-  return f"epilogue-{config.tile_m}x{config.tile_n}-s{config.stages}-{config.pwl_dtype[5:]}"
+  """How the results name an epilogue plan's tiles, e.g. "epilogue-64x128-s3-16" (cooperative)
+  or "epilogue-pp-128x64-s5-16" (ping-pong)."""
+  schedule = "pp-" if config.schedule == "pingpong" else ""
+  return (f"epilogue-{schedule}{config.tile_m}x{config.tile_n}-s{config.stages}-"
+          f"{config.pwl_dtype[5:]}")
 
 
 class Recorder:
@@ -292,7 +299,8 @@ def matmul_peak(rec: Recorder, rng) -> float:
 
 def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokamax: bool,
                 pwl_dtypes: tuple[str, ...], backward_chunks_mi: tuple[int, ...],
-                residuals: tuple[str, ...], with_backward: bool = True) -> dict:
+                residuals: tuple[str, ...], with_backward: bool = True,
+                schedules: tuple[str, ...] = kernels.SCHEDULES) -> dict:
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -316,7 +324,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                           **base)
   xla_pwl = rec.measure("xla-pwl16", lambda: forward_result(xla_forward(act_pwl), "pwl"), **base)
   best_name, best = None, None
-  plans = candidates(shape, pwl_dtypes)
+  plans = candidates(shape, pwl_dtypes, schedules)
   for name, plan in plans.items():
     if rec.over_budget():
       break
@@ -457,6 +465,10 @@ def main(argv=None) -> int:
   parser.add_argument("--forward-only", action="store_true", help="skip the fwd+bwd timings")
   parser.add_argument("--residuals", default="recompute,preactivations",
                       help=f"fwd+bwd is timed with each of {dispatch.RESIDUALS}")
+  parser.add_argument("--schedules", default=",".join(kernels.SCHEDULES),
+                      help="epilogue-kernel schedules among the forward candidates")
+  parser.add_argument("--pwl-dtypes", default="float32,float16",
+                      help="PWL hinge arithmetic among the forward candidates")
   args = parser.parse_args(argv)
   wanted = args.shapes.split(",")
   by_name = {shape.name: shape for shape in SHAPES}
@@ -476,12 +488,13 @@ def main(argv=None) -> int:
   rng = np.random.default_rng(int(time.time()))
   peak = matmul_peak(rec, rng)
   summaries = []
-  pwl_dtypes = ("float32", "float16")  # narrowed to the winner once a shape has compared both
+  pwl_dtypes = tuple(args.pwl_dtypes.split(","))  # narrowed to the winner once both compared
   for shape in (by_name[name] for name in wanted):  # in the order asked for
     if not rec.over_budget():
       summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes,
                             tuple(int(c) for c in args.backward_chunks.split(",")),
-                            tuple(args.residuals.split(",")), not args.forward_only)
+                            tuple(args.residuals.split(",")), not args.forward_only,
+                            tuple(args.schedules.split(",")))
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
         pwl_dtypes = ("float16",) if summary["best_plan"].endswith("-16") else ("float32",)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # race detector's result
+
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation, pwl_select
@@ -182,6 +184,28 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
       assert high.dtype == low.dtype == jnp.bfloat16
       assert relative_error(high, expected[name]) < BF16_TOLERANCE  # one bf16 rounding
       assert relative_error(backward.join_preactivation(high, low), expected[name]) < 1e-4
+    check_against_reference(problem, activation, plan)
+
+
+@needs_interpret_threads
+@pytest.mark.parametrize("glu, tiles, saves", [
+    (True, (128, 64, 3), "segments"), (False, (64, 128, 2), "preactivations")])
+def test_interpret_pingpong_schedule(rng, monkeypatch, glu, tiles, saves):
+  """schedule="pingpong" on 2 SMs, so each CTA walks 8-10 tiles and its two compute warpgroups
+  alternate; K = 3 steps through a 2- or 3-buffer ring shared by both, so buffers change owner
+  between tiles; 128-row tiles take two 64-row epilogue windows. Forward, saved residuals and
+  every gradient vs the f32 reference (odd M and H); the forward kernel under the interpreter's
+  race detector (SMEM reads and writes ordered by the barriers)."""
+  monkeypatch.setattr(kernels, "num_sms", lambda: 2)
+  problem = make_problem(rng, rows=300, d_model=192, hidden=260, d_out=80, glu=glu, bias=True)
+  config = kernels.EpilogueConfig(*tiles, pwl_dtype="float16", schedule="pingpong")
+  plan = dispatch.Plan("epilogue", epilogue=config, residuals=saves)
+  activation = kernel_activation("pwl" if saves == "segments" else "gelu", glu=glu)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+    jax.block_until_ready(jax.jit(lambda *a: dispatch._forward(plan, *a, activation, saves=saves))(
+        *[problem[n] for n in ARG_NAMES]))
+  assert not interpret_pallas_call.get_races().races_found
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, activation, plan)
 
 
@@ -444,6 +468,14 @@ LOWERING_CASES = {
     "gpt2-mlp-segments": (8192, 768, 3072, 768, False, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3, pwl_dtype="float16"),
         residuals="segments")),
+    "smollm2-glu-pingpong-segments": (8191, 576, 1536, 576, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(
+            **dispatch.PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"),
+        residuals="segments")),
+    "gpt2-mlp-pingpong-segments": (8192, 768, 3072, 768, False, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(
+            **dispatch.PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"),
+        residuals="segments")),
 }
 
 
@@ -612,6 +644,17 @@ GPU_CASES = {
         residuals="segments")),
     "epilogue-mlp-pwl-segments": (513, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="segments")),
+    "epilogue-pp-glu-pwl-segments": (8192, 576, 1536, 576, True, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 64, 5, pwl_dtype="float16",
+                                                    schedule="pingpong"), residuals="segments")),
+    "epilogue-pp-glu-silu-odd": (1000, 576, 1000, 576, True, True, "silu", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 4, schedule="pingpong"))),
+    "epilogue-pp-mlp-gelu-saved": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"),
+        residuals="preactivations")),
+    "epilogue-pp-mlp-pwl-segments": (513, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"),
+        residuals="segments")),
 }
 
 
@@ -626,14 +669,17 @@ def test_gpu_forward_and_gradients(rng, case):
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [(64, 256, 3), (128, 128, 3)])
+@pytest.mark.parametrize("tiles", [(64, 256, 3, "cooperative"), (128, 128, 3, "cooperative"),
+                                   (128, 128, 4, "pingpong")])
 def test_gpu_epilogue_forward_at_gpt2_xl(rng, tiles):
   """Regression: at gpt2-xl (M = 8192, 1600/6400, 25 K steps, ~12 tiles per SM) 64 x 256 tiles
   gave rel. err 1.7e-2 when one wgmma stayed in flight across the persistent loop's tiles (see
   gemm1_activation); the forward must match the f32 reference like XLA's bf16 path (2.4e-3)."""
   problem = make_problem(rng, 8192, 1600, 6400, 1600, glu=False, bias=False)
   activation = kernel_activation("gelu", glu=False)
-  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(*tiles))
+  tile_m, tile_n, stages, schedule = tiles
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(tile_m, tile_n, stages,
+                                                                    schedule=schedule))
   arrays = [problem[n] for n in ARG_NAMES]
   out = jax.jit(lambda *a: dispatch._forward(plan, *a, activation))(*arrays)
   expected = jax.jit(lambda *a: reference_in_float32(*a, activation))(*arrays)

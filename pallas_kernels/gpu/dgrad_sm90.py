@@ -81,6 +81,8 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   glu = len(preactivations) == 2
   parts = [part for pair in preactivations for part in pair]
   num_outputs = (3 if glu else 2) + int(with_d_act)
+  if config.schedule != "cooperative":
+    raise NotImplementedError(f"dgrad_activation runs the cooperative schedule only, got {config}")
   config.check(1, jnp.dtype(dtype).itemsize)
   needed = smem_bytes(config, len(parts), jnp.dtype(dtype).itemsize)
   if needed > SMEM_BYTES:

@@ -107,6 +107,10 @@ DGRAD_GLU = kernels.EpilogueConfig(tile_m=64, tile_n=64, stages=3)
 DGRAD_MLP = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=3)
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
 _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
+# schedule="pingpong" tiles, one per warpgroup (a GLU's two accumulators or an MLP's one take
+# 128 registers a thread); timed against the cooperative ones by bench_gpu / bench_backward_profile
+PINGPONG_GLU_TILES = dict(tile_m=128, tile_n=64, stages=5)
+PINGPONG_MLP_TILES = dict(tile_m=128, tile_n=128, stages=4)
 # Epilogue plans save the pre-activations for the backward: faster than recomputing GEMM1 at every
 # measured training shape (H200, 2026-12-01: e.g. llama-1B fwd+bwd 4.24 vs 5.05 ms). For the
 # memory-lean recompute, wrap the layer in jax.checkpoint / nnx.remat, or pass a Plan.

@@ -206,9 +206,19 @@ def launch_persistent(kernel, out_type, tiles: int, scratch, inputs):
 class EpilogueConfig:
   """Tiles of ``gemm1_activation``: each compute warpgroup owns [tile_m, tile_n] of ``a``.
 
-  The epilogue walks the tile in [tile_m, EPILOGUE_N] slices so the activation's temporaries
-  stay small, double-buffering the SMEM staging of the TMA stores (saving segment indices adds
-  one int8 staging slot per warpgroup: ``int8_staging``).
+  ``schedule`` says how the two compute warpgroups share the work:
+
+    * "cooperative" -- both work on one [2 tile_m, tile_n] CTA tile (the weight slice of a K
+      step is loaded once for both) and run its epilogue at the same time, so the tensor cores
+      idle while the activation is evaluated and stored;
+    * "pingpong"    -- each warpgroup owns whole [tile_m, tile_n] tiles, alternating; one ring
+      of K-step buffers is filled in tile order, so one warpgroup's mainloop runs while the
+      other evaluates and stores its epilogue.
+
+  The epilogue walks a tile in [rows, EPILOGUE_N] windows (rows = tile_m cooperative, 64
+  ping-pong) so the activation's temporaries stay small, double-buffering the SMEM staging of
+  the TMA stores (saving segment indices adds one int8 staging slot per warpgroup:
+  ``int8_staging``).
   """
 
   tile_m: int = 128
@@ -217,6 +227,21 @@ class EpilogueConfig:
   grid_minor_dim: int = 1  # planar-snake tile order: 1 walks along H first, 0 along M first
   grid_tile_width: int = 8
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
+  schedule: str = "cooperative"
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule={self.schedule!r}: expected one of {SCHEDULES}")
+
+  @property
+  def window_rows(self) -> int:
+    """Rows of one epilogue window (and of its SMEM staging slots)."""
+    return self.tile_m if self.schedule == "cooperative" else WGMMA_ROWS
+
+  @property
+  def cta_rows(self) -> int:
+    """Rows of x one K step loads: both warpgroups' tiles when they cooperate."""
+    return 2 * self.tile_m if self.schedule == "cooperative" else self.tile_m
 
   def check(self, num_weights: int, itemsize: int, int8_staging: bool = False) -> None:
     """NotImplementedError when the tiles break a wgmma / register / SMEM limit."""
@@ -234,10 +259,12 @@ class EpilogueConfig:
           " with the int8 staging of saved segments" if int8_staging else ""))
 
   def smem_bytes(self, num_weights: int, itemsize: int, int8_staging: bool = False) -> int:
-    stage = (2 * self.tile_m + num_weights * self.tile_n) * TILE_K * itemsize
-    staging = (2 * 2 * itemsize + 2 * int8_staging) * self.tile_m * EPILOGUE_N
+    stage = (self.cta_rows + num_weights * self.tile_n) * TILE_K * itemsize
+    staging = (2 * 2 * itemsize + 2 * int8_staging) * self.window_rows * EPILOGUE_N
     return self.stages * stage + staging + 2 * num_weights * self.tile_n * itemsize + 1024
 
+
+SCHEDULES = ("cooperative", "pingpong")
 
 
 def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_knots: int,
@@ -265,9 +292,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
     raise ValueError("gemm1_activation: saves='segments' needs a PWL activation table")
   segments = saves == "segments"
   config.check(len(weights), jnp.dtype(dtype).itemsize, int8_staging=segments)
-  tile_m, tile_n = config.tile_m, config.tile_n
-  cta_m = 2 * tile_m
-  m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(hidden, tile_n), pl.cdiv(d, TILE_K)
+  tile_m, tile_n, rows = config.tile_m, config.tile_n, config.window_rows
+  m_iters, n_iters = pl.cdiv(m, config.cta_rows), pl.cdiv(hidden, tile_n)
+  k_iters = pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
   # each saved pre-activation's parts, as backward.save_preactivations forms them
@@ -278,26 +305,40 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   out_dtypes = [dtype] + [part.dtype for parts in saved_parts for part in parts]
   num_outputs = len(out_dtypes)
 
-  def make_pipeline(body, compute_context):
-    return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(k_iters,), memory_registers=MEMORY_REGISTERS,
-        in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda k: (0, k), transforms=operand_transforms)]
-        + [plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, 0),
-                           transforms=operand_transforms)] * len(weights),
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.stages,
-        compute_context=compute_context)
+  def epilogue(accumulators, destination, *, bias_smem, table_smem, out_gmems, out_smem,
+               int8_smem, wg):
+    """Bias, activation (x u) and saved parts of each [rows, EPILOGUE_N] window of warpgroup
+    ``wg``'s [tile_m, tile_n] accumulators, TMA-stored to ``destination(gmem)``'s window."""
+    for epi, (r, c) in enumerate((r, c) for r in range(tile_m // rows)
+                                 for c in range(tile_n // EPILOGUE_N)):
+      window = (slice(r * rows, (r + 1) * rows), slice(c * EPILOGUE_N, (c + 1) * EPILOGUE_N))
+      pre = [acc[window] for acc in accumulators]
+      if bias_smem is not None:
+        pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
+      out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
+      if len(pre) == 2:
+        out = out * pre[1]
+      values = [out]
+      for parts in save_preactivations(pre, dtype, saves, table_smem,
+                                       num_knots) if saves else ():
+        values += parts
+      store_slice(values, out_gmems, out_smem, wg, epi, lambda gmem: destination(gmem).at[
+          pl.ds(r * rows, rows), pl.ds(c * EPILOGUE_N, EPILOGUE_N)], int8_smem)
 
-  def kernel(*refs):
-    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (
-        out_smem, int8_smem, bias_smem, table_smem, bias_barrier, table_barrier) = _split_refs(
-            refs, (1, len(weights), len(biases), int(table is not None), num_outputs, 6))
-    wg = lax.axis_index("wg")
-    if table is not None:
-      load_table(table_gmem[0], table_smem, table_barrier.at[0], wg)
+  def cooperative(x_gmem, w_gmems, b_gmems, bias_smem, bias_barrier, wg, write):
+    cta_m = config.cta_rows
+
+    def make_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(k_iters,), memory_registers=MEMORY_REGISTERS,
+          in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda k: (0, k),
+                                    transforms=operand_transforms)]
+          + [plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, 0),
+                             transforms=operand_transforms)] * len(weights),
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.stages,
+          compute_context=compute_context)
 
     def tile(m_slice, n_slice, allocations):
-      wg_rows = pl.ds(wg * tile_m, tile_m)
-
       def compute_context(eval_pipeline):
         def with_accumulators(*accumulators):
           for i, bias in enumerate(b_gmems):  # lands while the pipeline runs
@@ -305,20 +346,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
           eval_pipeline(accumulators)
           if b_gmems:
             plgpu.barrier_wait(bias_barrier.at[wg])
-          for epi in range(tile_n // EPILOGUE_N):
-            cols = slice(epi * EPILOGUE_N, (epi + 1) * EPILOGUE_N)
-            pre = [acc[:, cols] for acc in accumulators]
-            if b_gmems:
-              pre = [_add_bias(p, bias_smem.at[wg, i, cols]) for i, p in enumerate(pre)]
-            out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
-            if len(pre) == 2:
-              out = out * pre[1]
-            values = [out]
-            for parts in save_preactivations(pre, dtype, saves, table_smem,
-                                             num_knots) if saves else ():
-              values += parts
-            store_slice(values, out_gmems, out_smem, wg, epi, lambda gmem: gmem.at[
-                m_slice, n_slice].at[wg_rows, pl.ds(epi * EPILOGUE_N, EPILOGUE_N)], int8_smem)
+          write(accumulators,
+                lambda gmem: gmem.at[m_slice, n_slice].at[pl.ds(wg * tile_m, tile_m), :])
 
         pl.run_scoped(with_accumulators,
                       *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
@@ -326,7 +355,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       def mma(_, x_smem, *rest):
         w_smems, accumulators = rest[:-1], rest[-1]
         for w_smem, acc in zip(w_smems, accumulators):
-          plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem)
+          plgpu.wgmma(acc, x_smem.at[pl.ds(wg * tile_m, tile_m)], w_smem)
         # Each K step waits for its wgmma before the pipeline releases its buffers. Until
         # 2026-12-01 one wgmma stayed in flight (delay_release = 1), which races across the
         # persistent loop's tiles: before the next tile's prologue refills every slot, the
@@ -342,18 +371,125 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
           x_gmem.at[m_slice, :], *[w.at[:, n_slice] for w in w_gmems], allocations=allocations)
 
     for_each_tile(config, m_iters, n_iters, make_pipeline, (x_gmem, *w_gmems), tile)
+
+  def pingpong(x_gmem, w_gmems, b_gmems, bias_smem, bias_barrier, wg, write, x_smem, w_smem,
+               ready, free):
+    """Local tile i of a CTA belongs to warpgroup i % 2; its K step k is ring step
+    s = i k_iters + k in buffer s % stages. The memory warpgroup fills the ring in step order
+    (waiting for ``free[slot]``, released by whichever warpgroup read it); warpgroup w waits on
+    its own ``ready[w, slot]`` barriers, so each barrier's phases are waited on in order."""
+    stages = config.stages
+
+    def tile_slices(linear):
+      mi, ni = plgpu.planar_snake(linear, (m_iters, n_iters), config.grid_minor_dim,
+                                  config.grid_tile_width)
+      return pl.ds(mi * tile_m, tile_m), pl.ds(ni * tile_n, tile_n)
+
+    def ready_barrier(owner, slot):
+      return ready.at[owner * stages + slot]
+
+    @pl.when(wg == 2)
+    def _memory_warpgroup():
+      plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _(info):
+        m_slice, n_slice = tile_slices(info.index[0])
+        owner = lax.rem(info.local_index, 2)
+
+        @pl.loop(0, k_iters)
+        def _(k):
+          step = info.local_index * k_iters + k
+          slot = lax.rem(step, stages)
+
+          @pl.when(step >= stages)
+          def _():
+            plgpu.barrier_wait(free.at[slot])
+
+          k_slice = pl.ds(k * TILE_K, TILE_K)
+          plgpu.copy_gmem_to_smem(x_gmem.at[m_slice, k_slice], x_smem.at[slot],
+                                  ready_barrier(owner, slot))
+          for i, w in enumerate(w_gmems):
+            plgpu.copy_gmem_to_smem(w.at[k_slice, n_slice], w_smem.at[slot, i],
+                                    ready_barrier(owner, slot))
+
+      # observe each buffer's last release before the barriers go away
+      sm, grid = lax.axis_index("sm"), lax.axis_size("sm")
+      steps = (m_iters * n_iters - sm + grid - 1) // grid * k_iters
+      for slot in range(stages):
+        @pl.when(slot < steps)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+
+    @pl.when(wg < 2)
+    def _compute_warpgroup():
+      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _(info):
+        @pl.when(lax.rem(info.local_index, 2) == wg)
+        def _():
+          m_slice, n_slice = tile_slices(info.index[0])
+          for i, bias in enumerate(b_gmems):  # lands while the K loop runs
+            plgpu.copy_gmem_to_smem(bias.at[n_slice], bias_smem.at[wg, i], bias_barrier.at[wg])
+
+          def with_accumulators(*accumulators):
+            first = info.local_index * k_iters
+
+            @pl.loop(0, k_iters)
+            def _(k):
+              slot = lax.rem(first + k, stages)
+              plgpu.barrier_wait(ready_barrier(wg, slot))
+              for i, acc in enumerate(accumulators):
+                plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
+              plgpu.wgmma_wait(1)  # the previous step's wgmma has read its buffers
+
+              @pl.when(k > 0)
+              def _():
+                plgpu.barrier_arrive(free.at[lax.rem(first + k - 1, stages)])
+
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(free.at[lax.rem(first + k_iters - 1, stages)])
+            if b_gmems:
+              plgpu.barrier_wait(bias_barrier.at[wg])
+            write(accumulators, lambda gmem: gmem.at[m_slice, n_slice])
+
+          pl.run_scoped(with_accumulators,
+                        *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
+
+  def kernel(*refs):
+    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (
+        out_smem, int8_smem, bias_smem, table_smem, bias_barrier, table_barrier,
+        *ring) = _split_refs(refs, (1, len(weights), len(biases), int(table is not None),
+                                    num_outputs, len(scratch)))
+    wg = lax.axis_index("wg")
+    if table is not None:
+      load_table(table_gmem[0], table_smem, table_barrier.at[0], wg)
+    write = functools.partial(epilogue, bias_smem=bias_smem.at[wg] if b_gmems else None,
+                              table_smem=table_smem, out_gmems=out_gmems, out_smem=out_smem,
+                              int8_smem=int8_smem, wg=wg)
+    schedule = cooperative if config.schedule == "cooperative" else pingpong
+    schedule(x_gmem, w_gmems, b_gmems, bias_smem, bias_barrier, wg, write, *ring)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   out_transforms = _swizzled(EPILOGUE_N, dtype)
   scratch = [
-      plgpu.SMEM((2, 2, tile_m, EPILOGUE_N), dtype, transforms=out_transforms),
-      plgpu.SMEM((2, tile_m if segments else 8, EPILOGUE_N), jnp.int8,
+      plgpu.SMEM((2, 2, rows, EPILOGUE_N), dtype, transforms=out_transforms),
+      plgpu.SMEM((2, rows if segments else 8, EPILOGUE_N), jnp.int8,
                  transforms=_swizzled(EPILOGUE_N, jnp.int8)),
       plgpu.SMEM((2, max(len(biases), 1), tile_n), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
       plgpu.Barrier(num_barriers=1),
   ]
+  if config.schedule == "pingpong":  # the K-step ring and its barriers
+    scratch += [
+        plgpu.SMEM((config.stages, tile_m, TILE_K), dtype, transforms=operand_transforms),
+        plgpu.SMEM((config.stages, len(weights), TILE_K, tile_n), dtype,
+                   transforms=operand_transforms),
+        plgpu.Barrier(num_arrivals=1 + len(weights), num_barriers=2 * config.stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=config.stages),
+    ]
   outputs = launch_persistent(kernel, [jax.ShapeDtypeStruct((m, hidden), t) for t in out_dtypes],
                               m_iters * n_iters, scratch, inputs)
   if not saves:
