@@ -90,7 +90,8 @@ def main(argv=None) -> int:
   parser.add_argument("--shapes", default="smollm2,gpt2-small")
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
-                      help="which steps to profile: xla, default, segments, pingpong, dgrad")
+                      help="which steps to profile: xla, default, segments, pingpong, "
+                           "pingpong-segments, dgrad")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -116,6 +117,9 @@ def main(argv=None) -> int:
                 "pingpong": (f"same with the ping-pong forward ({pingpong.tile_m}x"
                              f"{pingpong.tile_n} tiles per warpgroup), PWL-16",
                              kernel_forward(pwl, dataclasses.replace(plan, epilogue=pingpong))),
+                "pingpong-segments": ("same ping-pong forward saving residuals='segments', "
+                                      "PWL-16", kernel_forward(pwl, dataclasses.replace(
+                                          plan, epilogue=pingpong, residuals="segments"))),
                 "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), exact "
                           "activation (refused with a PWL)",
                           kernel_forward(Activation(shape.activation), dataclasses.replace(

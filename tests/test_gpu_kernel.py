@@ -417,6 +417,9 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
   assert glu.residuals == mlp.residuals == "segments"
   assert glu.epilogue == dispatch.EPILOGUE_GLU.epilogue
   assert (mlp.epilogue.tile_m, mlp.epilogue.tile_n, mlp.epilogue.pwl_dtype) == (64, 256, "float16")
+  # ping-pong stages its stores in 64-row windows: the int8 slot fits beside 128 x 128 x 4 tiles
+  pingpong = dispatch.PINGPONG_MLP_F16.epilogue
+  assert dispatch.with_segments(dispatch.PINGPONG_MLP_F16, glu=False).epilogue == pingpong
 
 
 def test_public_op_refuses_the_dgrad_kernel_with_a_pwl(rng, monkeypatch):
@@ -561,6 +564,7 @@ def test_plan_table():
   assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "segments"
   assert dispatch.choose_plan(300, 576, 1536, 576, True, False).residuals == "preactivations"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).residuals == "preactivations"
+  assert dispatch.choose_plan(8192, 768, 3072, 768, False, True) == dispatch.PINGPONG_MLP_F16
 
 
 def test_chunk_columns():

@@ -5,7 +5,9 @@ Which path runs (decided at trace time from the shape and activation kind; see `
   * ``epilogue`` -- ``fused_ffn_sm90.gemm1_activation`` (GEMM1 with the activation in its epilogue,
                     [M, H] written once in x's dtype) followed by XLA's GEMM2. Chosen for
                     every measured shape at M > 64 (SmolLM2, gpt2-small, gpt2-xl, llama-1B,
-                    llama-8B) and untuned shapes with M > 64.
+                    llama-8B) and untuned shapes with M > 64. Its two compute warpgroups
+                    share each tile ("cooperative" schedule) everywhere except gpt2-small with
+                    a PWL, where each owns whole tiles ("pingpong"; see PINGPONG_*_TILES).
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
@@ -108,7 +110,10 @@ DGRAD_MLP = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=3)
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
 _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
 # schedule="pingpong" tiles, one per warpgroup (a GLU's two accumulators or an MLP's one take
-# 128 registers a thread); timed against the cooperative ones by bench_gpu / bench_backward_profile
+# 128 registers a thread). H200, 2026-12-01 (seventh session), forward vs the cooperative tiles in
+# the same run: gpt2-small 0.1407 vs 0.1432 ms (its training step's forward kernel 91 vs 97 us),
+# SmolLM2 0.0930 vs 0.0951 (but 85 vs 79 us saving segments in training), gpt2-xl 0.5582 vs
+# 0.5515, llama-1B 1.327 vs 1.284: only gpt2-small's PWL plan uses it.
 PINGPONG_GLU_TILES = dict(tile_m=128, tile_n=64, stages=5)
 PINGPONG_MLP_TILES = dict(tile_m=128, tile_n=128, stages=4)
 # Epilogue plans save the pre-activations for the backward: faster than recomputing GEMM1 at every
@@ -117,8 +122,9 @@ PINGPONG_MLP_TILES = dict(tile_m=128, tile_n=128, stages=4)
 # A GLU with a PWL saves "segments" (5 bytes per hidden element, 23% of XLA autodiff's residuals;
 # pairs: 8 bytes, 36%) at 1-2% of fwd+bwd GPU time (H200, 2026-12-01, sixth session: SmolLM2
 # 352 vs 346 us, llama-1B 4.36 vs 4.27 ms, llama-8B 14.77 vs 14.59 ms). An MLP keeps pairs (4
-# bytes, 29%): its 128 x 128 x 3 tiles leave no SMEM for the int8 staging, and gpt2-small's step
-# with 64 x 256 tiles and segments took 556 vs 498 us.
+# bytes, 29%): its cooperative 128 x 128 x 3 tiles leave no SMEM for the int8 staging, and
+# gpt2-small's step saving segments took 556 vs 498 us with 64 x 256 tiles, 567 vs 496 us with
+# ping-pong 128 x 128 tiles (forward kernel 150 vs 91 us; not yet explained).
 _SAVED = dict(residuals="preactivations")
 EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES), **_SAVED)
 EPILOGUE_MLP = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES), **_SAVED)
@@ -127,6 +133,8 @@ EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES
                         residuals="segments")
 EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
                                                                     pwl_dtype="float16"), **_SAVED)
+PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
+    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_SAVED)
 
 # (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
 # XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
@@ -134,7 +142,7 @@ EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES
 TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (True, 576, 1536, 576, False, True): EPILOGUE_GLU_F16,  # 0.0983 vs 0.1227
     (True, 576, 1536, 576, False, False): EPILOGUE_GLU,  # 0.0892 vs 0.1227
-    (False, 768, 3072, 768, False, True): EPILOGUE_MLP_F16,  # 0.1430 vs 0.1596
+    (False, 768, 3072, 768, False, True): PINGPONG_MLP_F16,  # 0.1407 vs 0.1635
     (False, 768, 3072, 768, False, False): EPILOGUE_MLP,  # 0.1564 vs 0.1596
     (False, 1600, 6400, 1600, False, True): EPILOGUE_MLP_F16,  # 0.5409 vs 0.5961
     (False, 1600, 6400, 1600, False, False): EPILOGUE_MLP,  # 0.5768 vs 0.5961
@@ -165,7 +173,7 @@ def default_plan(rows: int, d_model: int, glu: bool, pwl: bool) -> Plan:
 
 def with_segments(plan: Plan, glu: bool) -> Plan:
   """``plan`` saving residuals="segments" (a PWL's); epilogue tiles that leave no SMEM for the
-  int8 staging slot (gpt2-small's MLP 128 x 128 x 3) become 64 x 256."""
+  int8 staging slot (gpt2-small's cooperative MLP 128 x 128 x 3) become 64 x 256."""
   tiles = plan.epilogue
   if tiles.smem_bytes(1 + glu, 2, int8_staging=True) > kernels.SMEM_BYTES:
     tiles = dataclasses.replace(tiles, tile_m=64, tile_n=256)
