@@ -188,19 +188,26 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
 
 
 @needs_interpret_threads
-@pytest.mark.parametrize("glu, tiles, saves", [
-    (True, (128, 64, 3), "segments"), (False, (64, 128, 2), "preactivations")])
-def test_interpret_pingpong_schedule(rng, monkeypatch, glu, tiles, saves):
-  """schedule="pingpong" on 2 SMs, so each CTA walks 8-10 tiles and its two compute warpgroups
-  alternate; K = 3 steps through a 2- or 3-buffer ring shared by both, so buffers change owner
-  between tiles; 128-row tiles take two 64-row epilogue windows. Forward, saved residuals and
-  every gradient vs the f32 reference (odd M and H); the forward kernel under the interpreter's
-  race detector (SMEM reads and writes ordered by the barriers)."""
+@pytest.mark.parametrize("glu, tiles, residuals, schedule, staging", [
+    (True, (128, 64, 3), "segments", "pingpong", "shared"),
+    (False, (64, 128, 2), "preactivations", "pingpong", "per_output"),
+    (True, (64, 128, 2), "segments", "cooperative", "per_output"),
+    (False, (64, 64, 2), "recompute", "cooperative", "per_output")])
+def test_interpret_epilogue_schedules_without_races(rng, monkeypatch, glu, tiles, residuals,
+                                                    schedule, staging):
+  """The epilogue kernel's schedules and store staging on 2 SMs, so each CTA walks 4-10 tiles
+  (ping-pong: its two compute warpgroups alternate; K = 3 steps through a 2- or 3-buffer ring
+  shared by both, so buffers change owner between tiles; 128-row tiles take two 64-row epilogue
+  windows). The forward kernel runs under the interpreter's race detector (SMEM staging and ring
+  reuse ordered by the barriers and store waits), then forward, saved residuals and every
+  gradient are checked against the f32 reference (odd M and H)."""
   monkeypatch.setattr(kernels, "num_sms", lambda: 2)
   problem = make_problem(rng, rows=300, d_model=192, hidden=260, d_out=80, glu=glu, bias=True)
-  config = kernels.EpilogueConfig(*tiles, pwl_dtype="float16", schedule="pingpong")
-  plan = dispatch.Plan("epilogue", epilogue=config, residuals=saves)
-  activation = kernel_activation("pwl" if saves == "segments" else "gelu", glu=glu)
+  config = kernels.EpilogueConfig(*tiles, pwl_dtype="float16", schedule=schedule,
+                                  staging=staging)
+  plan = dispatch.Plan("epilogue", epilogue=config, residuals=residuals)
+  activation = kernel_activation("pwl" if residuals == "segments" else "gelu", glu=glu)
+  saves = None if residuals == "recompute" else residuals
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
     jax.block_until_ready(jax.jit(lambda *a: dispatch._forward(plan, *a, activation, saves=saves))(
         *[problem[n] for n in ARG_NAMES]))
@@ -407,10 +414,13 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
                                              problem["w_down"], None, None, None, None,
                                              gelu.knots, gelu.slopes, gelu.intercepts)))(
         problem["x"])
-  with pytest.raises(NotImplementedError, match="int8 staging of saved segments"):
-    kernels.EpilogueConfig(128, 128, 3).check(1, 2, int8_staging=True)
-  kernels.EpilogueConfig(128, 128, 3).check(1, 2)
-  kernels.EpilogueConfig(64, 256, 3).check(1, 2, int8_staging=True)
+  segments = tuple(t for parts in kernels.saved_part_dtypes("segments", 1, jnp.bfloat16)
+                   for t in parts)
+  assert segments == (jnp.bfloat16, jnp.int8)
+  with pytest.raises(NotImplementedError, match="staging of saved parts"):
+    kernels.EpilogueConfig(128, 128, 3).check(1, jnp.bfloat16, segments)
+  kernels.EpilogueConfig(128, 128, 3).check(1, jnp.bfloat16)
+  kernels.EpilogueConfig(64, 256, 3).check(1, jnp.bfloat16, segments)
   # with_segments keeps tiles that fit (GLU 64 x 128) and moves the MLP's to 64 x 256
   glu = dispatch.with_segments(dispatch.EPILOGUE_GLU, glu=True)
   mlp = dispatch.with_segments(dispatch.EPILOGUE_MLP_F16, glu=False)
@@ -479,6 +489,12 @@ LOWERING_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(
             **dispatch.PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"),
         residuals="segments")),
+    "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
+        dispatch.EPILOGUE_GLU_F16, epilogue=dataclasses.replace(
+            dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
+    "gpt2-mlp-pingpong-pairs-per-output": (8192, 768, 3072, 768, False, "pwl", dataclasses.replace(
+        dispatch.PINGPONG_MLP_F16, epilogue=dataclasses.replace(
+            dispatch.PINGPONG_MLP_F16.epilogue, staging="per_output"))),
 }
 
 
@@ -595,7 +611,7 @@ def test_configs_refuse_what_does_not_fit():
   with pytest.raises(NotImplementedError, match="SMEM"):
     kernels.FusedConfig(block_h=128, stages=4).check(640, 640, 2, 2)
   with pytest.raises(NotImplementedError, match="registers"):
-    kernels.EpilogueConfig(tile_m=128, tile_n=128).check(num_weights=2, itemsize=2)
+    kernels.EpilogueConfig(tile_m=128, tile_n=128).check(num_weights=2, dtype=jnp.bfloat16)
   with pytest.raises(NotImplementedError, match="SMEM"):
     decode_sm90.DecodeConfig().resolve_stages(d_model=4096, d_out=4096, num_weights=2, itemsize=2)
   with pytest.raises(NotImplementedError, match="SMEM"):
@@ -606,7 +622,7 @@ def test_configs_refuse_what_does_not_fit():
   with pytest.raises(NotImplementedError, match="block_h"):
     decode_sm90.DecodeConfig(block_h=48).resolve_stages(576, 576, 2, 2)
   kernels.FusedConfig().check(576, 576, 2, 2)
-  kernels.EpilogueConfig(tile_m=64, tile_n=128).check(num_weights=2, itemsize=2)
+  kernels.EpilogueConfig(tile_m=64, tile_n=128).check(num_weights=2, dtype=jnp.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -659,6 +675,13 @@ GPU_CASES = {
     "epilogue-pp-mlp-pwl-segments": (513, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"),
         residuals="segments")),
+    "epilogue-glu-pwl-segments-per-output": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16",
+                                                    staging="per_output"), residuals="segments")),
+    "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",
+                                              dispatch.Plan("epilogue", residuals="preactivations",
+                                                            epilogue=kernels.EpilogueConfig(
+        128, 128, 4, schedule="pingpong", staging="per_output"))),
 }
 
 

@@ -83,7 +83,7 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   num_outputs = (3 if glu else 2) + int(with_d_act)
   if config.schedule != "cooperative":
     raise NotImplementedError(f"dgrad_activation runs the cooperative schedule only, got {config}")
-  config.check(1, jnp.dtype(dtype).itemsize)
+  config.check(1, dtype)
   needed = smem_bytes(config, len(parts), jnp.dtype(dtype).itemsize)
   if needed > SMEM_BYTES:
     raise NotImplementedError(f"{config} needs {needed} bytes of SMEM > {SMEM_BYTES}")
@@ -148,7 +148,7 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
               d_act = dh
               values = [act, dh * slope]
             values += [d_act] if with_d_act else []
-            store_slice(values, out_gmems, out_smem, wg, epi,
+            store_slice(values, out_gmems, [out_smem], wg, epi,
                         lambda gmem: slice_of(gmem, epi))
 
         pl.run_scoped(with_accumulator, plgpu.ACC((tile_m, tile_n), jnp.float32))

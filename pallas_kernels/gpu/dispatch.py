@@ -175,7 +175,9 @@ def with_segments(plan: Plan, glu: bool) -> Plan:
   """``plan`` saving residuals="segments" (a PWL's); epilogue tiles that leave no SMEM for the
   int8 staging slot (gpt2-small's cooperative MLP 128 x 128 x 3) become 64 x 256."""
   tiles = plan.epilogue
-  if tiles.smem_bytes(1 + glu, 2, int8_staging=True) > kernels.SMEM_BYTES:
+  saved = [t for parts in kernels.saved_part_dtypes("segments", 1 + glu, jnp.bfloat16)
+           for t in parts]
+  if tiles.smem_bytes(1 + glu, jnp.bfloat16, tuple(saved)) > kernels.SMEM_BYTES:
     tiles = dataclasses.replace(tiles, tile_m=64, tile_n=256)
   return dataclasses.replace(plan, epilogue=tiles, residuals="segments")
 

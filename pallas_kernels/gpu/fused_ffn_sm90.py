@@ -165,26 +165,42 @@ def for_each_tile(config, m_iters: int, n_iters: int, make_pipeline, gmems, tile
       tile_body(pl.ds(mi * cta_m, cta_m), pl.ds(ni * config.tile_n, config.tile_n), allocations)
 
 
-def store_slice(values, gmems, out_smem, wg, epi: int, destination, int8_smem=None) -> None:
-  """TMA-store epilogue slice ``epi``'s values (one per output, ``destination(gmem)`` its
-  [tile_m, EPILOGUE_N] window) through the warpgroup's two SMEM staging slots in turn; int8
-  outputs go through the warpgroup's ``int8_smem`` slot and must not come first or back to back
-  (at most one store is left in flight, so the slot being filled is never the one in flight)."""
-  narrow = [gmem.dtype == jnp.int8 for gmem in gmems]
-  if narrow[0] or any(a and b for a, b in zip(narrow, narrow[1:])):
-    raise NotImplementedError(f"store_slice: int8 outputs first or back to back: {narrow}")
-  wide = epi * narrow.count(False)  # this slice's first store through the two wide slots
+def staging_order(buffer_of: list[int], slots: list[int], windows: int) -> list[tuple[int, int]]:
+  """(buffer, slot) of each TMA store of a tile's first ``windows`` epilogue windows: store j of
+  a window goes through buffer ``buffer_of[j]``, whose ``slots[b]`` slots are taken in turn."""
+  taken = [0] * len(slots)
+  order = []
+  for _ in range(windows):
+    for b in buffer_of:
+      order.append((b, taken[b] % slots[b]))
+      taken[b] += 1
+  return order
+
+
+def store_slice(values, gmems, staging, wg, epi: int, destination) -> None:
+  """TMA-store epilogue window ``epi``'s values (one per output, ``destination(gmem)`` its
+  window) through the warpgroup's SMEM staging: ``staging`` holds one [2 warpgroups, slots,
+  rows, EPILOGUE_N] buffer per output (``EpilogueConfig.staging="per_output"``), or an x-dtype
+  buffer the wide outputs take in turn plus, for int8 outputs, an int8 one ("shared"). A slot
+  is refilled once the store that last used it has read it: with k stores issued since,
+  ``wait_smem_to_gmem(k)``. A tile's first store waits for all (the previous tile's stores may
+  have left the slots in another turn)."""
+  if len(staging) == len(values):
+    buffer_of = list(range(len(values)))
+  else:
+    buffer_of = [len(staging) - 1 if gmem.dtype == jnp.int8 else 0 for gmem in gmems]
+  order = staging_order(buffer_of, [buffer.shape[1] for buffer in staging], epi + 1)
+  first = len(order) - len(values)
   for j, (value, gmem) in enumerate(zip(values, gmems)):
-    # before a tile's first store, drain the previous tile's (an odd store count would otherwise
-    # reuse the slot of the store still in flight)
-    plgpu.wait_smem_to_gmem(0 if epi == j == 0 else 1, wait_read_only=True)
-    if narrow[j]:
-      staging = int8_smem.at[wg]
-    else:
-      staging, wide = out_smem.at[wg, wide % 2], wide + 1
-    staging[...] = value.astype(staging.dtype)
+    index = first + j
+    earlier = [i for i in range(index) if order[i] == order[index]]
+    plgpu.wait_smem_to_gmem(0 if index == 0 else index - 1 - earlier[-1] if earlier else
+                            len(order), wait_read_only=True)
+    buffer, slot = order[index]
+    slot_ref = staging[buffer].at[wg, slot]
+    slot_ref[...] = value.astype(slot_ref.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(staging, destination(gmem))
+    plgpu.copy_smem_to_gmem(slot_ref, destination(gmem))
 
 
 def launch_persistent(kernel, out_type, tiles: int, scratch, inputs):
@@ -216,9 +232,14 @@ class EpilogueConfig:
       other evaluates and stores its epilogue.
 
   The epilogue walks a tile in [rows, EPILOGUE_N] windows (rows = tile_m cooperative, 64
-  ping-pong) so the activation's temporaries stay small, double-buffering the SMEM staging of
-  the TMA stores (saving segment indices adds one int8 staging slot per warpgroup:
-  ``int8_staging``).
+  ping-pong) so the activation's temporaries stay small, and TMA-stores each window's outputs
+  (``a`` and any saved parts) through SMEM staging slots, ``staging``:
+
+    * "shared"     -- two slots per warpgroup in x's dtype taken in turn (plus one int8 slot
+      when segments are saved): one store in flight while the next is staged;
+    * "per_output" -- each output its own slot (two when ``a`` is the only output): with n
+      outputs, n - 1 stores stay in flight. More SMEM; meant for the residual-saving forward,
+      whose 3-4 stores per window wait on each other under "shared".
   """
 
   tile_m: int = 128
@@ -228,10 +249,13 @@ class EpilogueConfig:
   grid_tile_width: int = 8
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
   schedule: str = "cooperative"
+  staging: str = "shared"
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule={self.schedule!r}: expected one of {SCHEDULES}")
+    if self.staging not in STAGINGS:
+      raise ValueError(f"staging={self.staging!r}: expected one of {STAGINGS}")
 
   @property
   def window_rows(self) -> int:
@@ -243,8 +267,10 @@ class EpilogueConfig:
     """Rows of x one K step loads: both warpgroups' tiles when they cooperate."""
     return 2 * self.tile_m if self.schedule == "cooperative" else self.tile_m
 
-  def check(self, num_weights: int, itemsize: int, int8_staging: bool = False) -> None:
-    """NotImplementedError when the tiles break a wgmma / register / SMEM limit."""
+  def check(self, num_weights: int, dtype, saved: tuple = ()) -> None:
+    """NotImplementedError when the tiles break a wgmma / register / SMEM limit (``saved``: the
+    dtypes of the saved parts the epilogue also stores besides ``a`` in x's ``dtype``; see
+    ``saved_part_dtypes``)."""
     if self.stages < 2:
       raise NotImplementedError(f"stages={self.stages}: the pipeline keeps one wgmma in flight")
     if self.tile_m % WGMMA_ROWS or self.tile_n % EPILOGUE_N or self.tile_n > MAX_WGMMA_N:
@@ -253,18 +279,41 @@ class EpilogueConfig:
     accumulator_registers = num_weights * self.tile_m * self.tile_n // 128
     if accumulator_registers > 128:
       raise NotImplementedError(f"{accumulator_registers} accumulator registers per thread > 128")
-    needed = self.smem_bytes(num_weights, itemsize, int8_staging)
+    needed = self.smem_bytes(num_weights, dtype, saved)
     if needed > SMEM_BYTES:
       raise NotImplementedError(f"{self} needs {needed} bytes of SMEM > {SMEM_BYTES}" + (
-          " with the int8 staging of saved segments" if int8_staging else ""))
+          f" with the staging of saved parts {saved}" if saved else ""))
 
-  def smem_bytes(self, num_weights: int, itemsize: int, int8_staging: bool = False) -> int:
+  def staging_buffers(self, out_dtypes: list) -> list[tuple[int, jnp.dtype]]:
+    """(slots, dtype) of each SMEM staging buffer of a warpgroup for outputs of these dtypes
+    (``a``'s first; see ``staging``)."""
+    out_dtypes = [jnp.dtype(t) for t in out_dtypes]
+    if self.staging == "per_output":
+      return [(2 if len(out_dtypes) == 1 else 1, t) for t in out_dtypes]
+    int8 = jnp.dtype(jnp.int8)
+    return [(2, out_dtypes[0])] + [(1, int8)] * (int8 in out_dtypes)
+
+  def smem_bytes(self, num_weights: int, dtype, saved: tuple = ()) -> int:
+    itemsize = jnp.dtype(dtype).itemsize
     stage = (self.cta_rows + num_weights * self.tile_n) * TILE_K * itemsize
-    staging = (2 * 2 * itemsize + 2 * int8_staging) * self.window_rows * EPILOGUE_N
+    staging = 2 * self.window_rows * EPILOGUE_N * sum(
+        slots * t.itemsize for slots, t in self.staging_buffers([dtype, *saved]))
     return self.stages * stage + staging + 2 * num_weights * self.tile_n * itemsize + 1024
 
 
 SCHEDULES = ("cooperative", "pingpong")
+STAGINGS = ("shared", "per_output")
+
+
+def saved_part_dtypes(saves: str | None, num_weights: int, dtype) -> list[tuple]:
+  """The dtypes of each pre-activation's saved parts in ``backward.save_preactivations``' form
+  (e.g. GLU "segments": [(bf16, int8), (bf16,)]); [] without ``saves``."""
+  if not saves:
+    return []
+  window = jax.ShapeDtypeStruct((WGMMA_ROWS, EPILOGUE_N), jnp.float32)
+  parts = jax.eval_shape(lambda pre, knots: save_preactivations(pre, dtype, saves, knots, 1),
+                         [window] * num_weights, jax.ShapeDtypeStruct((1,), jnp.float32))
+  return [tuple(part.dtype for part in entry) for entry in parts]
 
 
 def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_knots: int,
@@ -278,8 +327,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   g = x W_gate + b_gate, u = x W_up + b_up) or ``(a, (u,))`` (MLP), written from the same
   epilogue: the residuals a backward needs instead of recomputing GEMM1, each a tuple of [M, H]
   arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype; or (hi, int8
-  segment) for the activation's input and (hi,) for u). x-dtype stores share the two staging
-  slots in turn, segments add one int8 slot.
+  segment) for the activation's input and (hi,) for u), staged for their TMA stores as
+  ``config.staging`` says.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -290,23 +339,18 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
     raise ValueError("gemm1_activation: give both GLU biases or neither")
   if saves == "segments" and table is None:
     raise ValueError("gemm1_activation: saves='segments' needs a PWL activation table")
-  segments = saves == "segments"
-  config.check(len(weights), jnp.dtype(dtype).itemsize, int8_staging=segments)
+  saved_parts = saved_part_dtypes(saves, len(weights), dtype)
+  out_dtypes = [jnp.dtype(dtype)] + [part for parts in saved_parts for part in parts]
+  num_outputs = len(out_dtypes)
+  config.check(len(weights), dtype, tuple(out_dtypes[1:]))
   tile_m, tile_n, rows = config.tile_m, config.tile_n, config.window_rows
   m_iters, n_iters = pl.cdiv(m, config.cta_rows), pl.cdiv(hidden, tile_n)
   k_iters = pl.cdiv(d, TILE_K)
   operand_transforms = _swizzled(TILE_K, dtype)
   inputs = [x, *weights, *biases] + ([table] if table is not None else [])
-  # each saved pre-activation's parts, as backward.save_preactivations forms them
-  slice_f32 = jax.ShapeDtypeStruct((WGMMA_ROWS, EPILOGUE_N), jnp.float32)
-  saved_parts = jax.eval_shape(
-      lambda pre, knots: save_preactivations(pre, dtype, saves, knots, num_knots),
-      [slice_f32] * len(weights), table) if saves else ()
-  out_dtypes = [dtype] + [part.dtype for parts in saved_parts for part in parts]
-  num_outputs = len(out_dtypes)
+  staging_buffers = config.staging_buffers(out_dtypes)
 
-  def epilogue(accumulators, destination, *, bias_smem, table_smem, out_gmems, out_smem,
-               int8_smem, wg):
+  def epilogue(accumulators, destination, *, bias_smem, table_smem, out_gmems, staging, wg):
     """Bias, activation (x u) and saved parts of each [rows, EPILOGUE_N] window of warpgroup
     ``wg``'s [tile_m, tile_n] accumulators, TMA-stored to ``destination(gmem)``'s window."""
     for epi, (r, c) in enumerate((r, c) for r in range(tile_m // rows)
@@ -322,8 +366,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       for parts in save_preactivations(pre, dtype, saves, table_smem,
                                        num_knots) if saves else ():
         values += parts
-      store_slice(values, out_gmems, out_smem, wg, epi, lambda gmem: destination(gmem).at[
-          pl.ds(r * rows, rows), pl.ds(c * EPILOGUE_N, EPILOGUE_N)], int8_smem)
+      store_slice(values, out_gmems, staging, wg, epi, lambda gmem: destination(gmem).at[
+          pl.ds(r * rows, rows), pl.ds(c * EPILOGUE_N, EPILOGUE_N)])
 
   def cooperative(x_gmem, w_gmems, b_gmems, bias_smem, bias_barrier, wg, write):
     cta_m = config.cta_rows
@@ -458,25 +502,23 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
                         *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
 
   def kernel(*refs):
-    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, (
-        out_smem, int8_smem, bias_smem, table_smem, bias_barrier, table_barrier,
-        *ring) = _split_refs(refs, (1, len(weights), len(biases), int(table is not None),
-                                    num_outputs, len(scratch)))
+    (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, staging, (
+        bias_smem, table_smem, bias_barrier, table_barrier, *ring) = _split_refs(
+            refs, (1, len(weights), len(biases), int(table is not None), num_outputs,
+                   len(staging_buffers), len(scratch) - len(staging_buffers)))
     wg = lax.axis_index("wg")
     if table is not None:
       load_table(table_gmem[0], table_smem, table_barrier.at[0], wg)
     write = functools.partial(epilogue, bias_smem=bias_smem.at[wg] if b_gmems else None,
-                              table_smem=table_smem, out_gmems=out_gmems, out_smem=out_smem,
-                              int8_smem=int8_smem, wg=wg)
+                              table_smem=table_smem, out_gmems=out_gmems, staging=staging,
+                              wg=wg)
     schedule = cooperative if config.schedule == "cooperative" else pingpong
     schedule(x_gmem, w_gmems, b_gmems, bias_smem, bias_barrier, wg, write, *ring)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_transforms = _swizzled(EPILOGUE_N, dtype)
   scratch = [
-      plgpu.SMEM((2, 2, rows, EPILOGUE_N), dtype, transforms=out_transforms),
-      plgpu.SMEM((2, rows if segments else 8, EPILOGUE_N), jnp.int8,
-                 transforms=_swizzled(EPILOGUE_N, jnp.int8)),
+      plgpu.SMEM((2, slots, rows, EPILOGUE_N), t, transforms=_swizzled(EPILOGUE_N, t))
+      for slots, t in staging_buffers] + [
       plgpu.SMEM((2, max(len(biases), 1), tile_n), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
