@@ -1,12 +1,13 @@
 """H200 benchmark of the Hopper FFN kernels against XLA (and tokamax's Mosaic GLU): run on the GPU.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_gpu.py --out $OUT [--budget-s 420] [--shapes a,b]
-                                                    [--tokamax]
+        [--tokamax] [--forward-only] [--schedules cooperative,pingpong] [--pwl-dtypes float16]
 
 For every shape (M = 8192 and decode M = 16) it times, steady state on a few input sets (distinct
 x; at decode distinct weights too, so they are not served from the 50 MB L2):
   forward:     XLA with the exact activation, XLA with the same 16-segment PWL in jnp, the kernel
-               plans in ``candidates`` with the PWL (hinges in f32 and in packed f16), the fastest
+               plans in ``candidates`` with the PWL (hinges in f32 and in packed f16; epilogue
+               tiles in both ``EpilogueConfig.schedule``s), the fastest
                plan again with the exact activation, tokamax's Mosaic GLU + XLA down-projection
                (GLU shapes, with --tokamax);
   fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL

@@ -12,8 +12,10 @@ pads the rare shapes that are not).
     GLU:  a = act(x @ W_gate + b_gate) * (x @ W_up + b_up)
 
 written once to HBM in x's dtype; the caller runs ``a @ W_down`` in XLA. Persistent grid (one CTA
-per SM) walking [2 tile_m, tile_n] output tiles; each compute warpgroup owns tile_m rows; the
-pipeline steps over D in tile_k slices (`plgpu.emit_pipeline_warp_specialized`).
+per SM); ``EpilogueConfig.schedule`` picks how its two compute warpgroups split the tiles:
+"cooperative" -- [2 tile_m, tile_n] CTA tiles, tile_m rows each, stepping over D in tile_k slices
+with `plgpu.emit_pipeline_warp_specialized`; "pingpong" -- whole [tile_m, tile_n] tiles in turn,
+fed by a hand-written ring, so one warpgroup's epilogue overlaps the other's mainloop.
 
 ``fused_ffn`` -- both GEMMs in one kernel, for small D. A CTA owns 64 rows of x (all of D stays in
 SMEM) and loops over hidden blocks j of ``block_h`` columns:
