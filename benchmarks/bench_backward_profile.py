@@ -105,9 +105,7 @@ def main(argv=None) -> int:
     plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                                 True)
     segments = dispatch.with_segments(plan, shape.glu).epilogue
-    pingpong = dataclasses.replace(
-        plan.epilogue, schedule="pingpong",
-        **dispatch.PINGPONG_GLU_TILES if shape.glu else dispatch.PINGPONG_MLP_TILES)
+    pingpong = dispatch.pingpong_tiles(plan.epilogue, shape.glu)
     variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),
                 "default": (f"library default plan ({plan.path}, residuals={plan.residuals}), "
                             "PWL-16", kernel_forward(pwl, plan)),

@@ -11,7 +11,6 @@ tiles from ``dispatch`` (the tuned cooperative ones, or ``PINGPONG_*_TILES``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -40,8 +39,7 @@ def main(argv=None) -> int:
                               True)
   config = plan.epilogue
   if args.schedule == "pingpong":
-    tiles = dispatch.PINGPONG_GLU_TILES if shape.glu else dispatch.PINGPONG_MLP_TILES
-    config = dataclasses.replace(config, schedule="pingpong", **tiles)
+    config = dispatch.pingpong_tiles(config, shape.glu)
   table = kernels.activation_table(activation)
   run = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],

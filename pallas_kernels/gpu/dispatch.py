@@ -171,6 +171,12 @@ def default_plan(rows: int, d_model: int, glu: bool, pwl: bool) -> Plan:
   return EPILOGUE_GLU if glu else EPILOGUE_MLP
 
 
+def pingpong_tiles(config: kernels.EpilogueConfig, glu: bool) -> kernels.EpilogueConfig:
+  """``config`` with the ping-pong schedule and its measured tiles (``PINGPONG_*_TILES``)."""
+  return dataclasses.replace(config, schedule="pingpong",
+                             **PINGPONG_GLU_TILES if glu else PINGPONG_MLP_TILES)
+
+
 def with_segments(plan: Plan, glu: bool) -> Plan:
   """``plan`` saving residuals="segments" (a PWL's); epilogue tiles that leave no SMEM for the
   int8 staging slot (gpt2-small's cooperative MLP 128 x 128 x 3) become 64 x 256."""

@@ -148,6 +148,14 @@ def load_table(table_gmem, table_smem, barrier, wg) -> None:
     plgpu.barrier_wait(barrier)
 
 
+def tile_slices(config, linear, m_iters: int, n_iters: int) -> tuple:
+  """(rows, columns) of the ``linear``-th [config.cta_rows, tile_n] output tile in planar-snake
+  order (``grid_minor_dim``, ``grid_tile_width``)."""
+  mi, ni = plgpu.planar_snake(linear, (m_iters, n_iters), config.grid_minor_dim,
+                              config.grid_tile_width)
+  return pl.ds(mi * config.cta_rows, config.cta_rows), pl.ds(ni * config.tile_n, config.tile_n)
+
+
 def for_each_tile(config, m_iters: int, n_iters: int, make_pipeline, gmems, tile_body) -> None:
   """The persistent loop of a warp-specialized GEMM kernel: the K pipeline's SMEM is allocated
   once, and each CTA walks its share of the [2 tile_m, tile_n] output tiles in planar-snake
@@ -161,10 +169,7 @@ def for_each_tile(config, m_iters: int, n_iters: int, make_pipeline, gmems, tile
     @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
     def _(loop_info):
       (linear,) = loop_info.index
-      mi, ni = plgpu.planar_snake(linear, (m_iters, n_iters), config.grid_minor_dim,
-                                  config.grid_tile_width)
-      cta_m = 2 * config.tile_m
-      tile_body(pl.ds(mi * cta_m, cta_m), pl.ds(ni * config.tile_n, config.tile_n), allocations)
+      tile_body(*tile_slices(config, linear, m_iters, n_iters), allocations)
 
 
 def staging_order(buffer_of: list[int], slots: list[int], windows: int) -> list[tuple[int, int]]:
@@ -185,8 +190,9 @@ def store_slice(values, gmems, staging, wg, epi: int, destination) -> None:
   rows, EPILOGUE_N] buffer per output (``EpilogueConfig.staging="per_output"``), or an x-dtype
   buffer the wide outputs take in turn plus, for int8 outputs, an int8 one ("shared"). A slot
   is refilled once the store that last used it has read it: with k stores issued since,
-  ``wait_smem_to_gmem(k)``. A tile's first store waits for all (the previous tile's stores may
-  have left the slots in another turn)."""
+  ``wait_smem_to_gmem(k)``; a slot not yet used in this tile needs no wait, because a tile's
+  first store waits for all (the previous tile's stores may have left the slots in another
+  turn)."""
   if len(staging) == len(values):
     buffer_of = list(range(len(values)))
   else:
@@ -196,8 +202,8 @@ def store_slice(values, gmems, staging, wg, epi: int, destination) -> None:
   for j, (value, gmem) in enumerate(zip(values, gmems)):
     index = first + j
     earlier = [i for i in range(index) if order[i] == order[index]]
-    plgpu.wait_smem_to_gmem(0 if index == 0 else index - 1 - earlier[-1] if earlier else
-                            len(order), wait_read_only=True)
+    if index == 0 or earlier:
+      plgpu.wait_smem_to_gmem(index - 1 - earlier[-1] if earlier else 0, wait_read_only=True)
     buffer, slot = order[index]
     slot_ref = staging[buffer].at[wg, slot]
     slot_ref[...] = value.astype(slot_ref.dtype)
@@ -426,11 +432,6 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
     its own ``ready[w, slot]`` barriers, so each barrier's phases are waited on in order."""
     stages = config.stages
 
-    def tile_slices(linear):
-      mi, ni = plgpu.planar_snake(linear, (m_iters, n_iters), config.grid_minor_dim,
-                                  config.grid_tile_width)
-      return pl.ds(mi * tile_m, tile_m), pl.ds(ni * tile_n, tile_n)
-
     def ready_barrier(owner, slot):
       return ready.at[owner * stages + slot]
 
@@ -440,7 +441,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
 
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _(info):
-        m_slice, n_slice = tile_slices(info.index[0])
+        m_slice, n_slice = tile_slices(config, info.index[0], m_iters, n_iters)
         owner = lax.rem(info.local_index, 2)
 
         @pl.loop(0, k_iters)
@@ -475,7 +476,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       def _(info):
         @pl.when(lax.rem(info.local_index, 2) == wg)
         def _():
-          m_slice, n_slice = tile_slices(info.index[0])
+          m_slice, n_slice = tile_slices(config, info.index[0], m_iters, n_iters)
           for i, bias in enumerate(b_gmems):  # lands while the K loop runs
             plgpu.copy_gmem_to_smem(bias.at[n_slice], bias_smem.at[wg, i], bias_barrier.at[wg])
 
