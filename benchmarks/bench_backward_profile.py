@@ -5,10 +5,10 @@
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments", with the ping-pong forward schedule (pairs or segments), with one
-staging slot per stored output, and with the dgrad epilogue kernel -- traces a jit of loss +
-gradients w.r.t. x and the weights (``bench_gpu.with_gradients``) and lists each kernel's GPU
-time per step, costliest first, with the GPU-busy total. The floors to compare against:
-``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
+staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
+traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``) and
+lists each kernel's GPU time per step, costliest first, with the GPU-busy total. The floors to
+compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
 ``backward-profile-<date>.json`` / ``.md`` after every variant.
 """
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, segments, pingpong, "
-                           "pingpong-segments, per-output, dgrad")
+                           "pingpong-segments, per-output, dh16, dgrad")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -122,6 +122,9 @@ def main(argv=None) -> int:
                                "(staging='per_output'), PWL-16", kernel_forward(
                                    pwl, dataclasses.replace(plan, epilogue=dataclasses.replace(
                                        plan.epilogue, staging="per_output")))),
+                "dh16": ("same with d_hidden = dy W_down^T in x's dtype (d_hidden='input'), "
+                         "PWL-16", kernel_forward(pwl, dataclasses.replace(plan,
+                                                                           d_hidden="input"))),
                 "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), exact "
                           "activation (refused with a PWL)",
                           kernel_forward(Activation(shape.activation), dataclasses.replace(

@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python3 benchmarks/bench_gpu.py --out $OUT [--budget-s 420] [--shapes a,b]
         [--tokamax] [--forward-only] [--schedules cooperative,pingpong] [--pwl-dtypes float16]
+        [--residuals recompute,preactivations,segments] [--d-hidden float32,input]
 
 For every shape (M = 8192 and decode M = 16) it times, steady state on a few input sets (distinct
 x; at decode distinct weights too, so they are not served from the 50 MB L2):
@@ -13,7 +14,8 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
   fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL
                (bf16 GEMMs, autodiff), the kernel's custom VJP with the library's tuned plan
                (``dispatch.choose_plan``) for each ``--residuals`` kind and ``--backward-chunks``
-               budget, with the exact activation, and with the exact activation and the dgrad
+               budget and ``--d-hidden`` dtype of the backward's dy W_down^T (suffix -dh16: bf16),
+               with the exact activation, and with the exact activation and the dgrad
                epilogue kernel (``Plan(backward="epilogue")``); dy is an input of the step;
   decode:      also a Mosaic kernel that only copies x (what one launch costs in this wall-clock
                harness: ~30 us on the H200, 1 us of it on the GPU) and the decode kernel without
@@ -301,7 +303,8 @@ def matmul_peak(rec: Recorder, rng) -> float:
 def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokamax: bool,
                 pwl_dtypes: tuple[str, ...], backward_chunks_mi: tuple[int, ...],
                 residuals: tuple[str, ...], with_backward: bool = True,
-                schedules: tuple[str, ...] = kernels.SCHEDULES) -> dict:
+                schedules: tuple[str, ...] = kernels.SCHEDULES,
+                d_hiddens: tuple[str, ...] = ("float32",)) -> dict:
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -367,10 +370,12 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
         chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
         if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant
           seen_chunks.add(chunk)
-          plan = dataclasses.replace(kept_plan, backward_chunk_elements=chunk_mi * 2**20,
-                                     residuals=kept)
-          variants.append((f"{kept_name}-{kept[:5]}-bwd{chunk_mi}Mi",
-                           kernel_forward(act_pwl, plan)))
+          for d_hidden in d_hiddens:
+            plan = dataclasses.replace(kept_plan, backward_chunk_elements=chunk_mi * 2**20,
+                                       residuals=kept, d_hidden=d_hidden)
+            suffix = "" if d_hidden == "float32" else "-dh16"
+            variants.append((f"{kept_name}-{kept[:5]}-bwd{chunk_mi}Mi{suffix}",
+                             kernel_forward(act_pwl, plan)))
     if "preactivations" in residuals:  # the backward's first GEMM with its epilogue kernel
       dgrad_plan = dataclasses.replace(train_plan, residuals="preactivations", backward="epilogue")
       # exact activation: the public op refuses the dgrad kernel with a PWL (see ffn_mosaic_gpu)
@@ -470,15 +475,20 @@ def main(argv=None) -> int:
                       help="epilogue-kernel schedules among the forward candidates")
   parser.add_argument("--pwl-dtypes", default="float32,float16",
                       help="PWL hinge arithmetic among the forward candidates")
+  parser.add_argument("--d-hidden", default="float32",
+                      help=f"fwd+bwd is timed with each backward d_hidden dtype of "
+                           f"{dispatch.D_HIDDEN} (suffix -dh16: x's dtype)")
   args = parser.parse_args(argv)
   wanted = args.shapes.split(",")
   by_name = {shape.name: shape for shape in SHAPES}
   unknown = [name for name in wanted if name not in by_name]
   if unknown:
     parser.error(f"--shapes: unknown {unknown}; expected some of {sorted(by_name)}")
-  bad_residuals = [r for r in args.residuals.split(",") if r not in dispatch.RESIDUALS]
-  if bad_residuals:
-    parser.error(f"--residuals: unknown {bad_residuals}; expected some of {dispatch.RESIDUALS}")
+  for flag, given, allowed in (("--residuals", args.residuals, dispatch.RESIDUALS),
+                               ("--d-hidden", args.d_hidden, dispatch.D_HIDDEN)):
+    bad = [value for value in given.split(",") if value not in allowed]
+    if bad:
+      parser.error(f"{flag}: unknown {bad}; expected some of {allowed}")
   device = jax.devices()[0]
   device_name = getattr(device, "device_kind", device.platform).replace("NVIDIA ", "").lower()
   stem = f"{device_name.replace(' ', '-')}-{datetime.date.today().isoformat()}"
@@ -495,7 +505,7 @@ def main(argv=None) -> int:
       summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes,
                             tuple(int(c) for c in args.backward_chunks.split(",")),
                             tuple(args.residuals.split(",")), not args.forward_only,
-                            tuple(args.schedules.split(",")))
+                            tuple(args.schedules.split(",")), tuple(args.d_hidden.split(",")))
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
         pwl_dtypes = ("float16",) if summary["best_plan"].endswith("-16") else ("float32",)

@@ -459,6 +459,8 @@ def test_preactivation_residuals_need_the_epilogue_path():
     dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(), residuals="segments")
   with pytest.raises(ValueError, match="reads the saved pre-activations"):  # pairs only
     dispatch.Plan("epilogue", residuals="segments", backward="epilogue")
+  with pytest.raises(ValueError, match="d_hidden='bfloat16'"):
+    dispatch.Plan("epilogue", d_hidden="bfloat16")
 
 
 LOWERING_CASES = {
@@ -537,6 +539,24 @@ def test_chunked_backward_matches_autodiff(rng, glu, saved):
   assert len(got) == len(expected)
   for index, (g, want) in enumerate(zip(got, expected)):
     assert relative_error(g, want) < 1e-5, f"gradient {index}"
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_chunked_backward_with_d_hidden_in_bf16(rng, glu):
+  """d_hidden_dtype=bf16 rounds dy W_down^T (f32 accumulation) once: every gradient stays within
+  the bf16 tolerance of f32 autodiff, and the weight gradients do move by the rounding (so the
+  option is not a no-op)."""
+  problem = make_problem(rng, rows=200, d_model=24, hidden=470, d_out=20, glu=glu, bias=True,
+                         dtype=jnp.float32)
+  activation = kernel_activation("pwl", glu=glu)
+  dy = jnp.asarray(rng.normal(size=(200, 20)), jnp.float32)
+  _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
+  grads = [g for g in backward.ffn_backward(
+      *[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
+      precision=jax.lax.Precision.HIGHEST, d_hidden_dtype=jnp.bfloat16) if g is not None]
+  errors = [relative_error(g, want) for g, want in zip(grads, expected)]
+  assert len(grads) == len(expected) and max(errors) < BF16_TOLERANCE, errors
+  assert errors[1] > 1e-5, "dW_up did not see the rounding of d_hidden"
 
 
 def test_split_preactivation_round_trip_and_specials(rng):
@@ -678,6 +698,13 @@ GPU_CASES = {
     "epilogue-glu-pwl-segments-per-output": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16",
                                                     staging="per_output"), residuals="segments")),
+    "epilogue-glu-pwl-segments-dh16": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16"),
+        residuals="segments", d_hidden="input")),
+    "epilogue-pp-mlp-pwl-dh16": (513, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, pwl_dtype="float16",
+                                                    schedule="pingpong"),
+        residuals="preactivations", d_hidden="input")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",
                                               dispatch.Plan("epilogue", residuals="preactivations",
                                                             epilogue=kernels.EpilogueConfig(

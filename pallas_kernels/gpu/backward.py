@@ -143,7 +143,7 @@ def _pad_columns(array, columns: int, axis: int):
 
 def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation, dy, *,
                  chunk: int, precision=None, preactivations: tuple | None = None,
-                 segment_sums: Callable = pwl_segment_sums):
+                 segment_sums: Callable = pwl_segment_sums, d_hidden_dtype=None):
   """Cotangents (dx, dw_up, dw_down, dw_gate, db_up, db_gate, db_down, d_slopes, d_intercepts).
 
   x [M, D], dy [M, D_out]; entries for absent arguments are None (d_slopes / d_intercepts are None
@@ -154,6 +154,8 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients (``pwl_segment_sums``, the XLA
   form, by default here; ``dispatch`` passes the one-pass kernel,
   ``segment_sums_sm90.segment_sums``, unless ``Plan(segment_sums="xla")``).
+  ``d_hidden_dtype``: the dtype d_hidden = dy W_down^T is rounded to (f32 accumulation); None
+  keeps f32.
   """
   f32 = jnp.float32
   hidden = w_up.shape[1]
@@ -168,9 +170,9 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   is_pwl = activation.kind == "pwl"
   num_segments = activation.slopes.shape[0] if is_pwl else 0
 
-  def dot(a, b, contract):
+  def dot(a, b, contract, dtype=f32):
     return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                           preferred_element_type=f32)
+                           preferred_element_type=dtype)
 
   def columns(array, index, axis):
     return None if array is None else lax.dynamic_slice_in_dim(array, index * chunk, chunk, axis)
@@ -189,7 +191,7 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
       pre = joined(saved[0]) if glu else up
     act, act_prime = _activation_and_derivative(activation, pre)
     hidden_c = (act * up if glu else act).astype(x.dtype)
-    d_hidden = dot(dy, wd, ((1,), (1,)))
+    d_hidden = dot(dy, wd, ((1,), (1,)), d_hidden_dtype or f32).astype(f32)
     d_act = d_hidden * up if glu else d_hidden
     d_pre = d_act * act_prime
     if is_pwl:

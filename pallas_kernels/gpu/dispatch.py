@@ -66,6 +66,7 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 RESIDUALS = ("recompute", "preactivations", "segments")
 SEGMENT_SUMS = ("xla", "kernel")
 BACKWARDS = ("xla", "epilogue")
+D_HIDDEN = ("float32", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,10 @@ class Plan:
   sums a PWL's parameter gradients, "kernel" (``segment_sums_sm90``, one pass per chunk: 0.05 vs
   0.23 ms at SmolLM2 M = 4096 on the H200) or "xla" (``pwl_segment_sums``); ``backward``: "xla"
   (chunked) or "epilogue" (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``,
-  default ``DGRAD_GLU`` / ``DGRAD_MLP``)."""
+  default ``DGRAD_GLU`` / ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's
+  d_hidden = dy W_down^T, "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model
+  keeps it; f32 accumulation either way: half the bytes of the [M, H] array that GEMM writes
+  and the elementwise pass reads)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -88,6 +92,7 @@ class Plan:
   segment_sums: str = "kernel"
   backward: str = "xla"
   dgrad: kernels.EpilogueConfig | None = None
+  d_hidden: str = "float32"
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -96,6 +101,8 @@ class Plan:
       raise ValueError(f"segment_sums={self.segment_sums!r}: expected one of {SEGMENT_SUMS}")
     if self.residuals != "recompute" and self.path != "epilogue":
       raise ValueError(f"residuals={self.residuals!r} needs the epilogue path, got {self.path!r}")
+    if self.d_hidden not in D_HIDDEN:
+      raise ValueError(f"d_hidden={self.d_hidden!r}: expected one of {D_HIDDEN}")
     if self.backward not in BACKWARDS:
       raise ValueError(f"backward={self.backward!r}: expected one of {BACKWARDS}")
     if self.backward == "epilogue" and self.residuals != "preactivations":
@@ -323,7 +330,8 @@ def _ffn_bwd(plan, kind, precision, residuals, dy):
     chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
     grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
                                   dy.astype(x.dtype), chunk=chunk, precision=precision,
-                                  preactivations=saved, segment_sums=segment_sums)
+                                  preactivations=saved, segment_sums=segment_sums,
+                                  d_hidden_dtype=None if plan.d_hidden == "float32" else x.dtype)
   *array_grads, d_slopes, d_intercepts = grads
   d_knots = None if knots is None else jnp.zeros_like(knots)
   return (*array_grads, d_knots, d_slopes, d_intercepts)
