@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
 from bench_gpu import SHAPES, candidates  # noqa: E402
-from gpu_profile import union_ns  # noqa: E402
+from gpu_profile import ns_per_launch, union_ns  # noqa: E402
 
 
 def test_union_of_kernel_intervals_counts_overlap_once():
@@ -18,6 +18,18 @@ def test_union_of_kernel_intervals_counts_overlap_once():
   assert union_ns([(20, 30), (0, 100)]) == 100
   assert union_ns([(0, 4), (4, 9)]) == 9
   assert union_ns([]) == 0
+
+
+def test_kernel_times_split_a_name_launched_twice_per_call():
+  """Two kernels of one name per call (the forward and segment-sum Mosaic kernels) are reported
+  apart by launch ordinal; a trace whose calls differ falls back to names."""
+  call = [("mosaic", 10), ("gemm", 5), ("mosaic", 3)]
+  events, t = [], 0
+  for name, length in call * 2:
+    events.append((t, t + length, name))
+    t += length + 1
+  assert ns_per_launch(events, calls=2) == {"mosaic#0": 20, "gemm": 10, "mosaic#1": 6}
+  assert ns_per_launch(events[:-1], calls=2) == {"mosaic": 23, "gemm": 10}
 
 
 def test_forward_candidates_fit_their_shapes():
