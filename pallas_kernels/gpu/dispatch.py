@@ -53,7 +53,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.activation import Activation
+from pallas_kernels.activation import Activation, pwl_segment_sums
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
                                 segment_sums_sm90)
 
@@ -312,7 +312,8 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
   d_slopes = d_intercepts = None
   if is_pwl:
-    d_slopes, d_intercepts = segment_sums(preactivations[0], d_act.astype(f32), activation.knots)
+    pre = backward.join_preactivation(*preactivations[0])
+    d_slopes, d_intercepts = segment_sums(pre, d_act.astype(f32), activation.knots)
   return (dx.astype(x.dtype), cast(d_w_up, w_up), cast(d_w_down, w_down), cast(d_w_gate, w_gate),
           cast(d_b_up, b_up), cast(d_b_gate, b_gate), d_b_down, d_slopes, d_intercepts)
 
@@ -321,7 +322,7 @@ def _ffn_bwd(plan, kind, precision, residuals, dy):
   (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved = residuals
   activation = Activation(kind, knots, slopes, intercepts)
   segment_sums = (segment_sums_sm90.segment_sums if plan.segment_sums == "kernel"
-                  else backward.xla_segment_sums)
+                  else pwl_segment_sums)
   if plan.backward == "epilogue":
     grads = _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
                             dy.astype(x.dtype), saved, precision, segment_sums)
