@@ -7,7 +7,8 @@ Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path
     forms and as the Mosaic GPU kernel (``SEGMENT_SUMS``; each checked to give the same sums);
   * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
     tail slopes (what ``trainable="ffn"`` fine-tuning asks for), with the XLA segment sums and with
-    the kernel (the default, ``Plan(segment_sums="kernel")``), against XLA's exact FFN.
+    the kernel (the default, ``Plan(segment_sums="kernel")``), and with the kernel reading the
+    saved residuals (``"kernel-residuals"``), against XLA's exact FFN.
 Writes ``pwl-grads-<date>.json`` and prints a table.
 """
 
@@ -193,9 +194,12 @@ def main(argv=None) -> int:
                                                                       (0, 1, 2, 3, 4, 5, 6)),
   }
   if on_gpu:
-    variants["default plan with XLA segment sums, d(x, W, PWL values and tail slopes)"] = step(
-        learnable, (0, 1, 2, 3, 4, 5, 6), plan=dataclasses.replace(
-            dispatch.choose_plan(rows, d_model, hidden, d_model, True, True), segment_sums="xla"))
+    default = dispatch.choose_plan(rows, d_model, hidden, d_model, True, True)
+    for kind, what in (("xla", "XLA segment sums"),
+                       ("kernel-residuals", "the kernel reading the saved residuals")):
+      variants[f"default plan with {what}, d(x, W, PWL values and tail slopes)"] = step(
+          learnable, (0, 1, 2, 3, 4, 5, 6),
+          plan=dataclasses.replace(default, segment_sums=kind))
   for name, fn in variants.items():
     measure(name, functools.partial(time_per_call, fn, sets))
 

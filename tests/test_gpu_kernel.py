@@ -279,60 +279,101 @@ def test_segment_index_and_join():
   assert np.isnan(joined[2])
 
 
+def saved_forms(p: np.ndarray, knots) -> dict[str, tuple]:
+  """p f32 as each input form of the segment-sum kernel: itself, a bf16 (hi, lo) pair,
+  (bf16 hi, int8 seg(p))."""
+  p = jnp.asarray(p)
+  return {"f32": (p,),
+          "pairs": backward.split_preactivation(p, jnp.bfloat16),
+          "segments": backward.save_preactivations([p], jnp.bfloat16, "segments", knots,
+                                                   knots.shape[0])[0]}
+
+
 @on_cpu_only
 @needs_interpret_threads
+@pytest.mark.parametrize("form", ["f32", "pairs", "segments"])
 @pytest.mark.parametrize("sub_rows, shape", [(2, (45, 200)), (4, (64, 256)), (1, (32, 128))])
-def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows, shape):
-  """The one-pass segment-sum kernel vs float64 NumPy: sums per segment band, exact zeros for the
-  segments no element reaches (x clipped to [-1, 1.2]), NaN only in segment 0; a shape that is not
-  whole tiles is padded (45 x 200); other dtypes and mismatched g are refused by name."""
+def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows, shape, form):
+  """The one-pass segment-sum kernel vs float64 NumPy on what its input form carries (p; hi + lo;
+  for (hi, seg) the bands seg == j and the values hi, which the test also holds to the claimed
+  2^-9 |g p| per term against the exact p): sums per segment band, exact zeros for the segments
+  no element reaches (x clipped to [-1, 1.2]), NaN only in segment 0; a shape that is not whole
+  tiles is padded (45 x 200); other dtypes and mismatched g are refused by name."""
   knots = kernel_activation("pwl", glu=True).knots
   x = np.clip(rng.normal(size=shape) * 2, -1.0, 1.2).astype(np.float32)
+  x[0, :4] = np.asarray(knots[3:7])  # on a knot: the segment above
   g = rng.normal(size=shape).astype(np.float32)
-  segment = np.searchsorted(np.asarray(knots, np.float64), x.astype(np.float64), side="right")
-  want_s, want_c = (np.array([np.sum(np.where(segment == j, v, 0.0)) for j in range(len(knots) + 1)])
-                    for v in (g.astype(np.float64) * x, g.astype(np.float64)))
+  parts = saved_forms(x, knots)[form]
+  band_of = lambda p: np.searchsorted(np.asarray(knots, np.float64), p, side="right")
+  if form == "segments":
+    p, segment = np.asarray(parts[0], np.float64), np.asarray(parts[1])
+  else:
+    p = np.asarray(backward.join_saved(parts, knots), np.float64)
+    segment = band_of(p)
+  per_band = lambda v, band: np.array([np.sum(np.where(band == j, v, 0.0))
+                                       for j in range(len(knots) + 1)])
+  want_s, want_c = (per_band(v, segment) for v in (g.astype(np.float64) * p, g.astype(np.float64)))
+  nan_parts = saved_forms(np.where(np.arange(x.size).reshape(shape) == 5, np.nan, x), knots)[form]
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    got_s, got_c = segment_sums_sm90.segment_sums(jnp.asarray(x), jnp.asarray(g), knots,
+    got_s, got_c = segment_sums_sm90.segment_sums(parts, jnp.asarray(g), knots,
                                                   sub_rows=sub_rows)
-    poisoned = segment_sums_sm90.segment_sums(jnp.asarray(x).at[3, 5].set(jnp.nan),
-                                              jnp.asarray(g), knots, sub_rows=sub_rows)
+    poisoned = segment_sums_sm90.segment_sums(nan_parts, jnp.asarray(g), knots,
+                                              sub_rows=sub_rows)
   for got, want in ((got_s, want_s), (got_c, want_c)):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
     assert np.all(np.asarray(got)[want == 0] == 0) and np.sum(want == 0) >= 4
   assert np.isnan(poisoned[0][0]) and np.all(np.isfinite(poisoned[0][1:]))
-  with pytest.raises(ValueError, match="x, g: needs a 2-D float32"):
+  if form == "segments":  # exact bands; pairs may move a p on a knot across it (NOTES.md)
+    exact_gp = x.astype(np.float64) * g
+    bound = 2.0**-9 * per_band(np.abs(exact_gp), band_of(x))
+    assert np.all(np.abs(np.asarray(got_s, np.float64) - per_band(exact_gp, band_of(x))) <= bound)
+  with pytest.raises(ValueError, match="x, g: expected float32 g, and p as float32"):
     segment_sums_sm90.segment_sums(jnp.asarray(x, jnp.bfloat16), jnp.asarray(g), knots)
-  with pytest.raises(ValueError, match="g must match x"):
-    segment_sums_sm90.segment_sums(jnp.asarray(x), jnp.asarray(g[:-1]), knots)
+  with pytest.raises(ValueError, match="x, g: expected 2-D arrays of one shape"):
+    segment_sums_sm90.segment_sums(parts, jnp.asarray(g[:-1]), knots)
 
 
 @on_cpu_only
 @needs_interpret_threads
-def test_interpret_backward_with_segment_sums_kernel(rng):
-  """ffn_backward with the kernel's segment sums (two 128-column chunks) equals autodiff."""
+@pytest.mark.parametrize("kind, residuals, tolerance", [
+    ("kernel", None, 1e-5), ("kernel-residuals", None, 1e-5),
+    ("kernel", "segments", BF16_TOLERANCE), ("kernel-residuals", "segments", BF16_TOLERANCE),
+    ("kernel-residuals", "preactivations", BF16_TOLERANCE)])
+def test_interpret_backward_with_segment_sums_kernel(rng, kind, residuals, tolerance):
+  """ffn_backward with the kernel's segment sums (``dispatch.SEGMENT_SUMS[kind]``, two 128-column
+  chunks) equals autodiff: exactly (1e-5) when GEMM1 is recomputed, within the bf16 tolerance
+  reading bf16 residuals (segments; (hi, lo) pairs)."""
   problem = make_problem(rng, rows=64, d_model=24, hidden=256, d_out=20, glu=True, bias=True,
                          dtype=jnp.float32)
   activation = kernel_activation("pwl", glu=True)
   dy = jnp.asarray(rng.normal(size=(64, 20)), jnp.float32)
   _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
+  saved = None
+  if residuals:
+    pre = lambda w, b: jnp.dot(problem["x"], problem[w], precision="highest") + problem[b]
+    saved = backward.save_preactivations([pre("w_gate", "b_gate"), pre("w_up", "b_up")],
+                                         jnp.bfloat16, residuals, activation.knots,
+                                         activation.knots.shape[0])
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     grads = backward.ffn_backward(*[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
-                                  precision=jax.lax.Precision.HIGHEST,
-                                  segment_sums=segment_sums_sm90.segment_sums)
+                                  precision=jax.lax.Precision.HIGHEST, preactivations=saved,
+                                  segment_sums=dispatch.SEGMENT_SUMS[kind])
   got = [g for g in grads if g is not None]
   assert len(got) == len(expected)
   for index, (g, want) in enumerate(zip(got, expected)):
-    assert relative_error(g, want) < 1e-5, f"gradient {index}"
+    assert relative_error(g, want) < tolerance, f"gradient {index}"
 
 
-@pytest.mark.parametrize("sub_rows, shape", [(4, (4096, 1536)), (2, (4096, 1536)), (2, (1000, 3000))])
-def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape):
+@pytest.mark.parametrize("sub_rows, shape, dtypes", [
+    (4, (4096, 1536), ("float32",)), (2, (4096, 1536), ("float32",)),
+    (2, (1000, 3000), ("float32",)), (2, (8192, 3072), ("bfloat16", "bfloat16")),
+    (2, (1000, 3000), ("bfloat16", "int8")), (4, (8192, 1536), ("bfloat16", "int8"))])
+def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape, dtypes):
   knots = kernel_activation("pwl", glu=True).knots
-  spec = jax.ShapeDtypeStruct(shape, jnp.float32)
-  exported = jax.export.export(jax.jit(lambda x, g: segment_sums_sm90.segment_sums(
-      x, g, knots, sub_rows=sub_rows)), platforms=["cuda"])(spec, spec)
+  specs = [jax.ShapeDtypeStruct(shape, dtype) for dtype in (*dtypes, "float32")]
+  exported = jax.export.export(jax.jit(lambda *parts_g: segment_sums_sm90.segment_sums(
+      parts_g[:-1], parts_g[-1], knots, sub_rows=sub_rows)), platforms=["cuda"])(*specs)
   assert "mosaic_gpu" in exported.mlir_module()
 
 
@@ -705,6 +746,12 @@ GPU_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, pwl_dtype="float16",
                                                     schedule="pingpong"),
         residuals="preactivations", d_hidden="input")),
+    "epilogue-glu-pwl-segments-kres": (1000, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16"),
+        residuals="segments", segment_sums="kernel-residuals")),
+    "epilogue-mlp-pwl-saved-kres": (513, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3), residuals="preactivations",
+        segment_sums="kernel-residuals")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",
                                               dispatch.Plan("epilogue", residuals="preactivations",
                                                             epilogue=kernels.EpilogueConfig(

@@ -105,6 +105,11 @@ def join_saved(parts: tuple, knots=None) -> jax.Array:
   return join_preactivation(*parts)
 
 
+def xla_segment_sums(p_parts: tuple, g: jax.Array, knots) -> tuple[jax.Array, jax.Array]:
+  """``pwl_segment_sums`` of p given as (f32 p,) or a ``save_preactivations`` entry, joined."""
+  return pwl_segment_sums(join_saved(p_parts, knots), g, knots)
+
+
 def column_gradients(x, dy, w_up, w_gate, hidden, d_up, d_gate, precision=None) -> tuple:
   """The GEMM gradients of hidden columns c from h_c and the pre-activation cotangents d_u (, d_g),
   all in f32: (dx part, dW_up[:, c], dW_down[c, :], dW_gate[:, c], Σ_rows d_u, Σ_rows d_g), with
@@ -143,7 +148,7 @@ def _pad_columns(array, columns: int, axis: int):
 
 def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation, dy, *,
                  chunk: int, precision=None, preactivations: tuple | None = None,
-                 segment_sums: Callable = pwl_segment_sums, d_hidden_dtype=None):
+                 segment_sums: Callable | None = None, d_hidden_dtype=None):
   """Cotangents (dx, dw_up, dw_down, dw_gate, db_up, db_gate, db_down, d_slopes, d_intercepts).
 
   x [M, D], dy [M, D_out]; entries for absent arguments are None (d_slopes / d_intercepts are None
@@ -151,13 +156,14 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   zero weights, so they add nothing to dx or to the PWL gradients and are sliced off.
   ``preactivations``: the forward's saved (g, u) (GLU) or (u,) (MLP), biases included, in
   ``save_preactivations``' form; given, GEMM1 is not recomputed.
-  ``segment_sums(p, da, knots)`` computes a chunk's PWL gradients (``pwl_segment_sums``, the XLA
-  form, by default here; ``dispatch`` passes the one-pass kernel,
-  ``segment_sums_sm90.segment_sums``, unless ``Plan(segment_sums="xla")``).
+  ``segment_sums(p_parts, da, knots)`` computes a chunk's PWL gradients from the activation's
+  input p, given as (f32 p,) or as the saved parts (``xla_segment_sums`` by default here;
+  ``dispatch.SEGMENT_SUMS`` lists the kernel forms).
   ``d_hidden_dtype``: the dtype d_hidden = dy W_down^T is rounded to (f32 accumulation); None
   keeps f32.
   """
   f32 = jnp.float32
+  segment_sums = segment_sums or xla_segment_sums
   hidden = w_up.shape[1]
   num_chunks = -(-hidden // chunk)
   padded = num_chunks * chunk
@@ -185,17 +191,17 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
       up = dot(x, wu, ((1,), (0,))) + (0.0 if bu is None else bu.astype(f32))
       pre = dot(x, wg, ((1,), (0,))) + (0.0 if bg is None else bg.astype(f32)) if glu else up
     else:
-      joined = lambda parts: join_saved(tuple(columns(part, index, 1) for part in parts),
-                                        activation.knots)
-      up = joined(saved[-1])
-      pre = joined(saved[0]) if glu else up
+      sliced = [tuple(columns(part, index, 1) for part in parts) for parts in saved]
+      up = join_saved(sliced[-1], activation.knots)
+      pre = join_saved(sliced[0], activation.knots) if glu else up
     act, act_prime = _activation_and_derivative(activation, pre)
     hidden_c = (act * up if glu else act).astype(x.dtype)
     d_hidden = dot(dy, wd, ((1,), (1,)), d_hidden_dtype or f32).astype(f32)
     d_act = d_hidden * up if glu else d_hidden
     d_pre = d_act * act_prime
     if is_pwl:
-      seg_slopes, seg_intercepts = segment_sums(pre, d_act, activation.knots)
+      seg_slopes, seg_intercepts = segment_sums((pre,) if saved is None else sliced[0], d_act,
+                                                activation.knots)
       d_slopes, d_intercepts = d_slopes + seg_slopes, d_intercepts + seg_intercepts
     d_up = (d_hidden * act if glu else d_pre).astype(x.dtype)
     d_gate = d_pre.astype(x.dtype) if glu else None

@@ -53,7 +53,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.activation import Activation, pwl_segment_sums
+from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
                                 segment_sums_sm90)
 
@@ -64,7 +64,17 @@ DECODE_ROWS = 64  # M at or below this is "decode": one row block
 BACKWARD_CHUNK_ELEMENTS = 64 * 1024 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 RESIDUALS = ("recompute", "preactivations", "segments")
-SEGMENT_SUMS = ("xla", "kernel")
+# Plan.segment_sums -> f(p_parts, g, knots) (``backward.ffn_backward``'s segment_sums): XLA's
+# band reductions, the one-pass kernel on an f32 copy of p, or the kernel reading the forward's
+# saved parts (no f32 copy; with "segments" its bands come from the int8 index and its p is the
+# bf16 hi: ~25% fewer instructions per element, PWL-parameter gradients off by <= 2^-9 relative
+# per term instead of exact-p sums; not yet timed on a GPU, benchmarks/NOTES.md)
+SEGMENT_SUMS = {
+    "xla": backward.xla_segment_sums,
+    "kernel": lambda parts, g, knots: segment_sums_sm90.segment_sums(
+        backward.join_saved(parts, knots), g, knots),
+    "kernel-residuals": segment_sums_sm90.segment_sums,
+}
 BACKWARDS = ("xla", "epilogue")
 D_HIDDEN = ("float32", "input")
 
@@ -76,7 +86,8 @@ class Plan:
   (``residuals``: "recompute" or "preactivations", the latter on the epilogue path only) and how
   many [M, chunk] elements the backward handles per chunk; ``segment_sums``: how the backward
   sums a PWL's parameter gradients, "kernel" (``segment_sums_sm90``, one pass per chunk: 0.05 vs
-  0.23 ms at SmolLM2 M = 4096 on the H200) or "xla" (``pwl_segment_sums``); ``backward``: "xla"
+  0.23 ms at SmolLM2 M = 4096 on the H200), "kernel-residuals" (the same reading the saved
+  residuals, see ``SEGMENT_SUMS``) or "xla" (``pwl_segment_sums``); ``backward``: "xla"
   (chunked) or "epilogue" (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``,
   default ``DGRAD_GLU`` / ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's
   d_hidden = dy W_down^T, "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model
@@ -98,7 +109,8 @@ class Plan:
     if self.residuals not in RESIDUALS:
       raise ValueError(f"residuals={self.residuals!r}: expected one of {RESIDUALS}")
     if self.segment_sums not in SEGMENT_SUMS:
-      raise ValueError(f"segment_sums={self.segment_sums!r}: expected one of {SEGMENT_SUMS}")
+      raise ValueError(
+          f"segment_sums={self.segment_sums!r}: expected one of {tuple(SEGMENT_SUMS)}")
     if self.residuals != "recompute" and self.path != "epilogue":
       raise ValueError(f"residuals={self.residuals!r} needs the epilogue path, got {self.path!r}")
     if self.d_hidden not in D_HIDDEN:
@@ -312,8 +324,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
   d_slopes = d_intercepts = None
   if is_pwl:
-    pre = backward.join_preactivation(*preactivations[0])
-    d_slopes, d_intercepts = segment_sums(pre, d_act.astype(f32), activation.knots)
+    d_slopes, d_intercepts = segment_sums(preactivations[0], d_act.astype(f32), activation.knots)
   return (dx.astype(x.dtype), cast(d_w_up, w_up), cast(d_w_down, w_down), cast(d_w_gate, w_gate),
           cast(d_b_up, b_up), cast(d_b_gate, b_gate), d_b_down, d_slopes, d_intercepts)
 
@@ -321,8 +332,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
 def _ffn_bwd(plan, kind, precision, residuals, dy):
   (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved = residuals
   activation = Activation(kind, knots, slopes, intercepts)
-  segment_sums = (segment_sums_sm90.segment_sums if plan.segment_sums == "kernel"
-                  else pwl_segment_sums)
+  segment_sums = SEGMENT_SUMS[plan.segment_sums]
   if plan.backward == "epilogue":
     grads = _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
                             dy.astype(x.dtype), saved, precision, segment_sums)

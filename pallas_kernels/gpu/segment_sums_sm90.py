@@ -6,7 +6,8 @@ The gradients of Σ g·pwl(x) w.r.t. a PWL's K+1 slopes and intercepts are
 
 (t_{-1} = -inf, t_K = +inf; ``pallas_kernels.activation.pwl_segment_sums`` is the XLA form, whose
 2(K+1) reductions take 0.23 ms for 4096 x 1536 f32 on the H200, ten times the 50 MB they read).
-Here x and g [R, C] f32 stream through SMEM in [TILE_ROWS, TILE_COLS] tiles
+Here x and g [R, C] f32 (or x as the forward's saved parts, see ``segment_sums``) stream through
+SMEM in [TILE_ROWS, TILE_COLS] tiles
 (``plgpu.emit_pipeline``); CTA b owns a contiguous run of tiles and one warpgroup adds each
 [sub_rows, TILE_COLS] slice into 2(K+1) register accumulators of that shape (sub_rows f32 per
 thread each), masked by the slice's segment bands. Each CTA stores its accumulators as a partial
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import segment_bands
+from pallas_kernels.gpu.backward import join_preactivation
 from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS, TABLE_ALIGN
 
 TILE_ROWS = 32
@@ -39,11 +41,18 @@ SUB_ROWS = 2  # default slice [2, 128] f32: 2 elements per thread per accumulato
 STAGES = 2
 
 
-def unsupported_reason(x: jax.Array) -> str | None:
-  """Why the kernel cannot take x [R, C], or None."""
-  if x.ndim != 2 or x.dtype != jnp.float32:
-    return f"needs a 2-D float32 array, got {x.dtype.name}{list(x.shape)}"
-  return None
+def unsupported_reason(parts: tuple, g: jax.Array) -> str | None:
+  """Why the kernel cannot take the activation's input as ``parts`` with g, or None."""
+  described = ", ".join(f"{a.dtype.name}{list(a.shape)}" for a in (*parts, g))
+  if g.ndim != 2 or any(part.shape != g.shape for part in parts):
+    return f"expected 2-D arrays of one shape, got {described}"
+  dtypes = [part.dtype for part in parts]
+  halves = (jnp.bfloat16, jnp.float16)
+  if g.dtype == jnp.float32 and (dtypes == [jnp.float32] or (
+      len(dtypes) == 2 and dtypes[0] in halves and dtypes[1] in (dtypes[0], jnp.int8))):
+    return None
+  return ("expected float32 g, and p as float32, a bf16/f16 (hi, lo) pair or (hi, int8 seg); "
+          f"got {described}")
 
 
 def _num_ctas(tiles: int) -> int:
@@ -52,22 +61,29 @@ def _num_ctas(tiles: int) -> int:
   return max(c for c in range(1, min(sms, tiles) + 1) if tiles % c == 0)
 
 
-def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array, *,
+def segment_sums(x, g: jax.Array, knots: jax.Array, *,
                  sub_rows: int = SUB_ROWS) -> tuple[jax.Array, jax.Array]:
-  """(S, C), each [K+1] f32, for x, g [R, C] f32 and sorted knots [K] (see the module docstring).
+  """(S, C), each [K+1] f32, for x, g [R, C] and sorted knots [K] (see the module docstring).
 
+  ``x``: the activation's input p as an f32 array or in a saved form of
+  ``backward.save_preactivations``, read as such (no f32 copy of p in HBM): a (hi, lo) pair,
+  p = hi + lo, or (hi, int8 seg(p)), whose bands are seg == j (exact: the forward's segment) and
+  whose p is hi (|hi - p| <= 2^-9 |p| for bf16; ``backward.join_segmented``'s clip into the
+  segment, which cost ~4 instructions per band and element, is left out). g: f32.
   ``sub_rows`` (1, 2 or 4): rows per register slice; each of the 2(K+1) accumulators holds
   sub_rows f32 per thread (fewer: less register pressure, more loop steps).
   """
   if sub_rows not in (1, 2, 4):
     raise ValueError(f"sub_rows: expected 1, 2 or 4, got {sub_rows!r}")
-  reason = unsupported_reason(x)
-  if reason is not None or g.shape != x.shape or g.dtype != x.dtype:
-    raise ValueError(f"x, g: {reason or f'g must match x, got {g.dtype.name}{list(g.shape)}'}")
-  padding = [(0, -n % tile) for n, tile in zip(x.shape, (TILE_ROWS, TILE_COLS))]
+  parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  reason = unsupported_reason(parts, g)
+  if reason is not None:
+    raise ValueError(f"x, g: {reason}")
+  segmented = parts[-1].dtype == jnp.int8
+  padding = [(0, -n % tile) for n, tile in zip(g.shape, (TILE_ROWS, TILE_COLS))]
   if any(high for _, high in padding):
-    x, g = jnp.pad(x, padding), jnp.pad(g, padding)
-  rows, cols = x.shape
+    parts, g = tuple(jnp.pad(part, padding) for part in parts), jnp.pad(g, padding)
+  rows, cols = g.shape
   num_knots = knots.shape[0]
   segments = num_knots + 1
   col_tiles = cols // TILE_COLS
@@ -78,19 +94,29 @@ def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array, *,
   table = table.at[:num_knots].set(knots.astype(jnp.float32))
   slice_layout = plgpu.Layout.WG_STRIDED((sub_rows, TILE_COLS), vec_size=sub_rows)
 
-  def segment_sums_kernel(x_gmem, g_gmem, table_gmem, out_gmem, table_smem, out_smem, ready):
+  def bands_and_p(loaded, thresholds):
+    """The K+1 band masks of a slice and its p."""
+    if segmented:
+      seg = loaded[1].astype(jnp.int32)
+      return [seg == j for j in range(segments)], loaded[0].astype(jnp.float32)
+    p = loaded[0] if len(loaded) == 1 else join_preactivation(*loaded)
+    return segment_bands(p, thresholds), p
+
+  def segment_sums_kernel(*refs):
+    *part_gmems, g_gmem, table_gmem, out_gmem, table_smem, out_smem, ready = refs
     cta = lax.axis_index("cta")
     plgpu.copy_gmem_to_smem(table_gmem, table_smem, ready)
     plgpu.barrier_wait(ready)
     thresholds = [table_smem[k] for k in range(num_knots)]
 
-    def tile(_, x_smem, g_smem, sums):
+    def tile(_, *smems_and_sums):
+      *part_smems, g_smem, sums = smems_and_sums
       def add_slice(r, sums):
         rows_r = pl.ds(r * sub_rows, sub_rows)
-        xs = plgpu.load(x_smem.at[rows_r], layout=slice_layout)
+        loaded = [plgpu.load(ref.at[rows_r], layout=slice_layout) for ref in part_smems]
         gs = plgpu.load(g_smem.at[rows_r], layout=slice_layout)
-        bands = segment_bands(xs, thresholds)
-        values = [gs * xs] * segments + [gs] * segments
+        bands, p = bands_and_p(loaded, thresholds)
+        values = [gs * p] * segments + [gs] * segments
         return tuple(s + jnp.where(band, v, 0.0)
                      for s, band, v in zip(sums, bands + bands, values))
       return lax.fori_loop(0, TILE_ROWS // sub_rows, add_slice, sums)
@@ -101,9 +127,9 @@ def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array, *,
 
     spec = pl.BlockSpec((TILE_ROWS, TILE_COLS), tile_index)
     zero = plgpu.layout_cast(jnp.zeros((sub_rows, TILE_COLS), jnp.float32), slice_layout)
-    sums = plgpu.emit_pipeline(tile, grid=(per_cta,), in_specs=[spec, spec],
+    sums = plgpu.emit_pipeline(tile, grid=(per_cta,), in_specs=[spec] * (len(parts) + 1),
                                max_concurrent_steps=STAGES,
-                               init_carry=(zero,) * (2 * segments))(x_gmem, g_gmem)
+                               init_carry=(zero,) * (2 * segments))(*part_gmems, g_gmem)
     for i, s in enumerate(sums):
       out_smem[i] = s
     plgpu.commit_smem()
@@ -118,6 +144,6 @@ def segment_sums(x: jax.Array, g: jax.Array, knots: jax.Array, *,
                       plgpu.SMEM((2 * segments, sub_rows, TILE_COLS), jnp.float32),
                       plgpu.Barrier(num_arrivals=1)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-  )(x, g, table)
+  )(*parts, g, table)
   sums = partials.sum(axis=(0, 2, 3)).reshape(2, segments)
   return sums[0], sums[1]
