@@ -91,8 +91,8 @@ class Plan:
   (chunked) or "epilogue" (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``,
   default ``DGRAD_GLU`` / ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's
   d_hidden = dy W_down^T, "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model
-  keeps it; f32 accumulation either way: half the bytes of the [M, H] array that GEMM writes
-  and the elementwise pass reads)."""
+  keeps it; f32 accumulation either way: half the bytes of that [M, H] array; on the H200 the
+  step's GPU time -1%, its compiled temp memory -13-17%, gradients 1-2.4e-3 from f32)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
