@@ -6,7 +6,8 @@ For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` en
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments", with the ping-pong forward schedule (pairs or segments), with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
-traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``) and
+traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``; the
+``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
 lists each kernel's GPU time per step, costliest first, with the GPU-busy total. The floors to
 compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
 ``backward-profile-<date>.json`` / ``.md`` after every variant.
@@ -32,7 +33,7 @@ from pallas_kernels.gpu import dispatch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import (SHAPES, as_args, kernel_forward, make_sets, with_cotangents,  # noqa: E402
-                       with_gradients, xla_forward)
+                       with_gradients, with_pwl_gradients, xla_forward)
 from gpu_profile import profile  # noqa: E402
 
 
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, segments, pingpong, "
-                           "pingpong-segments, per-output, dh16, dgrad")
+                           "pingpong-segments, per-output, dh16, dgrad, pwl-grads, "
+                           "pwl-grads-kres")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -106,6 +108,13 @@ def main(argv=None) -> int:
                                 True)
     segments = dispatch.with_segments(plan, shape.glu).epilogue
     pingpong = dispatch.pingpong_tiles(plan.epilogue, shape.glu)
+    trainable = lambda segment_sums: with_pwl_gradients(
+        lambda act: kernel_forward(act, dataclasses.replace(plan, segment_sums=segment_sums)),
+        pwl)
+    steps = {"pwl-grads": ("same, also differentiated w.r.t. the PWL's slopes and intercepts "
+                           "(trainable PWLs; segment_sums='kernel')", trainable("kernel")),
+             "pwl-grads-kres": ("same with the segment sums reading the saved residuals "
+                                "(segment_sums='kernel-residuals')", trainable("kernel-residuals"))}
     variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),
                 "default": (f"library default plan ({plan.path}, residuals={plan.residuals}), "
                             "PWL-16", kernel_forward(pwl, plan)),
@@ -129,8 +138,10 @@ def main(argv=None) -> int:
                           "activation (refused with a PWL)",
                           kernel_forward(Activation(shape.activation), dataclasses.replace(
                               plan, residuals="preactivations", backward="epilogue")))}
-    for variant, forward in (variants[key] for key in args.variants.split(",")):
-      step = jax.jit(with_gradients(forward))
+    steps.update({key: (label, with_gradients(forward))
+                  for key, (label, forward) in variants.items()})
+    for variant, step in (steps[key] for key in args.variants.split(",")):
+      step = jax.jit(step)
       try:
         record = profile(step, step_args, args.calls, 1, top=40)
         hlo_text = step.lower(*step_args).compile().as_text()

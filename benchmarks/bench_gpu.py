@@ -265,6 +265,19 @@ def with_gradients(forward):
   return step
 
 
+def with_pwl_gradients(forward_of, activation: Activation):
+  """``with_gradients``' step that also differentiates w.r.t. the PWL's slopes and intercepts
+  (what fine-tuning with trainable PWLs pays): ``forward_of(activation)`` builds the forward."""
+  def step(x, wu, wd, wg, dy):
+    def loss(x, wu, wd, wg, slopes, intercepts):
+      forward = forward_of(Activation("pwl", activation.knots, slopes, intercepts))
+      return jnp.sum(forward(x, wu, wd, wg).astype(jnp.float32) * dy)
+    argnums = (0, 1, 2, 4, 5) if wg is None else (0, 1, 2, 3, 4, 5)
+    return jax.value_and_grad(loss, argnums=argnums)(x, wu, wd, wg, activation.slopes,
+                                                     activation.intercepts)
+  return step
+
+
 def with_cotangents(arg_sets: list[tuple]) -> list[tuple]:
   """Each (x, wu, wd, wg) set with a random f32 cotangent dy [M, D_out] appended."""
   return [(*args, jax.random.normal(jax.random.key(i), (args[0].shape[0], args[2].shape[1])))

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+import flashffn_jax as ff
+from flashffn_jax.ops import reference_ffn, to_kernel_activation
+from pallas_kernels.activation import Activation
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
-from bench_gpu import SHAPES, candidates  # noqa: E402
+from bench_gpu import SHAPES, candidates, with_pwl_gradients, xla_forward  # noqa: E402
 from gpu_profile import ns_per_launch, union_ns  # noqa: E402
 
 
@@ -30,6 +36,23 @@ def test_kernel_times_split_a_name_launched_twice_per_call():
     t += length + 1
   assert ns_per_launch(events, calls=2) == {"mosaic#0": 20, "gemm": 10, "mosaic#1": 6}
   assert ns_per_launch(events[:-1], calls=2) == {"mosaic": 23, "gemm": 10}
+
+
+def test_pwl_gradient_step_differentiates_the_pwl_parameters():
+  """The profile's trainable-PWL step returns the gradients w.r.t. x, the weights and the PWL's
+  slopes and intercepts, the latter equal to jax.grad of the same loss by hand."""
+  rng = np.random.default_rng(0)
+  x, wu, wd, dy = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                   for s in ((16, 8), (8, 24), (24, 8), (16, 8)))
+  pwl = to_kernel_activation(ff.fit("gelu", 8))
+  value, grads = with_pwl_gradients(xla_forward, pwl)(x, wu, wd, None, dy)
+  loss = lambda slopes, intercepts: jnp.sum(reference_ffn(
+      x, wu, wd, None, None, None, None, Activation("pwl", pwl.knots, slopes, intercepts)) * dy)
+  want = jax.grad(loss, argnums=(0, 1))(pwl.slopes, pwl.intercepts)
+  assert len(grads) == 5 and grads[3].shape == pwl.slopes.shape
+  np.testing.assert_allclose(grads[3], want[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads[4], want[1], rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(grads[3])).max() > 0
 
 
 def test_forward_candidates_fit_their_shapes():
