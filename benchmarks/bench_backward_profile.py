@@ -111,8 +111,9 @@ def main(argv=None) -> int:
     trainable = lambda segment_sums: with_pwl_gradients(
         lambda act: kernel_forward(act, dataclasses.replace(plan, segment_sums=segment_sums)),
         pwl)
-    steps = {"pwl-grads": ("same, also differentiated w.r.t. the PWL's slopes and intercepts "
-                           "(trainable PWLs; segment_sums='kernel')", trainable("kernel")),
+    steps = {"pwl-grads": ("library default plan, also differentiated w.r.t. the PWL's slopes "
+                           "and intercepts (trainable PWLs; segment_sums='kernel')",
+                           trainable("kernel")),
              "pwl-grads-kres": ("same with the segment sums reading the saved residuals "
                                 "(segment_sums='kernel-residuals')", trainable("kernel-residuals"))}
     variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),

@@ -37,12 +37,12 @@ def ns_per_launch(events, calls: int) -> dict[str, int]:
   names = [name for _, _, name in events]
   per_call = len(names) // calls if calls and len(names) % calls == 0 else 0
   sequence = names[:per_call]
-  same = per_call and all(names[i] == sequence[i % per_call] for i in range(len(names)))
+  same = per_call > 0 and all(name == sequence[i % per_call] for i, name in enumerate(names))
+  keys = [f"{name}#{sequence[:i].count(name)}" if sequence.count(name) > 1 else name
+          for i, name in enumerate(sequence)] if same else []  # [] : names only
   totals = {}
   for index, (start, end, name) in enumerate(events):
-    key = name
-    if same and sequence.count(name) > 1:
-      key = f"{name}#{sequence[:index % per_call].count(name)}"
+    key = keys[index % len(keys)] if keys else name
     totals[key] = totals.get(key, 0) + end - start
   return totals
 
