@@ -7,8 +7,9 @@ Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path
     forms and as the Mosaic GPU kernel (``SEGMENT_SUMS``; each checked to give the same sums);
   * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
     tail slopes (what ``trainable="ffn"`` fine-tuning asks for), with the XLA segment sums and with
-    the kernel (the default, ``Plan(segment_sums="kernel")``), and with the kernel reading the
-    saved residuals (``"kernel-residuals"``), against XLA's exact FFN.
+    the kernel on the joined f32 pre-activation (``Plan(segment_sums="kernel")``), and with the
+    kernel reading the saved residuals (``"kernel-residuals"``, the default plan's since
+    2026-12-02), against XLA's exact FFN.
 Writes ``pwl-grads-<date>.json`` and prints a table.
 """
 
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
   if on_gpu:
     default = dispatch.choose_plan(rows, d_model, hidden, d_model, True, True)
     for kind, what in (("xla", "XLA segment sums"),
+                       ("kernel", "the kernel on the joined f32 pre-activation"),
                        ("kernel-residuals", "the kernel reading the saved residuals")):
       variants[f"default plan with {what}, d(x, W, PWL values and tail slopes)"] = step(
           learnable, (0, 1, 2, 3, 4, 5, 6),

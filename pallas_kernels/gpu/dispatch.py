@@ -67,8 +67,10 @@ RESIDUALS = ("recompute", "preactivations", "segments")
 # Plan.segment_sums -> f(p_parts, g, knots) (``backward.ffn_backward``'s segment_sums): XLA's
 # band reductions, the one-pass kernel on an f32 copy of p, or the kernel reading the forward's
 # saved parts (no f32 copy; with "segments" its bands come from the int8 index and its p is the
-# bf16 hi: ~25% fewer instructions per element, PWL-parameter gradients off by <= 2^-9 relative
-# per term instead of exact-p sums; not yet timed on a GPU, benchmarks/NOTES.md)
+# bf16 hi: PWL-parameter gradients off by <= 2^-9 relative per term instead of exact-p sums).
+# H200, 2026-12-02, SmolLM2 step with PWL-parameter gradients (GLU, saves segments): "kernel"
+# 0.480 ms, "kernel-residuals" 0.465 at M = 8192 (0.277 / 0.275 at 4096); gpt2-small (MLP,
+# saves pairs) GPU time 638 vs 643 us: so GLU plans that save segments read them, the rest join.
 SEGMENT_SUMS = {
     "xla": backward.xla_segment_sums,
     "kernel": lambda parts, g, knots: segment_sums_sm90.segment_sums(
@@ -87,7 +89,8 @@ class Plan:
   many [M, chunk] elements the backward handles per chunk; ``segment_sums``: how the backward
   sums a PWL's parameter gradients, "kernel" (``segment_sums_sm90``, one pass per chunk: 0.05 vs
   0.23 ms at SmolLM2 M = 4096 on the H200), "kernel-residuals" (the same reading the saved
-  residuals, see ``SEGMENT_SUMS``) or "xla" (``pwl_segment_sums``); ``backward``: "xla"
+  residuals, see ``SEGMENT_SUMS``; the GLU + PWL plans' choice) or "xla" (``pwl_segment_sums``);
+  ``backward``: "xla"
   (chunked) or "epilogue" (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``,
   default ``DGRAD_GLU`` / ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's
   d_hidden = dy W_down^T, "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model
@@ -149,7 +152,7 @@ EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES), *
 EPILOGUE_MLP = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES), **_SAVED)
 EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES,
                                                                     pwl_dtype="float16"),
-                        residuals="segments")
+                        residuals="segments", segment_sums="kernel-residuals")
 EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
                                                                     pwl_dtype="float16"), **_SAVED)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
