@@ -92,8 +92,8 @@ def main(argv=None) -> int:
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, segments, pingpong, "
-                           "pingpong-segments, per-output, dh16, dgrad, pwl-grads, "
-                           "pwl-grads-kres")
+                           "pingpong-segments, pingpong-n64, pingpong-segments-n64, "
+                           "per-output, dh16, dgrad, pwl-grads, pwl-grads-kres")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -108,6 +108,9 @@ def main(argv=None) -> int:
                                 True)
     segments = dispatch.with_segments(plan, shape.glu).epilogue
     pingpong = dispatch.pingpong_tiles(plan.epilogue, shape.glu)
+    # half-width ping-pong tiles: half the unrolled epilogue code per warpgroup (gpt2-small's
+    # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
+    narrow = dataclasses.replace(pingpong, tile_n=64)
     trainable = lambda segment_sums: with_pwl_gradients(
         lambda act: kernel_forward(act, dataclasses.replace(plan, segment_sums=segment_sums)),
         pwl)
@@ -128,6 +131,13 @@ def main(argv=None) -> int:
                 "pingpong-segments": ("same ping-pong forward saving residuals='segments', "
                                       "PWL-16", kernel_forward(pwl, dataclasses.replace(
                                           plan, epilogue=pingpong, residuals="segments"))),
+                "pingpong-n64": (f"same ping-pong forward with {pingpong.tile_m}x64 tiles, "
+                                 "PWL-16", kernel_forward(pwl, dataclasses.replace(
+                                     plan, epilogue=narrow))),
+                "pingpong-segments-n64": (f"same ping-pong forward with {pingpong.tile_m}x64 "
+                                          "tiles saving residuals='segments', PWL-16",
+                                          kernel_forward(pwl, dataclasses.replace(
+                                              plan, epilogue=narrow, residuals="segments"))),
                 "per-output": ("same with one SMEM staging slot per stored output "
                                "(staging='per_output'), PWL-16", kernel_forward(
                                    pwl, dataclasses.replace(plan, epilogue=dataclasses.replace(

@@ -1,36 +1,101 @@
-"""Run one ``gemm1_activation`` plan a few times at a benchmark shape: a target for ``ncu``.
+"""Run one ``gemm1_activation`` plan a few times at a benchmark shape: a target for ``ncu``, or
+with ``--profile`` its GPU time per call from the profiler.
 
     PYTHONPATH=$PWD ncu --clock-control none -k regex:mosaic --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         python3 benchmarks/run_epilogue_kernel.py --shape smollm2 --schedule pingpong
+    PYTHONPATH=$PWD python3 benchmarks/run_epilogue_kernel.py --shape gpt2-small \
+        --schedule pingpong --saves segments --segment-count float16 --profile
 
 The forward kernel only (no XLA GEMM2), PWL-16 with f16 hinges, ``--saves`` residuals optional;
 tiles from ``dispatch`` (the tuned cooperative ones, or ``PINGPONG_*_TILES``).
+
+``--segment-count`` is an experiment on what the saved int8 segment index costs the epilogue
+(seg(p) = #{k : p >= t_k}, two f32 instructions per knot and element, half the epilogue's
+instructions at SmolLM2 under ncu): "float32" is the library's ``backward.segment_index``;
+"float16" counts on f16(p) against f16 knots (packed pairs; not the library's: it differs from
+seg(p) within half an f16 ulp of a knot); "int32" the same count as "float32", summed in int32;
+"low-bits" stores the int8 low part of a (bf16 hi, int8 lo) encoding of p instead (no count;
+``low_bits_int8``); "none" stores one compare per element (p != p), the floor without any
+count. All but "float32" and "int32" save wrong residuals: timing only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
-from pallas_kernels.gpu import dispatch, fused_ffn_sm90 as kernels
+from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import SHAPES, as_args, make_sets  # noqa: E402
+from gpu_profile import profile  # noqa: E402
+
+
+def segment_index_float16(p, knots, num_knots: int):
+  """#{k : f16(p) >= f16(t_k)} counted in f16 (exact up to 2048 knots)."""
+  x, count = p.astype(jnp.float16), jnp.zeros(p.shape, jnp.float16)
+  for k in range(num_knots):
+    count = count + jnp.where(x >= knots[k].astype(jnp.float16), 1.0, 0.0).astype(jnp.float16)
+  return count.astype(jnp.float32).astype(jnp.int8)
+
+
+def segment_index_int32(p, knots, num_knots: int):
+  """#{k : p >= t_k} with the compares summed as int32 (the library sums 1.0 / 0.0 in f32)."""
+  count = jnp.zeros(p.shape, jnp.int32)
+  for k in range(num_knots):
+    count = count + (p >= knots[k]).astype(jnp.int32)
+  return count.astype(jnp.int8)
+
+
+def low_bits_int8(p, knots, num_knots: int):
+  """Not a segment: the int8 that would replace it in a (bf16 hi, int8 lo) residual,
+  lo = round((p - hi) / ulp(hi) * 256) clipped to +-127, p ~ hi + lo ulp(hi) / 256 (hi's exponent
+  floored at 2^-100 so the scale stays finite): the forward's cost of such an encoding."""
+  del knots, num_knots
+  hi = p.astype(jnp.bfloat16).astype(jnp.float32)
+  exponent = jnp.maximum(jax.lax.bitcast_convert_type(hi, jnp.int32) & 0x7F800000, 27 << 23)
+  scale = jax.lax.bitcast_convert_type((127 << 23) - (exponent - (142 << 23)),  # 2^(15 - E)
+                                       jnp.float32)
+  return jnp.clip(jnp.round((p - hi) * scale), -127.0, 127.0).astype(jnp.int8)
+
+
+SEGMENT_COUNTS = {"float32": backward.segment_index,
+                  "float16": segment_index_float16,
+                  "int32": segment_index_int32,
+                  "low-bits": low_bits_int8,
+                  "none": lambda p, knots, num_knots: (p != p).astype(jnp.int8)}
+
+
+@contextlib.contextmanager
+def segment_count(kind: str):
+  """Trace the epilogue's ``save_preactivations`` with ``SEGMENT_COUNTS[kind]``."""
+  library = backward.segment_index
+  backward.segment_index = SEGMENT_COUNTS[kind]
+  try:
+    yield
+  finally:
+    backward.segment_index = library
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="smollm2")
   parser.add_argument("--schedule", default="cooperative", choices=kernels.SCHEDULES)
-  parser.add_argument("--saves", default=None, choices=[None, "preactivations", "segments"])
+  parser.add_argument("--saves", choices=["preactivations", "segments"],
+                      help="residuals the kernel also stores (default: none)")
+  parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
   parser.add_argument("--calls", type=int, default=4)
+  parser.add_argument("--profile", action="store_true",
+                      help="print the kernel's GPU time per call (jax.profiler) instead")
   args = parser.parse_args(argv)
   shape = {s.name: s for s in SHAPES}[args.shape]
   x, w_up, _, w_gate = as_args(make_sets(shape, np.random.default_rng(0))[0])
@@ -44,9 +109,16 @@ def main(argv=None) -> int:
   run = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
       config=config, saves=args.saves))
+  with segment_count(args.segment_count):
+    run = run.lower(x, w_up, w_gate).compile()
+  label = f"{args.shape} {config} saves={args.saves} segment count {args.segment_count}"
+  if args.profile:
+    record = profile(run, (x, w_up, w_gate), args.calls, 1)
+    print(f"{label}: {record['device_us']:.1f} us GPU time per call", flush=True)
+    return 0
   for _ in range(args.calls):
     jax.block_until_ready(run(x, w_up, w_gate))
-  print(f"{args.shape} {config} saves={args.saves}: ran {args.calls} calls", flush=True)
+  print(f"{label}: ran {args.calls} calls", flush=True)
   return 0
 
 

@@ -16,6 +16,9 @@ from pallas_kernels.activation import Activation
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
 from bench_gpu import SHAPES, candidates, with_pwl_gradients, xla_forward  # noqa: E402
 from gpu_profile import ns_per_launch, union_ns  # noqa: E402
+from run_epilogue_kernel import low_bits_int8, segment_index_int32  # noqa: E402
+
+from pallas_kernels.gpu import backward  # noqa: E402
 
 
 def test_union_of_kernel_intervals_counts_overlap_once():
@@ -65,3 +68,25 @@ def test_forward_candidates_fit_their_shapes():
     assert {config.schedule for config in epilogues} == {"cooperative", "pingpong"}
     for config in epilogues:
       config.check(2 if shape.glu else 1, jnp.bfloat16)
+
+
+def test_segment_count_experiments_encode_what_they_claim(rng):
+  """``run_epilogue_kernel``'s timing variants: the int32 count is the library's segment index
+  (NaN, infinities and points on knots included); the (bf16 hi, int8 lo) encoding gives p back
+  within 2^-15 relative (half a step of ulp(hi) / 256, hi's exponent one above p's when p
+  rounds up to a power of two; |p| >= 2^-100, where its exponent floor does not bite)."""
+  knots = jnp.asarray(np.sort(rng.uniform(-4, 4, 16)), jnp.float32)
+  p = rng.standard_normal(20_000).astype(np.float32) * np.float32(3)
+  p[:4] = [np.nan, np.inf, -np.inf, knots[5]]
+  p = jnp.asarray(p)
+  np.testing.assert_array_equal(segment_index_int32(p, knots, 16),
+                                backward.segment_index(p, knots, 16))
+  magnitudes = np.concatenate([rng.standard_normal(10_000) * scale
+                               for scale in (1e-20, 1e-3, 1.0, 1e3, 1e30)]).astype(np.float32)
+  p = jnp.asarray(magnitudes)
+  hi = p.astype(jnp.bfloat16).astype(jnp.float32)
+  exponent = jnp.maximum(jax.lax.bitcast_convert_type(hi, jnp.int32) & 0x7F800000, 27 << 23)
+  step = jax.lax.bitcast_convert_type(exponent - (15 << 23), jnp.float32)  # ulp(hi) / 256
+  decoded = hi + low_bits_int8(p, None, 0).astype(jnp.float32) * step
+  relative = np.abs(np.asarray(decoded - p, np.float64)) / np.abs(magnitudes.astype(np.float64))
+  assert relative.max() <= 2.0**-15, relative.max()
