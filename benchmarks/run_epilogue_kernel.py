@@ -11,13 +11,16 @@ The forward kernel only (no XLA GEMM2), PWL-16 with f16 hinges, ``--saves`` resi
 tiles from ``dispatch`` (the tuned cooperative ones, or ``PINGPONG_*_TILES``).
 
 ``--segment-count`` is an experiment on what the saved int8 segment index costs the epilogue
-(seg(p) = #{k : p >= t_k}, two f32 instructions per knot and element, half the epilogue's
-instructions at SmolLM2 under ncu): "float32" is the library's ``backward.segment_index``;
-"float16" counts on f16(p) against f16 knots (packed pairs; not the library's: it differs from
-seg(p) within half an f16 ulp of a knot); "int32" the same count as "float32", summed in int32;
-"low-bits" stores the int8 low part of a (bf16 hi, int8 lo) encoding of p instead (no count;
-``low_bits_int8``); "none" stores one compare per element (p != p), the floor without any
-count. All but "float32" and "int32" save wrong residuals: timing only.
+(seg(p) = #{k : p >= t_k}; summed in f32 it was half the epilogue's instructions at SmolLM2
+under ncu): "float32" is the library's ``backward.segment_index`` (1.0 / 0.0 summed in f32);
+"float16" counts on f16(p) against f16 knots (packed pairs; it differs from seg(p) within half
+an f16 ulp of a knot); "int32" and "int32-masks" the same count as the library, summed as int32
+0 / 1 or -1 / 0 (both slower on the H200: 96 vs 77 us at SmolLM2, benchmarks/results/
+segment-count-2026-12-02.md); "low-bits" stores the int8 low part of a (bf16 hi, int8 lo)
+encoding of p instead (no count, ``low_bits_int8``: cheap, but p within 2^-15 moves PWL inputs
+across knots, which cost the PWL-parameter gradients ~1% in an earlier session); "none" stores
+one compare per element (p != p), the floor without any count. "float16", "low-bits" and "none"
+save wrong residuals: timing only.
 """
 
 from __future__ import annotations
@@ -49,11 +52,19 @@ def segment_index_float16(p, knots, num_knots: int):
 
 
 def segment_index_int32(p, knots, num_knots: int):
-  """#{k : p >= t_k} with the compares summed as int32 (the library sums 1.0 / 0.0 in f32)."""
+  """#{k : p >= t_k} with the compares converted to int32 0 / 1 and summed."""
   count = jnp.zeros(p.shape, jnp.int32)
   for k in range(num_knots):
     count = count + (p >= knots[k]).astype(jnp.int32)
   return count.astype(jnp.int8)
+
+
+def segment_index_int32_masks(p, knots, num_knots: int):
+  """#{k : p >= t_k} with the compares as int32 masks (-1 / 0) summed, negated at the end."""
+  count = jnp.zeros(p.shape, jnp.int32)
+  for k in range(num_knots):
+    count = count + jnp.where(p >= knots[k], -1, 0)
+  return (-count).astype(jnp.int8)
 
 
 def low_bits_int8(p, knots, num_knots: int):
@@ -71,6 +82,7 @@ def low_bits_int8(p, knots, num_knots: int):
 SEGMENT_COUNTS = {"float32": backward.segment_index,
                   "float16": segment_index_float16,
                   "int32": segment_index_int32,
+                  "int32-masks": segment_index_int32_masks,
                   "low-bits": low_bits_int8,
                   "none": lambda p, knots, num_knots: (p != p).astype(jnp.int8)}
 

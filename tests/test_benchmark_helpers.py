@@ -16,7 +16,8 @@ from pallas_kernels.activation import Activation
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
 from bench_gpu import SHAPES, candidates, with_pwl_gradients, xla_forward  # noqa: E402
 from gpu_profile import ns_per_launch, union_ns  # noqa: E402
-from run_epilogue_kernel import low_bits_int8, segment_index_int32  # noqa: E402
+from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
+                                 segment_index_int32_masks)
 
 from pallas_kernels.gpu import backward  # noqa: E402
 
@@ -71,7 +72,7 @@ def test_forward_candidates_fit_their_shapes():
 
 
 def test_segment_count_experiments_encode_what_they_claim(rng):
-  """``run_epilogue_kernel``'s timing variants: the int32 count is the library's segment index
+  """``run_epilogue_kernel``'s timing variants: both int32 counts are the library's segment index
   (NaN, infinities and points on knots included); the (bf16 hi, int8 lo) encoding gives p back
   within 2^-15 relative (half a step of ulp(hi) / 256, hi's exponent one above p's when p
   rounds up to a power of two; |p| >= 2^-100, where its exponent floor does not bite)."""
@@ -79,8 +80,8 @@ def test_segment_count_experiments_encode_what_they_claim(rng):
   p = rng.standard_normal(20_000).astype(np.float32) * np.float32(3)
   p[:4] = [np.nan, np.inf, -np.inf, knots[5]]
   p = jnp.asarray(p)
-  np.testing.assert_array_equal(segment_index_int32(p, knots, 16),
-                                backward.segment_index(p, knots, 16))
+  for count in (segment_index_int32, segment_index_int32_masks):
+    np.testing.assert_array_equal(count(p, knots, 16), backward.segment_index(p, knots, 16))
   magnitudes = np.concatenate([rng.standard_normal(10_000) * scale
                                for scale in (1e-20, 1e-3, 1.0, 1e3, 1e30)]).astype(np.float32)
   p = jnp.asarray(magnitudes)
