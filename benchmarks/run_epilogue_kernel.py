@@ -13,9 +13,9 @@ tiles from ``dispatch`` (the tuned cooperative ones, or ``PINGPONG_*_TILES``).
 ``--segment-count`` is an experiment on what the saved int8 segment index costs the epilogue
 (seg(p) = #{k : p >= t_k}; summed in f32 it was half the epilogue's instructions at SmolLM2
 under ncu): "float32" is the library's ``backward.segment_index`` (1.0 / 0.0 summed in f32);
-"float16" counts on f16(p) against f16 knots (packed pairs; it differs from seg(p) within half
-an f16 ulp of a knot); "int32" and "int32-masks" the same count as the library, summed as int32
-0 / 1 or -1 / 0 (both slower on the H200: 96 vs 77 us at SmolLM2, benchmarks/results/
+"float16" counts on f16(p) against f16 knots (it differs from seg(p) within half an f16 ulp of
+a knot); "int32" and "int32-masks" the same count as the library, summed as int32 0 / 1 or
+-1 / 0. All three were slower on the H200 (SmolLM2 87, 96, 96 vs 77 us; benchmarks/results/
 segment-count-2026-12-02.md); "low-bits" stores the int8 low part of a (bf16 hi, int8 lo)
 encoding of p instead (no count, ``low_bits_int8``: cheap, but p within 2^-15 moves PWL inputs
 across knots, which cost the PWL-parameter gradients ~1% in an earlier session); "none" stores

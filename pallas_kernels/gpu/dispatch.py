@@ -42,7 +42,8 @@ it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``P
                         (hi, lo) pairs in x's dtype (``backward.split_preactivation``).
   * "segments"       -- the same for a PWL in 3 (MLP) or 5 (GLU) bytes: the activation's input
                         as bf16 + its int8 segment index, a GLU's u as bf16
-                        (``backward.save_preactivations``).
+                        (``backward.save_preactivations``); the index costs the forward kernel
+                        13 us at SmolLM2, 50 us at gpt2-small (H200, M = 8192).
 """
 
 from __future__ import annotations
@@ -85,17 +86,17 @@ D_HIDDEN = ("float32", "input")
 class Plan:
   """How to run one shape: ``path`` is "fused", "epilogue", "decode" or "xla" plus that path's
   config (``fused`` / ``epilogue`` / ``decode``), what the forward keeps for the backward
-  (``residuals``: "recompute" or "preactivations", the latter on the epilogue path only) and how
-  many [M, chunk] elements the backward handles per chunk; ``segment_sums``: how the backward
-  sums a PWL's parameter gradients, "kernel" (``segment_sums_sm90``, one pass per chunk: 0.05 vs
-  0.23 ms at SmolLM2 M = 4096 on the H200), "kernel-residuals" (the same reading the saved
-  residuals, see ``SEGMENT_SUMS``; the GLU + PWL plans' choice) or "xla" (``pwl_segment_sums``);
-  ``backward``: "xla"
-  (chunked) or "epilogue" (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``,
-  default ``DGRAD_GLU`` / ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's
-  d_hidden = dy W_down^T, "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model
-  keeps it; f32 accumulation either way: half the bytes of that [M, H] array; on the H200 the
-  step's GPU time -1%, its compiled temp memory -13-17%, gradients 1-2.4e-3 from f32)."""
+  (``residuals``: "recompute", or on the epilogue path "preactivations" or "segments", see the
+  module docstring) and how many [M, chunk] elements the backward handles per chunk;
+  ``segment_sums``: how the backward sums a PWL's parameter gradients, "kernel"
+  (``segment_sums_sm90``, one pass per chunk: 0.05 vs 0.23 ms at SmolLM2 M = 4096 on the H200),
+  "kernel-residuals" (the same reading the saved residuals, see ``SEGMENT_SUMS``; the GLU + PWL
+  plans' choice) or "xla" (``pwl_segment_sums``); ``backward``: "xla" (chunked) or "epilogue"
+  (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``, default ``DGRAD_GLU`` /
+  ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's d_hidden = dy W_down^T,
+  "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model keeps it; f32 accumulation
+  either way: half the bytes of that [M, H] array; on the H200 the step's GPU time -1%, its
+  compiled temp memory -13-17%, gradients 1-2.4e-3 from f32)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -146,7 +147,9 @@ PINGPONG_MLP_TILES = dict(tile_m=128, tile_n=128, stages=4)
 # 352 vs 346 us, llama-1B 4.36 vs 4.27 ms, llama-8B 14.77 vs 14.59 ms). An MLP keeps pairs (4
 # bytes, 29%): its cooperative 128 x 128 x 3 tiles leave no SMEM for the int8 staging, and
 # gpt2-small's step saving segments took 556 vs 498 us with 64 x 256 tiles, 567 vs 496 us with
-# ping-pong 128 x 128 tiles (forward kernel 150 vs 91 us; not yet explained).
+# ping-pong 128 x 128 tiles (forward kernel 150 vs 91 us: the int8 segment count, two f32
+# instructions per knot and element in an ALU-bound epilogue; f16 and int32 counts were slower,
+# benchmarks/results/segment-count-2026-12-02.md).
 _SAVED = dict(residuals="preactivations")
 EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES), **_SAVED)
 EPILOGUE_MLP = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES), **_SAVED)
