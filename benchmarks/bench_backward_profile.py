@@ -4,7 +4,8 @@
 
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
-saving residuals="segments", with the ping-pong forward schedule (pairs or segments), with one
+saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
+segments or floor bits), with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``; the
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
@@ -92,8 +93,9 @@ def main(argv=None) -> int:
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, segments, pingpong, "
-                           "pingpong-segments, pingpong-n64, pingpong-segments-n64, "
-                           "per-output, dh16, dgrad, pwl-grads, pwl-grads-kres")
+                           "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
+                           "pingpong-segments-n64, per-output, dh16, dgrad, pwl-grads, "
+                           "pwl-grads-kres, pwl-grads-floor-bits")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -111,14 +113,18 @@ def main(argv=None) -> int:
     # half-width ping-pong tiles: half the unrolled epilogue code per warpgroup (gpt2-small's
     # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
     narrow = dataclasses.replace(pingpong, tile_n=64)
-    trainable = lambda segment_sums: with_pwl_gradients(
-        lambda act: kernel_forward(act, dataclasses.replace(plan, segment_sums=segment_sums)),
+    trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
+        lambda act: kernel_forward(act, dataclasses.replace(
+            dispatch.with_segments(plan, shape.glu, residuals)
+            if residuals in ("segments", "floor-bits") else plan, segment_sums=segment_sums)),
         pwl)
     steps = {"pwl-grads": ("library default plan, also differentiated w.r.t. the PWL's slopes "
                            "and intercepts (trainable PWLs; segment_sums='kernel')",
                            trainable("kernel")),
              "pwl-grads-kres": ("same with the segment sums reading the saved residuals "
-                                "(segment_sums='kernel-residuals')", trainable("kernel-residuals"))}
+                                "(segment_sums='kernel-residuals')", trainable("kernel-residuals")),
+             "pwl-grads-floor-bits": ("same saving residuals='floor-bits' (segment sums on the "
+                                      "joined p')", trainable("kernel", "floor-bits"))}
     variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),
                 "default": (f"library default plan ({plan.path}, residuals={plan.residuals}), "
                             "PWL-16", kernel_forward(pwl, plan)),
@@ -131,6 +137,12 @@ def main(argv=None) -> int:
                 "pingpong-segments": ("same ping-pong forward saving residuals='segments', "
                                       "PWL-16", kernel_forward(pwl, dataclasses.replace(
                                           plan, epilogue=pingpong, residuals="segments"))),
+                "floor-bits": ("same saving residuals='floor-bits', PWL-16 (knots rounded "
+                               "to 15 bits)", kernel_forward(pwl, dispatch.with_segments(
+                                   plan, shape.glu, "floor-bits"))),
+                "pingpong-floor-bits": ("same ping-pong forward saving residuals='floor-bits', "
+                                        "PWL-16", kernel_forward(pwl, dataclasses.replace(
+                                            plan, epilogue=pingpong, residuals="floor-bits"))),
                 "pingpong-n64": (f"same ping-pong forward with {pingpong.tile_m}x64 tiles, "
                                  "PWL-16", kernel_forward(pwl, dataclasses.replace(
                                      plan, epilogue=narrow))),

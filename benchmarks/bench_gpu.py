@@ -376,8 +376,8 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     train_name = epilogue_name(train_plan.epilogue)
     for kept in residuals:
       seen_chunks = set()
-      kept_plan = (dispatch.with_segments(train_plan, shape.glu) if kept == "segments"
-                   else train_plan)
+      kept_plan = (dispatch.with_segments(train_plan, shape.glu, kept)
+                   if kept in ("segments", "floor-bits") else train_plan)
       kept_name = epilogue_name(kept_plan.epilogue)
       for chunk_mi in backward_chunks_mi:
         chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)

@@ -18,11 +18,11 @@ a knot); "int32" and "int32-masks" the same count as the library, summed as int3
 -1 / 0. All three were slower on the H200 (SmolLM2 87, 96, 96 vs 77 us; benchmarks/results/
 segment-count-2026-12-02.md); "low-bits" stores the int8 low part of a (bf16 hi, int8 lo)
 encoding of p instead (no count, ``low_bits_int8``: cheap, but p within 2^-15 moves PWL inputs
-across knots, which cost the PWL-parameter gradients ~1% in an earlier session); "floor-bits"
-the same size rounded down on p's own grid, exact for knots of 15 significant bits (see
-``floor_bits_int8``; not yet timed); "none" stores
-one compare per element (p != p), the floor without any count. "float16", "low-bits",
-"floor-bits" and "none" save something other than the segment: timing only.
+across knots, which cost the PWL-parameter gradients ~1% in an earlier session; the library's
+``--saves floor-bits`` rounds down on p's own grid instead, exact for knots of 15 significant
+bits); "none" stores
+one compare per element (p != p), the floor without any count. "float16", "low-bits" and
+"none" save something other than the segment: timing only.
 """
 
 from __future__ import annotations
@@ -81,59 +81,11 @@ def low_bits_int8(p, knots, num_knots: int):
   return jnp.clip(jnp.round((p - hi) * scale), -127.0, 127.0).astype(jnp.int8)
 
 
-# Floor bits: a (bf16 hi, int8 lo) residual whose decoded p' decides every knot compare as p
-# does. lo = floor((p - hi) / step), step = 2^(E - 14), E = p's binary exponent; hi is a
-# multiple of step, so p' = hi + lo step = max{g on p's grid: g <= p}. A knot t on that grid (15
-# significant bits, ``snap_knots``) has t <= p' iff t <= p, and a knot of another binade compares
-# the same with p' (which stays in p's binade); |lo| <= 64. Below 2^EXPONENT_FLOOR (where p - hi
-# could be an f32 subnormal, which flush-to-zero arithmetic drops) lo = 0 and p' = hi: exact
-# there only against knot 0 (hi keeps p's sign for |p| > 2^-134).
-EXPONENT_FLOOR = -100
-_FLOOR_FIELD = (127 + EXPONENT_FLOOR) << 23
-
-
-def _exponent_field(x):
-  """The biased exponent bits of f32 x, in place (int32)."""
-  return jax.lax.bitcast_convert_type(x, jnp.int32) & 0x7F800000
-
-
-def floor_bits_int8(p, knots, num_knots: int):
-  """lo of the floor-bits residual (see above): the forward's cost of such an encoding."""
-  del knots, num_knots
-  hi = p.astype(jnp.bfloat16).astype(jnp.float32)
-  field = _exponent_field(p)
-  scale = jax.lax.bitcast_convert_type(  # 2^(14 - E)
-      (127 << 23) - (jnp.maximum(field, _FLOOR_FIELD) - (141 << 23)), jnp.float32)
-  steps = (p - hi) * jnp.where(field >= _FLOOR_FIELD, scale, 0.0)
-  truncated = steps.astype(jnp.int32).astype(jnp.float32)  # Mosaic GPU lowers no floor
-  return jnp.where(steps < truncated, truncated - 1.0, truncated).astype(jnp.int8)
-
-
-def join_floor_bits(hi, lo):
-  """p' from (hi, lo): step = 2^(E_hi - 14), halved when p lay one binade below hi (hi a power
-  of two, lo pointing to smaller magnitudes); non-finite hi is returned as is."""
-  high, low = hi.astype(jnp.float32), lo.astype(jnp.float32)
-  power_of_two = (jax.lax.bitcast_convert_type(high, jnp.int32) & 0x7FFFFF) == 0
-  below = jnp.where(power_of_two & (high * low < 0), 1 << 23, 0)
-  field = jnp.maximum(_exponent_field(high) - below, _FLOOR_FIELD)
-  step = jax.lax.bitcast_convert_type(field - (14 << 23), jnp.float32)
-  return jnp.where(jnp.abs(high) < jnp.inf, high + low * step, high)
-
-
-def snap_knots(knots) -> np.ndarray:
-  """Knots rounded to 15 significant bits: the floor-bits grid of their binade (float32)."""
-  knots = np.asarray(knots, np.float64)
-  exponent = np.maximum(np.floor(np.log2(np.maximum(np.abs(knots), 2.0**-149))), EXPONENT_FLOOR)
-  step = 2.0 ** (exponent - 14)
-  return (np.round(knots / step) * step).astype(np.float32)
-
-
 SEGMENT_COUNTS = {"float32": backward.segment_index,
                   "float16": segment_index_float16,
                   "int32": segment_index_int32,
                   "int32-masks": segment_index_int32_masks,
                   "low-bits": low_bits_int8,
-                  "floor-bits": floor_bits_int8,
                   "none": lambda p, knots, num_knots: (p != p).astype(jnp.int8)}
 
 
@@ -152,7 +104,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="smollm2")
   parser.add_argument("--schedule", default="cooperative", choices=kernels.SCHEDULES)
-  parser.add_argument("--saves", choices=["preactivations", "segments"],
+  parser.add_argument("--saves", choices=dispatch.RESIDUALS[1:],
                       help="residuals the kernel also stores (default: none)")
   parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
   parser.add_argument("--calls", type=int, default=4)

@@ -57,8 +57,16 @@ def make_problem(rng, rows, d_model, hidden, d_out, glu, bias, dtype=jnp.bfloat1
 
 
 def kernel_activation(name: str, glu: bool) -> Activation:
-  """An exact activation by name, or "pwl": a 16-segment fit of SiLU (GLU) / GELU (MLP)."""
-  return to_kernel_activation(ff.fit("silu" if glu else "gelu", 16) if name == "pwl" else name)
+  """An exact activation by name, "pwl": a 16-segment fit of SiLU (GLU) / GELU (MLP), or "pwl15":
+  that fit with its knots rounded to 15 significant bits (what residuals="floor-bits" keeps
+  exact; the op rounds other knots so, and the f32 reference would not)."""
+  if name not in ("pwl", "pwl15"):
+    return to_kernel_activation(name)
+  pwl = ff.fit("silu" if glu else "gelu", 16)
+  if name == "pwl15":
+    pwl = ff.PiecewiseLinear.create(backward.snap_knots(pwl.knots), pwl.values, pwl.left_slope,
+                                    pwl.right_slope)
+  return to_kernel_activation(pwl)
 
 
 ARG_NAMES = ("x", "w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
@@ -251,6 +259,39 @@ def test_interpret_epilogue_saves_segments(rng, glu):
     check_against_reference(problem, activation, plan)
 
 
+@on_cpu_only
+@needs_interpret_threads
+@pytest.mark.parametrize("glu", [True, False])
+def test_interpret_epilogue_saves_floor_bits(rng, glu):
+  """residuals="floor-bits": the epilogue kernel writes the activation's input as (bf16, uint8
+  floor bits) through the one-byte staging slot and a GLU's u as bf16 (odd M and H); decoded,
+  p' sits within 2^-14 below the f32 pre-activation (plus f32 accumulation noise) and in its
+  segment wherever it is not within that noise of a knot; forward and every gradient (PWL
+  parameters included) match the f32 reference with 15-bit knots."""
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="floor-bits")
+  activation = kernel_activation("pwl15", glu=glu)
+  knots = activation.knots
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    _, saved = jax.jit(lambda *a: dispatch._forward(plan, *a, activation, saves="floor-bits"))(
+        *[problem[n] for n in ARG_NAMES])
+    f32 = lambda name: problem[name].astype(jnp.float32)
+    w, b = ("w_gate", "b_gate") if glu else ("w_up", "b_up")
+    expected = jnp.dot(f32("x"), f32(w), precision="highest") + f32(b)
+    (high, low), *rest = saved
+    assert high.dtype == jnp.bfloat16 and low.dtype == jnp.uint8 and low.shape == high.shape
+    assert [parts[0].dtype for parts in rest] == [jnp.bfloat16] * glu
+    joined = backward.join_saved((high, low))
+    noise = 1e-5 * float(jnp.max(jnp.abs(expected)))  # f32 accumulation order
+    assert bool(jnp.all(jnp.abs(joined - expected) <= 2.0**-14 * jnp.abs(expected) + noise))
+    want = backward.segment_index(expected, knots, knots.shape[0])
+    near_knot = jnp.min(jnp.abs(expected[..., None] - knots), -1) < 1e-5
+    seg = backward.segment_index(joined, knots, knots.shape[0])
+    assert bool(jnp.all((seg == want) | near_knot)) and len(np.unique(np.asarray(seg))) > 8
+    check_against_reference(problem, activation, plan)
+
+
 def test_segment_index_and_join():
   """seg(p) follows pwl_select (a knot takes the segment above; NaN -> 0); join_segmented puts a
   bf16 rounding that crossed a knot back on the forward's side, within 2^-8 of p (half a bf16
@@ -279,19 +320,55 @@ def test_segment_index_and_join():
   assert np.isnan(joined[2])
 
 
+@on_cpu_only
+def test_floor_bits_keep_every_knot_compare(rng):
+  """split/join_floor_bits: p' <= p within 2^-14 |p|, on p's side of every knot of 15
+  significant bits (``snap_knots``), for |p| >= 2^-100 and p = +-0: random p at several scales,
+  p on knots and one f32 ulp either side, powers of two (hi may round into the next binade) and
+  their neighbours; NaN and infinities survive; f16 is refused. Unsnapped knots do flip."""
+  def decoded(p):
+    return backward.join_saved(backward.split_floor_bits(jnp.asarray(p), jnp.bfloat16))
+  for scale in (1e-20, 1e-2, 1.0, 30.0, 1e25):
+    knots = np.unique(np.asarray(backward.snap_knots(
+        jnp.asarray(np.append(rng.uniform(-4, 4, 15) * scale, 0.0), jnp.float32))))
+    assert np.array_equal(np.asarray(backward.snap_knots(jnp.asarray(knots))), knots)
+    powers = np.float32(2.0) ** np.arange(-100, 127, 3, dtype=np.float32)
+    powers = np.concatenate([powers, -powers])
+    near_knots = knots * (1 + rng.uniform(-2**-13, 2**-13, (500, 1)))
+    p = np.concatenate([
+        rng.standard_normal(20_000) * 2 * scale, near_knots.ravel(), [0.0, -0.0, np.nan, np.inf],
+        *[np.nextafter(a.astype(np.float32), np.float32(d)) for a in (knots, powers)
+          for d in (np.inf, -np.inf, 0.0)]]).astype(np.float32)
+    got = decoded(p)
+    np.testing.assert_array_equal(backward.segment_index(got, knots, knots.size),
+                                  backward.segment_index(jnp.asarray(p), knots, knots.size))
+    normal = np.isfinite(p) & (np.abs(p) >= 2.0**-100)
+    exact, approx = p[normal].astype(np.float64), np.asarray(got, np.float64)[normal]
+    assert np.all(approx <= exact) and np.max((exact - approx) / np.abs(exact)) < 2.0**-14
+    assert np.isnan(np.asarray(got)[np.isnan(p)]).all() and np.asarray(got)[np.isinf(p)][0] > 0
+  unsnapped = np.sort(rng.uniform(-4, 4, 16)).astype(np.float32)
+  p = (unsnapped * (1 + rng.uniform(-2**-13, 2**-13, (500, 1)))).astype(np.float32)
+  flips = (backward.segment_index(decoded(p), unsnapped, 16)
+           != backward.segment_index(jnp.asarray(p), unsnapped, 16))
+  assert flips.any()
+  with pytest.raises(ValueError, match="residuals='floor-bits': expected bfloat16"):
+    backward.split_floor_bits(jnp.asarray(p), jnp.float16)
+
+
 def saved_forms(p: np.ndarray, knots) -> dict[str, tuple]:
   """p f32 as each input form of the segment-sum kernel: itself, a bf16 (hi, lo) pair,
-  (bf16 hi, int8 seg(p))."""
+  (bf16 hi, uint8 floor bits), (bf16 hi, int8 seg(p))."""
   p = jnp.asarray(p)
   return {"f32": (p,),
           "pairs": backward.split_preactivation(p, jnp.bfloat16),
+          "floor-bits": backward.split_floor_bits(p, jnp.bfloat16),
           "segments": backward.save_preactivations([p], jnp.bfloat16, "segments", knots,
                                                    knots.shape[0])[0]}
 
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("form", ["f32", "pairs", "segments"])
+@pytest.mark.parametrize("form", ["f32", "pairs", "floor-bits", "segments"])
 @pytest.mark.parametrize("sub_rows, shape", [(2, (45, 200)), (4, (64, 256)), (1, (32, 128))])
 def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows, shape, form):
   """The one-pass segment-sum kernel vs float64 NumPy on what its input form carries (p; hi + lo;
@@ -339,14 +416,15 @@ def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows, shape, for
 @pytest.mark.parametrize("kind, residuals, tolerance", [
     ("kernel", None, 1e-5), ("kernel-residuals", None, 1e-5),
     ("kernel", "segments", BF16_TOLERANCE), ("kernel-residuals", "segments", BF16_TOLERANCE),
-    ("kernel-residuals", "preactivations", BF16_TOLERANCE)])
+    ("kernel-residuals", "preactivations", BF16_TOLERANCE),
+    ("kernel", "floor-bits", BF16_TOLERANCE), ("kernel-residuals", "floor-bits", BF16_TOLERANCE)])
 def test_interpret_backward_with_segment_sums_kernel(rng, kind, residuals, tolerance):
   """ffn_backward with the kernel's segment sums (``dispatch.SEGMENT_SUMS[kind]``, two 128-column
   chunks) equals autodiff: exactly (1e-5) when GEMM1 is recomputed, within the bf16 tolerance
-  reading bf16 residuals (segments; (hi, lo) pairs)."""
+  reading bf16 residuals (segments; (hi, lo) pairs; floor bits, with 15-bit knots)."""
   problem = make_problem(rng, rows=64, d_model=24, hidden=256, d_out=20, glu=True, bias=True,
                          dtype=jnp.float32)
-  activation = kernel_activation("pwl", glu=True)
+  activation = kernel_activation("pwl15" if residuals == "floor-bits" else "pwl", glu=True)
   dy = jnp.asarray(rng.normal(size=(64, 20)), jnp.float32)
   _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
   saved = None
@@ -368,7 +446,8 @@ def test_interpret_backward_with_segment_sums_kernel(rng, kind, residuals, toler
 @pytest.mark.parametrize("sub_rows, shape, dtypes", [
     (4, (4096, 1536), ("float32",)), (2, (4096, 1536), ("float32",)),
     (2, (1000, 3000), ("float32",)), (2, (8192, 3072), ("bfloat16", "bfloat16")),
-    (2, (1000, 3000), ("bfloat16", "int8")), (4, (8192, 1536), ("bfloat16", "int8"))])
+    (2, (1000, 3000), ("bfloat16", "int8")), (4, (8192, 1536), ("bfloat16", "int8")),
+    (2, (1000, 3000), ("bfloat16", "uint8"))])
 def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape, dtypes):
   knots = kernel_activation("pwl", glu=True).knots
   specs = [jax.ShapeDtypeStruct(shape, dtype) for dtype in (*dtypes, "float32")]
@@ -532,6 +611,10 @@ LOWERING_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(
             **dispatch.PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"),
         residuals="segments")),
+    "smollm2-glu-floor-bits": (8191, 576, 1536, 576, True, "pwl15", dataclasses.replace(
+        dispatch.EPILOGUE_GLU_F16, residuals="floor-bits")),
+    "gpt2-mlp-pingpong-floor-bits": (8192, 768, 3072, 768, False, "pwl15", dataclasses.replace(
+        dispatch.PINGPONG_MLP_F16, residuals="floor-bits")),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
@@ -752,6 +835,18 @@ GPU_CASES = {
     "epilogue-mlp-pwl-saved-kres": (513, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3), residuals="preactivations",
         segment_sums="kernel-residuals")),
+    "epilogue-glu-pwl-floor-bits": (1000, 576, 1000, 576, True, True, "pwl15", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16"),
+        residuals="floor-bits")),
+    "epilogue-glu-pwl-floor-bits-kres": (1000, 576, 1000, 576, True, True, "pwl15", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 128, 3, pwl_dtype="float16"),
+        residuals="floor-bits", segment_sums="kernel-residuals")),
+    "epilogue-pp-mlp-pwl-floor-bits": (513, 768, 3000, 700, False, True, "pwl15", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, pwl_dtype="float16",
+                                                    schedule="pingpong"),
+        residuals="floor-bits")),
+    "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",
                                               dispatch.Plan("epilogue", residuals="preactivations",
                                                             epilogue=kernels.EpilogueConfig(

@@ -24,6 +24,10 @@ backward:
                         u as bf16: 3 (MLP) or 5 (GLU) bytes. seg(p) is exact, so act'(p) and the
                         PWL-parameter sums see the forward's segment; ``join_segmented`` clips
                         hi into that segment (|p - joined| <= 2^-8 |p|).
+  * "floor-bits"     -- bf16 only: p as (bf16 hi, uint8 low bits) (``split_floor_bits``) and a
+                        GLU's u as bf16, the bytes of "segments" without the per-knot count:
+                        p' <= p within 2^-14 |p|, on p's side of every knot of 15 significant
+                        bits (the GPU op rounds a PWL's knots so, ``snap_knots``).
 """
 
 from __future__ import annotations
@@ -86,22 +90,82 @@ def join_segmented(hi: jax.Array, seg: jax.Array, knots: jax.Array) -> jax.Array
   return jnp.clip(hi.astype(f32), lower[index], upper[index])
 
 
+# Floor bits: lo = floor((p - hi) / step), step = 2^(E - 14) with E p's binary exponent. hi (8
+# significant bits, E_hi >= E) is a multiple of step, so p' = hi + lo step is the largest number
+# of p's 15-bit grid <= p: a knot t on that grid has t <= p' iff t <= p, and a knot of another
+# binade compares the same with p' (p' stays in p's binade). |lo| <= 64, stored + 64 as uint8.
+# Below 2^FLOOR_BITS_MIN_EXPONENT (where p - hi may be an f32 subnormal, which flush-to-zero
+# arithmetic drops) lo = 0 and p' = hi: still on p's side of a knot at 0 for |p| > 2^-134.
+FLOOR_BITS_MIN_EXPONENT = -100
+_MIN_FIELD = (127 + FLOOR_BITS_MIN_EXPONENT) << 23
+_LOW_OFFSET = 64
+
+
+def _exponent_field(x: jax.Array) -> jax.Array:
+  """The biased exponent bits of f32 x, in place (int32)."""
+  return lax.bitcast_convert_type(x, jnp.int32) & 0x7F800000
+
+
+def split_floor_bits(p: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """(hi, lo): hi = p rounded to bf16, lo = floor((p - hi) / 2^(E - 14)) + 64 as uint8 (see
+  ``FLOOR_BITS_MIN_EXPONENT``). Plain jnp without floor (Mosaic GPU lowers none): also the
+  kernel's epilogue encoder."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    raise ValueError(f"residuals='floor-bits': expected bfloat16 inputs, got {jnp.dtype(dtype)}")
+  hi = p.astype(jnp.bfloat16)
+  field = _exponent_field(p)
+  scale = lax.bitcast_convert_type(  # 2^(14 - E)
+      (127 << 23) - (jnp.maximum(field, _MIN_FIELD) - (141 << 23)), jnp.float32)
+  steps = (p - hi.astype(jnp.float32)) * jnp.where(field >= _MIN_FIELD, scale, 0.0)
+  truncated = steps.astype(jnp.int32).astype(jnp.float32)
+  low = jnp.where(steps < truncated, truncated - 1.0, truncated) + _LOW_OFFSET
+  return hi, low.astype(jnp.uint8)
+
+
+def join_floor_bits(hi: jax.Array, lo: jax.Array) -> jax.Array:
+  """p' from ``split_floor_bits``' parts: hi + (lo - 64) 2^(E_hi - 14), the step halved where p
+  lay one binade below hi (hi a power of two, lo pointing to smaller magnitudes); non-finite hi
+  is p' itself."""
+  high, low = hi.astype(jnp.float32), lo.astype(jnp.float32) - _LOW_OFFSET
+  power_of_two = (lax.bitcast_convert_type(high, jnp.int32) & 0x7FFFFF) == 0
+  below = jnp.where(power_of_two & (high * low < 0), 1 << 23, 0)
+  field = jnp.maximum(_exponent_field(high) - below, _MIN_FIELD)
+  step = lax.bitcast_convert_type(field - (14 << 23), jnp.float32)
+  return jnp.where(jnp.abs(high) < jnp.inf, high + low * step, high)
+
+
+def snap_knots(knots: jax.Array) -> jax.Array:
+  """Knots rounded to 15 significant bits (the floor-bits grid of their binade; exponents below
+  ``FLOOR_BITS_MIN_EXPONENT`` take its grid): a PWL moves by at most |Δslope| 2^-15 |t|."""
+  knots = knots.astype(jnp.float32)
+  step = lax.bitcast_convert_type(jnp.maximum(_exponent_field(knots), _MIN_FIELD) - (14 << 23),
+                                  jnp.float32)
+  return jnp.round(knots / step) * step
+
+
 def save_preactivations(pre: list, dtype, residuals: str, knots=None, num_knots: int = 0) -> tuple:
   """The saved parts of [p, u] (GLU: p = g) or [p] (MLP), f32 pre-activations, for ``residuals``
-  "preactivations" (a (hi, lo) pair each) or "segments" ((hi, seg(p)) for p, (hi,) for u; see the
-  module docstring). Plain jnp: also the forward kernel's epilogue encoder."""
+  "preactivations" (a (hi, lo) pair each), "segments" ((hi, seg(p)) for p, (hi,) for u) or
+  "floor-bits" ((hi, uint8 lo) for p, (hi,) for u); see the module docstring. Plain jnp: also the
+  forward kernel's epilogue encoder."""
   if residuals == "preactivations":
     return tuple(split_preactivation(p, dtype) for p in pre)
-  first = (pre[0].astype(dtype), segment_index(pre[0], knots, num_knots))
+  if residuals == "floor-bits":
+    first = split_floor_bits(pre[0], dtype)
+  else:
+    first = (pre[0].astype(dtype), segment_index(pre[0], knots, num_knots))
   return (first,) + tuple((p.astype(dtype),) for p in pre[1:])
 
 
 def join_saved(parts: tuple, knots=None) -> jax.Array:
-  """f32 pre-activation from one entry of ``save_preactivations``: a pair, (hi, int8 seg) or hi."""
+  """f32 pre-activation from one entry of ``save_preactivations``: a pair, (hi, int8 seg),
+  (hi, uint8 floor bits) or hi."""
   if len(parts) == 1:
     return parts[0].astype(jnp.float32)
   if parts[1].dtype == jnp.int8:
     return join_segmented(*parts, knots)
+  if parts[1].dtype == jnp.uint8:
+    return join_floor_bits(*parts)
   return join_preactivation(*parts)
 
 

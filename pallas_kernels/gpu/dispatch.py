@@ -44,6 +44,12 @@ it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``P
                         as bf16 + its int8 segment index, a GLU's u as bf16
                         (``backward.save_preactivations``); the index costs the forward kernel
                         13 us at SmolLM2, 50 us at gpt2-small (H200, M = 8192).
+  * "floor-bits"     -- the same bytes for bf16 inputs without the per-knot count: the
+                        activation's input as bf16 + uint8 low bits whose decoded value is on
+                        its side of every knot of 15 significant bits (``backward.
+                        split_floor_bits``); a PWL's knots are rounded to such (``backward.
+                        snap_knots``: the PWL moves by <= |Δslope| 2^-15 |t|). Not yet run on
+                        a GPU (benchmarks/NOTES.md, ninth session).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ DECODE_ROWS = 64  # M at or below this is "decode": one row block
 # temporary memory and was 5-20% slower.
 BACKWARD_CHUNK_ELEMENTS = 64 * 1024 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-RESIDUALS = ("recompute", "preactivations", "segments")
+RESIDUALS = ("recompute", "preactivations", "segments", "floor-bits")
 # Plan.segment_sums -> f(p_parts, g, knots) (``backward.ffn_backward``'s segment_sums): XLA's
 # band reductions, the one-pass kernel on an f32 copy of p, or the kernel reading the forward's
 # saved parts (no f32 copy; with "segments" its bands come from the int8 index and its p is the
@@ -86,9 +92,9 @@ D_HIDDEN = ("float32", "input")
 class Plan:
   """How to run one shape: ``path`` is "fused", "epilogue", "decode" or "xla" plus that path's
   config (``fused`` / ``epilogue`` / ``decode``), what the forward keeps for the backward
-  (``residuals``: "recompute", or on the epilogue path "preactivations" or "segments", see the
-  module docstring) and how many [M, chunk] elements the backward handles per chunk;
-  ``segment_sums``: how the backward sums a PWL's parameter gradients, "kernel"
+  (``residuals``: "recompute", or on the epilogue path "preactivations", "segments" or
+  "floor-bits", see the module docstring) and how many [M, chunk] elements the backward handles
+  per chunk; ``segment_sums``: how the backward sums a PWL's parameter gradients, "kernel"
   (``segment_sums_sm90``, one pass per chunk: 0.05 vs 0.23 ms at SmolLM2 M = 4096 on the H200),
   "kernel-residuals" (the same reading the saved residuals, see ``SEGMENT_SUMS``; the GLU + PWL
   plans' choice) or "xla" (``pwl_segment_sums``); ``backward``: "xla" (chunked) or "epilogue"
@@ -202,15 +208,16 @@ def pingpong_tiles(config: kernels.EpilogueConfig, glu: bool) -> kernels.Epilogu
                              **PINGPONG_GLU_TILES if glu else PINGPONG_MLP_TILES)
 
 
-def with_segments(plan: Plan, glu: bool) -> Plan:
-  """``plan`` saving residuals="segments" (a PWL's); epilogue tiles that leave no SMEM for the
-  int8 staging slot (gpt2-small's cooperative MLP 128 x 128 x 3) become 64 x 256."""
+def with_segments(plan: Plan, glu: bool, residuals: str = "segments") -> Plan:
+  """``plan`` saving ``residuals`` "segments" (a PWL's) or "floor-bits" (both with a one-byte
+  part); epilogue tiles that leave no SMEM for the one-byte staging slot (gpt2-small's
+  cooperative MLP 128 x 128 x 3) become 64 x 256."""
   tiles = plan.epilogue
-  saved = [t for parts in kernels.saved_part_dtypes("segments", 1 + glu, jnp.bfloat16)
+  saved = [t for parts in kernels.saved_part_dtypes(residuals, 1 + glu, jnp.bfloat16)
            for t in parts]
   if tiles.smem_bytes(1 + glu, jnp.bfloat16, tuple(saved)) > kernels.SMEM_BYTES:
     tiles = dataclasses.replace(tiles, tile_m=64, tile_n=256)
-  return dataclasses.replace(plan, epilogue=tiles, residuals="segments")
+  return dataclasses.replace(plan, epilogue=tiles, residuals=residuals)
 
 
 def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl: bool) -> Plan:
@@ -374,5 +381,11 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
     raise NotImplementedError(
         "backward='epilogue' with a PWL: its PWL-parameter gradients missed the 1e-2 tolerance "
         "on rare inputs (1.5e-2 on the H200; benchmarks/NOTES.md); backward='xla'")
+  knots = activation.knots
+  if plan.residuals == "floor-bits":
+    if x.dtype != jnp.bfloat16:
+      raise NotImplementedError(f"residuals='floor-bits' needs bfloat16 inputs, got {x.dtype}")
+    if knots is not None:  # forward and backward both see the 15-bit knots the residual keeps
+      knots = backward.snap_knots(knots)
   return _ffn(plan, activation.kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
-              activation.knots, activation.slopes, activation.intercepts)
+              knots, activation.slopes, activation.intercepts)

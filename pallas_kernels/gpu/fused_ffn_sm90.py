@@ -188,7 +188,7 @@ def store_slice(values, gmems, staging, wg, epi: int, destination) -> None:
   """TMA-store epilogue window ``epi``'s values (one per output, ``destination(gmem)`` its
   window) through the warpgroup's SMEM staging: ``staging`` holds one [2 warpgroups, slots,
   rows, EPILOGUE_N] buffer per output (``EpilogueConfig.staging="per_output"``), or an x-dtype
-  buffer the wide outputs take in turn plus, for int8 outputs, an int8 one ("shared"). A slot
+  buffer the wide outputs take in turn plus, for one-byte outputs, a one-byte one ("shared"). A slot
   is refilled once the store that last used it has read it: with k stores issued since,
   ``wait_smem_to_gmem(k)``; a slot not yet used in this tile needs no wait, because a tile's
   first store waits for all (the previous tile's stores may have left the slots in another
@@ -196,7 +196,7 @@ def store_slice(values, gmems, staging, wg, epi: int, destination) -> None:
   if len(staging) == len(values):
     buffer_of = list(range(len(values)))
   else:
-    buffer_of = [len(staging) - 1 if gmem.dtype == jnp.int8 else 0 for gmem in gmems]
+    buffer_of = [len(staging) - 1 if gmem.dtype.itemsize == 1 else 0 for gmem in gmems]
   order = staging_order(buffer_of, [buffer.shape[1] for buffer in staging], epi + 1)
   first = len(order) - len(values)
   for j, (value, gmem) in enumerate(zip(values, gmems)):
@@ -243,8 +243,8 @@ class EpilogueConfig:
   ping-pong) so the activation's temporaries stay small, and TMA-stores each window's outputs
   (``a`` and any saved parts) through SMEM staging slots, ``staging``:
 
-    * "shared"     -- two slots per warpgroup in x's dtype taken in turn (plus one int8 slot
-      when segments are saved): one store in flight while the next is staged;
+    * "shared"     -- two slots per warpgroup in x's dtype taken in turn (plus one one-byte
+      slot when segments or floor bits are saved): one store in flight while the next is staged;
     * "per_output" -- each output its own slot (two when ``a`` is the only output): with n
       outputs, n - 1 stores stay in flight. More SMEM. Built for the residual-saving forward
       (3-4 stores per window); on the H200 it changed the training step's forward kernel by
@@ -300,8 +300,10 @@ class EpilogueConfig:
     out_dtypes = [jnp.dtype(t) for t in out_dtypes]
     if self.staging == "per_output":
       return [(2 if len(out_dtypes) == 1 else 1, t) for t in out_dtypes]
-    int8 = jnp.dtype(jnp.int8)
-    return [(2, out_dtypes[0])] + [(1, int8)] * (int8 in out_dtypes)
+    one_byte = [t for t in out_dtypes[1:] if t.itemsize == 1]
+    if len(set(one_byte)) > 1:
+      raise ValueError(f"staging: one one-byte output dtype per kernel, got {one_byte}")
+    return [(2, out_dtypes[0])] + [(1, t) for t in one_byte[:1]]
 
   def smem_bytes(self, num_weights: int, dtype, saved: tuple = ()) -> int:
     itemsize = jnp.dtype(dtype).itemsize
@@ -333,12 +335,12 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
   from ``activation_table`` (PWL) or None. D and H must be multiples of 64.
 
-  With ``saves`` ("preactivations" or "segments", a PWL's) it returns ``(a, (g, u))`` (GLU:
-  g = x W_gate + b_gate, u = x W_up + b_up) or ``(a, (u,))`` (MLP), written from the same
-  epilogue: the residuals a backward needs instead of recomputing GEMM1, each a tuple of [M, H]
-  arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype; or (hi, int8
-  segment) for the activation's input and (hi,) for u), staged for their TMA stores as
-  ``config.staging`` says.
+  With ``saves`` ("preactivations", "segments" (a PWL's) or "floor-bits") it returns
+  ``(a, (g, u))`` (GLU: g = x W_gate + b_gate, u = x W_up + b_up) or ``(a, (u,))`` (MLP), written
+  from the same epilogue: the residuals a backward needs instead of recomputing GEMM1, each a
+  tuple of [M, H] arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype;
+  or (hi, int8 segment) / (hi, uint8 floor bits) for the activation's input and (hi,) for u),
+  staged for their TMA stores as ``config.staging`` says.
   """
   m, d = x.shape
   hidden = w_up.shape[1]

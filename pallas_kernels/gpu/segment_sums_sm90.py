@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import segment_bands
-from pallas_kernels.gpu.backward import join_preactivation
+from pallas_kernels.gpu.backward import join_floor_bits, join_preactivation
 from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS, TABLE_ALIGN
 
 TILE_ROWS = 32
@@ -48,10 +48,12 @@ def unsupported_reason(parts: tuple, g: jax.Array) -> str | None:
     return f"expected 2-D arrays of one shape, got {described}"
   dtypes = [part.dtype for part in parts]
   halves = (jnp.bfloat16, jnp.float16)
-  if g.dtype == jnp.float32 and (dtypes == [jnp.float32] or (
+  floor_bits = dtypes == [jnp.bfloat16, jnp.uint8]
+  if g.dtype == jnp.float32 and (dtypes == [jnp.float32] or floor_bits or (
       len(dtypes) == 2 and dtypes[0] in halves and dtypes[1] in (dtypes[0], jnp.int8))):
     return None
-  return ("expected float32 g, and p as float32, a bf16/f16 (hi, lo) pair or (hi, int8 seg); "
+  return ("expected float32 g, and p as float32, a bf16/f16 (hi, lo) pair, (hi, int8 seg) or "
+          "(bf16 hi, uint8 floor bits); "
           f"got {described}")
 
 
@@ -67,7 +69,8 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
 
   ``x``: the activation's input p as an f32 array or in a saved form of
   ``backward.save_preactivations``, read as such (no f32 copy of p in HBM): a (hi, lo) pair,
-  p = hi + lo, or (hi, int8 seg(p)), whose bands are seg == j (exact: the forward's segment) and
+  p = hi + lo, (bf16 hi, uint8 floor bits) decoded by ``backward.join_floor_bits``, or (hi, int8
+  seg(p)), whose bands are seg == j (exact: the forward's segment) and
   whose p is hi (|hi - p| <= 2^-9 |p| for bf16; ``backward.join_segmented``'s clip into the
   segment, which cost ~4 instructions per band and element, is left out). g: f32.
   ``sub_rows`` (1, 2 or 4): rows per register slice; each of the 2(K+1) accumulators holds
@@ -99,7 +102,12 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
     if segmented:
       seg = loaded[1].astype(jnp.int32)
       return [seg == j for j in range(segments)], loaded[0].astype(jnp.float32)
-    p = loaded[0] if len(loaded) == 1 else join_preactivation(*loaded)
+    if len(loaded) == 1:
+      p = loaded[0]
+    elif loaded[1].dtype == jnp.uint8:
+      p = join_floor_bits(*loaded)
+    else:
+      p = join_preactivation(*loaded)
     return segment_bands(p, thresholds), p
 
   def segment_sums_kernel(*refs):
