@@ -416,27 +416,34 @@ def test_interpret_segment_sums_kernel_matches_float64(rng, sub_rows, shape, for
 @pytest.mark.parametrize("kind, residuals, tolerance", [
     ("kernel", None, 1e-5), ("kernel-residuals", None, 1e-5),
     ("kernel", "segments", BF16_TOLERANCE), ("kernel-residuals", "segments", BF16_TOLERANCE),
-    ("kernel-residuals", "preactivations", BF16_TOLERANCE),
+    ("kernel-residuals", "preactivations", 1e-5),
     ("kernel", "floor-bits", BF16_TOLERANCE), ("kernel-residuals", "floor-bits", BF16_TOLERANCE)])
 def test_interpret_backward_with_segment_sums_kernel(rng, kind, residuals, tolerance):
   """ffn_backward with the kernel's segment sums (``dispatch.SEGMENT_SUMS[kind]``, two 128-column
   chunks) equals autodiff: exactly (1e-5) when GEMM1 is recomputed, within the bf16 tolerance
-  reading bf16 residuals (segments; (hi, lo) pairs; floor bits, with 15-bit knots)."""
+  reading bf16 residuals that keep every knot side (segments; floor bits, with 15-bit knots).
+  (hi, lo) pairs do not (a p within 2^-17 of a knot may cross it, which moved the PWL-parameter
+  gradients of this small problem by 5% in one CI run): read in the kernel, they must give what
+  joining them in XLA first ("kernel") gives, 1e-5."""
   problem = make_problem(rng, rows=64, d_model=24, hidden=256, d_out=20, glu=True, bias=True,
                          dtype=jnp.float32)
   activation = kernel_activation("pwl15" if residuals == "floor-bits" else "pwl", glu=True)
   dy = jnp.asarray(rng.normal(size=(64, 20)), jnp.float32)
-  _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
   saved = None
   if residuals:
     pre = lambda w, b: jnp.dot(problem["x"], problem[w], precision="highest") + problem[b]
     saved = backward.save_preactivations([pre("w_gate", "b_gate"), pre("w_up", "b_up")],
                                          jnp.bfloat16, residuals, activation.knots,
                                          activation.knots.shape[0])
+  run = lambda sums: backward.ffn_backward(
+      *[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
+      precision=jax.lax.Precision.HIGHEST, preactivations=saved, segment_sums=sums)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    grads = backward.ffn_backward(*[problem[n] for n in ARG_NAMES], activation, dy, chunk=128,
-                                  precision=jax.lax.Precision.HIGHEST, preactivations=saved,
-                                  segment_sums=dispatch.SEGMENT_SUMS[kind])
+    grads = run(dispatch.SEGMENT_SUMS[kind])
+    if residuals == "preactivations":
+      expected = [g for g in run(dispatch.SEGMENT_SUMS["kernel"]) if g is not None]
+    else:
+      _, expected = loss_and_grads(reference_in_float32, problem, activation, dy)
   got = [g for g in grads if g is not None]
   assert len(got) == len(expected)
   for index, (g, want) in enumerate(zip(got, expected)):
