@@ -108,15 +108,14 @@ def main(argv=None) -> int:
     pwl = to_kernel_activation(ff.fit(shape.activation, 16))
     plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                                 True)
-    segments = dispatch.with_segments(plan, shape.glu).epilogue
+    segments = dispatch.with_residuals(plan, shape.glu, "segments").epilogue
     pingpong = dispatch.pingpong_tiles(plan.epilogue, shape.glu)
     # half-width ping-pong tiles: half the unrolled epilogue code per warpgroup (gpt2-small's
     # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
     narrow = dataclasses.replace(pingpong, tile_n=64)
     trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
         lambda act: kernel_forward(act, dataclasses.replace(
-            dispatch.with_segments(plan, shape.glu, residuals)
-            if residuals in ("segments", "floor-bits") else plan, segment_sums=segment_sums)),
+            dispatch.with_residuals(plan, shape.glu, residuals), segment_sums=segment_sums)),
         pwl)
     steps = {"pwl-grads": ("library default plan, also differentiated w.r.t. the PWL's slopes "
                            "and intercepts (trainable PWLs; segment_sums='kernel')",
@@ -130,7 +129,8 @@ def main(argv=None) -> int:
                             "PWL-16", kernel_forward(pwl, plan)),
                 "segments": (f"same saving residuals='segments' ({segments.tile_m}x"
                              f"{segments.tile_n} tiles), PWL-16",
-                             kernel_forward(pwl, dispatch.with_segments(plan, shape.glu))),
+                             kernel_forward(pwl, dispatch.with_residuals(plan, shape.glu,
+                                                                         "segments"))),
                 "pingpong": (f"same with the ping-pong forward ({pingpong.tile_m}x"
                              f"{pingpong.tile_n} tiles per warpgroup), PWL-16",
                              kernel_forward(pwl, dataclasses.replace(plan, epilogue=pingpong))),
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
                                       "PWL-16", kernel_forward(pwl, dataclasses.replace(
                                           plan, epilogue=pingpong, residuals="segments"))),
                 "floor-bits": ("same saving residuals='floor-bits', PWL-16 (knots rounded "
-                               "to 15 bits)", kernel_forward(pwl, dispatch.with_segments(
+                               "to 15 bits)", kernel_forward(pwl, dispatch.with_residuals(
                                    plan, shape.glu, "floor-bits"))),
                 "pingpong-floor-bits": ("same ping-pong forward saving residuals='floor-bits', "
                                         "PWL-16", kernel_forward(pwl, dataclasses.replace(

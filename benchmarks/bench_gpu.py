@@ -376,8 +376,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     train_name = epilogue_name(train_plan.epilogue)
     for kept in residuals:
       seen_chunks = set()
-      kept_plan = (dispatch.with_segments(train_plan, shape.glu, kept)
-                   if kept in ("segments", "floor-bits") else train_plan)
+      kept_plan = dispatch.with_residuals(train_plan, shape.glu, kept)
       kept_name = epilogue_name(kept_plan.epilogue)
       for chunk_mi in backward_chunks_mi:
         chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
@@ -385,7 +384,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
           seen_chunks.add(chunk)
           for d_hidden in d_hiddens:
             plan = dataclasses.replace(kept_plan, backward_chunk_elements=chunk_mi * 2**20,
-                                       residuals=kept, d_hidden=d_hidden)
+                                       d_hidden=d_hidden)
             suffix = "" if d_hidden == "float32" else "-dh16"
             variants.append((f"{kept_name}-{kept[:5]}-bwd{chunk_mi}Mi{suffix}",
                              kernel_forward(act_pwl, plan)))

@@ -28,9 +28,9 @@ one compare per element (p != p), the floor without any count. "float16", "low-b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -89,17 +89,6 @@ SEGMENT_COUNTS = {"float32": backward.segment_index,
                   "none": lambda p, knots, num_knots: (p != p).astype(jnp.int8)}
 
 
-@contextlib.contextmanager
-def segment_count(kind: str):
-  """Trace the epilogue's ``save_preactivations`` with ``SEGMENT_COUNTS[kind]``."""
-  library = backward.segment_index
-  backward.segment_index = SEGMENT_COUNTS[kind]
-  try:
-    yield
-  finally:
-    backward.segment_index = library
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="smollm2")
@@ -123,7 +112,8 @@ def main(argv=None) -> int:
   run = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
       config=config, saves=args.saves))
-  with segment_count(args.segment_count):
+  # the epilogue's save_preactivations looks segment_index up when traced
+  with mock.patch.object(backward, "segment_index", SEGMENT_COUNTS[args.segment_count]):
     run = run.lower(x, w_up, w_gate).compile()
   label = f"{args.shape} {config} saves={args.saves} segment count {args.segment_count}"
   if args.profile:

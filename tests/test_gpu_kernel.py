@@ -548,15 +548,16 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
     kernels.EpilogueConfig(128, 128, 3).check(1, jnp.bfloat16, segments)
   kernels.EpilogueConfig(128, 128, 3).check(1, jnp.bfloat16)
   kernels.EpilogueConfig(64, 256, 3).check(1, jnp.bfloat16, segments)
-  # with_segments keeps tiles that fit (GLU 64 x 128) and moves the MLP's to 64 x 256
-  glu = dispatch.with_segments(dispatch.EPILOGUE_GLU, glu=True)
-  mlp = dispatch.with_segments(dispatch.EPILOGUE_MLP_F16, glu=False)
+  # with_residuals keeps tiles that fit (GLU 64 x 128) and moves the MLP's to 64 x 256
+  glu = dispatch.with_residuals(dispatch.EPILOGUE_GLU, glu=True, residuals="segments")
+  mlp = dispatch.with_residuals(dispatch.EPILOGUE_MLP_F16, glu=False, residuals="segments")
   assert glu.residuals == mlp.residuals == "segments"
   assert glu.epilogue == dispatch.EPILOGUE_GLU.epilogue
   assert (mlp.epilogue.tile_m, mlp.epilogue.tile_n, mlp.epilogue.pwl_dtype) == (64, 256, "float16")
   # ping-pong stages its stores in 64-row windows: the int8 slot fits beside 128 x 128 x 4 tiles
   pingpong = dispatch.PINGPONG_MLP_F16.epilogue
-  assert dispatch.with_segments(dispatch.PINGPONG_MLP_F16, glu=False).epilogue == pingpong
+  assert dispatch.with_residuals(dispatch.PINGPONG_MLP_F16, glu=False,
+                                 residuals="segments").epilogue == pingpong
 
 
 def test_public_op_refuses_the_dgrad_kernel_with_a_pwl(rng, monkeypatch):

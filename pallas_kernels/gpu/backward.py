@@ -106,6 +106,12 @@ def _exponent_field(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(x, jnp.int32) & 0x7F800000
 
 
+def _grid_step(field: jax.Array) -> jax.Array:
+  """2^(E - 14) for the exponent field of 2^E (E floored at ``FLOOR_BITS_MIN_EXPONENT``): the
+  spacing of the 15-bit grid of that binade."""
+  return lax.bitcast_convert_type(jnp.maximum(field, _MIN_FIELD) - (14 << 23), jnp.float32)
+
+
 def split_floor_bits(p: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   """(hi, lo): hi = p rounded to bf16, lo = floor((p - hi) / 2^(E - 14)) + 64 as uint8 (see
   ``FLOOR_BITS_MIN_EXPONENT``). Plain jnp without floor (Mosaic GPU lowers none): also the
@@ -129,8 +135,7 @@ def join_floor_bits(hi: jax.Array, lo: jax.Array) -> jax.Array:
   high, low = hi.astype(jnp.float32), lo.astype(jnp.float32) - _LOW_OFFSET
   power_of_two = (lax.bitcast_convert_type(high, jnp.int32) & 0x7FFFFF) == 0
   below = jnp.where(power_of_two & (high * low < 0), 1 << 23, 0)
-  field = jnp.maximum(_exponent_field(high) - below, _MIN_FIELD)
-  step = lax.bitcast_convert_type(field - (14 << 23), jnp.float32)
+  step = _grid_step(_exponent_field(high) - below)
   return jnp.where(jnp.abs(high) < jnp.inf, high + low * step, high)
 
 
@@ -138,8 +143,7 @@ def snap_knots(knots: jax.Array) -> jax.Array:
   """Knots rounded to 15 significant bits (the floor-bits grid of their binade; exponents below
   ``FLOOR_BITS_MIN_EXPONENT`` take its grid): a PWL moves by at most |Δslope| 2^-15 |t|."""
   knots = knots.astype(jnp.float32)
-  step = lax.bitcast_convert_type(jnp.maximum(_exponent_field(knots), _MIN_FIELD) - (14 << 23),
-                                  jnp.float32)
+  step = _grid_step(_exponent_field(knots))
   return jnp.round(knots / step) * step
 
 

@@ -208,12 +208,13 @@ def pingpong_tiles(config: kernels.EpilogueConfig, glu: bool) -> kernels.Epilogu
                              **PINGPONG_GLU_TILES if glu else PINGPONG_MLP_TILES)
 
 
-def with_segments(plan: Plan, glu: bool, residuals: str = "segments") -> Plan:
-  """``plan`` saving ``residuals`` "segments" (a PWL's) or "floor-bits" (both with a one-byte
-  part); epilogue tiles that leave no SMEM for the one-byte staging slot (gpt2-small's
-  cooperative MLP 128 x 128 x 3) become 64 x 256."""
+def with_residuals(plan: Plan, glu: bool, residuals: str) -> Plan:
+  """``plan`` (epilogue path) saving ``residuals`` (a ``RESIDUALS`` kind); epilogue tiles that
+  leave no SMEM for the staging of the saved parts (gpt2-small's cooperative MLP 128 x 128 x 3
+  with the one-byte slot of "segments" / "floor-bits") become 64 x 256."""
   tiles = plan.epilogue
-  saved = [t for parts in kernels.saved_part_dtypes(residuals, 1 + glu, jnp.bfloat16)
+  saves = None if residuals == "recompute" else residuals
+  saved = [t for parts in kernels.saved_part_dtypes(saves, 1 + glu, jnp.bfloat16)
            for t in parts]
   if tiles.smem_bytes(1 + glu, jnp.bfloat16, tuple(saved)) > kernels.SMEM_BYTES:
     tiles = dataclasses.replace(tiles, tile_m=64, tile_n=256)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import segment_bands
-from pallas_kernels.gpu.backward import join_floor_bits, join_preactivation
+from pallas_kernels.gpu.backward import join_saved
 from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS, TABLE_ALIGN
 
 TILE_ROWS = 32
@@ -102,12 +102,7 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
     if segmented:
       seg = loaded[1].astype(jnp.int32)
       return [seg == j for j in range(segments)], loaded[0].astype(jnp.float32)
-    if len(loaded) == 1:
-      p = loaded[0]
-    elif loaded[1].dtype == jnp.uint8:
-      p = join_floor_bits(*loaded)
-    else:
-      p = join_preactivation(*loaded)
+    p = join_saved(loaded)
     return segment_bands(p, thresholds), p
 
   def segment_sums_kernel(*refs):
