@@ -322,30 +322,37 @@ def test_segment_index_and_join():
 
 @on_cpu_only
 def test_floor_bits_keep_every_knot_compare(rng):
-  """split/join_floor_bits: p' <= p within 2^-14 |p|, on p's side of every knot of 15
-  significant bits (``snap_knots``), for |p| >= 2^-100 and p = +-0: random p at several scales,
-  p on knots and one f32 ulp either side, powers of two (hi may round into the next binade) and
-  their neighbours; NaN and infinities survive; f16 is refused. Unsnapped knots do flip."""
+  """split/join_floor_bits: p' <= p within 2^-14 |p| (normal p), on p's side of every knot of
+  15 significant bits (``snap_knots``): random p at scales from subnormal to 1e25, p on knots and
+  one f32 ulp either side, powers of two and their neighbours, +-0, the largest finite f32s (-max
+  floors to -inf); NaN and infinities survive; f16 is refused. Unsnapped knots do flip."""
   def decoded(p):
     return backward.join_saved(backward.split_floor_bits(jnp.asarray(p), jnp.bfloat16))
-  for scale in (1e-20, 1e-2, 1.0, 30.0, 1e25):
+  big = np.finfo(np.float32).max
+  for scale in (1e-40, 1e-20, 1e-2, 1.0, 30.0, 1e25):
     knots = np.unique(np.asarray(backward.snap_knots(
         jnp.asarray(np.append(rng.uniform(-4, 4, 15) * scale, 0.0), jnp.float32))))
     assert np.array_equal(np.asarray(backward.snap_knots(jnp.asarray(knots))), knots)
-    powers = np.float32(2.0) ** np.arange(-100, 127, 3, dtype=np.float32)
+    powers = np.float32(2.0) ** np.arange(-149, 127, 3, dtype=np.float32)
     powers = np.concatenate([powers, -powers])
     near_knots = knots * (1 + rng.uniform(-2**-13, 2**-13, (500, 1)))
     p = np.concatenate([
-        rng.standard_normal(20_000) * 2 * scale, near_knots.ravel(), [0.0, -0.0, np.nan, np.inf],
+        rng.standard_normal(20_000) * 2 * scale, near_knots.ravel(),
+        [0.0, -0.0, np.nan, np.inf, -np.inf, big, -big],  # NaNs of either sign, low bits set:
+        np.array([0xFFFFFFFF, 0x7FFFFFFF], np.uint32).view(np.float32),
         *[np.nextafter(a.astype(np.float32), np.float32(d)) for a in (knots, powers)
           for d in (np.inf, -np.inf, 0.0)]]).astype(np.float32)
     got = decoded(p)
     np.testing.assert_array_equal(backward.segment_index(got, knots, knots.size),
                                   backward.segment_index(jnp.asarray(p), knots, knots.size))
-    normal = np.isfinite(p) & (np.abs(p) >= 2.0**-100)
-    exact, approx = p[normal].astype(np.float64), np.asarray(got, np.float64)[normal]
-    assert np.all(approx <= exact) and np.max((exact - approx) / np.abs(exact)) < 2.0**-14
-    assert np.isnan(np.asarray(got)[np.isnan(p)]).all() and np.asarray(got)[np.isinf(p)][0] > 0
+    finite = np.isfinite(p)
+    exact, approx = p[finite].astype(np.float64), np.asarray(got, np.float64)[finite]
+    assert np.all(approx <= exact)
+    normal = (np.abs(exact) >= np.finfo(np.float32).tiny) & np.isfinite(approx)
+    assert np.max((exact - approx)[normal] / np.abs(exact[normal])) < 2.0**-14
+    assert np.isneginf(approx[exact == -big]).all()
+    assert np.isnan(np.asarray(got)[np.isnan(p)]).all()
+    np.testing.assert_array_equal(np.asarray(got)[np.isinf(p)], p[np.isinf(p)])
   unsnapped = np.sort(rng.uniform(-4, 4, 16)).astype(np.float32)
   p = (unsnapped * (1 + rng.uniform(-2**-13, 2**-13, (500, 1)))).astype(np.float32)
   flips = (backward.segment_index(decoded(p), unsnapped, 16)

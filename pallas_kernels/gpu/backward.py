@@ -90,61 +90,49 @@ def join_segmented(hi: jax.Array, seg: jax.Array, knots: jax.Array) -> jax.Array
   return jnp.clip(hi.astype(f32), lower[index], upper[index])
 
 
-# Floor bits: lo = floor((p - hi) / step), step = 2^(E - 14) with E p's binary exponent. hi (8
-# significant bits, E_hi >= E) is a multiple of step, so p' = hi + lo step is the largest number
-# of p's 15-bit grid <= p: a knot t on that grid has t <= p' iff t <= p, and a knot of another
-# binade compares the same with p' (p' stays in p's binade). |lo| <= 64, stored + 64 as uint8.
-# Below 2^FLOOR_BITS_MIN_EXPONENT (where p - hi may be an f32 subnormal, which flush-to-zero
-# arithmetic drops) lo = 0 and p' = hi: still on p's side of a knot at 0 for |p| > 2^-134.
-FLOOR_BITS_MIN_EXPONENT = -100
-_MIN_FIELD = (127 + FLOOR_BITS_MIN_EXPONENT) << 23
-_LOW_OFFSET = 64
+# Floor bits: p' = p rounded toward -inf onto the grid of f32 numbers whose 9 low bits are zero
+# (15 significant bits for normal numbers, spacing 2^-140 among subnormals), split into its high
+# 16 bits (exactly a bf16) and the next 7 (a uint8). A knot t on that grid has t <= p' iff
+# t <= p, so segments and act' are exact without the per-knot count. Bit operations only: no
+# float rounding, so flush-to-zero arithmetic cannot move p', and the decoder is a shift and an
+# or. The rounding keeps infinities and quiet NaNs (every NaN arithmetic makes) - a signalling
+# NaN whose payload lies in the low 16 bits alone would become an infinity.
+_LOW_MASK = (1 << 9) - 1
 
 
-def _exponent_field(x: jax.Array) -> jax.Array:
-  """The biased exponent bits of f32 x, in place (int32)."""
-  return lax.bitcast_convert_type(x, jnp.int32) & 0x7F800000
-
-
-def _grid_step(field: jax.Array) -> jax.Array:
-  """2^(E - 14) for the exponent field of 2^E (E floored at ``FLOOR_BITS_MIN_EXPONENT``): the
-  spacing of the 15-bit grid of that binade."""
-  return lax.bitcast_convert_type(jnp.maximum(field, _MIN_FIELD) - (14 << 23), jnp.float32)
+def _floor_to_grid(p: jax.Array) -> jax.Array:
+  """The int32 bits of p rounded toward -inf onto the 9-low-bits-zero grid: truncation moves a
+  negative p up, so an inexact negative p takes the grid step below (adding to the bits of a
+  negative float grows its magnitude; -max rounds to -inf). The sign test is on the bits (a
+  float compare may flush subnormals): as int32, -0 ... -inf are INT_MIN ... -2^23, negative NaNs
+  above that (kept)."""
+  bits = lax.bitcast_convert_type(p.astype(jnp.float32), jnp.int32)
+  kept = bits & ~_LOW_MASK
+  return kept + jnp.where((bits <= -(1 << 23)) & (kept != bits), _LOW_MASK + 1, 0)
 
 
 def split_floor_bits(p: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """(hi, lo): hi = p rounded to bf16, lo = floor((p - hi) / 2^(E - 14)) + 64 as uint8 (see
-  ``FLOOR_BITS_MIN_EXPONENT``). Plain jnp without floor (Mosaic GPU lowers none): also the
-  kernel's epilogue encoder."""
+  """(hi, lo) of ``_floor_to_grid(p)``: hi its high 16 bits as bf16, lo its next 7 as uint8.
+  Plain jnp without floor or shifts of unsigned types: also the kernel's epilogue encoder."""
   if jnp.dtype(dtype) != jnp.bfloat16:
     raise ValueError(f"residuals='floor-bits': expected bfloat16 inputs, got {jnp.dtype(dtype)}")
-  hi = p.astype(jnp.bfloat16)
-  field = _exponent_field(p)
-  scale = lax.bitcast_convert_type(  # 2^(14 - E)
-      (127 << 23) - (jnp.maximum(field, _MIN_FIELD) - (141 << 23)), jnp.float32)
-  steps = (p - hi.astype(jnp.float32)) * jnp.where(field >= _MIN_FIELD, scale, 0.0)
-  truncated = steps.astype(jnp.int32).astype(jnp.float32)
-  low = jnp.where(steps < truncated, truncated - 1.0, truncated) + _LOW_OFFSET
-  return hi, low.astype(jnp.uint8)
+  floored = _floor_to_grid(p)
+  hi = lax.bitcast_convert_type(floored & ~0xFFFF, jnp.float32).astype(jnp.bfloat16)
+  lo = lax.shift_right_logical(floored, 9) & 0x7F
+  return hi, lo.astype(jnp.uint8)
 
 
 def join_floor_bits(hi: jax.Array, lo: jax.Array) -> jax.Array:
-  """p' from ``split_floor_bits``' parts: hi + (lo - 64) 2^(E_hi - 14), the step halved where p
-  lay one binade below hi (hi a power of two, lo pointing to smaller magnitudes); non-finite hi
-  is p' itself."""
-  high, low = hi.astype(jnp.float32), lo.astype(jnp.float32) - _LOW_OFFSET
-  power_of_two = (lax.bitcast_convert_type(high, jnp.int32) & 0x7FFFFF) == 0
-  below = jnp.where(power_of_two & (high * low < 0), 1 << 23, 0)
-  step = _grid_step(_exponent_field(high) - below)
-  return jnp.where(jnp.abs(high) < jnp.inf, high + low * step, high)
+  """p' from ``split_floor_bits``' parts: the bits of hi, then lo's 7 bits below them."""
+  high = lax.bitcast_convert_type(hi.astype(jnp.float32), jnp.int32)
+  return lax.bitcast_convert_type(high | (lo.astype(jnp.int32) << 9), jnp.float32)
 
 
 def snap_knots(knots: jax.Array) -> jax.Array:
-  """Knots rounded to 15 significant bits (the floor-bits grid of their binade; exponents below
-  ``FLOOR_BITS_MIN_EXPONENT`` take its grid): a PWL moves by at most |Δslope| 2^-15 |t|."""
-  knots = knots.astype(jnp.float32)
-  step = _grid_step(_exponent_field(knots))
-  return jnp.round(knots / step) * step
+  """Knots rounded to the floor-bits grid (15 significant bits; the nearest point, ties away
+  from zero): a PWL moves by at most |Δslope| 2^-15 |t|."""
+  bits = lax.bitcast_convert_type(knots.astype(jnp.float32), jnp.int32)
+  return lax.bitcast_convert_type((bits + (_LOW_MASK + 1) // 2) & ~_LOW_MASK, jnp.float32)
 
 
 def save_preactivations(pre: list, dtype, residuals: str, knots=None, num_knots: int = 0) -> tuple:
