@@ -92,10 +92,10 @@ def main(argv=None) -> int:
   parser.add_argument("--shapes", default="smollm2,gpt2-small")
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
-                      help="which steps to profile: xla, default, segments, pingpong, "
+                      help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
                            "pingpong-segments-n64, per-output, dh16, dgrad, pwl-grads, "
-                           "pwl-grads-kres, pwl-grads-floor-bits")
+                           "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -123,10 +123,16 @@ def main(argv=None) -> int:
              "pwl-grads-kres": ("same with the segment sums reading the saved residuals "
                                 "(segment_sums='kernel-residuals')", trainable("kernel-residuals")),
              "pwl-grads-floor-bits": ("same saving residuals='floor-bits' (segment sums on the "
-                                      "joined p')", trainable("kernel", "floor-bits"))}
+                                      "joined p')", trainable("kernel", "floor-bits")),
+             "pwl-grads-floor-bits-kres": ("same decoding the floor bits in the segment-sum "
+                                           "kernel (segment_sums='kernel-residuals')",
+                                           trainable("kernel-residuals", "floor-bits"))}
     variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),
                 "default": (f"library default plan ({plan.path}, residuals={plan.residuals}), "
                             "PWL-16", kernel_forward(pwl, plan)),
+                "pairs": ("same saving residuals='preactivations' ((hi, lo) pairs), PWL-16",
+                          kernel_forward(pwl, dispatch.with_residuals(plan, shape.glu,
+                                                                      "preactivations"))),
                 "segments": (f"same saving residuals='segments' ({segments.tile_m}x"
                              f"{segments.tile_n} tiles), PWL-16",
                              kernel_forward(pwl, dispatch.with_residuals(plan, shape.glu,

@@ -99,11 +99,15 @@ def reference_in_float32(*args):
 
 
 def check_against_reference(problem, activation, plan):
-  """Forward output and all gradients of the kernel path vs the float32 XLA reference."""
+  """Forward output and all gradients of the kernel path vs the float32 XLA reference; ``plan``
+  None: the public op's own choice (``ffn_mosaic_gpu``)."""
   rows, d_out = problem["x"].shape[0], problem["w_down"].shape[1]
   dy = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d_out)), jnp.bfloat16)
-  ours = lambda *args: dispatch._ffn(plan, args[-1].kind, None, *args[:-1], args[-1].knots,
-                                     args[-1].slopes, args[-1].intercepts)
+  if plan is None:
+    ours = lambda *args: dispatch.ffn_mosaic_gpu(*args)
+  else:
+    ours = lambda *args: dispatch._ffn(plan, args[-1].kind, None, *args[:-1], args[-1].knots,
+                                       args[-1].slopes, args[-1].intercepts)
   out = jax.jit(lambda *a: ours(*a, activation))(*[problem[n] for n in ARG_NAMES])
   expected = jax.jit(lambda *a: reference_in_float32(*a, activation))(
       *[problem[n] for n in ARG_NAMES])
@@ -734,11 +738,11 @@ def test_plan_table():
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, True) == dispatch.XLA  # measured 12-01
   assert dispatch.choose_plan(8192, 2048, 8192, 2048, True, True) == dispatch.EPILOGUE_GLU_F16
-  assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.EPILOGUE_MLP_F16
+  assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.PINGPONG_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
-  assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "segments"
+  assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "floor-bits"
   assert dispatch.choose_plan(300, 576, 1536, 576, True, False).residuals == "preactivations"
-  assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).residuals == "preactivations"
+  assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).residuals == "floor-bits"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True) == dispatch.PINGPONG_MLP_F16
 
 
@@ -917,6 +921,17 @@ def test_gpu_public_op_with_batch_dims_and_nan(rng):
   one_token = x[:1, :1]  # batch-1 decode: the kernel declines, XLA runs on 8 zero-padded rows
   assert ff.chosen_implementation(one_token, **problem, activation=act) == "xla_padded_row"
   assert relative_error(ff.ffn(one_token, **problem, activation=act), expected[:1, :1]) < BF16_TOLERANCE
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("glu, d_model, hidden", [(True, 576, 1536), (False, 768, 3072)])
+def test_gpu_float16_saves_the_floor_bits_fallback(rng, glu, d_model, hidden):
+  """The tuned bf16 PWL plans save floor bits (bf16 only); the op given float16 inputs saves
+  ``FLOOR_BITS_F16_FALLBACK`` instead: forward and gradients vs the f32 reference."""
+  assert dispatch.choose_plan(1000, d_model, hidden, d_model, glu, True).residuals == "floor-bits"
+  problem = make_problem(rng, 1000, d_model, hidden, d_model, glu, bias=True, dtype=jnp.float16)
+  check_against_reference(problem, kernel_activation("pwl", glu), plan=None)
 
 
 @needs_hopper

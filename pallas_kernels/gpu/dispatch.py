@@ -48,8 +48,11 @@ it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``P
                         activation's input as bf16 + uint8 low bits whose decoded value is on
                         its side of every knot of 15 significant bits (``backward.
                         split_floor_bits``); a PWL's knots are rounded to such (``backward.
-                        snap_knots``: the PWL moves by <= |Δslope| 2^-15 |t|). Not yet run on
-                        a GPU (benchmarks/NOTES.md, ninth session).
+                        snap_knots``: the PWL moves by <= |Δslope| 2^-15 |t|). The bf16 PWL
+                        plans' choice: the forward kernel 67 us at SmolLM2 (segments 78),
+                        95 us at gpt2-small (pairs 92; H200, M = 8192, tenth session). f16
+                        inputs save "segments" (GLU) or "preactivations" (MLP) instead
+                        (``FLOOR_BITS_F16_FALLBACK``): the bits need bf16's exponent range.
 """
 
 from __future__ import annotations
@@ -76,8 +79,9 @@ RESIDUALS = ("recompute", "preactivations", "segments", "floor-bits")
 # saved parts (no f32 copy; with "segments" its bands come from the int8 index and its p is the
 # bf16 hi: PWL-parameter gradients off by <= 2^-9 relative per term instead of exact-p sums).
 # H200, 2026-12-02, SmolLM2 step with PWL-parameter gradients (GLU, saves segments): "kernel"
-# 0.480 ms, "kernel-residuals" 0.465 at M = 8192 (0.277 / 0.275 at 4096); gpt2-small (MLP,
-# saves pairs) GPU time 638 vs 643 us: so GLU plans that save segments read them, the rest join.
+# 0.480 ms, "kernel-residuals" 0.465 at M = 8192 (0.277 / 0.275 at 4096); the floor-bits
+# plans read theirs too (GPU-busy, same run: SmolLM2 417.2 us vs 420.3 reading segments,
+# gpt2-small 644.8 vs 645.9 reading pairs).
 SEGMENT_SUMS = {
     "xla": backward.xla_segment_sums,
     "kernel": lambda parts, g, knots: segment_sums_sm90.segment_sums(
@@ -96,7 +100,7 @@ class Plan:
   "floor-bits", see the module docstring) and how many [M, chunk] elements the backward handles
   per chunk; ``segment_sums``: how the backward sums a PWL's parameter gradients, "kernel"
   (``segment_sums_sm90``, one pass per chunk: 0.05 vs 0.23 ms at SmolLM2 M = 4096 on the H200),
-  "kernel-residuals" (the same reading the saved residuals, see ``SEGMENT_SUMS``; the GLU + PWL
+  "kernel-residuals" (the same reading the saved residuals, see ``SEGMENT_SUMS``; the PWL
   plans' choice) or "xla" (``pwl_segment_sums``); ``backward``: "xla" (chunked) or "epilogue"
   (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``, default ``DGRAD_GLU`` /
   ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's d_hidden = dy W_down^T,
@@ -148,24 +152,27 @@ PINGPONG_MLP_TILES = dict(tile_m=128, tile_n=128, stages=4)
 # Epilogue plans save the pre-activations for the backward: faster than recomputing GEMM1 at every
 # measured training shape (H200, 2026-12-01: e.g. llama-1B fwd+bwd 4.24 vs 5.05 ms). For the
 # memory-lean recompute, wrap the layer in jax.checkpoint / nnx.remat, or pass a Plan.
-# A GLU with a PWL saves "segments" (5 bytes per hidden element, 23% of XLA autodiff's residuals;
-# pairs: 8 bytes, 36%) at 1-2% of fwd+bwd GPU time (H200, 2026-12-01, sixth session: SmolLM2
-# 352 vs 346 us, llama-1B 4.36 vs 4.27 ms, llama-8B 14.77 vs 14.59 ms). An MLP keeps pairs (4
-# bytes, 29%): its cooperative 128 x 128 x 3 tiles leave no SMEM for the int8 staging, and
-# gpt2-small's step saving segments took 556 vs 498 us with 64 x 256 tiles, 567 vs 496 us with
-# ping-pong 128 x 128 tiles (forward kernel 150 vs 91 us: the int8 segment count, two f32
-# instructions per knot and element in an ALU-bound epilogue; f16 and int32 counts were slower,
-# benchmarks/results/segment-count-2026-12-02.md).
+# A bf16 PWL plan saves "floor-bits": 5 (GLU) / 3 (MLP) bytes per hidden element, 23% / 21% of
+# XLA autodiff's residuals (pairs: 8 / 4 bytes, 36% / 29%). H200, 2026-12-02 (tenth session),
+# training-step GPU time vs the former defaults: SmolLM2 332.9 vs 351.9 us ("segments", whose
+# int8 segment count - two f32 instructions per knot and element - costs the ALU-bound epilogue
+# 13 us at SmolLM2 and 50 at gpt2-small), llama-1B 3586 vs 3663 us; gpt2-small 494.5 vs 489.5
+# (pairs, +1%), gpt2-xl 1664.8 (ping-pong) vs 1683.6 (cooperative pairs; its 128 x 128 x 3 tiles
+# leave no SMEM for the one-byte staging slot). Exact activations keep pairs (not measured with
+# floor bits beyond the GPU test cases).
 _SAVED = dict(residuals="preactivations")
 EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES), **_SAVED)
 EPILOGUE_MLP = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES), **_SAVED)
 EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES,
                                                                     pwl_dtype="float16"),
-                        residuals="segments", segment_sums="kernel-residuals")
+                        residuals="floor-bits", segment_sums="kernel-residuals")
 EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
                                                                     pwl_dtype="float16"), **_SAVED)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_SAVED)
+    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), residuals="floor-bits",
+                        segment_sums="kernel-residuals")
+# what a bf16 plan's "floor-bits" becomes for f16 inputs, by glu
+FLOOR_BITS_F16_FALLBACK = {True: "segments", False: "preactivations"}
 
 # (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
 # XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
@@ -175,7 +182,9 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (True, 576, 1536, 576, False, False): EPILOGUE_GLU,  # 0.0892 vs 0.1227
     (False, 768, 3072, 768, False, True): PINGPONG_MLP_F16,  # 0.1407 vs 0.1635
     (False, 768, 3072, 768, False, False): EPILOGUE_MLP,  # 0.1564 vs 0.1596
-    (False, 1600, 6400, 1600, False, True): EPILOGUE_MLP_F16,  # 0.5409 vs 0.5961
+    # ping-pong forward 0.5582 (cooperative 0.5515); its training step saving floor bits:
+    # GPU-busy 1664.8 us vs 1683.6 for cooperative tiles saving pairs (2026-12-02)
+    (False, 1600, 6400, 1600, False, True): PINGPONG_MLP_F16,  # 0.5582 vs 0.5961
     (False, 1600, 6400, 1600, False, False): EPILOGUE_MLP,  # 0.5768 vs 0.5961
     (True, 2048, 8192, 2048, False, True): EPILOGUE_GLU_F16,  # 1.2841 vs 1.3894
     (True, 2048, 8192, 2048, False, False): EPILOGUE_GLU,  # 1.2597 vs 1.3894
@@ -198,7 +207,7 @@ def default_plan(rows: int, d_model: int, glu: bool, pwl: bool) -> Plan:
   if rows <= DECODE_ROWS:
     return XLA
   if pwl:
-    return EPILOGUE_GLU_F16 if glu else EPILOGUE_MLP_F16
+    return EPILOGUE_GLU_F16 if glu else PINGPONG_MLP_F16
   return EPILOGUE_GLU if glu else EPILOGUE_MLP
 
 
@@ -374,6 +383,7 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
   reason = unsupported_reason(x, activation)
   if reason:
     raise NotImplementedError(reason)
+  given = plan is not None
   plan = plan or choose_plan(x.shape[0], x.shape[1], w_up.shape[1], w_down.shape[1],
                              w_gate is not None, activation.kind == "pwl")
   if plan.path == "xla":
@@ -382,6 +392,8 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
     raise NotImplementedError(
         "backward='epilogue' with a PWL: its PWL-parameter gradients missed the 1e-2 tolerance "
         "on rare inputs (1.5e-2 on the H200; benchmarks/NOTES.md); backward='xla'")
+  if plan.residuals == "floor-bits" and x.dtype != jnp.bfloat16 and not given:
+    plan = with_residuals(plan, w_gate is not None, FLOOR_BITS_F16_FALLBACK[w_gate is not None])
   knots = activation.knots
   if plan.residuals == "floor-bits":
     if x.dtype != jnp.bfloat16:
