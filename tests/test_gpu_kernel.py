@@ -634,11 +634,14 @@ LOWERING_CASES = {
         dispatch.EPILOGUE_GLU_F16, residuals="floor-bits")),
     "gpt2-mlp-pingpong-floor-bits": (8192, 768, 3072, 768, False, "pwl15", dataclasses.replace(
         dispatch.PINGPONG_MLP_F16, residuals="floor-bits")),
+    "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15", dataclasses.replace(
+        dispatch.EPILOGUE_GLU_F16, epilogue=dispatch.pingpong_tiles(
+            dispatch.EPILOGUE_GLU_F16.epilogue, glu=True))),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
-        dispatch.EPILOGUE_GLU_F16, epilogue=dataclasses.replace(
+        dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
     "gpt2-mlp-pingpong-pairs-per-output": (8192, 768, 3072, 768, False, "pwl", dataclasses.replace(
-        dispatch.PINGPONG_MLP_F16, epilogue=dataclasses.replace(
+        dispatch.PINGPONG_MLP_F16, residuals="preactivations", epilogue=dataclasses.replace(
             dispatch.PINGPONG_MLP_F16.epilogue, staging="per_output"))),
 }
 
@@ -864,6 +867,10 @@ GPU_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, pwl_dtype="float16",
                                                     schedule="pingpong"),
         residuals="floor-bits")),
+    "epilogue-pp-glu-pwl-floor-bits": (1000, 576, 1000, 576, True, True, "pwl15", dispatch.Plan(
+        "epilogue", epilogue=kernels.EpilogueConfig(128, 64, 5, pwl_dtype="float16",
+                                                    schedule="pingpong"),
+        residuals="floor-bits", segment_sums="kernel-residuals")),
     "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",
