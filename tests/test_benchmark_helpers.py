@@ -14,7 +14,8 @@ from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
-from bench_gpu import SHAPES, candidates, with_pwl_gradients, xla_forward  # noqa: E402
+from bench_gpu import (SHAPES, Recorder, Shape, bench_shape, candidates,  # noqa: E402
+                       interleaved_seconds, markdown, with_pwl_gradients, xla_forward)
 from gpu_profile import ns_per_launch, union_ns  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
@@ -40,6 +41,33 @@ def test_kernel_times_split_a_name_launched_twice_per_call():
     t += length + 1
   assert ns_per_launch(events, calls=2) == {"mosaic#0": 20, "gemm": 10, "mosaic#1": 6}
   assert ns_per_launch(events[:-1], calls=2) == {"mosaic": 23, "gemm": 10}
+
+
+def test_interleaved_timing_takes_turns():
+  """Each round times every run in turn (reps dispatches each), so drift hits all variants."""
+  order = []
+  runs = {name: (lambda name=name: order.append(name) or jnp.zeros(())) for name in "ab"}
+  seconds = interleaved_seconds(runs, calls_per_run=1, reps=2, rounds=3)
+  assert order == ["a", "a", "b", "b"] * 3
+  assert set(seconds) == {"a", "b"} and all(value > 0 for value in seconds.values())
+
+
+def test_bench_shape_times_what_compiles_and_records_what_fails(tmp_path):
+  """The GPU benchmark's flow on CPU: the kernel candidates fail (recorded with their reason),
+  the XLA forwards and fwd+bwd steps are compiled, checked and timed together, and the table
+  renders."""
+  rec = Recorder(str(tmp_path), "cpu", budget_s=600)
+  summary = bench_shape(rec, Shape("tiny", 96, 64, 128, True, "silu"), np.random.default_rng(0),
+                        peak_tflops=1.0, with_tokamax=False, pwl_dtypes=("float16",),
+                        backward_chunks_mi=(16,), residuals=("floor-bits",))
+  assert summary["best_plan"] is None
+  failed = [r for r in rec.records if r["what"].startswith("epilogue")]
+  assert failed and all("NVIDIA GPU" in r["error"] for r in failed)
+  for key in ("xla_exact", "xla_pwl"):
+    assert summary[key]["ms"] > 0 and summary[key]["rel_err"] < 2e-2
+  for key in ("train:xla-exact", "train:xla-pwl16"):
+    assert summary[key]["ms"] > 0 and summary[key]["saved_mb"] > 0
+  assert "| tiny | 96 | none |" in markdown([summary], "cpu", 1.0)
 
 
 def test_pwl_gradient_step_differentiates_the_pwl_parameters():
