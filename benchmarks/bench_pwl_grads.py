@@ -10,7 +10,8 @@ Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path
     the kernel on the joined f32 pre-activation (``Plan(segment_sums="kernel")``), and with the
     kernel reading the saved residuals (``"kernel-residuals"``, the default plan's since
     2026-12-02), against XLA's exact FFN.
-Writes ``pwl-grads-<date>.json`` and prints a table.
+Each section's variants are compiled first, then timed round-robin (``bench_gpu.
+interleaved_seconds``). Writes ``pwl-grads-<date>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pallas_kernels.activation import pwl_segment_sums, segment_bands
 from pallas_kernels.gpu import dispatch, segment_sums_sm90
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_gpu import time_per_call  # noqa: E402
+from bench_gpu import interleaved_seconds, prepare  # noqa: E402
 
 
 def _one_hot_segments(x, knots, axis: int):
@@ -144,29 +145,43 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   out_path = os.path.join(args.out, f"pwl-grads-{record['date']}.json")
 
-  def measure(name, run):
-    """Time one variant; a variant that fails (e.g. a kernel that does not compile) is recorded
-    with its error instead of stopping the others. The JSON is rewritten after every variant."""
-    try:
-      results[name] = 1e3 * run()
-      print(f"{name}: {results[name]:.4f} ms", flush=True)
-    except Exception as error:  # noqa: BLE001 -- recorded, printed and reported in the table
-      errors[name] = f"{type(error).__name__}: {str(error)[:400]}"
-      print(f"{name}: FAILED {errors[name]}", flush=True)
+  runs = {}
+
+  def save():
     with open(out_path, "w") as f:
       json.dump(record, f, indent=1)
 
-  def checked_segment_sums(fn):
-    got = jax.jit(fn)(*pre_sets[0], act.knots)
-    for a, b in zip(got, expected):  # every variant computes the same sums
+  def compile_variant(name, fn, sets, check=None):
+    """Compile ``fn`` over ``sets`` (and ``check`` its first output); a variant that fails (e.g.
+    a kernel that does not compile) is recorded with its error instead of stopping the others."""
+    try:
+      runs[name], outputs = prepare(fn, sets)
+      if check:
+        check(outputs[0])
+    except Exception as error:  # noqa: BLE001 -- recorded, printed and reported in the table
+      runs.pop(name, None)
+      errors[name] = f"{type(error).__name__}: {str(error)[:400]}"
+      print(f"{name}: FAILED {errors[name]}", flush=True)
+      save()
+
+  def time_together(names, sets):
+    """The compiled ``names`` timed round-robin (``interleaved_seconds``), then the JSON."""
+    timed = interleaved_seconds({name: runs[name] for name in names if name in runs}, len(sets))
+    for name, seconds in timed.items():
+      results[name] = 1e3 * seconds
+      print(f"{name}: {results[name]:.4f} ms", flush=True)
+    save()
+
+  def same_sums(got):  # every variant computes the same sums
+    for a, b in zip(got, expected):
       np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-3,
                                  atol=1e-4 * np.abs(b).max())
-    return time_per_call(lambda x, g: fn(x, g, act.knots), pre_sets)
 
   for name, fn in SEGMENT_SUMS.items():
     if "Mosaic GPU kernel" in name and not on_gpu:
       continue
-    measure(name, functools.partial(checked_segment_sums, fn))
+    compile_variant(name, lambda x, g, fn=fn: fn(x, g, act.knots), pre_sets, same_sums)
+  time_together(SEGMENT_SUMS, pre_sets)
 
   bf16 = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]), jnp.bfloat16)
   weights = dict(w_up=bf16(d_model, hidden), w_gate=bf16(d_model, hidden),
@@ -203,7 +218,8 @@ def main(argv=None) -> int:
           learnable, (0, 1, 2, 3, 4, 5, 6),
           plan=dataclasses.replace(default, segment_sums=kind))
   for name, fn in variants.items():
-    measure(name, functools.partial(time_per_call, fn, sets))
+    compile_variant(name, fn, sets)
+  time_together(variants, sets)
 
   print("\n| variant | ms |\n|---|---:|")
   for name, ms in results.items():
