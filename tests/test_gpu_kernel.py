@@ -202,6 +202,7 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
 @needs_interpret_threads
 @pytest.mark.parametrize("glu, tiles, residuals, schedule, staging", [
     (True, (128, 64, 3), "segments", "pingpong", "shared"),
+    (True, (128, 64, 3), "floor-bits", "pingpong", "shared"),
     (False, (64, 128, 2), "preactivations", "pingpong", "per_output"),
     (True, (64, 128, 2), "segments", "cooperative", "per_output"),
     (False, (64, 64, 2), "recompute", "cooperative", "per_output")])
@@ -218,7 +219,8 @@ def test_interpret_epilogue_schedules_without_races(rng, monkeypatch, glu, tiles
   config = kernels.EpilogueConfig(*tiles, pwl_dtype="float16", schedule=schedule,
                                   staging=staging)
   plan = dispatch.Plan("epilogue", epilogue=config, residuals=residuals)
-  activation = kernel_activation("pwl" if residuals == "segments" else "gelu", glu=glu)
+  activation = kernel_activation({"segments": "pwl", "floor-bits": "pwl15"}.get(residuals, "gelu"),
+                                 glu=glu)
   saves = None if residuals == "recompute" else residuals
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
     jax.block_until_ready(jax.jit(lambda *a: dispatch._forward(plan, *a, activation, saves=saves))(
