@@ -52,7 +52,8 @@ it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``P
                         plans' choice: the forward kernel 67 us at SmolLM2 (segments 78),
                         95 us at gpt2-small (pairs 92; H200, M = 8192, tenth session). f16
                         inputs save "segments" (GLU) or "preactivations" (MLP) instead
-                        (``FLOOR_BITS_F16_FALLBACK``): the bits need bf16's exponent range.
+                        (``FLOOR_BITS_F16_FALLBACK``): hi is a bf16, and the kernel's
+                        two-byte staging slot holds x's dtype.
 """
 
 from __future__ import annotations
