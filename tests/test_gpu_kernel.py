@@ -221,9 +221,9 @@ def test_interpret_epilogue_schedules_without_races(rng, monkeypatch, glu, tiles
   plan = dispatch.Plan("epilogue", epilogue=config, residuals=residuals)
   activation = kernel_activation({"segments": "pwl", "floor-bits": "pwl15"}.get(residuals, "gelu"),
                                  glu=glu)
-  saves = None if residuals == "recompute" else residuals
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-    jax.block_until_ready(jax.jit(lambda *a: dispatch._forward(plan, *a, activation, saves=saves))(
+    jax.block_until_ready(jax.jit(lambda *a: dispatch._forward(plan, *a, activation,
+                                                               saves=plan.saves))(
         *[problem[n] for n in ARG_NAMES]))
   assert not interpret_pallas_call.get_races().races_found
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
@@ -657,8 +657,7 @@ def test_kernels_lower_for_cuda(case):
   args = (spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_out),
           spec(d_model, hidden) if glu else None)
   forward = jax.jit(lambda x, wu, wd, wg: dispatch._forward(
-      plan, x, wu, wd, wg, None, None, None, activation,
-      saves=None if plan.residuals == "recompute" else plan.residuals))
+      plan, x, wu, wd, wg, None, None, None, activation, saves=plan.saves))
   exported = jax.export.export(forward, platforms=["cuda"])(*args)
   assert "mosaic_gpu" in exported.mlir_module()
 

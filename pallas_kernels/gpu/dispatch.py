@@ -136,6 +136,12 @@ class Plan:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
                        f"residuals='preactivations', got {self.residuals!r}")
 
+  @property
+  def saves(self) -> str | None:
+    """What the forward kernel writes for the backward (``gemm1_activation``'s ``saves``):
+    ``residuals``, or None when the backward recomputes GEMM1."""
+    return None if self.residuals == "recompute" else self.residuals
+
 
 XLA = Plan("xla")
 # dgrad_sm90 tiles: a GLU's four saved parts leave SMEM for 64-column tiles only
@@ -222,13 +228,13 @@ def with_residuals(plan: Plan, glu: bool, residuals: str) -> Plan:
   """``plan`` (epilogue path) saving ``residuals`` (a ``RESIDUALS`` kind); epilogue tiles that
   leave no SMEM for the staging of the saved parts (gpt2-small's cooperative MLP 128 x 128 x 3
   with the one-byte slot of "segments" / "floor-bits") become 64 x 256."""
-  tiles = plan.epilogue
-  saves = None if residuals == "recompute" else residuals
-  saved = [t for parts in kernels.saved_part_dtypes(saves, 1 + glu, jnp.bfloat16)
+  plan = dataclasses.replace(plan, residuals=residuals)
+  saved = [t for parts in kernels.saved_part_dtypes(plan.saves, 1 + glu, jnp.bfloat16)
            for t in parts]
-  if tiles.smem_bytes(1 + glu, jnp.bfloat16, tuple(saved)) > kernels.SMEM_BYTES:
-    tiles = dataclasses.replace(tiles, tile_m=64, tile_n=256)
-  return dataclasses.replace(plan, epilogue=tiles, residuals=residuals)
+  if plan.epilogue.smem_bytes(1 + glu, jnp.bfloat16, tuple(saved)) > kernels.SMEM_BYTES:
+    plan = dataclasses.replace(plan, epilogue=dataclasses.replace(plan.epilogue, tile_m=64,
+                                                                  tile_n=256))
+  return plan
 
 
 def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl: bool) -> Plan:
@@ -384,22 +390,21 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
   reason = unsupported_reason(x, activation)
   if reason:
     raise NotImplementedError(reason)
-  given = plan is not None
-  plan = plan or choose_plan(x.shape[0], x.shape[1], w_up.shape[1], w_down.shape[1],
-                             w_gate is not None, activation.kind == "pwl")
+  glu, given = w_gate is not None, plan is not None
+  plan = plan or choose_plan(x.shape[0], x.shape[1], w_up.shape[1], w_down.shape[1], glu,
+                             activation.kind == "pwl")
   if plan.path == "xla":
     raise NotImplementedError("the tuned table records XLA as fastest at this shape")
   if plan.backward == "epilogue" and activation.kind == "pwl":
     raise NotImplementedError(
         "backward='epilogue' with a PWL: its PWL-parameter gradients missed the 1e-2 tolerance "
         "on rare inputs (1.5e-2 on the H200; benchmarks/NOTES.md); backward='xla'")
-  if plan.residuals == "floor-bits" and x.dtype != jnp.bfloat16 and not given:
-    plan = with_residuals(plan, w_gate is not None, FLOOR_BITS_F16_FALLBACK[w_gate is not None])
-  knots = activation.knots
-  if plan.residuals == "floor-bits":
-    if x.dtype != jnp.bfloat16:
+  if plan.residuals == "floor-bits" and x.dtype != jnp.bfloat16:
+    if given:
       raise NotImplementedError(f"residuals='floor-bits' needs bfloat16 inputs, got {x.dtype}")
-    if knots is not None:  # forward and backward both see the 15-bit knots the residual keeps
-      knots = backward.snap_knots(knots)
+    plan = with_residuals(plan, glu, FLOOR_BITS_F16_FALLBACK[glu])
+  knots = activation.knots
+  if plan.residuals == "floor-bits" and knots is not None:
+    knots = backward.snap_knots(knots)  # forward and backward see the 15-bit knots it keeps
   return _ffn(plan, activation.kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
               knots, activation.slopes, activation.intercepts)
