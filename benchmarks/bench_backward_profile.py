@@ -63,8 +63,8 @@ def gemm_signatures(hlo_text: str) -> dict[str, str]:
   return fusion_signatures(hlo_text, dict.fromkeys(names))
 
 
-def write_report(results: list[dict], out: str, command: str) -> None:
-  stem = os.path.join(out, f"backward-profile-{datetime.date.today().isoformat()}")
+def write_report(results: list[dict], out: str, command: str, tag: str = "") -> None:
+  stem = os.path.join(out, f"backward-profile-{datetime.date.today().isoformat()}{tag}")
   with open(stem + ".json", "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "command": command, "results": results}, f,
               indent=1)
@@ -74,11 +74,14 @@ def write_report(results: list[dict], out: str, command: str) -> None:
     if "error" in r:
       lines += [f"failed: {r['error']}", ""]
       continue
-    lines += [f"GPU busy {r['device_us']:.1f} us per step, {r['kernels']:.0f} kernels, wall "
-              f"{r['host_us']:.1f} us", "", "| kernel | us per step | HLO (result = operands) |",
-              "|---|---:|---|"]
+    lines += [f"GPU busy {r['device_us']:.1f} us per step, {r['kernels']:.0f} kernels; untraced: "
+              f"wall {r['untraced_wall_us']:.1f} us, host enqueue {r['enqueue_us']:.1f} us; "
+              f"traced: span {r['span_us']:.1f} us, wall {r['host_us']:.1f} us", "",
+              "| kernel | us per step | HLO (result = operands) |", "|---|---:|---|"]
     lines += [f"| `{name}` | {us:.1f} | `{r['hlo'].get(name, '')}` |"
               for name, us in r["by_kernel_us"].items()]
+    lines += ["", "GPU idle (traced) before: " + ", ".join(
+        f"`{name}` {us:.1f} us" for name, us in r["idle_before_us"].items() if us >= 0.5)]
     lines += ["", "GEMMs in the compiled step:", ""]
     lines += [f"- `{name}`: `{signature}`" for name, signature in r["gemms"].items()]
     lines.append("")
@@ -91,6 +94,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--shapes", default="smollm2,gpt2-small")
   parser.add_argument("--calls", type=int, default=10)
+  parser.add_argument("--tag", default="", help="suffix of the report's file names")
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
       record.update(shape=name, variant=variant, rows=shape.rows)
       results.append(record)
       print(json.dumps(record)[:2000], flush=True)
-      write_report(results, args.out, command)
+      write_report(results, args.out, command, args.tag)
   return 0
 
 

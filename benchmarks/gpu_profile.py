@@ -30,20 +30,36 @@ def kernel_events(trace_dir: str) -> tuple[list[tuple[int, int, str]], list[str]
   return sorted(events), sorted(lines)
 
 
-def ns_per_launch(events, calls: int) -> dict[str, int]:
-  """Total ns per kernel, keyed by name, or by ``name#k`` (its k-th launch in a call) for a
-  name launched more than once per call (e.g. two Mosaic kernels, both ``kernel_mosaic_gpu_
-  kernel``). Ordinals assume every call launches the same sequence; otherwise names only."""
+def launch_keys(events, calls: int) -> list[str]:
+  """Each event's key: its name, or ``name#k`` (its k-th launch in a call) for a name launched
+  more than once per call (e.g. two Mosaic kernels, both ``kernel_mosaic_gpu_kernel``).
+  Ordinals assume every call launches the same sequence; otherwise names only."""
   names = [name for _, _, name in events]
   per_call = len(names) // calls if calls and len(names) % calls == 0 else 0
   sequence = names[:per_call]
-  same = per_call > 0 and all(name == sequence[i % per_call] for i, name in enumerate(names))
+  if not (per_call > 0 and all(name == sequence[i % per_call] for i, name in enumerate(names))):
+    return names
   keys = [f"{name}#{sequence[:i].count(name)}" if sequence.count(name) > 1 else name
-          for i, name in enumerate(sequence)] if same else []  # [] : names only
+          for i, name in enumerate(sequence)]
+  return [keys[index % per_call] for index in range(len(names))]
+
+
+def ns_per_launch(events, calls: int) -> dict[str, int]:
+  """Total ns per kernel, keyed by ``launch_keys``."""
   totals = {}
-  for index, (start, end, name) in enumerate(events):
-    key = keys[index % len(keys)] if keys else name
+  for key, (start, end, _) in zip(launch_keys(events, calls), events):
     totals[key] = totals.get(key, 0) + end - start
+  return totals
+
+
+def idle_ns_before(events, calls: int) -> dict[str, int]:
+  """Total ns the GPU sat idle (no kernel running on any traced stream) just before each kernel
+  started, keyed by ``launch_keys``: which launches the GPU waited for."""
+  totals, busy_until = {}, None
+  for key, (start, end, _) in zip(launch_keys(events, calls), events):
+    if busy_until is not None and start > busy_until:
+      totals[key] = totals.get(key, 0) + start - busy_until
+    busy_until = end if busy_until is None else max(busy_until, end)
   return totals
 
 
@@ -57,12 +73,21 @@ def union_ns(intervals) -> int:
 
 
 def profile(fn, args, calls: int, per_call: int, top: int = 4) -> dict:
-  """Trace ``calls`` calls of ``fn(*args)`` (after two warm-up calls), each running ``per_call``
-  units of work (FFNs): GPU-busy us per unit (union of kernel intervals), kernel launches per
-  unit, wall-clock us per unit, the stream lines read and the ``top`` costliest kernels
-  (``ns_per_launch``)."""
+  """Run ``calls`` calls of ``fn(*args)`` (after two warm-up calls), each running ``per_call``
+  units of work (FFNs), first untraced (wall-clock and host-enqueue us per unit: with the host
+  ahead, the enqueue time is the host's cost and the wall clock the GPU's), then traced: GPU-busy
+  us per unit (union of kernel intervals), span (first kernel start to last end), kernel
+  launches per unit, traced wall clock, the stream lines read, the ``top`` costliest kernels
+  (``ns_per_launch``) and the launches the GPU idled longest before (``idle_ns_before``; the
+  tracer slows the host, so idle time in a trace is an upper bound)."""
   jax.block_until_ready(fn(*args))  # compile and warm up
   jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = fn(*args)
+  enqueued = time.perf_counter() - start
+  jax.block_until_ready(out)
+  untraced = time.perf_counter() - start
   with tempfile.TemporaryDirectory() as trace_dir:
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir):
@@ -72,8 +97,12 @@ def profile(fn, args, calls: int, per_call: int, top: int = 4) -> dict:
     host = time.perf_counter() - start
     events, lines = kernel_events(trace_dir)
   ffns = calls * per_call
-  top = sorted(ns_per_launch(events, calls).items(), key=lambda item: -item[1])[:top]
+  per_unit = lambda totals: {name[:90]: ns / 1e3 / ffns for name, ns in
+                             sorted(totals.items(), key=lambda item: -item[1])[:top]}
   intervals = [(start, end) for start, end, _ in events]
-  return dict(device_us=union_ns(intervals) / 1e3 / ffns, kernels=len(intervals) / ffns,
-              host_us=host * 1e6 / ffns, lines=lines,
-              by_kernel_us={name[:90]: ns / 1e3 / ffns for name, ns in top})
+  span = intervals[-1][1] - intervals[0][0] if intervals else 0
+  return dict(device_us=union_ns(intervals) / 1e3 / ffns, span_us=span / 1e3 / ffns,
+              kernels=len(intervals) / ffns, host_us=host * 1e6 / ffns,
+              untraced_wall_us=untraced * 1e6 / ffns, enqueue_us=enqueued * 1e6 / ffns,
+              lines=lines, by_kernel_us=per_unit(ns_per_launch(events, calls)),
+              idle_before_us=per_unit(idle_ns_before(events, calls)))

@@ -16,7 +16,7 @@ from pallas_kernels.activation import Activation
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
 from bench_gpu import (SHAPES, Recorder, Shape, bench_shape, candidates,  # noqa: E402
                        interleaved_seconds, markdown, with_pwl_gradients, xla_forward)
-from gpu_profile import ns_per_launch, union_ns  # noqa: E402
+from gpu_profile import idle_ns_before, ns_per_launch, union_ns  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
 
@@ -41,6 +41,14 @@ def test_kernel_times_split_a_name_launched_twice_per_call():
     t += length + 1
   assert ns_per_launch(events, calls=2) == {"mosaic#0": 20, "gemm": 10, "mosaic#1": 6}
   assert ns_per_launch(events[:-1], calls=2) == {"mosaic": 23, "gemm": 10}
+
+
+def test_idle_time_is_charged_to_the_launch_the_gpu_waited_for():
+  """A gap between kernels counts for the kernel after it (by launch ordinal); time covered by
+  an overlapping kernel on another stream is not idle."""
+  events = [(0, 10, "mosaic"), (13, 20, "gemm"), (15, 30, "copy"), (31, 40, "mosaic"),
+            (50, 60, "mosaic"), (60, 65, "gemm"), (65, 70, "copy"), (74, 80, "mosaic")]
+  assert idle_ns_before(events, calls=2) == {"gemm": 3, "mosaic#1": 1 + 4, "mosaic#0": 10}
 
 
 def test_interleaved_timing_takes_turns():
