@@ -70,7 +70,8 @@ def write_report(results: list[dict], out: str, command: str, tag: str = "") -> 
               indent=1)
   lines = [f"# fwd+bwd kernels on {jax.devices()[0].device_kind}", "", f"Command: `{command}`", ""]
   for r in results:
-    lines += [f"## {r['shape']} — {r['variant']}", ""]
+    sets = f" ({r['sets']} input sets per jit, times per set)" if r.get("sets", 1) > 1 else ""
+    lines += [f"## {r['shape']} — {r['variant']}{sets}", ""]
     if "error" in r:
       lines += [f"failed: {r['error']}", ""]
       continue
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--shapes", default="smollm2,gpt2-small")
   parser.add_argument("--calls", type=int, default=10)
+  parser.add_argument("--sets", type=int, default=1,
+                      help="input sets (distinct x and dy) one jitted step runs, as bench_gpu's "
+                           "timing does (3 at M = 8192); times are per set")
   parser.add_argument("--tag", default="", help="suffix of the report's file names")
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
   results = []
   for name in args.shapes.split(","):
     shape = shapes[name]
-    (step_args,) = with_cotangents([as_args(make_sets(shape, rng)[0])])
+    arg_sets = with_cotangents([as_args(problem) for problem in make_sets(shape, rng)])
+    arg_sets = arg_sets[:args.sets]
     pwl = to_kernel_activation(ff.fit(shape.activation, 16))
     plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                                 True)
@@ -174,15 +179,15 @@ def main(argv=None) -> int:
     steps.update({key: (label, with_gradients(forward))
                   for key, (label, forward) in variants.items()})
     for variant, step in (steps[key] for key in args.variants.split(",")):
-      step = jax.jit(step)
+      step = jax.jit(lambda sets, step=step: [step(*set_args) for set_args in sets])
       try:
-        record = profile(step, step_args, args.calls, 1, top=40)
-        hlo_text = step.lower(*step_args).compile().as_text()
+        record = profile(step, (arg_sets,), args.calls, len(arg_sets), top=40)
+        hlo_text = step.lower(arg_sets).compile().as_text()
         record["hlo"] = fusion_signatures(hlo_text, record["by_kernel_us"])
         record["gemms"] = gemm_signatures(hlo_text)
       except Exception as error:  # noqa: BLE001 -- a failed variant is a result
         record = {"error": f"{type(error).__name__}: {error}"[:300]}
-      record.update(shape=name, variant=variant, rows=shape.rows)
+      record.update(shape=name, variant=variant, rows=shape.rows, sets=len(arg_sets))
       results.append(record)
       print(json.dumps(record)[:2000], flush=True)
       write_report(results, args.out, command, args.tag)

@@ -194,6 +194,9 @@ def interleaved_seconds(runs: dict, calls_per_run: int, reps: int = 10,
       outs = [run() for _ in range(reps)]
       block(outs)
       samples[name].append((time.perf_counter() - start) / (reps * calls_per_run))
+  print("interleaved rounds, ms per call:", json.dumps(
+      {name: [round(1e3 * value, 4) for value in values] for name, values in samples.items()}),
+      flush=True)
   return {name: statistics.median(values) for name, values in samples.items()}
 
 
