@@ -23,9 +23,10 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
   memory:      compiled temp bytes of fwd+bwd, and bytes the forward saves for the backward;
   accuracy:    ‖out − ref‖/‖ref‖ against XLA in float32 on the same inputs.
 It prints a table and writes ``<device>-<date>.json`` / ``.md`` (plus a JSON-lines log written as it
-goes, so a run cut short still leaves its numbers). Timing: ``reps`` back-to-back dispatches of a
-jitted function that runs the FFN on every input set, one block at the end, median of ``rounds``;
-each round times every variant of a table in turn (``interleaved_seconds``), all compiled first.
+goes, so a run cut short still leaves its numbers). Timing: a jitted function runs the FFN on
+every input set; per sample one warm call, then >= 20 ms of back-to-back dispatches and one block;
+median of 5 rounds, each round timing every variant of a table in turn (``interleaved_samples``),
+all compiled first. GPU time per kernel, without the host: bench_backward_profile.py.
 Each input set is a separate kernel instance for Mosaic to compile (~1.5 s each on the H200).
 """
 
@@ -35,6 +36,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -181,29 +183,47 @@ def prepare(fn, arg_sets) -> tuple:
   return (lambda: batched(arg_sets)), outputs
 
 
-def interleaved_seconds(runs: dict, calls_per_run: int, reps: int = 10,
-                        rounds: int = 5) -> dict[str, float]:
-  """Seconds per call of each prepared ``run`` (``calls_per_run`` FFN calls each), median over
-  ``rounds``; a round times every run in turn (``reps`` dispatches, one block), so a drift of the
-  machine during the run hits all alike. Timed one after another, the first kernel variant of
-  the fwd+bwd table came out up to 8% slower than when timed second (H200, 2026-12-02)."""
+def interleaved_samples(runs: dict, calls_per_run: int, reps: int = 10, rounds: int = 5,
+                        min_sample_s: float = 0.02) -> dict[str, list[float]]:
+  """Seconds per call of each prepared ``run`` (``calls_per_run`` FFN calls each), one sample per
+  round; a round times every run in turn, so a drift of the machine hits all alike. A sample is
+  one untimed call (blocked: the GPU is warm and the queue empty), then ``reps`` back-to-back
+  dispatches (at least ``min_sample_s`` of work, from the first round's warm call) and one block.
+  H200, 2026-12-02: with 10 dispatches and no warm call per sample, a round's sample moved by up
+  to 2.5x and the fwd+bwd medians came out 8-11% above a back-to-back profile of the same jit."""
   samples = {name: [] for name in runs}
+  counts = {}
   for _ in range(rounds):
     for name, run in runs.items():
       start = time.perf_counter()
-      outs = [run() for _ in range(reps)]
+      block(run())
+      warm = time.perf_counter() - start
+      count = counts.setdefault(name, max(reps, math.ceil(min_sample_s / max(warm, 1e-6))))
+      start = time.perf_counter()
+      outs = [run() for _ in range(count)]
       block(outs)
-      samples[name].append((time.perf_counter() - start) / (reps * calls_per_run))
-  print("interleaved rounds, ms per call:", json.dumps(
-      {name: [round(1e3 * value, 4) for value in values] for name, values in samples.items()}),
-      flush=True)
+      samples[name].append((time.perf_counter() - start) / (count * calls_per_run))
+  return samples
+
+
+def interleaved_seconds(runs: dict, calls_per_run: int, **kwargs) -> dict[str, float]:
+  """The median of each run's ``interleaved_samples``."""
+  samples = interleaved_samples(runs, calls_per_run, **kwargs)
   return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_ms(runs: dict, calls_per_run: int) -> dict:
+  """A timing record: each run's median ms per call (``ms``) and every round's (``rounds_ms``)."""
+  samples = interleaved_samples(runs, calls_per_run)
+  return {"ms": {name: 1e3 * statistics.median(values) for name, values in samples.items()},
+          "rounds_ms": {name: [round(1e3 * value, 4) for value in values]
+                        for name, values in samples.items()}}
 
 
 def time_per_call(fn, arg_sets, reps: int = 10, rounds: int = 5) -> float:
   """Seconds per FFN: ``reps`` dispatches of a jit running ``fn`` on every set, blocked once."""
   run, _ = prepare(fn, arg_sets)
-  return interleaved_seconds({"fn": run}, len(arg_sets), reps, rounds)["fn"]
+  return interleaved_seconds({"fn": run}, len(arg_sets), reps=reps, rounds=rounds)["fn"]
 
 
 def make_sets(shape: Shape, rng: np.random.Generator) -> list[dict]:
@@ -366,9 +386,8 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     """``interleaved_seconds`` of the prepared ``names``; the times of ``written`` go into their
     records (the others stay in this timing's own record)."""
     names = [name for name in names if name in runs]
-    timing = rec.measure("forward timing, interleaved", lambda: {
-        "ms": {name: 1e3 * seconds for name, seconds in interleaved_seconds(
-            {name: runs[name] for name in names}, len(arg_sets)).items()}}, **base)
+    timing = rec.measure("forward timing, interleaved", lambda: interleaved_ms(
+        {name: runs[name] for name in names}, len(arg_sets)), **base)
     for name, ms in timing.get("ms", {}).items():
       if name in written:
         tflops = shape.flops / ms / 1e9
@@ -451,9 +470,8 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
       return dict(temp_mb=temp_bytes(step, train_sets[0]) / 2**20,
                   saved_mb=saved_residual_bytes(forward, arg_sets[0]) / 2**20)
     summary[f"train:{name}"] = rec.measure(name, train_prepared, **backward_base)
-  timing = rec.measure("fwd+bwd timing, interleaved", lambda: {"ms": {
-      name: 1e3 * seconds for name, seconds in interleaved_seconds(
-          train_runs, len(train_sets), reps=4, rounds=5).items()}}, **backward_base)
+  timing = rec.measure("fwd+bwd timing, interleaved",
+                       lambda: interleaved_ms(train_runs, len(train_sets)), **backward_base)
   for name, ms in timing.get("ms", {}).items():
     summary[f"train:{name}"].update(ms=ms, tflops=3 * shape.flops / ms / 1e9)
   kernel_trains = [r for key, r in summary.items()

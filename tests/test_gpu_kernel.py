@@ -636,9 +636,8 @@ LOWERING_CASES = {
         dispatch.EPILOGUE_GLU_F16, residuals="floor-bits")),
     "gpt2-mlp-pingpong-floor-bits": (8192, 768, 3072, 768, False, "pwl15", dataclasses.replace(
         dispatch.PINGPONG_MLP_F16, residuals="floor-bits")),
-    "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15", dataclasses.replace(
-        dispatch.EPILOGUE_GLU_F16, epilogue=dispatch.pingpong_tiles(
-            dispatch.EPILOGUE_GLU_F16.epilogue, glu=True))),
+    "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15",
+                                        dispatch.PINGPONG_GLU_F16),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
@@ -736,7 +735,7 @@ def test_pwl_hinge_table_matches_segment_form(rng, pwl_dtype, tolerance):
 
 def test_plan_table():
   """Measured shapes get their tuned plan; unmeasured decode / large-D shapes go to XLA."""
-  assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.EPILOGUE_GLU_F16
+  assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.PINGPONG_GLU_F16
   assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
@@ -868,10 +867,8 @@ GPU_CASES = {
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 4, pwl_dtype="float16",
                                                     schedule="pingpong"),
         residuals="floor-bits")),
-    "epilogue-pp-glu-pwl-floor-bits": (1000, 576, 1000, 576, True, True, "pwl15", dispatch.Plan(
-        "epilogue", epilogue=kernels.EpilogueConfig(128, 64, 5, pwl_dtype="float16",
-                                                    schedule="pingpong"),
-        residuals="floor-bits", segment_sums="kernel-residuals")),
+    "epilogue-pp-glu-pwl-floor-bits": (1000, 576, 1000, 576, True, True, "pwl15",
+                                       dispatch.PINGPONG_GLU_F16),
     "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",

@@ -6,8 +6,9 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     [M, H] written once in x's dtype) followed by XLA's GEMM2. Chosen for
                     every measured shape at M > 64 (SmolLM2, gpt2-small, gpt2-xl, llama-1B,
                     llama-8B) and untuned shapes with M > 64. Its two compute warpgroups
-                    share each tile ("cooperative" schedule) everywhere except gpt2-small with
-                    a PWL, where each owns whole tiles ("pingpong"; see PINGPONG_*_TILES).
+                    share each tile ("cooperative" schedule) except in the PWL plans of
+                    SmolLM2, gpt2-small, gpt2-xl and untuned MLP shapes, where each owns whole
+                    tiles ("pingpong"; see PINGPONG_*_TILES).
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
@@ -153,7 +154,10 @@ _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
 # 128 registers a thread). H200, 2026-12-01 (seventh session), forward vs the cooperative tiles in
 # the same run: gpt2-small 0.1407 vs 0.1432 ms (its training step's forward kernel 91 vs 97 us),
 # SmolLM2 0.0930 vs 0.0951 (but 85 vs 79 us saving segments in training), gpt2-xl 0.5582 vs
-# 0.5515, llama-1B 1.327 vs 1.284: only gpt2-small's PWL plan uses it.
+# 0.5515, llama-1B 1.327 vs 1.284. Saving floor bits (2026-12-02, eleventh session) SmolLM2's
+# forward 0.0970 vs 0.1015 ms (tenth: 0.0878 vs 0.0914) and its training step 332.4 / 332.1 vs
+# 334.4 / 334.7 us GPU-busy (variants alternated): the PWL plans of SmolLM2, gpt2-small, gpt2-xl
+# use it.
 PINGPONG_GLU_TILES = dict(tile_m=128, tile_n=64, stages=5)
 PINGPONG_MLP_TILES = dict(tile_m=128, tile_n=128, stages=4)
 # Epilogue plans save the pre-activations for the backward: faster than recomputing GEMM1 at every
@@ -175,6 +179,9 @@ EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES
                         residuals="floor-bits", segment_sums="kernel-residuals")
 EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
                                                                     pwl_dtype="float16"), **_SAVED)
+PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
+    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), residuals="floor-bits",
+                        segment_sums="kernel-residuals")
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), residuals="floor-bits",
                         segment_sums="kernel-residuals")
@@ -185,7 +192,7 @@ FLOOR_BITS_F16_FALLBACK = {True: "segments", False: "preactivations"}
 # XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
 # with the same activation kind: exact vs exact, PWL vs XLA exact).
 TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
-    (True, 576, 1536, 576, False, True): EPILOGUE_GLU_F16,  # 0.0983 vs 0.1227
+    (True, 576, 1536, 576, False, True): PINGPONG_GLU_F16,  # 0.0970 vs 0.1527 (12-02)
     (True, 576, 1536, 576, False, False): EPILOGUE_GLU,  # 0.0892 vs 0.1227
     (False, 768, 3072, 768, False, True): PINGPONG_MLP_F16,  # 0.1407 vs 0.1635
     (False, 768, 3072, 768, False, False): EPILOGUE_MLP,  # 0.1564 vs 0.1596
