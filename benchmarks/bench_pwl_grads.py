@@ -217,6 +217,12 @@ def main(argv=None) -> int:
       variants[f"default plan with {what}, d(x, W, PWL values and tail slopes)"] = step(
           learnable, (0, 1, 2, 3, 4, 5, 6),
           plan=dataclasses.replace(default, segment_sums=kind))
+    # the plans before SmolLM2's moved to ping-pong tiles (2026-12-02) and to floor bits
+    variants["cooperative 64x128 tiles saving floor bits, d(x, W, PWL values and tail slopes)"] = (
+        step(learnable, (0, 1, 2, 3, 4, 5, 6), plan=dispatch.EPILOGUE_GLU_F16))
+    variants["cooperative 64x128 tiles saving pairs, kernel sums, d(x, W, PWL values and tail "
+             "slopes)"] = step(learnable, (0, 1, 2, 3, 4, 5, 6), plan=dataclasses.replace(
+                 dispatch.EPILOGUE_GLU_F16, residuals="preactivations", segment_sums="kernel"))
   for name, fn in variants.items():
     compile_variant(name, fn, sets)
   time_together(variants, sets)
