@@ -17,6 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
 from bench_gpu import (SHAPES, Recorder, Shape, bench_shape, candidates,  # noqa: E402
                        interleaved_seconds, markdown, with_pwl_gradients, xla_forward)
 from gpu_profile import idle_ns_before, ns_per_launch, union_ns  # noqa: E402
+from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
 
@@ -129,3 +130,14 @@ def test_segment_count_experiments_encode_what_they_claim(rng):
   relative = np.abs(np.asarray(decoded - p, np.float64)) / np.abs(magnitudes.astype(np.float64))
   assert relative.max() <= 2.0**-15, relative.max()
 
+
+
+def test_pwl_lookup_variants_compute_the_same_pass():
+  """The lookups bench_pwl_lookup times give the backward's (d_pre, h): the gather exactly, the
+  step sums up to f32 rounding of the accumulated slope differences."""
+  inputs = problem(64, 96)
+  want = elementwise_pass(LOOKUPS["selects"])(*inputs)
+  for name, tolerance in (("count-gather", 0.0), ("steps", 1e-2)):
+    for got, expected in zip(elementwise_pass(LOOKUPS[name])(*inputs), want):
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                                 rtol=tolerance, atol=tolerance, err_msg=name)
