@@ -9,9 +9,11 @@ segments or floor bits), with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``; the
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
-lists each kernel's GPU time per step, costliest first, with the GPU-busy total. The floors to
-compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul peak. Writes
-``backward-profile-<date>.json`` / ``.md`` after every variant.
+lists each kernel's GPU time per step, costliest first, with the GPU-busy total, the wall clock
+of the same steps run back to back untraced, and the GPU's idle time before each launch
+(``gpu_profile.profile``). ``--sets 3`` runs three input sets per jit, as bench_gpu's timing
+does. The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
+peak. Writes ``backward-profile-<date><--tag>.json`` / ``.md`` after every variant.
 """
 
 from __future__ import annotations
