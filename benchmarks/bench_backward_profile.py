@@ -5,7 +5,7 @@
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
-segments or floor bits), with one
+segments or floor bits), with GEMM2's h computed from the saved residuals, with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``; the
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
-                           "pingpong-segments-n64, per-output, dh16, dgrad, pwl-grads, "
+                           "pingpong-segments-n64, h-from-residuals, per-output, dh16, dgrad, "
+                           "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
@@ -167,6 +168,10 @@ def main(argv=None) -> int:
                                           "tiles saving residuals='segments', PWL-16",
                                           kernel_forward(pwl, dataclasses.replace(
                                               plan, epilogue=narrow, residuals="segments"))),
+                "h-from-residuals": ("same with GEMM2's h computed in XLA from the saved "
+                                     "residuals (hidden_from='residuals'), PWL-16",
+                                     kernel_forward(pwl, dataclasses.replace(
+                                         plan, hidden_from="residuals"))),
                 "per-output": ("same with one SMEM staging slot per stored output "
                                "(staging='per_output'), PWL-16", kernel_forward(
                                    pwl, dataclasses.replace(plan, epilogue=dataclasses.replace(

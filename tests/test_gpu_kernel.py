@@ -73,8 +73,8 @@ ARG_NAMES = ("x", "w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
 
 
 def loss_and_grads(fn, problem, activation, dy):
-  """⟨fn(...), dy⟩ and its gradient w.r.t. every array argument and the PWL slopes and
-  intercepts."""
+  """(⟨fn(...), dy⟩, fn(...)) and the gradient of the first w.r.t. every array argument and the
+  PWL slopes and intercepts; fn(...) is the output of the differentiated (training) forward."""
   arrays = [problem[name] for name in ARG_NAMES]
   present = [i for i, a in enumerate(arrays) if a is not None]
   pwl = activation.kind == "pwl"
@@ -85,10 +85,11 @@ def loss_and_grads(fn, problem, activation, dy):
     for i, value in zip(present, flat):
       args[i] = value
     act = Activation("pwl", activation.knots, *flat[len(present):]) if pwl else activation
-    return jnp.sum(fn(*args, act).astype(jnp.float32) * dy.astype(jnp.float32))
+    out = fn(*args, act)
+    return jnp.sum(out.astype(jnp.float32) * dy.astype(jnp.float32)), out
 
   flat = [arrays[i] for i in present] + list(params)
-  return jax.value_and_grad(loss, argnums=tuple(range(len(flat))))(*flat)
+  return jax.value_and_grad(loss, argnums=tuple(range(len(flat))), has_aux=True)(*flat)
 
 
 def reference_in_float32(*args):
@@ -99,8 +100,9 @@ def reference_in_float32(*args):
 
 
 def check_against_reference(problem, activation, plan):
-  """Forward output and all gradients of the kernel path vs the float32 XLA reference; ``plan``
-  None: the public op's own choice (``ffn_mosaic_gpu``)."""
+  """Forward output (inference, and the training forward that saves residuals) and all gradients
+  of the kernel path vs the float32 XLA reference; ``plan`` None: the public op's own choice
+  (``ffn_mosaic_gpu``)."""
   rows, d_out = problem["x"].shape[0], problem["w_down"].shape[1]
   dy = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d_out)), jnp.bfloat16)
   if plan is None:
@@ -113,7 +115,8 @@ def check_against_reference(problem, activation, plan):
       *[problem[n] for n in ARG_NAMES])
   assert out.dtype == problem["x"].dtype and out.shape == expected.shape
   assert relative_error(out, expected) < BF16_TOLERANCE
-  _, grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d))(dy)
+  (_, trained_out), grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d))(dy)
+  assert relative_error(trained_out, expected) < BF16_TOLERANCE  # the forward a VJP runs
   _, expected_grads = jax.jit(lambda d: loss_and_grads(reference_in_float32, problem, activation,
                                                        d))(dy)
   assert len(grads) == len(expected_grads)
@@ -296,6 +299,33 @@ def test_interpret_epilogue_saves_floor_bits(rng, glu):
     seg = backward.segment_index(joined, knots, knots.shape[0])
     assert bool(jnp.all((seg == want) | near_knot)) and len(np.unique(np.asarray(seg))) > 8
     check_against_reference(problem, activation, plan)
+
+
+@on_cpu_only
+@needs_interpret_threads
+@pytest.mark.parametrize("glu", [True, False])
+def test_interpret_hidden_from_residuals(rng, glu):
+  """Plan(hidden_from="residuals"): the training forward's epilogue writes only the floor bits
+  (and a GLU's u) and GEMM2 takes h = act(p') (x u) computed from them in XLA; its output and
+  every gradient match the f32 reference (odd M and H)."""
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="floor-bits", hidden_from="residuals")
+  activation = kernel_activation("pwl15", glu=glu)
+  padded = lambda name, shape: dispatch._pad(problem[name], shape)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    hidden, saved = jax.jit(lambda x, wu, wg, bu, bg: kernels.gemm1_activation(
+        x, wu, wg, bu, bg, None, kind="relu", num_knots=0, config=plan.epilogue,
+        saves="floor-bits", writes_activation=False))(
+            padded("x", (72, 128)), padded("w_up", (128, 256)), padded("w_gate", (128, 256)),
+            padded("b_up", (256,)), padded("b_gate", (256,)))
+    check_against_reference(problem, activation, plan)
+  assert hidden is None and [[part.dtype for part in parts] for parts in saved] == (
+      [[jnp.bfloat16, jnp.uint8]] + [[jnp.bfloat16]] * glu)
+  f32 = lambda name: problem[name].astype(jnp.float32)
+  w, b = ("w_gate", "b_gate") if glu else ("w_up", "b_up")
+  expected = jnp.dot(f32("x"), f32(w), precision="highest") + f32(b)
+  assert relative_error(backward.join_saved(saved[0])[:70, :200], expected) < 1e-4
 
 
 def test_segment_index_and_join():
@@ -602,6 +632,14 @@ def test_preactivation_residuals_need_the_epilogue_path():
     dispatch.Plan("epilogue", residuals="segments", backward="epilogue")
   with pytest.raises(ValueError, match="d_hidden='bfloat16'"):
     dispatch.Plan("epilogue", d_hidden="bfloat16")
+  with pytest.raises(ValueError, match="hidden_from='residuals' computes h from the saved"):
+    dispatch.Plan("epilogue", hidden_from="residuals")
+  with pytest.raises(ValueError, match="hidden_from='gemm2'"):
+    dispatch.Plan("epilogue", residuals="floor-bits", hidden_from="gemm2")
+  with pytest.raises(ValueError, match="writes_activation=False needs saves"):
+    kernels.gemm1_activation(jnp.zeros((64, 64)), jnp.zeros((64, 64)), None, None, None, None,
+                             kind="relu", num_knots=0, config=kernels.EpilogueConfig(),
+                             writes_activation=False)
 
 
 LOWERING_CASES = {
@@ -638,6 +676,12 @@ LOWERING_CASES = {
         dispatch.PINGPONG_MLP_F16, residuals="floor-bits")),
     "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15",
                                         dispatch.PINGPONG_GLU_F16),
+    "smollm2-glu-pingpong-h-from-residuals": (8191, 576, 1536, 576, True, "pwl15",
+                                              dataclasses.replace(dispatch.PINGPONG_GLU_F16,
+                                                                  hidden_from="residuals")),
+    "gpt2-mlp-pingpong-h-from-residuals": (8192, 768, 3072, 768, False, "pwl15",
+                                           dataclasses.replace(dispatch.PINGPONG_MLP_F16,
+                                                               hidden_from="residuals")),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
@@ -869,6 +913,12 @@ GPU_CASES = {
         residuals="floor-bits")),
     "epilogue-pp-glu-pwl-floor-bits": (1000, 576, 1000, 576, True, True, "pwl15",
                                        dispatch.PINGPONG_GLU_F16),
+    "epilogue-pp-glu-pwl-h-from-residuals": (1000, 576, 1000, 576, True, True, "pwl15",
+                                             dataclasses.replace(dispatch.PINGPONG_GLU_F16,
+                                                                 hidden_from="residuals")),
+    "epilogue-pp-mlp-pwl-h-from-residuals": (513, 768, 3000, 700, False, True, "pwl15",
+                                             dataclasses.replace(dispatch.PINGPONG_MLP_F16,
+                                                                 hidden_from="residuals")),
     "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",

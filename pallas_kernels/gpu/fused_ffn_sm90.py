@@ -329,7 +329,8 @@ def saved_part_dtypes(saves: str | None, num_weights: int, dtype) -> list[tuple]
 
 
 def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_knots: int,
-                     config: EpilogueConfig, saves: str | None = None):
+                     config: EpilogueConfig, saves: str | None = None,
+                     writes_activation: bool = True):
   """a = act(x W_gate + b_gate) * (x W_up + b_up) (GLU) or act(x W_up + b_up) (MLP), [M, H].
 
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
@@ -340,7 +341,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   from the same epilogue: the residuals a backward needs instead of recomputing GEMM1, each a
   tuple of [M, H] arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype;
   or (hi, int8 segment) / (hi, uint8 floor bits) for the activation's input and (hi,) for u),
-  staged for their TMA stores as ``config.staging`` says.
+  staged for their TMA stores as ``config.staging`` says. ``writes_activation=False`` (with
+  ``saves``) leaves ``a`` out: ``(None, saved parts)``, for a caller that computes ``a`` from the
+  parts where it is consumed.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -351,10 +354,13 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
     raise ValueError("gemm1_activation: give both GLU biases or neither")
   if saves == "segments" and table is None:
     raise ValueError("gemm1_activation: saves='segments' needs a PWL activation table")
+  if not (writes_activation or saves):
+    raise ValueError("gemm1_activation: writes_activation=False needs saves, else it writes nothing")
   saved_parts = saved_part_dtypes(saves, len(weights), dtype)
-  out_dtypes = [jnp.dtype(dtype)] + [part for parts in saved_parts for part in parts]
+  out_dtypes = ([jnp.dtype(dtype)] if writes_activation else []) + [
+      part for parts in saved_parts for part in parts]
   num_outputs = len(out_dtypes)
-  config.check(len(weights), dtype, tuple(out_dtypes[1:]))
+  config.check(len(weights), dtype, tuple(part for parts in saved_parts for part in parts))
   tile_m, tile_n, rows = config.tile_m, config.tile_n, config.window_rows
   m_iters, n_iters = pl.cdiv(m, config.cta_rows), pl.cdiv(hidden, tile_n)
   k_iters = pl.cdiv(d, TILE_K)
@@ -371,10 +377,10 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       pre = [acc[window] for acc in accumulators]
       if bias_smem is not None:
         pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
-      out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
-      if len(pre) == 2:
-        out = out * pre[1]
-      values = [out]
+      values = []
+      if writes_activation:
+        out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
+        values.append(out * pre[1] if len(pre) == 2 else out)
       for parts in save_preactivations(pre, dtype, saves, table_smem,
                                        num_knots) if saves else ():
         values += parts
@@ -543,8 +549,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
                               m_iters * n_iters, scratch, inputs)
   if not saves:
     return outputs[0]
-  saved = iter(outputs[1:])
-  return outputs[0], tuple(tuple(next(saved) for _ in parts) for parts in saved_parts)
+  saved = iter(outputs[1:] if writes_activation else outputs)
+  return (outputs[0] if writes_activation else None,
+          tuple(tuple(next(saved) for _ in parts) for parts in saved_parts))
 
 
 # ------------------------------------------------------------------------------------------------
