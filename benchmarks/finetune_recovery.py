@@ -21,6 +21,7 @@ import json
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -31,6 +32,9 @@ import flashffn_jax as ff
 from flashffn_jax import models
 from flashffn_jax.finetune import FinetuneConfig, finetune, load_finetuned
 from flashffn_jax.surgery import linearize
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from gpu_profile import kernel_events, ns_per_launch, union_ns  # noqa: E402
 
 
 def reference_text_tokens(tokenizer) -> np.ndarray:
@@ -43,6 +47,31 @@ def median_tokens_per_s(out: pathlib.Path) -> float:
   """Median training tokens/s of a run, skipping the first two steps (compilation, warm-up)."""
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   return statistics.median(r["tokens_per_s"] for r in rows if r["split"] == "train" and r["step"] > 2)
+
+
+def speed_config(args, out: pathlib.Path, activation: str, steps: int) -> FinetuneConfig:
+  """A run of the loop for its speed only: no evaluation or checkpoint along the way."""
+  return FinetuneConfig(out=str(out), activation=activation, steps=steps,
+                        batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=1,
+                        eval_every=10**6, eval_batches=1, checkpoint_every=10**6,
+                        keep_checkpoints=1, trainable=args.trainable, model_path=args.model_path,
+                        compute_dtype=args.compute_dtype, learning_rate=args.learning_rate,
+                        pwl_learning_rate=args.pwl_learning_rate)
+
+
+def traced_loop(run, steps: int, top: int = 15) -> dict:
+  """GPU time of ``run()`` (a loop of ``steps`` steps, compilation and one evaluation included)
+  under ``jax.profiler``: busy ms per step (union of kernel intervals), kernel launches per step
+  and the ``top`` kernels by total ms per step. Set against the loop's wall clock per step, it
+  says whether a slower loop does more GPU work or leaves the GPU idle."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      run()
+    events, _ = kernel_events(trace_dir)
+  by_name = sorted(ns_per_launch(events, 0).items(), key=lambda item: -item[1])[:top]
+  return {"busy_ms_per_step": union_ns([(a, b) for a, b, _ in events]) / 1e6 / steps,
+          "kernels_per_step": len(events) / steps,
+          "top_kernels_ms_per_step": {name[:80]: ns / 1e6 / steps for name, ns in by_name}}
 
 
 def ffn_implementation(base, student, args) -> str:
@@ -102,6 +131,9 @@ def main(argv=None) -> int:
   parser.add_argument("--reference-tokens", type=int, default=16384, help="tokens of the other-domain text")
   parser.add_argument("--throughput-steps", type=int, default=30,
                       help="steps of the exact-XLA throughput run (0: skip)")
+  parser.add_argument("--trace-steps", type=int, default=0,
+                      help="also trace this many steps of the first activation's loop and of the "
+                           "exact-XLA loop (GPU-busy ms per step, costliest kernels; 0: skip)")
   parser.add_argument("--render", nargs="+", metavar="JSON", help="only merge these result files into markdown")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
@@ -147,13 +179,20 @@ def main(argv=None) -> int:
     print(json.dumps(rows[-1]), flush=True)
     result_file.write_text(json.dumps(summary, indent=1))  # a run cut short keeps its rows
   if args.throughput_steps:
-    exact = FinetuneConfig(out=str(out / "speed-exact-xla"), activation="exact", steps=args.throughput_steps,
-                           batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=1,
-                           eval_every=10**6, eval_batches=1, checkpoint_every=10**6, keep_checkpoints=1,
-                           trainable=args.trainable, model_path=args.model_path,
-                           compute_dtype=args.compute_dtype)
+    exact = speed_config(args, out / "speed-exact-xla", "exact", args.throughput_steps)
     finetune(exact, progress=False, built=(base, linearize(base, "exact", implementation="xla"), tokenizer))
     summary["exact_xla_tokens_per_s"] = median_tokens_per_s(pathlib.Path(exact.out))
+  if args.trace_steps:
+    first = args.activations.split(",")[0]
+    loops = {first: (first, linearize(base, first, learnable=True)),
+             "exact-xla": ("exact", linearize(base, "exact", implementation="xla"))}
+    summary["traces"] = {}
+    for name, (activation, model) in loops.items():
+      config = speed_config(args, out / f"trace-{name}", activation, args.trace_steps)
+      summary["traces"][name] = traced_loop(
+          lambda: finetune(config, progress=False, built=(base, model, tokenizer)), args.trace_steps)
+      summary["traces"][name]["traced_tokens_per_s"] = median_tokens_per_s(pathlib.Path(config.out))
+      print(json.dumps({name: summary["traces"][name]}), flush=True)
   result_file.write_text(json.dumps(summary, indent=1))
   lines = render([summary]).splitlines()
   print("\n".join(lines))
