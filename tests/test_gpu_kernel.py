@@ -92,6 +92,13 @@ def loss_and_grads(fn, problem, activation, dy):
   return jax.value_and_grad(loss, argnums=tuple(range(len(flat))), has_aux=True)(*flat)
 
 
+def f32_preactivations(problem) -> list:
+  """[g, u] (GLU) or [u] (MLP): x W + b of the problem in float32, the saved residuals' target."""
+  f32 = lambda name: problem[name].astype(jnp.float32)
+  weights = (("w_gate", "b_gate"),) * (problem["w_gate"] is not None) + (("w_up", "b_up"),)
+  return [jnp.dot(f32("x"), f32(w), precision="highest") + f32(b) for w, b in weights]
+
+
 def reference_in_float32(*args):
   """The XLA reference with every array upcast to float32 (the bf16 kernels' target)."""
   *arrays, activation = args
@@ -192,9 +199,7 @@ def test_interpret_epilogue_glu_saves_preactivations(rng):
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     _, (gate, up) = jax.jit(lambda *a: dispatch._forward(plan, *a, activation,
                                                          saves="preactivations"))(*arrays)
-    f32 = lambda name: problem[name].astype(jnp.float32)
-    expected = {name: jnp.dot(f32("x"), f32(weight), precision="highest") + f32(bias)
-                for name, weight, bias in (("gate", "w_gate", "b_gate"), ("up", "w_up", "b_up"))}
+    expected = dict(zip(("gate", "up"), f32_preactivations(problem)))
     for name, (high, low) in (("gate", gate), ("up", up)):
       assert high.dtype == low.dtype == jnp.bfloat16
       assert relative_error(high, expected[name]) < BF16_TOLERANCE  # one bf16 rounding
@@ -251,9 +256,7 @@ def test_interpret_epilogue_saves_segments(rng, glu):
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     _, saved = jax.jit(lambda *a: dispatch._forward(plan, *a, activation,
                                                     saves="segments"))(*arrays)
-    f32 = lambda name: problem[name].astype(jnp.float32)
-    weights = (("w_gate", "b_gate"),) * glu + (("w_up", "b_up"),)
-    expected = [jnp.dot(f32("x"), f32(w), precision="highest") + f32(b) for w, b in weights]
+    expected = f32_preactivations(problem)
     (high, seg), *rest = saved
     assert high.dtype == jnp.bfloat16 and seg.dtype == jnp.int8 and seg.shape == high.shape
     assert [len(parts) for parts in rest] == [1] * glu and all(
@@ -285,9 +288,7 @@ def test_interpret_epilogue_saves_floor_bits(rng, glu):
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     _, saved = jax.jit(lambda *a: dispatch._forward(plan, *a, activation, saves="floor-bits"))(
         *[problem[n] for n in ARG_NAMES])
-    f32 = lambda name: problem[name].astype(jnp.float32)
-    w, b = ("w_gate", "b_gate") if glu else ("w_up", "b_up")
-    expected = jnp.dot(f32("x"), f32(w), precision="highest") + f32(b)
+    expected = f32_preactivations(problem)[0]
     (high, low), *rest = saved
     assert high.dtype == jnp.bfloat16 and low.dtype == jnp.uint8 and low.shape == high.shape
     assert [parts[0].dtype for parts in rest] == [jnp.bfloat16] * glu
@@ -322,9 +323,7 @@ def test_interpret_hidden_from_residuals(rng, glu):
     check_against_reference(problem, activation, plan)
   assert hidden is None and [[part.dtype for part in parts] for parts in saved] == (
       [[jnp.bfloat16, jnp.uint8]] + [[jnp.bfloat16]] * glu)
-  f32 = lambda name: problem[name].astype(jnp.float32)
-  w, b = ("w_gate", "b_gate") if glu else ("w_up", "b_up")
-  expected = jnp.dot(f32("x"), f32(w), precision="highest") + f32(b)
+  expected = f32_preactivations(problem)[0]
   assert relative_error(backward.join_saved(saved[0])[:70, :200], expected) < 1e-4
 
 

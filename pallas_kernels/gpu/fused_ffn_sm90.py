@@ -357,10 +357,10 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   if not (writes_activation or saves):
     raise ValueError("gemm1_activation: writes_activation=False needs saves, else it writes nothing")
   saved_parts = saved_part_dtypes(saves, len(weights), dtype)
-  out_dtypes = ([jnp.dtype(dtype)] if writes_activation else []) + [
-      part for parts in saved_parts for part in parts]
+  saved_dtypes = tuple(part for parts in saved_parts for part in parts)
+  out_dtypes = ([jnp.dtype(dtype)] if writes_activation else []) + list(saved_dtypes)
   num_outputs = len(out_dtypes)
-  config.check(len(weights), dtype, tuple(part for parts in saved_parts for part in parts))
+  config.check(len(weights), dtype, saved_dtypes)
   tile_m, tile_n, rows = config.tile_m, config.tile_n, config.window_rows
   m_iters, n_iters = pl.cdiv(m, config.cta_rows), pl.cdiv(hidden, tile_n)
   k_iters = pl.cdiv(d, TILE_K)
