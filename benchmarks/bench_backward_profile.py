@@ -5,7 +5,9 @@
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
-segments or floor bits), with GEMM2's h computed from the saved residuals, with one
+segments or floor bits), with GEMM2's h written by the kernel or computed from the saved
+residuals (also with the exact
+activation: ``exact``, ``exact-h-from-residuals``), with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``; the
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
@@ -13,7 +15,8 @@ lists each kernel's GPU time per step, costliest first, with the GPU-busy total,
 of the same steps run back to back untraced, and the GPU's idle time before each launch
 (``gpu_profile.profile``). ``--sets 3`` runs three input sets per jit, as bench_gpu's timing
 does. The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
-peak. Writes ``backward-profile-<date><--tag>.json`` / ``.md`` after every variant.
+peak. Writes ``backward-profile-<date><--tag>.json`` / ``.md`` after every variant
+(``--dump-hlo``: and ``<shape>-<variant><--tag>.hlo.txt``, the compiled step).
 """
 
 from __future__ import annotations
@@ -101,10 +104,14 @@ def main(argv=None) -> int:
                       help="input sets (distinct x and dy) one jitted step runs, as bench_gpu's "
                            "timing does (3 at M = 8192); times are per set")
   parser.add_argument("--tag", default="", help="suffix of the report's file names")
+  parser.add_argument("--dump-hlo", action="store_true",
+                      help="also write each variant's compiled HLO module (which fusion computes "
+                           "what, e.g. whether a GEMM fusion applies an activation to its operand)")
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
-                           "pingpong-segments-n64, h-from-residuals, per-output, dh16, dgrad, "
+                           "pingpong-segments-n64, h-from-kernel, h-from-residuals, exact, "
+                           "exact-h-from-residuals, per-output, dh16, dgrad, "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   args = parser.parse_args(argv)
@@ -120,6 +127,8 @@ def main(argv=None) -> int:
     pwl = to_kernel_activation(ff.fit(shape.activation, 16))
     plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                                 True)
+    exact_plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
+                                      shape.glu, False)
     segments = dispatch.with_residuals(plan, shape.glu, "segments").epilogue
     pingpong = dispatch.pingpong_tiles(plan.epilogue, shape.glu)
     # half-width ping-pong tiles: half the unrolled epilogue code per warpgroup (gpt2-small's
@@ -168,10 +177,20 @@ def main(argv=None) -> int:
                                           "tiles saving residuals='segments', PWL-16",
                                           kernel_forward(pwl, dataclasses.replace(
                                               plan, epilogue=narrow, residuals="segments"))),
+                "h-from-kernel": ("same with GEMM2's h written by the epilogue kernel "
+                                  "(hidden_from='kernel'), PWL-16", kernel_forward(
+                                      pwl, dataclasses.replace(plan, hidden_from="kernel"))),
                 "h-from-residuals": ("same with GEMM2's h computed in XLA from the saved "
                                      "residuals (hidden_from='residuals'), PWL-16",
                                      kernel_forward(pwl, dataclasses.replace(
                                          plan, hidden_from="residuals"))),
+                "exact": (f"library default plan ({exact_plan.path}, residuals="
+                          f"{exact_plan.residuals}), exact activation",
+                          kernel_forward(Activation(shape.activation), exact_plan)),
+                "exact-h-from-residuals": ("same with GEMM2's h computed in XLA from the saved "
+                                           "residuals, exact activation", kernel_forward(
+                                               Activation(shape.activation), dataclasses.replace(
+                                                   exact_plan, hidden_from="residuals"))),
                 "per-output": ("same with one SMEM staging slot per stored output "
                                "(staging='per_output'), PWL-16", kernel_forward(
                                    pwl, dataclasses.replace(plan, epilogue=dataclasses.replace(
@@ -185,13 +204,17 @@ def main(argv=None) -> int:
                               plan, residuals="preactivations", backward="epilogue")))}
     steps.update({key: (label, with_gradients(forward))
                   for key, (label, forward) in variants.items()})
-    for variant, step in (steps[key] for key in args.variants.split(",")):
+    for key in args.variants.split(","):
+      variant, step = steps[key]
       step = jax.jit(lambda sets, step=step: [step(*set_args) for set_args in sets])
       try:
         record = profile(step, (arg_sets,), args.calls, len(arg_sets), top=40)
         hlo_text = step.lower(arg_sets).compile().as_text()
         record["hlo"] = fusion_signatures(hlo_text, record["by_kernel_us"])
         record["gemms"] = gemm_signatures(hlo_text)
+        if args.dump_hlo:
+          with open(os.path.join(args.out, f"{name}-{key}{args.tag}.hlo.txt"), "w") as f:
+            f.write(hlo_text)
       except Exception as error:  # noqa: BLE001 -- a failed variant is a result
         record = {"error": f"{type(error).__name__}: {error}"[:300]}
       record.update(shape=name, variant=variant, rows=shape.rows, sets=len(arg_sets))
