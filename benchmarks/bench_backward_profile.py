@@ -9,7 +9,8 @@ segments or floor bits), with GEMM2's h written by the kernel or computed from t
 residuals (also with the exact
 activation: ``exact``, ``exact-h-from-residuals``), with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
-traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``; the
+traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``, whose
+loss needs the forward's output before the backward, ``--independent-cotangent``: not; the
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
 lists each kernel's GPU time per step, costliest first, with the GPU-busy total, the wall clock
 of the same steps run back to back untraced, and the GPU's idle time before each launch
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
                       help="input sets (distinct x and dy) one jitted step runs, as bench_gpu's "
                            "timing does (3 at M = 8192); times are per set")
   parser.add_argument("--tag", default="", help="suffix of the report's file names")
+  parser.add_argument("--independent-cotangent", action="store_true",
+                      help="loss <y, dy> alone (``bench_gpu.training_loss``): XLA may then run the "
+                           "forward's GEMM2 after the backward; the default adds 1/2 |y|^2")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="also write each variant's compiled HLO module (which fusion computes "
                            "what, e.g. whether a GEMM fusion applies an activation to its operand)")
@@ -134,10 +138,11 @@ def main(argv=None) -> int:
     # half-width ping-pong tiles: half the unrolled epilogue code per warpgroup (gpt2-small's
     # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
     narrow = dataclasses.replace(pingpong, tile_n=64)
+    dependent = not args.independent_cotangent
     trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
         lambda act: kernel_forward(act, dataclasses.replace(
             dispatch.with_residuals(plan, shape.glu, residuals), segment_sums=segment_sums)),
-        pwl)
+        pwl, dependent)
     steps = {"pwl-grads": ("library default plan, also differentiated w.r.t. the PWL's slopes "
                            "and intercepts (trainable PWLs; segment_sums='kernel')",
                            trainable("kernel")),
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
                           "activation (refused with a PWL)",
                           kernel_forward(Activation(shape.activation), dataclasses.replace(
                               plan, residuals="preactivations", backward="epilogue")))}
-    steps.update({key: (label, with_gradients(forward))
+    steps.update({key: (label, with_gradients(forward, dependent))
                   for key, (label, forward) in variants.items()})
     for key in args.variants.split(","):
       variant, step = steps[key]

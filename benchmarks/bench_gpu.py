@@ -293,27 +293,38 @@ def decode_partials_only(activation: Activation, config: decode_sm90.DecodeConfi
       x, wu, wg, None, None, table, wd, kind=activation.kind, num_knots=knots, config=config)
 
 
-def with_gradients(forward):
-  """fwd+bwd: ⟨forward(...), dy⟩ and its gradient w.r.t. x and every weight, for
+def training_loss(y, dy, dependent: bool = True):
+  """⟨y, dy⟩ + ½‖y‖² (``dependent``) or ⟨y, dy⟩, y in f32. The first's cotangent dy + y needs the
+  forward's output before the backward starts, as in a network whose later layers feed the loss;
+  with ⟨y, dy⟩ alone XLA may run the forward's GEMM2 after the backward and take its h from the
+  backward's elementwise pass (seen in the H200's compiled gpt2-small step with
+  ``Plan(hidden_from="residuals")``, 2026-12-02, twelfth session; that session's h-from-residuals
+  gains may rest on it)."""
+  y = y.astype(jnp.float32)
+  return jnp.sum(y * dy) + (0.5 * jnp.sum(y * y) if dependent else 0.0)
+
+
+def with_gradients(forward, dependent: bool = True):
+  """fwd+bwd: ``training_loss(forward(...), dy)`` and its gradient w.r.t. x and every weight, for
   ``step(x, wu, wd, wg, dy)`` (sets from ``with_cotangents``). The value is returned so the
   forward runs as in training (``jax.grad`` alone lets XLA drop the forward's second GEMM, and the
   recompute path's whole forward kernel). dy is an input, not computed in the step: until
   2026-12-01 it was cos(arange) inside the step, a fusion of 38-51 us per step on the H200 at
   M = 8192 that both sides paid (results/backward-profile-2026-12-01.md)."""
   def step(x, wu, wd, wg, dy):
-    loss = lambda *a: jnp.sum(forward(*a).astype(jnp.float32) * dy)
+    loss = lambda *a: training_loss(forward(*a), dy, dependent)
     return jax.value_and_grad(loss, argnums=(0, 1, 2) if wg is None else (0, 1, 2, 3))(
         x, wu, wd, wg)
   return step
 
 
-def with_pwl_gradients(forward_of, activation: Activation):
+def with_pwl_gradients(forward_of, activation: Activation, dependent: bool = True):
   """``with_gradients``' step that also differentiates w.r.t. the PWL's slopes and intercepts
   (what fine-tuning with trainable PWLs pays): ``forward_of(activation)`` builds the forward."""
   def step(x, wu, wd, wg, dy):
     def loss(x, wu, wd, wg, slopes, intercepts):
       forward = forward_of(Activation("pwl", activation.knots, slopes, intercepts))
-      return jnp.sum(forward(x, wu, wd, wg).astype(jnp.float32) * dy)
+      return training_loss(forward(x, wu, wd, wg), dy, dependent)
     argnums = (0, 1, 2, 4, 5) if wg is None else (0, 1, 2, 3, 4, 5)
     return jax.value_and_grad(loss, argnums=argnums)(x, wu, wd, wg, activation.slopes,
                                                      activation.intercepts)

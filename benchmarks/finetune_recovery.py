@@ -59,14 +59,19 @@ def speed_config(args, out: pathlib.Path, activation: str, steps: int) -> Finetu
                         pwl_learning_rate=args.pwl_learning_rate)
 
 
-def traced_loop(run, steps: int, top: int = 15) -> dict:
-  """GPU time of ``run()`` (a loop of ``steps`` steps, compilation and one evaluation included)
-  under ``jax.profiler``: busy ms per step (union of kernel intervals), kernel launches per step
-  and the ``top`` kernels by total ms per step. Set against the loop's wall clock per step, it
-  says whether a slower loop does more GPU work or leaves the GPU idle."""
+def traced_loop(run, steps: int, warmup: int = 2, top: int = 15) -> dict:
+  """GPU time of training steps ``warmup + 1 .. warmup + steps`` of ``run(on_metrics)`` (a loop of
+  ``warmup + steps`` steps) under ``jax.profiler``: compilation, warm-up and evaluations stay out of
+  the trace. Returns busy ms per step (union of kernel intervals), kernel launches per step and the
+  ``top`` kernels by total ms per step. Set against the loop's wall clock per step, it says whether
+  a slower loop does more GPU work or leaves the GPU idle."""
   with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir):
-      run()
+    def window(row: dict) -> None:  # a train row is logged once its step has finished
+      if row["split"] == "train" and row["step"] == warmup:
+        jax.profiler.start_trace(trace_dir)
+      elif row["split"] == "train" and row["step"] == warmup + steps:
+        jax.profiler.stop_trace()
+    run(window)
     events, _ = kernel_events(trace_dir)
   by_name = sorted(ns_per_launch(events, 0).items(), key=lambda item: -item[1])[:top]
   return {"busy_ms_per_step": union_ns([(a, b) for a, b, _ in events]) / 1e6 / steps,
@@ -188,9 +193,10 @@ def main(argv=None) -> int:
              "exact-xla": ("exact", linearize(base, "exact", implementation="xla"))}
     summary["traces"] = {}
     for name, (activation, model) in loops.items():
-      config = speed_config(args, out / f"trace-{name}", activation, args.trace_steps)
+      config = speed_config(args, out / f"trace-{name}", activation, args.trace_steps + 2)
       summary["traces"][name] = traced_loop(
-          lambda: finetune(config, progress=False, built=(base, model, tokenizer)), args.trace_steps)
+          lambda window: finetune(config, progress=False, built=(base, model, tokenizer),
+                                  on_metrics=window), args.trace_steps)
       summary["traces"][name]["traced_tokens_per_s"] = median_tokens_per_s(pathlib.Path(config.out))
       print(json.dumps({name: summary["traces"][name]}), flush=True)
   result_file.write_text(json.dumps(summary, indent=1))

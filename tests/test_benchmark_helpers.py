@@ -88,8 +88,10 @@ def test_pwl_gradient_step_differentiates_the_pwl_parameters():
                    for s in ((16, 8), (8, 24), (24, 8), (16, 8)))
   pwl = to_kernel_activation(ff.fit("gelu", 8))
   value, grads = with_pwl_gradients(xla_forward, pwl)(x, wu, wd, None, dy)
-  loss = lambda slopes, intercepts: jnp.sum(reference_ffn(
-      x, wu, wd, None, None, None, None, Activation("pwl", pwl.knots, slopes, intercepts)) * dy)
+  def loss(slopes, intercepts):
+    y = reference_ffn(x, wu, wd, None, None, None, None,
+                      Activation("pwl", pwl.knots, slopes, intercepts))
+    return jnp.sum(y * dy) + 0.5 * jnp.sum(y * y)
   want = jax.grad(loss, argnums=(0, 1))(pwl.slopes, pwl.intercepts)
   assert len(grads) == 5 and grads[3].shape == pwl.slopes.shape
   np.testing.assert_allclose(grads[3], want[0], rtol=1e-5, atol=1e-6)

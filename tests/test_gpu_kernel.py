@@ -671,15 +671,16 @@ LOWERING_CASES = {
         residuals="segments")),
     "smollm2-glu-floor-bits": (8191, 576, 1536, 576, True, "pwl15", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="floor-bits")),
-    "gpt2-mlp-pingpong-floor-bits": (8192, 768, 3072, 768, False, "pwl15", dataclasses.replace(
-        dispatch.PINGPONG_MLP_F16, hidden_from="kernel")),
+    "gpt2-mlp-pingpong-floor-bits": (8192, 768, 3072, 768, False, "pwl15",
+                                     dispatch.PINGPONG_MLP_F16),
     "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15",
                                         dataclasses.replace(dispatch.PINGPONG_GLU_F16,
                                                             hidden_from="kernel")),
     "smollm2-glu-pingpong-h-from-residuals": (8191, 576, 1536, 576, True, "pwl15",
                                               dispatch.PINGPONG_GLU_F16),
     "gpt2-mlp-pingpong-h-from-residuals": (8192, 768, 3072, 768, False, "pwl15",
-                                           dispatch.PINGPONG_MLP_F16),
+                                           dataclasses.replace(dispatch.PINGPONG_MLP_F16,
+                                                               hidden_from="residuals")),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
@@ -915,11 +916,14 @@ GPU_CASES = {
     "epilogue-pp-glu-pwl-h-from-residuals": (1000, 576, 1000, 576, True, True, "pwl15",
                                              dispatch.PINGPONG_GLU_F16),
     "epilogue-pp-mlp-pwl-h-from-residuals": (513, 768, 3000, 700, False, True, "pwl15",
-                                             dispatch.PINGPONG_MLP_F16),
+                                             dataclasses.replace(dispatch.PINGPONG_MLP_F16,
+                                                                 hidden_from="residuals")),
     "epilogue-mlp-gelu-h-from-residuals": (513, 768, 3000, 700, False, True, "gelu",
-                                           dispatch.EPILOGUE_MLP),
+                                           dataclasses.replace(dispatch.EPILOGUE_MLP,
+                                                               hidden_from="residuals")),
     "epilogue-glu-silu-h-from-residuals": (1000, 576, 1000, 576, True, False, "silu",
-                                           dispatch.EPILOGUE_GLU),
+                                           dataclasses.replace(dispatch.EPILOGUE_GLU,
+                                                               hidden_from="residuals")),
     "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",
