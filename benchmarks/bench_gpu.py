@@ -11,7 +11,8 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
                tiles in both ``EpilogueConfig.schedule``s), the fastest
                plan again with the exact activation, tokamax's Mosaic GLU + XLA down-projection
                (GLU shapes, with --tokamax);
-  fwd+bwd:     loss and gradients (the forward runs, as in training): XLA exact and XLA PWL
+  fwd+bwd:     loss and gradients (``training_loss``: the forward runs and the backward needs
+               its output, as in training): XLA exact and XLA PWL
                (bf16 GEMMs, autodiff), the kernel's custom VJP with the library's tuned plan
                (``dispatch.choose_plan``) for each ``--residuals`` kind and ``--backward-chunks``
                budget and ``--d-hidden`` dtype of the backward's dy W_down^T (suffix -dh16: bf16),
