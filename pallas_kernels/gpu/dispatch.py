@@ -55,6 +55,9 @@ it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``P
                         inputs save "segments" (GLU) or "preactivations" (MLP) instead
                         (``FLOOR_BITS_F16_FALLBACK``): hi is a bf16, and the kernel's
                         two-byte staging slot holds x's dtype.
+
+A training forward's GEMM2 takes h from the epilogue kernel's store, or, in SmolLM2's PWL plan
+(``Plan.hidden_from="residuals"``, see ``PINGPONG_GLU_F16``), from the saved residuals in XLA.
 """
 
 from __future__ import annotations
