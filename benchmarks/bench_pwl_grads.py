@@ -34,7 +34,7 @@ from pallas_kernels.activation import pwl_segment_sums, segment_bands
 from pallas_kernels.gpu import dispatch, segment_sums_sm90
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_gpu import interleaved_seconds, prepare  # noqa: E402
+from bench_gpu import interleaved_seconds, prepare, training_loss  # noqa: E402
 
 
 def _one_hot_segments(x, knots, axis: int):
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
                     implementation=implementation) if plan is None else
              dispatch.ffn_mosaic_gpu(x, w_up, w_down, w_gate, None, None, None,
                                      to_kernel_activation(activation), plan=plan))
-      return jnp.sum(out.astype(jnp.float32) * dy)
+      return training_loss(out, dy)  # the backward needs the forward's output, as in training
     return jax.value_and_grad(loss, argnums=argnums)
 
   learnable = lambda *leaves: ff.PiecewiseLinear(pwl.knots, *leaves)
