@@ -6,8 +6,7 @@ For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` en
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
 segments or floor bits), with GEMM2's h written by the kernel or computed from the saved
-residuals (also with the exact
-activation: ``exact``, ``exact-h-from-residuals``), with one
+residuals (also with the exact activation: ``exact``, ``exact-h-from-residuals``), with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``, whose
 loss needs the forward's output before the backward, ``--independent-cotangent``: not; the

@@ -9,7 +9,8 @@ h = s(p) p + c(p), bf16 each: 275 MB at M = 8192, H = 3072, 69 us at 4 TB/s. Its
 "selects":
   copy:          d_pre = d_hidden, h = p (the bytes alone: the floor);
   selects:       the library's ``pwl_select``;
-  count-gather:  seg = sum_k [p >= t_k] (K compares and adds), s and c gathered from the tables;
+  count-gather:  seg = sum_k [p >= t_k] (``backward.segment_index``: K compares and adds), s and
+                 c gathered from the tables;
   steps:         s = s_0 + sum_k (s_{k+1} - s_k) [p >= t_k], c likewise (K compares, 2K FMAs).
 GPU time per pass from the profiler (``gpu_profile.profile``); writes ``pwl-lookup-<date>.json``
 and prints a table.
@@ -46,7 +47,7 @@ def lookup_selects(p, knots, slopes, intercepts):
 
 
 def lookup_count_gather(p, knots, slopes, intercepts):
-  segment = sum((p >= knots[k]).astype(jnp.int32) for k in range(knots.shape[0]))
+  segment = backward.segment_index(p, knots, knots.shape[0])
   slope = jnp.take(slopes, segment)
   return slope, slope * p + jnp.take(intercepts, segment)
 

@@ -43,10 +43,14 @@ def reference_text_tokens(tokenizer) -> np.ndarray:
   return np.asarray(tokenizer.encode(text).ids, np.int32)
 
 
+WARMUP_STEPS = 2  # steps a speed reading skips (compilation, warm-up)
+
+
 def median_tokens_per_s(out: pathlib.Path) -> float:
-  """Median training tokens/s of a run, skipping the first two steps (compilation, warm-up)."""
+  """Median training tokens/s of a run after its first ``WARMUP_STEPS`` steps."""
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-  return statistics.median(r["tokens_per_s"] for r in rows if r["split"] == "train" and r["step"] > 2)
+  return statistics.median(r["tokens_per_s"] for r in rows
+                           if r["split"] == "train" and r["step"] > WARMUP_STEPS)
 
 
 def speed_config(args, out: pathlib.Path, activation: str, steps: int) -> FinetuneConfig:
@@ -59,17 +63,17 @@ def speed_config(args, out: pathlib.Path, activation: str, steps: int) -> Finetu
                         pwl_learning_rate=args.pwl_learning_rate)
 
 
-def traced_loop(run, steps: int, warmup: int = 2, top: int = 15) -> dict:
-  """GPU time of training steps ``warmup + 1 .. warmup + steps`` of ``run(on_metrics)`` (a loop of
-  ``warmup + steps`` steps) under ``jax.profiler``: compilation, warm-up and evaluations stay out of
-  the trace. Returns busy ms per step (union of kernel intervals), kernel launches per step and the
-  ``top`` kernels by total ms per step. Set against the loop's wall clock per step, it says whether
-  a slower loop does more GPU work or leaves the GPU idle."""
+def traced_loop(run, steps: int, top: int = 15) -> dict:
+  """GPU time of training steps ``WARMUP_STEPS + 1 .. WARMUP_STEPS + steps`` of ``run(on_metrics)``
+  (a loop of ``WARMUP_STEPS + steps`` steps) under ``jax.profiler``: compilation, warm-up and
+  evaluations stay out of the trace. Returns busy ms per step (union of kernel intervals), kernel
+  launches per step and the ``top`` kernels by total ms per step. Set against the loop's wall
+  clock per step, it says whether a slower loop does more GPU work or leaves the GPU idle."""
   with tempfile.TemporaryDirectory() as trace_dir:
     def window(row: dict) -> None:  # a train row is logged once its step has finished
-      if row["split"] == "train" and row["step"] == warmup:
+      if row["split"] == "train" and row["step"] == WARMUP_STEPS:
         jax.profiler.start_trace(trace_dir)
-      elif row["split"] == "train" and row["step"] == warmup + steps:
+      elif row["split"] == "train" and row["step"] == WARMUP_STEPS + steps:
         jax.profiler.stop_trace()
     run(window)
     events, _ = kernel_events(trace_dir)
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
              "exact-xla": ("exact", linearize(base, "exact", implementation="xla"))}
     summary["traces"] = {}
     for name, (activation, model) in loops.items():
-      config = speed_config(args, out / f"trace-{name}", activation, args.trace_steps + 2)
+      config = speed_config(args, out / f"trace-{name}", activation,
+                            WARMUP_STEPS + args.trace_steps)
       summary["traces"][name] = traced_loop(
           lambda window: finetune(config, progress=False, built=(base, model, tokenizer),
                                   on_metrics=window), args.trace_steps)
