@@ -73,10 +73,11 @@ from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm9
                                 segment_sums_sm90)
 
 DECODE_ROWS = 64  # M at or below this is "decode": one row block
-# [M, chunk] elements per backward chunk: 64 Mi (one chunk up to llama-1B at M = 8192) was the
-# fastest budget measured on the H200 (benchmarks/results/h200-2026-12-01.md); 16 Mi uses less
-# temporary memory and was 5-20% slower.
-BACKWARD_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# [M, chunk] elements per backward chunk: 128 Mi (one chunk up to llama-8B at M = 8192) was the
+# fastest budget measured on the H200. At llama-8B two 64 Mi chunks cost ~0.85 ms of slicing,
+# zero-fill and accumulation per step (fwd+bwd 14.93 vs 14.07 ms, XLA 14.28; temporary memory
+# 1384 vs 1568 MB, XLA's 1568; thirteenth session); 16 Mi was 5-20% slower than 64 Mi.
+BACKWARD_CHUNK_ELEMENTS = 128 * 1024 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 RESIDUALS = ("recompute", "preactivations", "segments", "floor-bits")
 # Plan.segment_sums -> f(p_parts, g, knots) (``backward.ffn_backward``'s segment_sums): XLA's
