@@ -5,8 +5,7 @@
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
-segments or floor bits), with GEMM2's h written by the kernel or computed from the saved
-residuals (also with the exact activation: ``exact``, ``exact-h-from-residuals``), with one
+segments or floor bits), the default plan with the exact activation (``exact``), with one
 staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``, whose
 loss needs the forward's output before the backward, ``--independent-cotangent``: not; the
@@ -113,8 +112,7 @@ def main(argv=None) -> int:
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
-                           "pingpong-segments-n64, h-from-kernel, h-from-residuals, exact, "
-                           "exact-h-from-residuals, per-output, dh16, dgrad, "
+                           "pingpong-segments-n64, exact, per-output, dh16, dgrad, "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   args = parser.parse_args(argv)
@@ -181,20 +179,9 @@ def main(argv=None) -> int:
                                           "tiles saving residuals='segments', PWL-16",
                                           kernel_forward(pwl, dataclasses.replace(
                                               plan, epilogue=narrow, residuals="segments"))),
-                "h-from-kernel": ("same with GEMM2's h written by the epilogue kernel "
-                                  "(hidden_from='kernel'), PWL-16", kernel_forward(
-                                      pwl, dataclasses.replace(plan, hidden_from="kernel"))),
-                "h-from-residuals": ("same with GEMM2's h computed in XLA from the saved "
-                                     "residuals (hidden_from='residuals'), PWL-16",
-                                     kernel_forward(pwl, dataclasses.replace(
-                                         plan, hidden_from="residuals"))),
                 "exact": (f"library default plan ({exact_plan.path}, residuals="
                           f"{exact_plan.residuals}), exact activation",
                           kernel_forward(Activation(shape.activation), exact_plan)),
-                "exact-h-from-residuals": ("same with GEMM2's h computed in XLA from the saved "
-                                           "residuals, exact activation", kernel_forward(
-                                               Activation(shape.activation), dataclasses.replace(
-                                                   exact_plan, hidden_from="residuals"))),
                 "per-output": ("same with one SMEM staging slot per stored output "
                                "(staging='per_output'), PWL-16", kernel_forward(
                                    pwl, dataclasses.replace(plan, epilogue=dataclasses.replace(

@@ -298,9 +298,9 @@ def training_loss(y, dy, dependent: bool = True):
   """⟨y, dy⟩ + ½‖y‖² (``dependent``) or ⟨y, dy⟩, y in f32. The first's cotangent dy + y needs the
   forward's output before the backward starts, as in a network whose later layers feed the loss;
   with ⟨y, dy⟩ alone XLA may run the forward's GEMM2 after the backward and take its h from the
-  backward's elementwise pass (seen in the H200's compiled gpt2-small step with
-  ``Plan(hidden_from="residuals")``, 2026-12-02, twelfth session; that session's h-from-residuals
-  gains may rest on it)."""
+  backward's elementwise pass (seen in the H200's compiled gpt2-small step of a plan that computed
+  GEMM2's h in XLA from the saved residuals: its gains of the twelfth session, 2026-12-02, were
+  that reuse; benchmarks/NOTES.md)."""
   y = y.astype(jnp.float32)
   return jnp.sum(y * dy) + (0.5 * jnp.sum(y * y) if dependent else 0.0)
 

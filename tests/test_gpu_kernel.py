@@ -302,31 +302,6 @@ def test_interpret_epilogue_saves_floor_bits(rng, glu):
     check_against_reference(problem, activation, plan)
 
 
-@on_cpu_only
-@needs_interpret_threads
-@pytest.mark.parametrize("glu", [True, False])
-def test_interpret_hidden_from_residuals(rng, glu):
-  """Plan(hidden_from="residuals"): the training forward's epilogue writes only the floor bits
-  (and a GLU's u) and GEMM2 takes h = act(p') (x u) computed from them in XLA; its output and
-  every gradient match the f32 reference (odd M and H)."""
-  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
-  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
-                       residuals="floor-bits", hidden_from="residuals")
-  activation = kernel_activation("pwl15", glu=glu)
-  padded = lambda name, shape: dispatch._pad(problem[name], shape)
-  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    hidden, saved = jax.jit(lambda x, wu, wg, bu, bg: kernels.gemm1_activation(
-        x, wu, wg, bu, bg, None, kind="relu", num_knots=0, config=plan.epilogue,
-        saves="floor-bits", writes_activation=False))(
-            padded("x", (72, 128)), padded("w_up", (128, 256)), padded("w_gate", (128, 256)),
-            padded("b_up", (256,)), padded("b_gate", (256,)))
-    check_against_reference(problem, activation, plan)
-  assert hidden is None and [[part.dtype for part in parts] for parts in saved] == (
-      [[jnp.bfloat16, jnp.uint8]] + [[jnp.bfloat16]] * glu)
-  expected = f32_preactivations(problem)[0]
-  assert relative_error(backward.join_saved(saved[0])[:70, :200], expected) < 1e-4
-
-
 def test_segment_index_and_join():
   """seg(p) follows pwl_select (a knot takes the segment above; NaN -> 0); join_segmented puts a
   bf16 rounding that crossed a knot back on the forward's side, within 2^-8 of p (half a bf16
@@ -631,14 +606,6 @@ def test_preactivation_residuals_need_the_epilogue_path():
     dispatch.Plan("epilogue", residuals="segments", backward="epilogue")
   with pytest.raises(ValueError, match="d_hidden='bfloat16'"):
     dispatch.Plan("epilogue", d_hidden="bfloat16")
-  with pytest.raises(ValueError, match="hidden_from='residuals' computes h from the saved"):
-    dispatch.Plan("epilogue", hidden_from="residuals")
-  with pytest.raises(ValueError, match="hidden_from='gemm2'"):
-    dispatch.Plan("epilogue", residuals="floor-bits", hidden_from="gemm2")
-  with pytest.raises(ValueError, match="writes_activation=False needs saves"):
-    kernels.gemm1_activation(jnp.zeros((64, 64)), jnp.zeros((64, 64)), None, None, None, None,
-                             kind="relu", num_knots=0, config=kernels.EpilogueConfig(),
-                             writes_activation=False)
 
 
 LOWERING_CASES = {
@@ -674,13 +641,7 @@ LOWERING_CASES = {
     "gpt2-mlp-pingpong-floor-bits": (8192, 768, 3072, 768, False, "pwl15",
                                      dispatch.PINGPONG_MLP_F16),
     "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15",
-                                        dataclasses.replace(dispatch.PINGPONG_GLU_F16,
-                                                            hidden_from="kernel")),
-    "smollm2-glu-pingpong-h-from-residuals": (8191, 576, 1536, 576, True, "pwl15",
-                                              dispatch.PINGPONG_GLU_F16),
-    "gpt2-mlp-pingpong-h-from-residuals": (8192, 768, 3072, 768, False, "pwl15",
-                                           dataclasses.replace(dispatch.PINGPONG_MLP_F16,
-                                                               hidden_from="residuals")),
+                                        dispatch.PINGPONG_GLU_F16),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
@@ -911,19 +872,7 @@ GPU_CASES = {
                                                     schedule="pingpong"),
         residuals="floor-bits")),
     "epilogue-pp-glu-pwl-floor-bits": (1000, 576, 1000, 576, True, True, "pwl15",
-                                       dataclasses.replace(dispatch.PINGPONG_GLU_F16,
-                                                           hidden_from="kernel")),
-    "epilogue-pp-glu-pwl-h-from-residuals": (1000, 576, 1000, 576, True, True, "pwl15",
-                                             dispatch.PINGPONG_GLU_F16),
-    "epilogue-pp-mlp-pwl-h-from-residuals": (513, 768, 3000, 700, False, True, "pwl15",
-                                             dataclasses.replace(dispatch.PINGPONG_MLP_F16,
-                                                                 hidden_from="residuals")),
-    "epilogue-mlp-gelu-h-from-residuals": (513, 768, 3000, 700, False, True, "gelu",
-                                           dataclasses.replace(dispatch.EPILOGUE_MLP,
-                                                               hidden_from="residuals")),
-    "epilogue-glu-silu-h-from-residuals": (1000, 576, 1000, 576, True, False, "silu",
-                                           dataclasses.replace(dispatch.EPILOGUE_GLU,
-                                                               hidden_from="residuals")),
+                                       dispatch.PINGPONG_GLU_F16),
     "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",

@@ -194,13 +194,6 @@ def _activation_and_derivative(activation: Activation, pre: jax.Array):
   return exact_activation_and_derivative(activation.kind, pre)
 
 
-def hidden_from_saved(saved: tuple, activation: Activation, dtype) -> jax.Array:
-  """h = act(p) (MLP) or act(g) u (GLU) in ``dtype`` from ``save_preactivations``' entries."""
-  pre = [join_saved(parts, activation.knots) for parts in saved]
-  act, _ = _activation_and_derivative(activation, pre[0])
-  return (act * pre[1] if len(pre) == 2 else act).astype(dtype)
-
-
 def _pad_columns(array, columns: int, axis: int):
   if array is None or array.shape[axis] == columns:
     return array

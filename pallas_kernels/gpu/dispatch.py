@@ -55,9 +55,6 @@ it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``P
                         inputs save "segments" (GLU) or "preactivations" (MLP) instead
                         (``FLOOR_BITS_F16_FALLBACK``): hi is a bf16, and the kernel's
                         two-byte staging slot holds x's dtype.
-
-A training forward's GEMM2 takes h from the epilogue kernel's store, or, in SmolLM2's PWL plan
-(``Plan.hidden_from="residuals"``, see ``PINGPONG_GLU_F16``), from the saved residuals in XLA.
 """
 
 from __future__ import annotations
@@ -96,7 +93,6 @@ SEGMENT_SUMS = {
 }
 BACKWARDS = ("xla", "epilogue")
 D_HIDDEN = ("float32", "input")
-HIDDEN_FROM = ("kernel", "residuals")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +109,7 @@ class Plan:
   ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's d_hidden = dy W_down^T,
   "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model keeps it; f32 accumulation
   either way: half the bytes of that [M, H] array; on the H200 the step's GPU time -1%, its
-  compiled temp memory -13-17%, gradients 1-2.4e-3 from f32); ``hidden_from``: in a training
-  forward (residuals saved), "kernel" (the epilogue writes h = act(p) (x u) for GEMM2) or
-  "residuals" (the epilogue writes only the residuals and GEMM2's operand h is computed from
-  them in XLA, which may fuse it into the GEMM's operand loads: 2 bytes per [M, H] element and
-  the epilogue's activation less; SmolLM2's PWL plan, see ``PINGPONG_GLU_F16``)."""
+  compiled temp memory -13-17%, gradients 1-2.4e-3 from f32)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -129,7 +121,6 @@ class Plan:
   backward: str = "xla"
   dgrad: kernels.EpilogueConfig | None = None
   d_hidden: str = "float32"
-  hidden_from: str = "kernel"
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -141,11 +132,6 @@ class Plan:
       raise ValueError(f"residuals={self.residuals!r} needs the epilogue path, got {self.path!r}")
     if self.d_hidden not in D_HIDDEN:
       raise ValueError(f"d_hidden={self.d_hidden!r}: expected one of {D_HIDDEN}")
-    if self.hidden_from not in HIDDEN_FROM:
-      raise ValueError(f"hidden_from={self.hidden_from!r}: expected one of {HIDDEN_FROM}")
-    if self.hidden_from == "residuals" and self.residuals == "recompute":
-      raise ValueError("hidden_from='residuals' computes h from the saved residuals: it needs "
-                       "residuals other than 'recompute'")
     if self.backward not in BACKWARDS:
       raise ValueError(f"backward={self.backward!r}: expected one of {BACKWARDS}")
     if self.backward == "epilogue" and self.residuals != "preactivations":
@@ -195,16 +181,8 @@ EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES
                         **_FLOOR_BITS)
 EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
                                                                     pwl_dtype="float16"), **_SAVED)
-# SmolLM2's PWL plan computes GEMM2's h from the saved residuals in XLA (hidden_from="residuals"):
-# the fine-tune loop (SmolLM2 PWL-16, H200) ran 117.1k tokens/s with it (twelfth session, exact
-# XLA 124.8k) vs 111.2k with h from the kernel (eleventh, exact XLA 127.2k). The benchmarks'
-# gains of that session at every shape (training-step GPU time SmolLM2 334.6 -> 325.6 us,
-# gpt2-small 493.0 -> 470.3, ...) were taken with a loss whose backward did not need the
-# forward's output, so XLA could take GEMM2's h from the backward's elementwise pass; the other
-# plans keep h from the kernel until measured with ``bench_gpu.training_loss``'s dependent loss.
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
-                        hidden_from="residuals")
+    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS)
 # what a bf16 plan's "floor-bits" becomes for f16 inputs, by glu
@@ -330,14 +308,10 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
     if plan.fused.h_splits > 1:
       return sum_partials(out)
     return out[:rows, :d_out].astype(x.dtype)
-  from_residuals = bool(saves) and plan.hidden_from == "residuals"
   hidden_act = kernels.gemm1_activation(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
-                                        config=plan.epilogue, saves=saves,
-                                        writes_activation=not from_residuals, **kernel_args)
+                                        config=plan.epilogue, saves=saves, **kernel_args)
   if saves:
     hidden_act, preactivations = hidden_act
-  if from_residuals:
-    hidden_act = backward.hidden_from_saved(preactivations, activation, x.dtype)
   out = jnp.dot(hidden_act[:rows], _pad(w_down, (hp, d_out)), preferred_element_type=jnp.float32)
   out = out if b_down is None else out + b_down.astype(jnp.float32)
   out = out.astype(x.dtype)

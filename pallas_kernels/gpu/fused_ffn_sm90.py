@@ -329,8 +329,7 @@ def saved_part_dtypes(saves: str | None, num_weights: int, dtype) -> list[tuple]
 
 
 def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_knots: int,
-                     config: EpilogueConfig, saves: str | None = None,
-                     writes_activation: bool = True):
+                     config: EpilogueConfig, saves: str | None = None):
   """a = act(x W_gate + b_gate) * (x W_up + b_up) (GLU) or act(x W_up + b_up) (MLP), [M, H].
 
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
@@ -341,9 +340,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   from the same epilogue: the residuals a backward needs instead of recomputing GEMM1, each a
   tuple of [M, H] arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype;
   or (hi, int8 segment) / (hi, uint8 floor bits) for the activation's input and (hi,) for u),
-  staged for their TMA stores as ``config.staging`` says. ``writes_activation=False`` (with
-  ``saves``) leaves ``a`` out: ``(None, saved parts)``, for a caller that computes ``a`` from the
-  parts where it is consumed.
+  staged for their TMA stores as ``config.staging`` says.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -354,11 +351,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
     raise ValueError("gemm1_activation: give both GLU biases or neither")
   if saves == "segments" and table is None:
     raise ValueError("gemm1_activation: saves='segments' needs a PWL activation table")
-  if not (writes_activation or saves):
-    raise ValueError("gemm1_activation: writes_activation=False needs saves, else it writes nothing")
   saved_parts = saved_part_dtypes(saves, len(weights), dtype)
   saved_dtypes = tuple(part for parts in saved_parts for part in parts)
-  out_dtypes = ([jnp.dtype(dtype)] if writes_activation else []) + list(saved_dtypes)
+  out_dtypes = [jnp.dtype(dtype), *saved_dtypes]
   num_outputs = len(out_dtypes)
   config.check(len(weights), dtype, saved_dtypes)
   tile_m, tile_n, rows = config.tile_m, config.tile_n, config.window_rows
@@ -377,10 +372,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       pre = [acc[window] for acc in accumulators]
       if bias_smem is not None:
         pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
-      values = []
-      if writes_activation:
-        out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
-        values.append(out * pre[1] if len(pre) == 2 else out)
+      out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
+      values = [out * pre[1] if len(pre) == 2 else out]
       for parts in save_preactivations(pre, dtype, saves, table_smem,
                                        num_knots) if saves else ():
         values += parts
@@ -549,9 +542,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
                               m_iters * n_iters, scratch, inputs)
   if not saves:
     return outputs[0]
-  saved = iter(outputs[1:] if writes_activation else outputs)
-  return (outputs[0] if writes_activation else None,
-          tuple(tuple(next(saved) for _ in parts) for parts in saved_parts))
+  saved = iter(outputs[1:])
+  return outputs[0], tuple(tuple(next(saved) for _ in parts) for parts in saved_parts)
 
 
 # ------------------------------------------------------------------------------------------------
