@@ -143,6 +143,9 @@ def main(argv=None) -> int:
   parser.add_argument("--trace-steps", type=int, default=0,
                       help="also trace this many steps of the first activation's loop and of the "
                            "exact-XLA loop (GPU-busy ms per step, costliest kernels; 0: skip)")
+  parser.add_argument("--trace-only", action="store_true",
+                      help="skip the recovery and throughput runs: only the --trace-steps loops "
+                           "(each compiles its own step, ~1-2 min on the H200)")
   parser.add_argument("--render", nargs="+", metavar="JSON", help="only merge these result files into markdown")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
@@ -157,13 +160,13 @@ def main(argv=None) -> int:
   base, tokenizer = models.load("smollm2", path=args.model_path, dtype=args.compute_dtype)
   reference = reference_text_tokens(tokenizer)[:args.reference_tokens + 1]
   ref_ppl = lambda model: models.perplexity(model, reference, seq_len=args.seq_len, batch_size=8)["ppl"]
-  exact_reference = ref_ppl(base)
+  exact_reference = None if args.trace_only else ref_ppl(base)
   rows = []
   summary = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
              "command": "python3 benchmarks/finetune_recovery.py " + " ".join(argv or sys.argv[1:]),
              "rows": rows}
   result_file = out / f"recovery-{args.activations.replace(',', '-')}.json"
-  for activation in args.activations.split(","):
+  for activation in [] if args.trace_only else args.activations.split(","):
     config = FinetuneConfig(out=str(out / activation), model_path=args.model_path, activation=activation,
                             trainable=args.trainable, steps=args.steps, batch_size=args.batch_size,
                             seq_len=args.seq_len, learning_rate=args.learning_rate,
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
                  "ffn_implementation": ffn_implementation(base, student, args)})
     print(json.dumps(rows[-1]), flush=True)
     result_file.write_text(json.dumps(summary, indent=1))  # a run cut short keeps its rows
-  if args.throughput_steps:
+  if args.throughput_steps and not args.trace_only:
     exact = speed_config(args, out / "speed-exact-xla", "exact", args.throughput_steps)
     finetune(exact, progress=False, built=(base, linearize(base, "exact", implementation="xla"), tokenizer))
     summary["exact_xla_tokens_per_s"] = median_tokens_per_s(pathlib.Path(exact.out))
