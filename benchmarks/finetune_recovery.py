@@ -148,6 +148,8 @@ def main(argv=None) -> int:
                            "(each compiles its own step, ~1-2 min on the H200)")
   parser.add_argument("--render", nargs="+", metavar="JSON", help="only merge these result files into markdown")
   args = parser.parse_args(argv)
+  if args.trace_only and not args.trace_steps:
+    parser.error("--trace-only traces the loops: give --trace-steps > 0")
   out = pathlib.Path(args.out)
   if args.render:
     text = render([json.loads(pathlib.Path(p).read_text()) for p in args.render])
@@ -160,40 +162,41 @@ def main(argv=None) -> int:
   base, tokenizer = models.load("smollm2", path=args.model_path, dtype=args.compute_dtype)
   reference = reference_text_tokens(tokenizer)[:args.reference_tokens + 1]
   ref_ppl = lambda model: models.perplexity(model, reference, seq_len=args.seq_len, batch_size=8)["ppl"]
-  exact_reference = None if args.trace_only else ref_ppl(base)
   rows = []
   summary = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
              "command": "python3 benchmarks/finetune_recovery.py " + " ".join(argv or sys.argv[1:]),
              "rows": rows}
   result_file = out / f"recovery-{args.activations.replace(',', '-')}.json"
-  for activation in [] if args.trace_only else args.activations.split(","):
-    config = FinetuneConfig(out=str(out / activation), model_path=args.model_path, activation=activation,
-                            trainable=args.trainable, steps=args.steps, batch_size=args.batch_size,
-                            seq_len=args.seq_len, learning_rate=args.learning_rate,
-                            pwl_learning_rate=args.pwl_learning_rate, compute_dtype=args.compute_dtype,
-                            warmup_steps=max(1, args.steps // 20), eval_every=max(1, args.steps // 5),
-                            eval_batches=args.eval_batches, checkpoint_every=args.steps, keep_checkpoints=1)
-    student = linearize(base, activation, learnable=True)
-    before_reference = ref_ppl(student)
-    tic = time.perf_counter()
-    result = finetune(config, progress=False, built=(base, student, tokenizer))
-    seconds = time.perf_counter() - tic
-    after_reference = ref_ppl(load_finetuned(config.out)[0])
-    rows.append({"activation": activation, "exact_ppl": result.exact_ppl,
-                 "linearized_ppl": result.linearized_ppl, "finetuned_ppl": result.finetuned_ppl,
-                 "linearized_vs_exact": result.linearized_ppl / result.exact_ppl - 1,
-                 "finetuned_vs_exact": result.finetuned_ppl / result.exact_ppl - 1,
-                 "recovered": result.recovered, "tokens": result.tokens_trained, "seconds": seconds,
-                 "reference_exact_ppl": exact_reference, "reference_linearized_ppl": before_reference,
-                 "reference_finetuned_ppl": after_reference,
-                 "tokens_per_s": median_tokens_per_s(pathlib.Path(config.out)),
-                 "ffn_implementation": ffn_implementation(base, student, args)})
-    print(json.dumps(rows[-1]), flush=True)
-    result_file.write_text(json.dumps(summary, indent=1))  # a run cut short keeps its rows
-  if args.throughput_steps and not args.trace_only:
-    exact = speed_config(args, out / "speed-exact-xla", "exact", args.throughput_steps)
-    finetune(exact, progress=False, built=(base, linearize(base, "exact", implementation="xla"), tokenizer))
-    summary["exact_xla_tokens_per_s"] = median_tokens_per_s(pathlib.Path(exact.out))
+  if not args.trace_only:  # the recovery runs and the exact-XLA throughput run
+    exact_reference = ref_ppl(base)
+    for activation in args.activations.split(","):
+      config = FinetuneConfig(out=str(out / activation), model_path=args.model_path, activation=activation,
+                              trainable=args.trainable, steps=args.steps, batch_size=args.batch_size,
+                              seq_len=args.seq_len, learning_rate=args.learning_rate,
+                              pwl_learning_rate=args.pwl_learning_rate, compute_dtype=args.compute_dtype,
+                              warmup_steps=max(1, args.steps // 20), eval_every=max(1, args.steps // 5),
+                              eval_batches=args.eval_batches, checkpoint_every=args.steps, keep_checkpoints=1)
+      student = linearize(base, activation, learnable=True)
+      before_reference = ref_ppl(student)
+      tic = time.perf_counter()
+      result = finetune(config, progress=False, built=(base, student, tokenizer))
+      seconds = time.perf_counter() - tic
+      after_reference = ref_ppl(load_finetuned(config.out)[0])
+      rows.append({"activation": activation, "exact_ppl": result.exact_ppl,
+                   "linearized_ppl": result.linearized_ppl, "finetuned_ppl": result.finetuned_ppl,
+                   "linearized_vs_exact": result.linearized_ppl / result.exact_ppl - 1,
+                   "finetuned_vs_exact": result.finetuned_ppl / result.exact_ppl - 1,
+                   "recovered": result.recovered, "tokens": result.tokens_trained, "seconds": seconds,
+                   "reference_exact_ppl": exact_reference, "reference_linearized_ppl": before_reference,
+                   "reference_finetuned_ppl": after_reference,
+                   "tokens_per_s": median_tokens_per_s(pathlib.Path(config.out)),
+                   "ffn_implementation": ffn_implementation(base, student, args)})
+      print(json.dumps(rows[-1]), flush=True)
+      result_file.write_text(json.dumps(summary, indent=1))  # a run cut short keeps its rows
+    if args.throughput_steps:
+      exact = speed_config(args, out / "speed-exact-xla", "exact", args.throughput_steps)
+      finetune(exact, progress=False, built=(base, linearize(base, "exact", implementation="xla"), tokenizer))
+      summary["exact_xla_tokens_per_s"] = median_tokens_per_s(pathlib.Path(exact.out))
   if args.trace_steps:
     first = args.activations.split(",")[0]
     loops = {first: (first, linearize(base, first, learnable=True)),
