@@ -72,12 +72,13 @@ def kernel_activation(name: str, glu: bool) -> Activation:
 ARG_NAMES = ("x", "w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
 
 
-def loss_and_grads(fn, problem, activation, dy):
-  """(⟨fn(...), dy⟩, fn(...)) and the gradient of the first w.r.t. every array argument and the
-  PWL slopes and intercepts; fn(...) is the output of the differentiated (training) forward."""
+def loss_and_grads(fn, problem, activation, dy, pwl_gradients=True):
+  """(⟨fn(...), dy⟩, fn(...)) and the gradient of the first w.r.t. every array argument and
+  (``pwl_gradients``) the PWL slopes and intercepts; fn(...) is the output of the differentiated
+  (training) forward."""
   arrays = [problem[name] for name in ARG_NAMES]
   present = [i for i, a in enumerate(arrays) if a is not None]
-  pwl = activation.kind == "pwl"
+  pwl = activation.kind == "pwl" and pwl_gradients
   params = (activation.slopes, activation.intercepts) if pwl else ()
 
   def loss(*flat):
@@ -106,10 +107,11 @@ def reference_in_float32(*args):
   return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
 
 
-def check_against_reference(problem, activation, plan):
+def check_against_reference(problem, activation, plan, pwl_gradients=True):
   """Forward output (inference, and the training forward that saves residuals) and all gradients
-  of the kernel path vs the float32 XLA reference; ``plan`` None: the public op's own choice
-  (``ffn_mosaic_gpu``)."""
+  of the kernel path vs the float32 XLA reference (a PWL's parameters' only with
+  ``pwl_gradients``: without, a dgrad plan runs its kernel); ``plan`` None: the public op's own
+  choice (``ffn_mosaic_gpu``)."""
   rows, d_out = problem["x"].shape[0], problem["w_down"].shape[1]
   dy = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d_out)), jnp.bfloat16)
   if plan is None:
@@ -122,10 +124,11 @@ def check_against_reference(problem, activation, plan):
       *[problem[n] for n in ARG_NAMES])
   assert out.dtype == problem["x"].dtype and out.shape == expected.shape
   assert relative_error(out, expected) < BF16_TOLERANCE
-  (_, trained_out), grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d))(dy)
+  (_, trained_out), grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d,
+                                                             pwl_gradients))(dy)
   assert relative_error(trained_out, expected) < BF16_TOLERANCE  # the forward a VJP runs
   _, expected_grads = jax.jit(lambda d: loss_and_grads(reference_in_float32, problem, activation,
-                                                       d))(dy)
+                                                       d, pwl_gradients))(dy)
   assert len(grads) == len(expected_grads)
   for index, (got, want) in enumerate(zip(grads, expected_grads)):
     assert got.shape == want.shape, index
@@ -482,30 +485,40 @@ def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape, dtypes):
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("glu, name, d_act", [(True, "pwl", True), (False, "gelu", False),
-                                              (False, "pwl", True)])
-def test_interpret_dgrad_activation_matches_xla(rng, glu, name, d_act):
-  """dgrad_activation vs the same math in XLA (f32) on saved pairs: h, d_u, d_g, d_act for
-  200 rows (a partial 128-row tile) and two hidden tiles."""
-  rows, d_out, hidden = 200, 128, 256
+@pytest.mark.parametrize("glu, name, residuals, schedule", [
+    (True, "pwl15", "floor-bits", "pingpong"), (False, "pwl15", "floor-bits", "pingpong"),
+    (False, "gelu", "preactivations", "cooperative"), (True, "pwl", "preactivations",
+                                                       "cooperative")])
+def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, residuals, schedule):
+  """dgrad_activation vs the same math in XLA (f32) on the saved parts: h, d_u, d_g for 200 rows
+  (partial tiles) and 320 hidden columns (H tiles of 128: a partial one) on 2 SMs, so each CTA
+  walks several tiles (ping-pong: its warpgroups alternate, 128-row tiles take two 64-row
+  windows). Ping-pong runs under the interpreter's race detector (ring, part buffers, staging)."""
+  monkeypatch.setattr(kernels, "num_sms", lambda: 2)
+  rows, d_out, hidden = 200, 192, 320
   dy = jnp.asarray(rng.normal(size=(rows, d_out)), jnp.bfloat16)
   w_down = jnp.asarray(rng.normal(size=(hidden, d_out)) / np.sqrt(d_out), jnp.bfloat16)
   pres = [jnp.asarray(rng.normal(size=(rows, hidden)) * 2, jnp.float32) for _ in range(1 + glu)]
-  pairs = tuple(backward.split_preactivation(p, jnp.bfloat16) for p in pres)
+  saved = backward.save_preactivations(pres, jnp.bfloat16, residuals)
   activation = kernel_activation(name, glu)
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
-  config = dispatch.DGRAD_GLU if glu else dispatch.DGRAD_MLP
-  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    got = jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
-        *a, kind=name, num_knots=num_knots, config=config, with_d_act=d_act))(
-            dy, w_down, pairs, kernels.activation_table(activation))
+  config = {("pingpong", True): dispatch.DGRAD_PINGPONG_GLU, ("pingpong", False):
+            dispatch.DGRAD_PINGPONG_MLP, ("cooperative", True): dispatch.DGRAD_GLU,
+            ("cooperative", False): dispatch.DGRAD_MLP}[schedule, glu]
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(
+      detect_races=schedule == "pingpong")):
+    got = jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
+        *a, kind=activation.kind, num_knots=num_knots, config=config))(
+            dy, w_down, saved, kernels.activation_table(activation)))
+  if schedule == "pingpong":
+    assert not interpret_pallas_call.get_races().races_found
   d_hidden = jnp.dot(dy.astype(jnp.float32), w_down.astype(jnp.float32).T, precision="highest")
-  pre = [backward.join_preactivation(*pair) for pair in pairs]
+  pre = [backward.join_saved(parts) for parts in saved]
   act, slope = backward._activation_and_derivative(activation, pre[0])
-  want = ([act * pre[1], d_hidden * act, d_hidden * pre[1] * slope, d_hidden * pre[1]] if glu
-          else [act, d_hidden * slope, None, d_hidden])
+  want = ([act * pre[1], d_hidden * act, d_hidden * pre[1] * slope] if glu
+          else [act, d_hidden * slope, None])
   for index, (g, w) in enumerate(zip(got, want)):
-    if w is None or (index == 3 and not d_act):
+    if w is None:
       assert g is None, index
     else:
       assert g.dtype == jnp.bfloat16 and relative_error(g, w) < BF16_TOLERANCE / 2, index
@@ -513,28 +526,56 @@ def test_interpret_dgrad_activation_matches_xla(rng, glu, name, d_act):
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("glu, name", [(True, "silu"), (False, "gelu")])
-def test_interpret_backward_epilogue_plan(rng, glu, name):
-  """Plan(backward="epilogue"): forward and every gradient (weights, biases) against the float32
-  reference, odd M, H and D_out (H and D_out padded to 64 for the kernel). Exact activations: the
-  public op refuses this plan with a PWL (its PWL-parameter gradients missed 1e-2 on rare
-  inputs: once on the H200, once here in ~40 seeds; see benchmarks/NOTES.md); the
-  kernel's PWL outputs are checked elementwise in test_interpret_dgrad_activation_matches_xla."""
+@pytest.mark.parametrize("glu, name, residuals, schedule", [
+    (True, "silu", "preactivations", "cooperative"), (False, "gelu", "preactivations",
+                                                      "cooperative"),
+    (True, "pwl15", "floor-bits", "pingpong"), (False, "pwl15", "floor-bits", "pingpong")])
+def test_interpret_backward_epilogue_plan(rng, glu, name, residuals, schedule):
+  """Plan(backward="epilogue"): forward and every gradient (weights, biases; not a PWL's
+  parameters, which would hand the backward to the chunked form) against the float32 reference,
+  odd M, H and D_out (H and D_out padded to 64 for the kernel)."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
-                       residuals="preactivations", backward="epilogue")
+                       residuals=residuals, backward="epilogue",
+                       dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule))
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-    check_against_reference(problem, kernel_activation(name, glu), plan)
+    check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
 
 
-@pytest.mark.parametrize("glu, name", [(True, "pwl"), (False, "gelu")])
-def test_backward_epilogue_lowers_for_cuda(glu, name):
+@pytest.mark.parametrize("pwl_gradients", [False, True])
+def test_dgrad_plan_leaves_trained_pwls_to_the_chunked_backward(rng, monkeypatch, pwl_gradients):
+  """Plan(backward="epilogue") with a PWL: the dgrad kernel runs when only arrays are
+  differentiated; differentiating the PWL's slopes and intercepts too hands the backward to the
+  chunked form, whose segment sums give them (the dgrad kernel cannot). Traced, not run."""
+  calls = []
+  real = dgrad_sm90.dgrad_activation
+  monkeypatch.setattr(dgrad_sm90, "dgrad_activation",
+                      lambda *a, **k: calls.append(k["kind"]) or real(*a, **k))
+  monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
+  problem = make_problem(rng, rows=16, d_model=64, hidden=64, d_out=64, glu=False, bias=False)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       residuals="floor-bits", backward="epilogue")
+  activation = kernel_activation("pwl15", glu=False)
+  jax.make_jaxpr(lambda d: loss_and_grads(
+      lambda *a: dispatch.ffn_mosaic_gpu(*a, plan=plan), problem, activation, d, pwl_gradients))(
+          jnp.ones((16, 64), jnp.bfloat16))
+  assert calls == ([] if pwl_gradients else ["pwl"])
+
+
+@pytest.mark.parametrize("glu, name, schedule", [(True, "pwl", "pingpong"),
+                                                 (False, "pwl", "pingpong"),
+                                                 (False, "gelu", "cooperative")])
+def test_backward_epilogue_lowers_for_cuda(glu, name, schedule):
   """The training step with Plan(backward="epilogue") lowers for CUDA at SmolLM2 / gpt2-small
   widths, with an M that is not a multiple of 8 (TMA's swizzled boxes refuse such gmem rows)."""
   rows, d_model, hidden = (8191, 576, 1536) if glu else (8191, 768, 3072)
   activation = kernel_activation(name, glu)
   plan = dataclasses.replace(dispatch.choose_plan(rows, d_model, hidden, d_model, glu, True),
-                             residuals="preactivations", backward="epilogue")
+                             backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_GLU if glu else (
+                                 dispatch.DGRAD_PINGPONG_MLP if schedule == "pingpong"
+                                 else dispatch.DGRAD_MLP))
+  if name != "pwl":
+    plan = dataclasses.replace(plan, residuals="preactivations")
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   loss = lambda x, wu, wd, wg: jnp.sum(dispatch._ffn(
       plan, activation.kind, None, x, wu, wd, wg, None, None, None, activation.knots,
@@ -575,18 +616,6 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
   pingpong = dispatch.PINGPONG_MLP_F16.epilogue
   assert dispatch.with_residuals(dispatch.PINGPONG_MLP_F16, glu=False,
                                  residuals="segments").epilogue == pingpong
-
-
-def test_public_op_refuses_the_dgrad_kernel_with_a_pwl(rng, monkeypatch):
-  """Plan(backward="epilogue") with a PWL falls back (NotImplementedError: ``ops.ffn`` then runs
-  XLA): its PWL-parameter gradients missed the tolerance on rare inputs."""
-  monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
-  problem = make_problem(rng, rows=16, d_model=64, hidden=64, d_out=64, glu=False, bias=False)
-  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
-                       residuals="preactivations", backward="epilogue")
-  with pytest.raises(NotImplementedError, match="backward='epilogue' with a PWL"):
-    dispatch.ffn_mosaic_gpu(problem["x"], problem["w_up"], problem["w_down"], None, None, None,
-                            None, kernel_activation("pwl", glu=False), plan=plan)
 
 
 def test_preactivation_residuals_need_the_epilogue_path():
@@ -889,6 +918,30 @@ def test_gpu_forward_and_gradients(rng, case):
   rows, d_model, hidden, d_out, glu, bias, name, plan = GPU_CASES[case]
   problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
   check_against_reference(problem, kernel_activation(name, glu), plan)
+
+
+DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the dgrad kernel runs)
+    "dgrad-pp-mlp-pwl-floor-bits-odd": (513, 768, 3000, 700, False, True, "pwl15", dispatch.Plan(
+        "epilogue", epilogue=dispatch.PINGPONG_MLP_F16.epilogue, residuals="floor-bits",
+        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_MLP)),
+    "dgrad-pp-glu-pwl-floor-bits-odd": (1000, 576, 1000, 576, True, True, "pwl15", dispatch.Plan(
+        "epilogue", epilogue=dispatch.PINGPONG_GLU_F16.epilogue, residuals="floor-bits",
+        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_GLU)),
+    "dgrad-pp-mlp-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl15", dataclasses.replace(
+        dispatch.PINGPONG_MLP_F16, backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_MLP)),
+    "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
+        "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
+        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_MLP)),
+}
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(DGRAD_GPU_CASES))
+def test_gpu_dgrad_forward_and_gradients(rng, case):
+  rows, d_model, hidden, d_out, glu, bias, name, plan = DGRAD_GPU_CASES[case]
+  problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
+  check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
 
 
 @needs_hopper

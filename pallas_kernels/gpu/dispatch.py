@@ -28,12 +28,15 @@ Which path runs (decided at trace time from the shape and activation kind; see `
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
 
 The backward pass (custom VJP) runs in XLA one hidden chunk at a time (``backward.ffn_backward``)
-or, with ``Plan(backward="epilogue")`` (opt-in, exact activations only), starts with
-``dgrad_sm90.dgrad_activation``: dy W_down^T with the activation's derivative in its epilogue,
-so the f32 [M, H] d_hidden never reaches HBM. Measured slower than the chunked backward at every
-shape on the H200 (2026-12-01, sixth session: fwd+bwd 0.90x vs 1.01x of XLA at SmolLM2, 0.83x
-vs 0.86x at gpt2-small; the kernel takes ~135 / ~205 us where the XLA GEMM + elementwise pass
-it replaces take ~85 / ~155). It gets the pre-activations one of these ways, ``Plan.residuals``:
+or, with ``Plan(backward="epilogue")``, starts with ``dgrad_sm90.dgrad_activation``: dy W_down^T
+with the activation's derivative in its epilogue, so the f32 [M, H] d_hidden never reaches HBM.
+That kernel cannot give a PWL's parameter gradients; the forward rule sees which inputs are
+differentiated (``symbolic_zeros``), and where the PWL's slopes or intercepts are, such a plan
+runs the chunked backward instead. The cooperative dgrad kernel with exact activations was slower
+than the chunked backward on the H200 (2026-12-01, sixth session: fwd+bwd 0.90x vs 1.01x of XLA
+at SmolLM2, 0.83x vs 0.86x at gpt2-small; the kernel ~135 / ~205 us where the XLA GEMM +
+elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one of these ways,
+``Plan.residuals``:
 
   * "recompute"      -- the forward saves only its inputs; the backward recomputes GEMM1
                         (no [M, H] residual; +2/9 of a GLU training step's FLOPs, +1/6 MLP);
@@ -64,6 +67,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
@@ -92,6 +96,7 @@ SEGMENT_SUMS = {
     "kernel-residuals": segment_sums_sm90.segment_sums,
 }
 BACKWARDS = ("xla", "epilogue")
+DGRAD_RESIDUALS = ("preactivations", "floor-bits")  # what dgrad_sm90 decodes
 D_HIDDEN = ("float32", "input")
 
 
@@ -105,8 +110,9 @@ class Plan:
   (``segment_sums_sm90``, one pass per chunk: 0.05 vs 0.23 ms at SmolLM2 M = 4096 on the H200),
   "kernel-residuals" (the same reading the saved residuals, see ``SEGMENT_SUMS``; the PWL
   plans' choice) or "xla" (``pwl_segment_sums``); ``backward``: "xla" (chunked) or "epilogue"
-  (``dgrad_sm90``, needs residuals="preactivations"; tiles ``dgrad``, default ``DGRAD_GLU`` /
-  ``DGRAD_MLP``); ``d_hidden``: the dtype of the chunked backward's d_hidden = dy W_down^T,
+  (``dgrad_sm90``, needs residuals "preactivations" or "floor-bits"; tiles ``dgrad``, default
+  ``DGRAD_GLU`` / ``DGRAD_MLP``; the chunked backward serves when a PWL's parameters are
+  differentiated); ``d_hidden``: the dtype of the chunked backward's d_hidden = dy W_down^T,
   "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model keeps it; f32 accumulation
   either way: half the bytes of that [M, H] array; on the H200 the step's GPU time -1%, its
   compiled temp memory -13-17%, gradients 1-2.4e-3 from f32)."""
@@ -134,9 +140,9 @@ class Plan:
       raise ValueError(f"d_hidden={self.d_hidden!r}: expected one of {D_HIDDEN}")
     if self.backward not in BACKWARDS:
       raise ValueError(f"backward={self.backward!r}: expected one of {BACKWARDS}")
-    if self.backward == "epilogue" and self.residuals != "preactivations":
+    if self.backward == "epilogue" and self.residuals not in DGRAD_RESIDUALS:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
-                       f"residuals='preactivations', got {self.residuals!r}")
+                       f"residuals in {DGRAD_RESIDUALS}, got {self.residuals!r}")
 
   @property
   def saves(self) -> str | None:
@@ -149,6 +155,11 @@ XLA = Plan("xla")
 # dgrad_sm90 tiles: a GLU's four saved parts leave SMEM for 64-column tiles only
 DGRAD_GLU = kernels.EpilogueConfig(tile_m=64, tile_n=64, stages=3)
 DGRAD_MLP = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=3)
+# ping-pong dgrad tiles (64-row windows: a GLU's floor bits and u fit beside a 3-stage ring)
+DGRAD_PINGPONG_GLU = kernels.EpilogueConfig(tile_m=128, tile_n=128, stages=3,
+                                            pwl_dtype="float16", schedule="pingpong")
+DGRAD_PINGPONG_MLP = kernels.EpilogueConfig(tile_m=128, tile_n=128, stages=4,
+                                            pwl_dtype="float16", schedule="pingpong")
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
 _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
 # schedule="pingpong" tiles, one per warpgroup (a GLU's two accumulators or an MLP's one take
@@ -327,64 +338,71 @@ def _ffn(plan, kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down, k
   return _forward(plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation)
 
 
-def _ffn_fwd(plan, kind, precision, *args):
+def _ffn_fwd(plan, kind, precision, *primals):
+  """Residuals (inputs, saved pre-activations or None, {backward: ()}) where backward is
+  "epilogue" (the dgrad kernel) or "xla" (chunked): the plan's, except that a PWL whose slopes or
+  intercepts are differentiated (``perturbed``, from ``symbolic_zeros``) needs the chunked
+  backward's segment sums. The choice travels as a dict key: tree structure, not a JAX value."""
+  args = tuple(None if primal is None else primal.value for primal in primals)  # None: absent
+  pwl_trained = kind == "pwl" and (primals[-2].perturbed or primals[-1].perturbed)
+  backward_kind = {"xla" if pwl_trained else plan.backward: ()}
   if plan.residuals == "recompute":
-    return _ffn(plan, kind, precision, *args), (args, None)  # the inputs only, no [M, H]
+    return _ffn(plan, kind, precision, *args), (args, None, backward_kind)
   *arrays, knots, slopes, intercepts = args
   if plan.residuals == "segments" and kind != "pwl":
     raise ValueError(f"residuals='segments' saves PWL segment indices, the activation is {kind!r}")
   out, preactivations = _forward(plan, *arrays, Activation(kind, knots, slopes, intercepts),
                                  saves=plan.residuals)
-  return out, (args, preactivations)
+  return out, (args, preactivations, backward_kind)
 
 
 def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down, dy,
-                    preactivations, precision, segment_sums):
+                    preactivations, precision):
   """The cotangents of ``backward.ffn_backward`` with its first GEMM and elementwise work in
-  ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g)."""
+  ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g). No
+  PWL-parameter gradients (None)."""
   f32 = jnp.float32
   rows, hidden = x.shape[0], w_up.shape[1]
   # TMA's swizzled [M, H] boxes need M a multiple of 8 (the H200 refused 513 rows)
   mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
-  is_pwl = activation.kind == "pwl"
-  pairs = tuple(tuple(_pad(part, (mp, hp)) for part in pair) for pair in preactivations)
-  table = kernels.activation_table(activation)
-  h, d_u, d_g, d_act = (None if out is None else out[:rows, :hidden]
-                        for out in dgrad_sm90.dgrad_activation(
-      _pad(dy, (mp, op)), _pad(w_down, (hp, op)), pairs, table, kind=activation.kind,
-      num_knots=0 if activation.knots is None else activation.knots.shape[0],
-      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), with_d_act=is_pwl))
+  saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
+  h, d_u, d_g = (None if out is None else out[:rows, :hidden]
+                 for out in dgrad_sm90.dgrad_activation(
+      _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, kernels.activation_table(activation),
+      kind=activation.kind, num_knots=0 if activation.knots is None else activation.knots.shape[0],
+      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)))
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
       x, dy, w_up, w_gate, h, d_u, d_g, precision)
   cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
-  d_slopes = d_intercepts = None
-  if is_pwl:
-    d_slopes, d_intercepts = segment_sums(preactivations[0], d_act.astype(f32), activation.knots)
   return (dx.astype(x.dtype), cast(d_w_up, w_up), cast(d_w_down, w_down), cast(d_w_gate, w_gate),
-          cast(d_b_up, b_up), cast(d_b_gate, b_gate), d_b_down, d_slopes, d_intercepts)
+          cast(d_b_up, b_up), cast(d_b_gate, b_gate), d_b_down, None, None)
 
 
 def _ffn_bwd(plan, kind, precision, residuals, dy):
-  (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved = residuals
+  (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved, marker = (
+      residuals)
+  (backward_kind,) = marker
   activation = Activation(kind, knots, slopes, intercepts)
-  segment_sums = SEGMENT_SUMS[plan.segment_sums]
-  if plan.backward == "epilogue":
+  if isinstance(dy, SymbolicZero):  # the output's cotangent is zero: so is every gradient
+    dy = jnp.zeros(dy.shape, dy.dtype)
+  if backward_kind == "epilogue":
     grads = _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
-                            dy.astype(x.dtype), saved, precision, segment_sums)
+                            dy.astype(x.dtype), saved, precision)
   else:
     chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
     grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
                                   dy.astype(x.dtype), chunk=chunk, precision=precision,
-                                  preactivations=saved, segment_sums=segment_sums,
+                                  preactivations=saved,
+                                  segment_sums=SEGMENT_SUMS[plan.segment_sums],
                                   d_hidden_dtype=None if plan.d_hidden == "float32" else x.dtype)
   *array_grads, d_slopes, d_intercepts = grads
   d_knots = None if knots is None else jnp.zeros_like(knots)
   return (*array_grads, d_knots, d_slopes, d_intercepts)
 
 
-_ffn.defvjp(_ffn_fwd, _ffn_bwd)
+_ffn.defvjp(_ffn_fwd, _ffn_bwd, symbolic_zeros=True)
 
 
 def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation,
@@ -402,10 +420,6 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
                              activation.kind == "pwl")
   if plan.path == "xla":
     raise NotImplementedError("the tuned table records XLA as fastest at this shape")
-  if plan.backward == "epilogue" and activation.kind == "pwl":
-    raise NotImplementedError(
-        "backward='epilogue' with a PWL: its PWL-parameter gradients missed the 1e-2 tolerance "
-        "on rare inputs (1.5e-2 on the H200; benchmarks/NOTES.md); backward='xla'")
   if plan.residuals == "floor-bits" and x.dtype != jnp.bfloat16:
     if given:
       raise NotImplementedError(f"residuals='floor-bits' needs bfloat16 inputs, got {x.dtype}")

@@ -211,6 +211,108 @@ def store_slice(values, gmems, staging, wg, epi: int, destination) -> None:
     plgpu.copy_smem_to_gmem(slot_ref, destination(gmem))
 
 
+def pingpong_ring(config, num_b: int, dtype, *, b_transposed: bool) -> list:
+  """Scratch of ``pingpong_mainloop``: the K-step ring ([stages] A blocks [tile_m, TILE_K] and
+  [stages, num_b] B blocks, [TILE_K, tile_n] or [tile_n, TILE_K] when ``b_transposed``), its
+  per-warpgroup ``ready`` barriers and per-buffer ``free`` barriers."""
+  transforms = _swizzled(TILE_K, dtype)
+  b_block = (config.tile_n, TILE_K) if b_transposed else (TILE_K, config.tile_n)
+  return [
+      plgpu.SMEM((config.stages, config.tile_m, TILE_K), dtype, transforms=transforms),
+      plgpu.SMEM((config.stages, num_b, *b_block), dtype, transforms=transforms),
+      plgpu.Barrier(num_arrivals=1 + num_b, num_barriers=2 * config.stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=config.stages),
+  ]
+
+
+def pingpong_mainloop(config, iters: tuple[int, int, int], a_gmem, b_gmems, ring, wg, *,
+                      b_transposed: bool, before, after) -> None:
+  """The "pingpong" schedule of a persistent GEMM kernel: acc_i = A B_i for each [tile_m, tile_n]
+  output tile (B_i read as [K, N] blocks, or as [N, K] blocks used transposed).
+
+  ``iters`` = (M, N, K) tile counts. Local tile i of a CTA belongs to compute warpgroup i % 2;
+  its K step k is ring step s = i k_iters + k in buffer s % stages (``ring`` from
+  ``pingpong_ring``). The memory warpgroup fills the ring in step order (waiting for
+  ``free[slot]``, released by whichever warpgroup read it); warpgroup w waits on its own
+  ``ready[w, slot]`` barriers, so each barrier's phases are waited on in order. The owner calls
+  ``before(m_slice, n_slice)`` ahead of the tile's K loop (loads that land while it runs) and
+  ``after(accumulators, m_slice, n_slice)`` once its wgmmas are done: one warpgroup's epilogue
+  overlaps the other's mainloop."""
+  m_iters, n_iters, k_iters = iters
+  stages = config.stages
+  a_smem, b_smem, ready, free = ring
+
+  def ready_barrier(owner, slot):
+    return ready.at[owner * stages + slot]
+
+  @pl.when(wg == 2)
+  def _memory_warpgroup():
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+    def _(info):
+      m_slice, n_slice = tile_slices(config, info.index[0], m_iters, n_iters)
+      owner = lax.rem(info.local_index, 2)
+
+      @pl.loop(0, k_iters)
+      def _(k):
+        step = info.local_index * k_iters + k
+        slot = lax.rem(step, stages)
+
+        @pl.when(step >= stages)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+
+        k_slice = pl.ds(k * TILE_K, TILE_K)
+        plgpu.copy_gmem_to_smem(a_gmem.at[m_slice, k_slice], a_smem.at[slot],
+                                ready_barrier(owner, slot))
+        for i, b in enumerate(b_gmems):
+          block = b.at[n_slice, k_slice] if b_transposed else b.at[k_slice, n_slice]
+          plgpu.copy_gmem_to_smem(block, b_smem.at[slot, i], ready_barrier(owner, slot))
+
+    # observe each buffer's last release before the barriers go away
+    sm, grid = lax.axis_index("sm"), lax.axis_size("sm")
+    steps = (m_iters * n_iters - sm + grid - 1) // grid * k_iters
+    for slot in range(stages):
+      @pl.when(slot < steps)
+      def _():
+        plgpu.barrier_wait(free.at[slot])
+
+  @pl.when(wg < 2)
+  def _compute_warpgroup():
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+    def _(info):
+      @pl.when(lax.rem(info.local_index, 2) == wg)
+      def _():
+        m_slice, n_slice = tile_slices(config, info.index[0], m_iters, n_iters)
+        before(m_slice, n_slice)
+
+        def with_accumulators(*accumulators):
+          first = info.local_index * k_iters
+
+          @pl.loop(0, k_iters)
+          def _(k):
+            slot = lax.rem(first + k, stages)
+            plgpu.barrier_wait(ready_barrier(wg, slot))
+            for i, acc in enumerate(accumulators):
+              block = b_smem.at[slot, i]
+              plgpu.wgmma(acc, a_smem.at[slot], block.T if b_transposed else block)
+            plgpu.wgmma_wait(1)  # the previous step's wgmma has read its buffers
+
+            @pl.when(k > 0)
+            def _():
+              plgpu.barrier_arrive(free.at[lax.rem(first + k - 1, stages)])
+
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(free.at[lax.rem(first + k_iters - 1, stages)])
+          after(accumulators, m_slice, n_slice)
+
+        pl.run_scoped(with_accumulators,
+                      *[plgpu.ACC((config.tile_m, config.tile_n), jnp.float32)] * len(b_gmems))
+
+
 def launch_persistent(kernel, out_type, tiles: int, scratch, inputs):
   """Run a three-warpgroup kernel (two compute, one memory) on one CTA per SM, at most ``tiles``."""
   return plgpu.kernel(
@@ -427,85 +529,19 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
 
     for_each_tile(config, m_iters, n_iters, make_pipeline, (x_gmem, *w_gmems), tile)
 
-  def pingpong(x_gmem, w_gmems, b_gmems, bias_smem, bias_barrier, wg, write, x_smem, w_smem,
-               ready, free):
-    """Local tile i of a CTA belongs to warpgroup i % 2; its K step k is ring step
-    s = i k_iters + k in buffer s % stages. The memory warpgroup fills the ring in step order
-    (waiting for ``free[slot]``, released by whichever warpgroup read it); warpgroup w waits on
-    its own ``ready[w, slot]`` barriers, so each barrier's phases are waited on in order."""
-    stages = config.stages
+  def pingpong(x_gmem, w_gmems, b_gmems, bias_smem, bias_barrier, wg, write, *ring):
+    def load_biases(m_slice, n_slice):  # land while the K loop runs
+      del m_slice
+      for i, bias in enumerate(b_gmems):
+        plgpu.copy_gmem_to_smem(bias.at[n_slice], bias_smem.at[wg, i], bias_barrier.at[wg])
 
-    def ready_barrier(owner, slot):
-      return ready.at[owner * stages + slot]
+    def epilogue_of_tile(accumulators, m_slice, n_slice):
+      if b_gmems:
+        plgpu.barrier_wait(bias_barrier.at[wg])
+      write(accumulators, lambda gmem: gmem.at[m_slice, n_slice])
 
-    @pl.when(wg == 2)
-    def _memory_warpgroup():
-      plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _(info):
-        m_slice, n_slice = tile_slices(config, info.index[0], m_iters, n_iters)
-        owner = lax.rem(info.local_index, 2)
-
-        @pl.loop(0, k_iters)
-        def _(k):
-          step = info.local_index * k_iters + k
-          slot = lax.rem(step, stages)
-
-          @pl.when(step >= stages)
-          def _():
-            plgpu.barrier_wait(free.at[slot])
-
-          k_slice = pl.ds(k * TILE_K, TILE_K)
-          plgpu.copy_gmem_to_smem(x_gmem.at[m_slice, k_slice], x_smem.at[slot],
-                                  ready_barrier(owner, slot))
-          for i, w in enumerate(w_gmems):
-            plgpu.copy_gmem_to_smem(w.at[k_slice, n_slice], w_smem.at[slot, i],
-                                    ready_barrier(owner, slot))
-
-      # observe each buffer's last release before the barriers go away
-      sm, grid = lax.axis_index("sm"), lax.axis_size("sm")
-      steps = (m_iters * n_iters - sm + grid - 1) // grid * k_iters
-      for slot in range(stages):
-        @pl.when(slot < steps)
-        def _():
-          plgpu.barrier_wait(free.at[slot])
-
-    @pl.when(wg < 2)
-    def _compute_warpgroup():
-      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _(info):
-        @pl.when(lax.rem(info.local_index, 2) == wg)
-        def _():
-          m_slice, n_slice = tile_slices(config, info.index[0], m_iters, n_iters)
-          for i, bias in enumerate(b_gmems):  # lands while the K loop runs
-            plgpu.copy_gmem_to_smem(bias.at[n_slice], bias_smem.at[wg, i], bias_barrier.at[wg])
-
-          def with_accumulators(*accumulators):
-            first = info.local_index * k_iters
-
-            @pl.loop(0, k_iters)
-            def _(k):
-              slot = lax.rem(first + k, stages)
-              plgpu.barrier_wait(ready_barrier(wg, slot))
-              for i, acc in enumerate(accumulators):
-                plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
-              plgpu.wgmma_wait(1)  # the previous step's wgmma has read its buffers
-
-              @pl.when(k > 0)
-              def _():
-                plgpu.barrier_arrive(free.at[lax.rem(first + k - 1, stages)])
-
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(free.at[lax.rem(first + k_iters - 1, stages)])
-            if b_gmems:
-              plgpu.barrier_wait(bias_barrier.at[wg])
-            write(accumulators, lambda gmem: gmem.at[m_slice, n_slice])
-
-          pl.run_scoped(with_accumulators,
-                        *[plgpu.ACC((tile_m, tile_n), jnp.float32)] * len(weights))
+    pingpong_mainloop(config, (m_iters, n_iters, k_iters), x_gmem, w_gmems, ring, wg,
+                      b_transposed=False, before=load_biases, after=epilogue_of_tile)
 
   def kernel(*refs):
     (x_gmem,), w_gmems, b_gmems, table_gmem, out_gmems, staging, (
@@ -530,14 +566,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       plgpu.Barrier(num_arrivals=max(len(biases), 1), num_barriers=2),
       plgpu.Barrier(num_barriers=1),
   ]
-  if config.schedule == "pingpong":  # the K-step ring and its barriers
-    scratch += [
-        plgpu.SMEM((config.stages, tile_m, TILE_K), dtype, transforms=operand_transforms),
-        plgpu.SMEM((config.stages, len(weights), TILE_K, tile_n), dtype,
-                   transforms=operand_transforms),
-        plgpu.Barrier(num_arrivals=1 + len(weights), num_barriers=2 * config.stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=config.stages),
-    ]
+  if config.schedule == "pingpong":
+    scratch += pingpong_ring(config, len(weights), dtype, b_transposed=False)
   outputs = launch_persistent(kernel, [jax.ShapeDtypeStruct((m, hidden), t) for t in out_dtypes],
                               m_iters * n_iters, scratch, inputs)
   if not saves:
