@@ -112,7 +112,8 @@ def main(argv=None) -> int:
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
-                           "pingpong-segments-n64, exact, per-output, dh16, dgrad, "
+                           "pingpong-segments-n64, exact, per-output, dh16, dgrad, dgrad-floor-bits, "
+                           "dgrad-pingpong, "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   args = parser.parse_args(argv)
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
     narrow = dataclasses.replace(pingpong, tile_n=64)
     dependent = not args.independent_cotangent
+    dgrad_pingpong = dispatch.DGRAD_PINGPONG_GLU if shape.glu else dispatch.DGRAD_PINGPONG_MLP
     trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
         lambda act: kernel_forward(act, dataclasses.replace(
             dispatch.with_residuals(plan, shape.glu, residuals), segment_sums=segment_sums)),
@@ -189,10 +191,20 @@ def main(argv=None) -> int:
                 "dh16": ("same with d_hidden = dy W_down^T in x's dtype (d_hidden='input'), "
                          "PWL-16", kernel_forward(pwl, dataclasses.replace(plan,
                                                                            d_hidden="input"))),
-                "dgrad": ("same with the dgrad epilogue kernel (backward='epilogue'), exact "
-                          "activation (refused with a PWL)",
+                "dgrad": ("same with the cooperative dgrad epilogue kernel "
+                          "(backward='epilogue'), exact activation, pairs",
                           kernel_forward(Activation(shape.activation), dataclasses.replace(
-                              plan, residuals="preactivations", backward="epilogue")))}
+                              plan, residuals="preactivations", backward="epilogue"))),
+                "dgrad-floor-bits": ("library plan with the cooperative dgrad kernel "
+                                     "(backward='epilogue'), floor bits, PWL-16",
+                                     kernel_forward(pwl, dataclasses.replace(
+                                         dispatch.with_residuals(plan, shape.glu, "floor-bits"),
+                                         backward="epilogue"))),
+                "dgrad-pingpong": ("library plan with the ping-pong dgrad kernel "
+                                   "(backward='epilogue'), floor bits, PWL-16",
+                                   kernel_forward(pwl, dataclasses.replace(
+                                       dispatch.with_residuals(plan, shape.glu, "floor-bits"),
+                                       backward="epilogue", dgrad=dgrad_pingpong)))}
     steps.update({key: (label, with_gradients(forward, dependent))
                   for key, (label, forward) in variants.items()})
     for key in args.variants.split(","):

@@ -463,9 +463,14 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                              kernel_forward(act_pwl, plan)))
     if "preactivations" in residuals:  # the backward's first GEMM with its epilogue kernel
       dgrad_plan = dataclasses.replace(train_plan, residuals="preactivations", backward="epilogue")
-      # exact activation: the public op refuses the dgrad kernel with a PWL (see ffn_mosaic_gpu)
       variants.append((f"{train_name}+exact-preac-dgrad-kernel",
                        kernel_forward(act_exact, dgrad_plan)))
+    if "floor-bits" in residuals:  # the ping-pong dgrad kernel (PWL parameters not trained here)
+      dgrad_plan = dataclasses.replace(
+          dispatch.with_residuals(train_plan, shape.glu, "floor-bits"), backward="epilogue",
+          dgrad=dispatch.DGRAD_PINGPONG_GLU if shape.glu else dispatch.DGRAD_PINGPONG_MLP)
+      variants.append((f"{epilogue_name(dgrad_plan.epilogue)}-floor-dgrad-pp",
+                       kernel_forward(act_pwl, dgrad_plan)))
     exact_kept = "preactivations" if residuals[0] == "segments" else residuals[0]  # PWL only
     variants.append((f"{train_name}+exact-{exact_kept[:5]}-bwd{backward_chunks_mi[0]}Mi",
                      kernel_forward(act_exact, dataclasses.replace(
