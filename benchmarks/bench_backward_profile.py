@@ -137,7 +137,6 @@ def main(argv=None) -> int:
     # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
     narrow = dataclasses.replace(pingpong, tile_n=64)
     dependent = not args.independent_cotangent
-    dgrad_pingpong = dispatch.DGRAD_PINGPONG_GLU if shape.glu else dispatch.DGRAD_PINGPONG_MLP
     trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
         lambda act: kernel_forward(act, dataclasses.replace(
             dispatch.with_residuals(plan, shape.glu, residuals), segment_sums=segment_sums)),
@@ -204,7 +203,7 @@ def main(argv=None) -> int:
                                    "(backward='epilogue'), floor bits, PWL-16",
                                    kernel_forward(pwl, dataclasses.replace(
                                        dispatch.with_residuals(plan, shape.glu, "floor-bits"),
-                                       backward="epilogue", dgrad=dgrad_pingpong)))}
+                                       backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)))}
     steps.update({key: (label, with_gradients(forward, dependent))
                   for key, (label, forward) in variants.items()})
     for key in args.variants.split(","):

@@ -468,7 +468,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     if "floor-bits" in residuals:  # the ping-pong dgrad kernel (PWL parameters not trained here)
       dgrad_plan = dataclasses.replace(
           dispatch.with_residuals(train_plan, shape.glu, "floor-bits"), backward="epilogue",
-          dgrad=dispatch.DGRAD_PINGPONG_GLU if shape.glu else dispatch.DGRAD_PINGPONG_MLP)
+          dgrad=dispatch.DGRAD_PINGPONG)
       variants.append((f"{epilogue_name(dgrad_plan.epilogue)}-floor-dgrad-pp",
                        kernel_forward(act_pwl, dgrad_plan)))
     exact_kept = "preactivations" if residuals[0] == "segments" else residuals[0]  # PWL only

@@ -502,9 +502,8 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
   saved = backward.save_preactivations(pres, jnp.bfloat16, residuals)
   activation = kernel_activation(name, glu)
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
-  config = {("pingpong", True): dispatch.DGRAD_PINGPONG_GLU, ("pingpong", False):
-            dispatch.DGRAD_PINGPONG_MLP, ("cooperative", True): dispatch.DGRAD_GLU,
-            ("cooperative", False): dispatch.DGRAD_MLP}[schedule, glu]
+  config = (dispatch.DGRAD_PINGPONG if schedule == "pingpong" else
+            dispatch.DGRAD_GLU if glu else dispatch.DGRAD_MLP)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(
       detect_races=schedule == "pingpong")):
     got = jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
@@ -571,8 +570,8 @@ def test_backward_epilogue_lowers_for_cuda(glu, name, schedule):
   rows, d_model, hidden = (8191, 576, 1536) if glu else (8191, 768, 3072)
   activation = kernel_activation(name, glu)
   plan = dataclasses.replace(dispatch.choose_plan(rows, d_model, hidden, d_model, glu, True),
-                             backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_GLU if glu else (
-                                 dispatch.DGRAD_PINGPONG_MLP if schedule == "pingpong"
+                             backward="epilogue", dgrad=(
+                                 dispatch.DGRAD_PINGPONG if schedule == "pingpong"
                                  else dispatch.DGRAD_MLP))
   if name != "pwl":
     plan = dataclasses.replace(plan, residuals="preactivations")
@@ -923,15 +922,15 @@ def test_gpu_forward_and_gradients(rng, case):
 DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the dgrad kernel runs)
     "dgrad-pp-mlp-pwl-floor-bits-odd": (513, 768, 3000, 700, False, True, "pwl15", dispatch.Plan(
         "epilogue", epilogue=dispatch.PINGPONG_MLP_F16.epilogue, residuals="floor-bits",
-        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_MLP)),
+        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
     "dgrad-pp-glu-pwl-floor-bits-odd": (1000, 576, 1000, 576, True, True, "pwl15", dispatch.Plan(
         "epilogue", epilogue=dispatch.PINGPONG_GLU_F16.epilogue, residuals="floor-bits",
-        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_GLU)),
+        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
     "dgrad-pp-mlp-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl15", dataclasses.replace(
-        dispatch.PINGPONG_MLP_F16, backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_MLP)),
+        dispatch.PINGPONG_MLP_F16, backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
-        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG_MLP)),
+        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
 }
 
 

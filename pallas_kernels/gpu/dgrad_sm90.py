@@ -20,7 +20,7 @@ activation math and the stores of a tile run one after another) or "pingpong"
 (``fused_ffn_sm90.pingpong_mainloop``: one warpgroup's epilogue overlaps the other's K loop).
 The epilogue walks [window_rows, 64] windows; each window's saved parts are TMA-loaded into one
 of two SMEM buffers while the previous window computes (the first window's while the K loop
-runs). PWL derivatives come from the hinge table: pwl'(p) = s_0 + sum_k ds_k [p >= t_k].
+runs). PWL derivatives come from the hinge table by a select chain (``_pwl_derivative``).
 
 On the H200 (2026-12-01, benchmarks/NOTES.md) the cooperative kernel with exact activations was
 slower than what it replaces (SmolLM2 ~135 vs ~85 us, gpt2-small ~205 vs ~155 us).
@@ -43,13 +43,22 @@ from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SME
                                                pingpong_ring, store_slice)
 
 
-def _pwl_derivative(p: jax.Array, table_ref, num_knots: int) -> jax.Array:
-  """pwl'(p) = s_0 + sum_k ds_k [p >= t_k] from ``activation_table`` (the segment convention of
-  ``pwl_select``: a point on a knot takes the slope above it)."""
-  slope = table_ref[2 * num_knots] + jnp.zeros_like(p)
+def _pwl_derivative(p: jax.Array, table_ref, num_knots: int, pwl_dtype: str) -> jax.Array:
+  """pwl'(p) from ``activation_table`` by a select chain over the ascending knots: slope = s_0,
+  then slope = s_{k+1} where p >= t_k (s_{k+1} = s_k + ds_k, on scalars), the segment convention
+  of ``pwl_select`` (a point on a knot takes the slope above it). A compare and a select per knot
+  (H200, gpt2-small, 64 x 128 ping-pong tiles: the kernel 133 us vs 170 summing
+  where(p >= t_k, ds_k, 0); benchmarks/results/dgrad-kernel-2026-12-02-derivative-*.json).
+  ``pwl_dtype`` "float16" compares f16(p) with f16 knots like ``apply_activation``'s hinges
+  (within 2^-11 |t_k| of a knot the segment may be its neighbour)."""
+  dtype = jnp.dtype(pwl_dtype)
+  x, entry = p.astype(dtype), lambda i: table_ref[i].astype(jnp.float32)
+  segment_slope = entry(2 * num_knots)
+  slope = segment_slope.astype(dtype) + jnp.zeros_like(x)
   for k in range(num_knots):
-    slope = slope + jnp.where(p >= table_ref[k], table_ref[num_knots + k], 0.0)
-  return slope
+    segment_slope = segment_slope + entry(num_knots + k)
+    slope = jnp.where(x >= entry(k).astype(dtype), segment_slope.astype(dtype), slope)
+  return slope.astype(jnp.float32)
 
 
 def part_buffers(config: EpilogueConfig) -> int:
@@ -132,7 +141,7 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
         dh = d_hidden[r * rows:(r + 1) * rows, c * EPILOGUE_N:(c + 1) * EPILOGUE_N]
         if kind == "pwl":
           act = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
-          slope = _pwl_derivative(pre[0], table_smem, num_knots)
+          slope = _pwl_derivative(pre[0], table_smem, num_knots, config.pwl_dtype)
         else:
           act, slope = exact_activation_and_derivative(kind, pre[0])
         values = [act * pre[1], dh * act, dh * pre[1] * slope] if glu else [act, dh * slope]

@@ -155,11 +155,12 @@ XLA = Plan("xla")
 # dgrad_sm90 tiles: a GLU's four saved parts leave SMEM for 64-column tiles only
 DGRAD_GLU = kernels.EpilogueConfig(tile_m=64, tile_n=64, stages=3)
 DGRAD_MLP = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=3)
-# ping-pong dgrad tiles (64-row windows: a GLU's floor bits and u fit beside a 3-stage ring)
-DGRAD_PINGPONG_GLU = kernels.EpilogueConfig(tile_m=128, tile_n=128, stages=3,
-                                            pwl_dtype="float16", schedule="pingpong")
-DGRAD_PINGPONG_MLP = kernels.EpilogueConfig(tile_m=128, tile_n=128, stages=4,
-                                            pwl_dtype="float16", schedule="pingpong")
+# ping-pong dgrad tiles. H200, 2026-12-02, the kernel alone at M = 8192 (PWL-16, floor bits,
+# benchmarks/results/dgrad-kernel-2026-12-02-*.json): 128 x 128 tiles spill (168 registers;
+# gpt2-small 399 us), 64 x 128 x 4 f16: gpt2-small 133 us (cooperative 64 x 128: 178), SmolLM2
+# 94 us (cooperative 64 x 64: 117).
+DGRAD_PINGPONG = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=4, pwl_dtype="float16",
+                                        schedule="pingpong")
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
 _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
 # schedule="pingpong" tiles, one per warpgroup (a GLU's two accumulators or an MLP's one take
