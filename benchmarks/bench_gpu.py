@@ -458,19 +458,21 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
           for d_hidden in d_hiddens:
             plan = dataclasses.replace(kept_plan, backward_chunk_elements=chunk_mi * 2**20,
                                        d_hidden=d_hidden)
-            suffix = "" if d_hidden == "float32" else "-dh16"
+            suffix = ("" if d_hidden == "float32" else "-dh16") + (
+                "-dgrad" if plan.backward == "epilogue" else "")
             variants.append((f"{kept_name}-{kept[:5]}-bwd{chunk_mi}Mi{suffix}",
                              kernel_forward(act_pwl, plan)))
     if "preactivations" in residuals:  # the backward's first GEMM with its epilogue kernel
       dgrad_plan = dataclasses.replace(train_plan, residuals="preactivations", backward="epilogue")
       variants.append((f"{train_name}+exact-preac-dgrad-kernel",
                        kernel_forward(act_exact, dgrad_plan)))
-    if "floor-bits" in residuals:  # the ping-pong dgrad kernel (PWL parameters not trained here)
-      dgrad_plan = dataclasses.replace(
-          dispatch.with_residuals(train_plan, shape.glu, "floor-bits"), backward="epilogue",
-          dgrad=dispatch.DGRAD_PINGPONG)
-      variants.append((f"{epilogue_name(dgrad_plan.epilogue)}-floor-dgrad-pp",
-                       kernel_forward(act_pwl, dgrad_plan)))
+    if "floor-bits" in residuals:  # the floor-bits plan with the other backward than the plan's
+      floor = dispatch.with_residuals(train_plan, shape.glu, "floor-bits")
+      other = (dataclasses.replace(floor, backward="xla") if floor.backward == "epilogue" else
+               dataclasses.replace(floor, backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG))
+      label = "chunked" if other.backward == "xla" else "dgrad-pp"
+      variants.append((f"{epilogue_name(other.epilogue)}-floor-{label}",
+                       kernel_forward(act_pwl, other)))
     exact_kept = "preactivations" if residuals[0] == "segments" else residuals[0]  # PWL only
     variants.append((f"{train_name}+exact-{exact_kept[:5]}-bwd{backward_chunks_mi[0]}Mi",
                      kernel_forward(act_exact, dataclasses.replace(

@@ -779,6 +779,10 @@ def test_plan_table():
   assert dispatch.choose_plan(300, 576, 1536, 576, True, False).residuals == "preactivations"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).residuals == "floor-bits"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True) == dispatch.PINGPONG_MLP_F16
+  mlp_pwl = dispatch.PINGPONG_MLP_F16  # the dgrad kernel backward, and what follows the residuals
+  assert (mlp_pwl.backward, mlp_pwl.dgrad) == ("epilogue", dispatch.DGRAD_PINGPONG)
+  assert dispatch.with_residuals(mlp_pwl, False, "preactivations").backward == "epilogue"
+  assert dispatch.with_residuals(mlp_pwl, False, "segments").backward == "xla"
 
 
 def test_chunk_columns():

@@ -28,8 +28,9 @@ Which path runs (decided at trace time from the shape and activation kind; see `
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
 
 The backward pass (custom VJP) runs in XLA one hidden chunk at a time (``backward.ffn_backward``)
-or, with ``Plan(backward="epilogue")``, starts with ``dgrad_sm90.dgrad_activation``: dy W_down^T
-with the activation's derivative in its epilogue, so the f32 [M, H] d_hidden never reaches HBM.
+or, with ``Plan(backward="epilogue")`` (the MLP PWL plans, ``PINGPONG_MLP_F16``), starts with
+``dgrad_sm90.dgrad_activation``: dy W_down^T with the activation's derivative in its epilogue,
+so the f32 [M, H] d_hidden never reaches HBM.
 That kernel cannot give a PWL's parameter gradients; the forward rule sees which inputs are
 differentiated (``symbolic_zeros``), and where the PWL's slopes or intercepts are, such a plan
 runs the chunked backward instead. The cooperative dgrad kernel with exact activations was slower
@@ -195,8 +196,13 @@ EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES
                                                                     pwl_dtype="float16"), **_SAVED)
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS)
+# The MLP PWL plans start their backward with the ping-pong dgrad kernel (the chunked backward
+# when the PWL's parameters are differentiated). H200, 2026-12-02 (fourteenth session), training
+# step GPU-busy with the dependent loss, chunked -> dgrad kernel: gpt2-small 498.0 -> 473.2 us
+# (XLA exact 460.2), gpt2-xl 1818 -> 1782 (XLA 1726); SmolLM2's GLU 336.2 -> 338.9 (kept chunked).
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS)
+    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
+    backward="epilogue", dgrad=DGRAD_PINGPONG)
 # what a bf16 plan's "floor-bits" becomes for f16 inputs, by glu
 FLOOR_BITS_F16_FALLBACK = {True: "segments", False: "preactivations"}
 
@@ -246,8 +252,10 @@ def pingpong_tiles(config: kernels.EpilogueConfig, glu: bool) -> kernels.Epilogu
 def with_residuals(plan: Plan, glu: bool, residuals: str) -> Plan:
   """``plan`` (epilogue path) saving ``residuals`` (a ``RESIDUALS`` kind); epilogue tiles that
   leave no SMEM for the staging of the saved parts (gpt2-small's cooperative MLP 128 x 128 x 3
-  with the one-byte slot of "segments" / "floor-bits") become 64 x 256."""
-  plan = dataclasses.replace(plan, residuals=residuals)
+  with the one-byte slot of "segments" / "floor-bits") become 64 x 256; a dgrad backward that
+  cannot read ``residuals`` becomes the chunked one."""
+  backward_kind = plan.backward if residuals in DGRAD_RESIDUALS else "xla"
+  plan = dataclasses.replace(plan, residuals=residuals, backward=backward_kind)
   saved = [t for parts in kernels.saved_part_dtypes(plan.saves, 1 + glu, jnp.bfloat16)
            for t in parts]
   if plan.epilogue.smem_bytes(1 + glu, jnp.bfloat16, tuple(saved)) > kernels.SMEM_BYTES:
