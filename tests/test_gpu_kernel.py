@@ -914,15 +914,6 @@ GPU_CASES = {
 }
 
 
-@needs_hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_forward_and_gradients(rng, case):
-  rows, d_model, hidden, d_out, glu, bias, name, plan = GPU_CASES[case]
-  problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
-  check_against_reference(problem, kernel_activation(name, glu), plan)
-
-
 DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the dgrad kernel runs)
     "dgrad-pp-mlp-pwl-floor-bits-odd": (513, 768, 3000, 700, False, True, "pwl15", dispatch.Plan(
         "epilogue", epilogue=dispatch.PINGPONG_MLP_F16.epilogue, residuals="floor-bits",
@@ -930,8 +921,8 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
     "dgrad-pp-glu-pwl-floor-bits-odd": (1000, 576, 1000, 576, True, True, "pwl15", dispatch.Plan(
         "epilogue", epilogue=dispatch.PINGPONG_GLU_F16.epilogue, residuals="floor-bits",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
-    "dgrad-pp-mlp-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl15", dataclasses.replace(
-        dispatch.PINGPONG_MLP_F16, backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
+    "dgrad-pp-mlp-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl15",
+                                dispatch.PINGPONG_MLP_F16),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
@@ -940,11 +931,13 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(DGRAD_GPU_CASES))
-def test_gpu_dgrad_forward_and_gradients(rng, case):
-  rows, d_model, hidden, d_out, glu, bias, name, plan = DGRAD_GPU_CASES[case]
+@pytest.mark.parametrize("case", sorted(GPU_CASES) + sorted(DGRAD_GPU_CASES))
+def test_gpu_forward_and_gradients(rng, case):
+  pwl_gradients = case in GPU_CASES
+  rows, d_model, hidden, d_out, glu, bias, name, plan = (GPU_CASES if pwl_gradients
+                                                         else DGRAD_GPU_CASES)[case]
   problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
-  check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
+  check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients)
 
 
 @needs_hopper
