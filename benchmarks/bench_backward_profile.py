@@ -187,18 +187,19 @@ def main(argv=None) -> int:
                                "(staging='per_output'), PWL-16", kernel_forward(
                                    pwl, dataclasses.replace(plan, epilogue=dataclasses.replace(
                                        plan.epilogue, staging="per_output")))),
-                "dh16": ("same with d_hidden = dy W_down^T in x's dtype (d_hidden='input'), "
-                         "PWL-16", kernel_forward(pwl, dataclasses.replace(plan,
-                                                                           d_hidden="input"))),
+                "dh16": ("same with the chunked backward's d_hidden = dy W_down^T in x's dtype "
+                         "(backward='xla', d_hidden='input'), PWL-16", kernel_forward(
+                             pwl, dataclasses.replace(plan, backward="xla", d_hidden="input"))),
                 "dgrad": ("same with the cooperative dgrad epilogue kernel "
                           "(backward='epilogue'), exact activation, pairs",
                           kernel_forward(Activation(shape.activation), dataclasses.replace(
-                              plan, residuals="preactivations", backward="epilogue"))),
+                              plan, residuals="preactivations", backward="epilogue",
+                              dgrad=None))),
                 "dgrad-floor-bits": ("library plan with the cooperative dgrad kernel "
                                      "(backward='epilogue'), floor bits, PWL-16",
                                      kernel_forward(pwl, dataclasses.replace(
                                          dispatch.with_residuals(plan, shape.glu, "floor-bits"),
-                                         backward="epilogue"))),
+                                         backward="epilogue", dgrad=None))),
                 "dgrad-pingpong": ("library plan with the ping-pong dgrad kernel "
                                    "(backward='epilogue'), floor bits, PWL-16",
                                    kernel_forward(pwl, dataclasses.replace(

@@ -15,9 +15,11 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
                its output, as in training): XLA exact and XLA PWL
                (bf16 GEMMs, autodiff), the kernel's custom VJP with the library's tuned plan
                (``dispatch.choose_plan``) for each ``--residuals`` kind and ``--backward-chunks``
-               budget and ``--d-hidden`` dtype of the backward's dy W_down^T (suffix -dh16: bf16),
-               with the exact activation, and with the exact activation and the dgrad
-               epilogue kernel (``Plan(backward="epilogue")``); dy is an input of the step;
+               budget and ``--d-hidden`` dtype of the backward's dy W_down^T (suffix -dh16: bf16;
+               a plan whose backward is the dgrad kernel, ``Plan(backward="epilogue")``, uses
+               neither: one variant named -dgrad), the floor-bits plan with the other backward,
+               with the exact activation, and with the exact activation and the dgrad kernel on
+               pairs; dy is an input of the step;
   decode:      also a Mosaic kernel that only copies x (what one launch costs in this wall-clock
                harness: ~30 us on the H200, 1 us of it on the GPU) and the decode kernel without
                its XLA sum; for GPU time at decode use bench_decode_profile.py;
@@ -448,19 +450,20 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
   if best_name and train_plan.path == "epilogue":  # the library's tuned plan, each residual kind
     train_name = epilogue_name(train_plan.epilogue)
     for kept in residuals:
-      seen_chunks = set()
+      seen = set()
       kept_plan = dispatch.with_residuals(train_plan, shape.glu, kept)
       kept_name = epilogue_name(kept_plan.epilogue)
       for chunk_mi in backward_chunks_mi:
-        chunk = backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20)
-        if chunk not in seen_chunks:  # budgets that give the same chunk width are one variant
-          seen_chunks.add(chunk)
-          for d_hidden in d_hiddens:
-            plan = dataclasses.replace(kept_plan, backward_chunk_elements=chunk_mi * 2**20,
-                                       d_hidden=d_hidden)
-            suffix = ("" if d_hidden == "float32" else "-dh16") + (
-                "-dgrad" if plan.backward == "epilogue" else "")
-            variants.append((f"{kept_name}-{kept[:5]}-bwd{chunk_mi}Mi{suffix}",
+        for d_hidden in d_hiddens:
+          plan = dataclasses.replace(kept_plan, backward_chunk_elements=chunk_mi * 2**20,
+                                     d_hidden=d_hidden)
+          # one variant per distinct program: budgets that give the same chunk width are one,
+          # and the dgrad kernel's backward uses neither the chunk budget nor d_hidden
+          program = "dgrad" if plan.backward == "epilogue" else (
+              backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20), d_hidden)
+          if program not in seen:
+            seen.add(program)
+            variants.append((f"{kept_name}-{kept[:5]}-{backward_name(plan)}",
                              kernel_forward(act_pwl, plan)))
     if "preactivations" in residuals:  # the backward's first GEMM with its epilogue kernel
       dgrad_plan = dataclasses.replace(train_plan, residuals="preactivations", backward="epilogue")
@@ -474,10 +477,10 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
       variants.append((f"{epilogue_name(other.epilogue)}-floor-{label}",
                        kernel_forward(act_pwl, other)))
     exact_kept = "preactivations" if residuals[0] == "segments" else residuals[0]  # PWL only
-    variants.append((f"{train_name}+exact-{exact_kept[:5]}-bwd{backward_chunks_mi[0]}Mi",
-                     kernel_forward(act_exact, dataclasses.replace(
-                         train_plan, backward_chunk_elements=backward_chunks_mi[0] * 2**20,
-                         residuals=exact_kept))))
+    exact_plan = dataclasses.replace(train_plan, residuals=exact_kept,
+                                     backward_chunk_elements=backward_chunks_mi[0] * 2**20)
+    variants.append((f"{train_name}+exact-{exact_kept[:5]}-{backward_name(exact_plan)}",
+                     kernel_forward(act_exact, exact_plan)))
   train_sets = with_cotangents(arg_sets)
   train_runs = {}
   for name, forward in variants:
@@ -498,6 +501,15 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
   if kernel_trains:
     summary["train:kernel-best"] = min(kernel_trains, key=lambda r: r["ms"])
   return summary
+
+
+def backward_name(plan: dispatch.Plan) -> str:
+  """How a training variant's backward runs: "dgrad" (the dgrad kernel) or "bwd<budget>Mi"
+  (chunked, with "-dh16" when its d_hidden is in x's dtype)."""
+  if plan.backward == "epilogue":
+    return "dgrad"
+  return f"bwd{plan.backward_chunk_elements // 2**20}Mi" + (
+      "" if plan.d_hidden == "float32" else "-dh16")
 
 
 def ratio(numerator: dict | None, denominator: dict | None) -> str:
