@@ -492,8 +492,9 @@ def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape, dtypes):
 def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, residuals, schedule):
   """dgrad_activation vs the same math in XLA (f32) on the saved parts: h, d_u, d_g for 200 rows
   (partial tiles) and 320 hidden columns (H tiles of 128: a partial one) on 2 SMs, so each CTA
-  walks several tiles (ping-pong: its warpgroups alternate, 128-row tiles take two 64-row
-  windows). Ping-pong runs under the interpreter's race detector (ring, part buffers, staging)."""
+  walks several tiles (ping-pong: its warpgroups alternate, each 64 x 128 tile takes two
+  64-column windows, so both part buffers turn over). Ping-pong runs under the interpreter's race
+  detector (ring, part buffers, staging)."""
   monkeypatch.setattr(kernels, "num_sms", lambda: 2)
   rows, d_out, hidden = 200, 192, 320
   dy = jnp.asarray(rng.normal(size=(rows, d_out)), jnp.bfloat16)
