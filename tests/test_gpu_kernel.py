@@ -107,11 +107,42 @@ def reference_in_float32(*args):
   return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
 
 
+def knots_clear_of(activation: Activation, problem, margin_fraction=1e-5, step=2.0**-14,
+                   steps=256) -> Activation:
+  """The PWL ``activation`` with each knot moved (by a multiple of ``step``, at most ``steps``
+  of them; a knot on the floor-bits grid stays on it) to the nearest point with the fewest f32
+  pre-activations p of ``problem`` within ``margin_fraction`` max|p| of it: none, at the
+  interpret tests' sizes. An element of p within f32 accumulation noise of a knot takes either
+  segment in the kernel and in the reference, which moves its term dh p from one slope's gradient
+  to the next (1.3% of ‖d slopes‖ at M = 70, H = 200 in one CI run); at GPU sizes such terms are
+  a negligible share of the norm. Other activations come back unchanged."""
+  if activation.kind != "pwl":
+    return activation
+  p = np.asarray(f32_preactivations(problem)[0]).ravel()
+  p = np.sort(p[np.isfinite(p)])
+  margin = margin_fraction * float(np.max(np.abs(p)))
+  knots = np.asarray(activation.knots, np.float32)
+  on_grid = bool(np.all(np.asarray(backward.snap_knots(knots)) == knots))
+  offsets = step * np.asarray(sorted(range(-steps, steps + 1), key=abs), np.float32)
+  moved = []
+  for knot in knots:
+    candidates = knot + offsets
+    if on_grid:
+      candidates = np.asarray(backward.snap_knots(jnp.asarray(candidates)))
+    crowd = np.searchsorted(p, candidates + margin) - np.searchsorted(p, candidates - margin)
+    moved.append(candidates[np.argmin(crowd)])  # the first minimum: the smallest move
+  moved = np.asarray(moved, np.float32)
+  assert np.all(np.diff(moved) > 0), "knots closer than the moves"
+  return dataclasses.replace(activation, knots=jnp.asarray(moved, activation.knots.dtype))
+
+
 def check_against_reference(problem, activation, plan, pwl_gradients=True):
   """Forward output (inference, and the training forward that saves residuals) and all gradients
   of the kernel path vs the float32 XLA reference (a PWL's parameters' only with
   ``pwl_gradients``: without, a dgrad plan runs its kernel); ``plan`` None: the public op's own
-  choice (``ffn_mosaic_gpu``)."""
+  choice (``ffn_mosaic_gpu``). A PWL's knots are first moved clear of the pre-activations
+  (``knots_clear_of``)."""
+  activation = knots_clear_of(activation, problem)
   rows, d_out = problem["x"].shape[0], problem["w_down"].shape[1]
   dy = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d_out)), jnp.bfloat16)
   if plan is None:
@@ -247,13 +278,13 @@ def test_interpret_epilogue_schedules_without_races(rng, monkeypatch, glu, tiles
 def test_interpret_epilogue_saves_segments(rng, glu):
   """residuals="segments": the epilogue kernel writes the activation's input as (bf16, int8
   segment index) and a GLU's u as bf16 (odd M and H; the int8 store takes its own staging slot);
-  the segments equal ``segment_index`` of the f32 pre-activation wherever it is not within f32
-  accumulation noise of a knot; forward and every gradient (PWL parameters included) match the
-  f32 reference."""
+  with the knots moved clear of f32 accumulation noise (``knots_clear_of``) the segments equal
+  ``segment_index`` of the f32 pre-activation; forward and every gradient (PWL parameters
+  included) match the f32 reference."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals="segments")
-  activation = kernel_activation("pwl", glu=glu)
+  activation = knots_clear_of(kernel_activation("pwl", glu=glu), problem)
   knots = activation.knots
   arrays = [problem[n] for n in ARG_NAMES]
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
@@ -265,9 +296,7 @@ def test_interpret_epilogue_saves_segments(rng, glu):
     assert [len(parts) for parts in rest] == [1] * glu and all(
         parts[0].dtype == jnp.bfloat16 for parts in rest)
     assert relative_error(high, expected[0]) < BF16_TOLERANCE
-    want = backward.segment_index(expected[0], knots, knots.shape[0])
-    near_knot = jnp.min(jnp.abs(expected[0][..., None] - knots), -1) < 1e-5
-    assert bool(jnp.all((seg == want) | near_knot)) and int(jnp.sum(seg != want)) <= 2
+    np.testing.assert_array_equal(seg, backward.segment_index(expected[0], knots, knots.shape[0]))
     assert len(np.unique(np.asarray(seg))) > 8  # the test inputs reach most segments
     joined = backward.join_saved((high, seg), knots)
     assert bool(jnp.all(backward.segment_index(joined, knots, knots.shape[0]) == seg))
@@ -280,13 +309,13 @@ def test_interpret_epilogue_saves_segments(rng, glu):
 def test_interpret_epilogue_saves_floor_bits(rng, glu):
   """residuals="floor-bits": the epilogue kernel writes the activation's input as (bf16, uint8
   floor bits) through the one-byte staging slot and a GLU's u as bf16 (odd M and H); decoded,
-  p' sits within 2^-14 below the f32 pre-activation (plus f32 accumulation noise) and in its
-  segment wherever it is not within that noise of a knot; forward and every gradient (PWL
-  parameters included) match the f32 reference with 15-bit knots."""
+  p' sits within 2^-14 below the f32 pre-activation (plus f32 accumulation noise) and, with the
+  knots moved clear of that noise (``knots_clear_of``), in its segment; forward and every
+  gradient (PWL parameters included) match the f32 reference with 15-bit knots."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals="floor-bits")
-  activation = kernel_activation("pwl15", glu=glu)
+  activation = knots_clear_of(kernel_activation("pwl15", glu=glu), problem)
   knots = activation.knots
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     _, saved = jax.jit(lambda *a: dispatch._forward(plan, *a, activation, saves="floor-bits"))(
@@ -298,10 +327,9 @@ def test_interpret_epilogue_saves_floor_bits(rng, glu):
     joined = backward.join_saved((high, low))
     noise = 1e-5 * float(jnp.max(jnp.abs(expected)))  # f32 accumulation order
     assert bool(jnp.all(jnp.abs(joined - expected) <= 2.0**-14 * jnp.abs(expected) + noise))
-    want = backward.segment_index(expected, knots, knots.shape[0])
-    near_knot = jnp.min(jnp.abs(expected[..., None] - knots), -1) < 1e-5
     seg = backward.segment_index(joined, knots, knots.shape[0])
-    assert bool(jnp.all((seg == want) | near_knot)) and len(np.unique(np.asarray(seg))) > 8
+    np.testing.assert_array_equal(seg, backward.segment_index(expected, knots, knots.shape[0]))
+    assert len(np.unique(np.asarray(seg))) > 8
     check_against_reference(problem, activation, plan)
 
 
