@@ -11,10 +11,12 @@ Prints one line per (shape, config) and writes ``dgrad-kernel-<date><tag>.json``
 
 ``--derivative`` swaps the epilogue's PWL derivative (``dgrad_sm90._pwl_derivative``, "chain":
 slope = where(p >= t_k, s_{k+1}, slope) for ascending knots, a compare and a select per knot)
-for an experiment: "where" (s_0 + sum_k where(p >= t_k, ds_k, 0), the form before 2026-12-02)
-or "mul" (sum_k ds_k f(p >= t_k), the compare converted to a number). ``--activation chain`` evaluates the
+for an experiment: "where" (s_0 + sum_k where(p >= t_k, ds_k, 0), the form before 2026-12-02),
+"mul" (sum_k ds_k f(p >= t_k), the compare converted to a number) or "packed" (the chain in
+inline PTX on f16 pairs, ``derivative_packed``; GPU only). ``--activation chain`` evaluates the
 PWL from the same kind of chain (slope and intercept selected, then one fma) instead of the
-hinges. Same values up to the arithmetic's rounding; timing only.
+hinges. Each line also gives the largest difference of the outputs from the library's (chain, hinges), relative
+to the output's largest magnitude: 0 or f16 rounding for a correct variant.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ import sys
 from unittest import mock
 
 import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, memref
 
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
@@ -61,6 +68,44 @@ def derivative_mul(p, table_ref, num_knots: int, pwl_dtype: str):
   return slope.astype(jnp.float32)
 
 
+def _select_where_at_least(x, t, s, prev):
+  """On one 32-bit register of f16 pairs: s where x >= t, else prev - ``set.ge.u32.f16x2``
+  (0xFFFF in each half where true; false for NaN, as ``x >= t``) then ``lop3`` (mask ? s : prev,
+  bitwise; LUT 0xCA). Two instructions per pair where jnp's where on f16 pairs may unpack."""
+  if utils.bitwidth(x.type) != 32:
+    raise NotImplementedError(f"registers of f16 pairs expected, got {x.type}")
+  i32 = ir.IntegerType.get_signless(32)
+  out = llvm.inline_asm(i32, [utils.bitcast(v, i32) for v in (x, t, s, prev)],
+                        "{\n.reg .b32 m;\nset.ge.u32.f16x2 m, $1, $2;\n"
+                        "lop3.b32 $0, m, $3, $4, 0xCA;\n}", "=r,r,r,r,r")
+  return utils.bitcast(out, x.type)
+
+
+def derivative_packed(p, table_ref, num_knots: int, pwl_dtype: str):
+  """``_pwl_derivative``'s select chain written in PTX on packed f16 pairs (two instructions
+  per pair and knot, ``_select_where_at_least``); f16 only. Runs on a GPU only (inline
+  Mosaic GPU code has no interpret mode)."""
+  if jnp.dtype(pwl_dtype) != jnp.float16:
+    raise NotImplementedError("derivative 'packed' needs pwl_dtype float16")
+  x = p.astype(jnp.float16)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float16,
+                                                        layout=plgpu.Layout.WGMMA))
+  def chain(_, x, table):
+    entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
+    pairs = lambda value: mgpu.FragmentedArray.splat(arith.truncf(ir.F16Type.get(), value),
+                                                     x.shape, x.layout)
+    segment_slope = entry(2 * num_knots)
+    slope = pairs(segment_slope)
+    for k in range(num_knots):
+      segment_slope = arith.addf(segment_slope, entry(num_knots + k))
+      slope = x._pointwise(_select_where_at_least, pairs(entry(k)), pairs(segment_slope), slope)
+    return slope
+
+  return chain(x, table_ref).astype(jnp.float32)
+
+
 def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "float32"):
   """A PWL as slope(p) p + intercept(p), both picked by ``_pwl_derivative``'s select chain
   (intercept_j = c + sum_{k >= j} ds_k t_k) instead of the hinges; exact kinds unchanged."""
@@ -84,7 +129,7 @@ def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "
 
 
 DERIVATIVES = {"chain": dgrad_sm90._pwl_derivative, "where": derivative_where,
-               "mul": derivative_mul}
+               "mul": derivative_mul, "packed": derivative_packed}
 ACTIVATIONS = {"hinges": apply_activation, "chain": activation_chain}
 
 
@@ -125,19 +170,28 @@ def main(argv=None) -> int:
       saved = backward.save_preactivations(pres, jnp.bfloat16,
                                            "floor-bits" if pwl else "preactivations")
       table = kernels.activation_table(activation)
-      step = jax.jit(lambda dy, w, saved, table, config=config, kind=activation.kind,
-                     knots=0 if knots is None else knots.shape[0]: dgrad_sm90.dgrad_activation(
-                         dy, w, saved, table, kind=kind, num_knots=knots, config=config))
+      inputs = (dy, w_down, saved, table)
+      make_step = lambda config=config, kind=activation.kind, knots=(
+          0 if knots is None else knots.shape[0]): jax.jit(
+              lambda dy, w, saved, table: dgrad_sm90.dgrad_activation(
+                  dy, w, saved, table, kind=kind, num_knots=knots, config=config))
       try:
         with (mock.patch.object(dgrad_sm90, "_pwl_derivative", DERIVATIVES[args.derivative]),
               mock.patch.object(dgrad_sm90, "apply_activation", ACTIVATIONS[args.activation])):
-          record = profile(step, (dy, w_down, saved, table), args.calls, 1)
+          step = make_step()
+          record = profile(step, inputs, args.calls, 1)
+          outputs = step(*inputs)
+        record["max_rel_diff_vs_library"] = max(  # the experiment's outputs vs the library's
+            float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
+                          / jnp.max(jnp.abs(want.astype(jnp.float32)))))
+            for got, want in zip(outputs, make_step()(*inputs)) if want is not None)
       except Exception as error:  # noqa: BLE001 -- a config that fails is a result
         record = {"error": f"{type(error).__name__}: {error}"[:300]}
       record.update(shape=name, config=text, derivative=args.derivative,
                     activation=args.activation)
       results.append(record)
       print(f"{name:12s} {text:40s} {record.get('device_us', float('nan')):9.1f} us "
+            f"{record.get('max_rel_diff_vs_library', float('nan')):9.2e} "
             f"{record.get('error', '')}", flush=True)
   date = datetime.date.today().isoformat()
   with open(os.path.join(args.out, f"dgrad-kernel-{date}{args.tag}.json"), "w") as f:
