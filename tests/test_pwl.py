@@ -72,11 +72,13 @@ def test_input_gradient_is_segment_slope_and_matches_finite_differences(name, se
   fitted = pwl.fit(name, segments, "curvature")
   knots = np.asarray(fitted.knots, np.float64)
   x = np.random.default_rng(seed).normal(0.0, 3.0, 256)
-  x = x[np.min(np.abs(x[:, None] - knots[None]), axis=1) > 1e-2]  # away from the kinks
-  grad = jax.vmap(jax.grad(fitted))(jnp.asarray(x, jnp.float32))
+  smooth = np.min(np.abs(x[:, None] - knots[None]), axis=1) > 1e-2  # away from the kinks
+  # every point is differentiated (one shape for every example: no recompiles), kinks masked
+  grad = np.asarray(jax.vmap(jax.grad(fitted))(jnp.asarray(x, jnp.float32)))
   h = 1e-5
   finite_difference = (fitted.numpy(x + h) - fitted.numpy(x - h)) / (2 * h)
-  np.testing.assert_allclose(grad, finite_difference, rtol=1e-4, atol=1e-5)
+  assert smooth.sum() > 128
+  np.testing.assert_allclose(grad[smooth], finite_difference[smooth], rtol=1e-4, atol=1e-5)
 
 
 def _numpy_loss(params: dict, x: np.ndarray, weights: np.ndarray) -> float:
