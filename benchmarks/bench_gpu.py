@@ -19,7 +19,8 @@ x; at decode distinct weights too, so they are not served from the 50 MB L2):
                a plan whose backward is the dgrad kernel, ``Plan(backward="epilogue")``, uses
                neither: one variant named -dgrad), the floor-bits plan with the other backward,
                with the exact activation, and with the exact activation and the dgrad kernel on
-               pairs; dy is an input of the step;
+               pairs, and the library's own plan for the exact activation; dy is an input of
+               the step;
   decode:      also a Mosaic kernel that only copies x (what one launch costs in this wall-clock
                harness: ~30 us on the H200, 1 us of it on the GPU) and the decode kernel without
                its XLA sum; for GPU time at decode use bench_decode_profile.py;
@@ -481,6 +482,12 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                                      backward_chunk_elements=backward_chunks_mi[0] * 2**20)
     variants.append((f"{train_name}+exact-{exact_kept[:5]}-{backward_name(exact_plan)}",
                      kernel_forward(act_exact, exact_plan)))
+    library_exact = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
+                                         shape.glu, False)  # what ff.ffn runs for the exact one
+    if library_exact.path == "epilogue":
+      variants.append((f"{epilogue_name(library_exact.epilogue)}+exact-library-"
+                       f"{library_exact.residuals[:5]}-{backward_name(library_exact)}",
+                       kernel_forward(act_exact, library_exact)))
   train_sets = with_cotangents(arg_sets)
   train_runs = {}
   for name, forward in variants:
