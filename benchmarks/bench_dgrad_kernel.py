@@ -15,8 +15,9 @@ for an experiment: "where" (s_0 + sum_k where(p >= t_k, ds_k, 0), the form befor
 "mul" (sum_k ds_k f(p >= t_k), the compare converted to a number) or "packed" (the chain in
 inline PTX on f16 pairs, ``derivative_packed``; GPU only). ``--activation chain`` evaluates the
 PWL from the same kind of chain (slope and intercept selected, then one fma) instead of the
-hinges. Each line also gives the largest difference of the outputs from the library's (chain, hinges), relative
-to the output's largest magnitude: 0 or f16 rounding for a correct variant.
+hinges. Each line also gives the largest difference of the outputs from the library's kernel
+(chain, hinges), relative to the output's largest magnitude: 0 or f16 rounding for a correct
+variant.
 """
 
 from __future__ import annotations
