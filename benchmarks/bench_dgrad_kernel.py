@@ -15,7 +15,8 @@ for an experiment: "where" (s_0 + sum_k where(p >= t_k, ds_k, 0), the form befor
 "mul" (sum_k ds_k f(p >= t_k), the compare converted to a number) or "packed" (the chain in
 inline PTX on f16 pairs, ``derivative_packed``; GPU only). ``--activation chain`` evaluates the
 PWL from the same kind of chain (slope and intercept selected, then one fma) instead of the
-hinges. Each line also gives the largest difference of the outputs from the library's kernel
+hinges, ``--activation packed`` the hinges in inline PTX on f16 pairs (``activation_packed``;
+GPU only). Each line also gives the largest difference of the outputs from the library's kernel
 (chain, hinges), relative to the output's largest magnitude: 0 or f16 rounding for a correct
 variant.
 """
@@ -69,42 +70,73 @@ def derivative_mul(p, table_ref, num_knots: int, pwl_dtype: str):
   return slope.astype(jnp.float32)
 
 
-def _select_where_at_least(x, t, s, prev):
-  """On one 32-bit register of f16 pairs: s where x >= t, else prev - ``set.ge.u32.f16x2``
-  (0xFFFF in each half where true; false for NaN, as ``x >= t``) then ``lop3`` (mask ? s : prev,
-  bitwise; LUT 0xCA). Two instructions per pair where jnp's where on f16 pairs may unpack."""
-  if utils.bitwidth(x.type) != 32:
-    raise NotImplementedError(f"registers of f16 pairs expected, got {x.type}")
-  i32 = ir.IntegerType.get_signless(32)
-  out = llvm.inline_asm(i32, [utils.bitcast(v, i32) for v in (x, t, s, prev)],
-                        "{\n.reg .b32 m;\nset.ge.u32.f16x2 m, $1, $2;\n"
-                        "lop3.b32 $0, m, $3, $4, 0xCA;\n}", "=r,r,r,r,r")
-  return utils.bitcast(out, x.type)
+def _ptx_on_pairs(asm: str):
+  """A register-level op for ``FragmentedArray._pointwise``: ``asm`` (operands $1.. the
+  arguments, $0 the result) on 32-bit registers holding f16 pairs."""
+  def op(*registers):
+    if utils.bitwidth(registers[0].type) != 32:
+      raise NotImplementedError(f"registers of f16 pairs expected, got {registers[0].type}")
+    i32 = ir.IntegerType.get_signless(32)
+    out = llvm.inline_asm(i32, [utils.bitcast(v, i32) for v in registers], asm,
+                          "=r" + ",r" * len(registers))
+    return utils.bitcast(out, registers[0].type)
+  return op
 
 
-def derivative_packed(p, table_ref, num_knots: int, pwl_dtype: str):
-  """``_pwl_derivative``'s select chain written in PTX on packed f16 pairs (two instructions
-  per pair and knot, ``_select_where_at_least``); f16 only. Runs on a GPU only (inline
-  Mosaic GPU code has no interpret mode)."""
+# s where x >= t, else prev: set.ge.u32.f16x2 (0xFFFF in each half where true; false for NaN, as
+# x >= t), then lop3 (mask ? s : prev, bitwise; LUT 0xCA)
+_SELECT_WHERE_AT_LEAST = _ptx_on_pairs(
+    "{\n.reg .b32 m;\nset.ge.u32.f16x2 m, $1, $2;\nlop3.b32 $0, m, $3, $4, 0xCA;\n}")
+# acc + ds max(x, t): one packed max (NaN-propagating) and one packed fma
+_ADD_HINGE = _ptx_on_pairs(
+    "{\n.reg .b32 h;\nmax.NaN.f16x2 h, $1, $2;\nfma.rn.f16x2 $0, $3, h, $4;\n}")
+
+
+def _packed_table_pass(p, table_ref, pwl_dtype: str, body):
+  """f16(p) and the SMEM table handed to ``body(x, entry, pairs)`` as Mosaic GPU values (x a
+  WGMMA-layout FragmentedArray, entry(i) the table's f32 scalar i, pairs(v) v splat as f16);
+  its f16 result back as f32. f16 only; runs on a GPU only (inline Mosaic GPU code has no
+  interpret mode)."""
   if jnp.dtype(pwl_dtype) != jnp.float16:
-    raise NotImplementedError("derivative 'packed' needs pwl_dtype float16")
+    raise NotImplementedError("the packed PTX variants need pwl_dtype float16")
   x = p.astype(jnp.float16)
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
                      return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float16,
                                                         layout=plgpu.Layout.WGMMA))
-  def chain(_, x, table):
+  def run(_, x, table):
     entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
     pairs = lambda value: mgpu.FragmentedArray.splat(arith.truncf(ir.F16Type.get(), value),
                                                      x.shape, x.layout)
+    return body(x, entry, pairs)
+
+  return run(x, table_ref).astype(jnp.float32)
+
+
+def derivative_packed(p, table_ref, num_knots: int, pwl_dtype: str):
+  """``_pwl_derivative``'s select chain in PTX on f16 pairs: two instructions per pair and
+  knot (``_SELECT_WHERE_AT_LEAST``)."""
+  def body(x, entry, pairs):
     segment_slope = entry(2 * num_knots)
     slope = pairs(segment_slope)
     for k in range(num_knots):
       segment_slope = arith.addf(segment_slope, entry(num_knots + k))
-      slope = x._pointwise(_select_where_at_least, pairs(entry(k)), pairs(segment_slope), slope)
+      slope = x._pointwise(_SELECT_WHERE_AT_LEAST, pairs(entry(k)), pairs(segment_slope), slope)
     return slope
+  return _packed_table_pass(p, table_ref, pwl_dtype, body)
 
-  return chain(x, table_ref).astype(jnp.float32)
+
+def activation_packed(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "float32"):
+  """``apply_activation``'s hinges, s_0 h + c + sum_k ds_k max(h, t_k), in PTX on f16 pairs:
+  a max and an fma per pair and knot (``_ADD_HINGE``); exact kinds unchanged."""
+  if kind != "pwl":
+    return apply_activation(kind, h, table_ref, num_knots, pwl_dtype)
+  def body(x, entry, pairs):
+    out = x * pairs(entry(2 * num_knots)) + pairs(entry(2 * num_knots + 1))
+    for k in range(num_knots):
+      out = x._pointwise(_ADD_HINGE, pairs(entry(k)), pairs(entry(num_knots + k)), out)
+    return out
+  return _packed_table_pass(h, table_ref, pwl_dtype, body)
 
 
 def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "float32"):
@@ -131,7 +163,8 @@ def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "
 
 DERIVATIVES = {"chain": dgrad_sm90._pwl_derivative, "where": derivative_where,
                "mul": derivative_mul, "packed": derivative_packed}
-ACTIVATIONS = {"hinges": apply_activation, "chain": activation_chain}
+ACTIVATIONS = {"hinges": apply_activation, "chain": activation_chain,
+               "packed": activation_packed}
 
 
 def parse_config(text: str) -> tuple[kernels.EpilogueConfig, str]:
