@@ -23,6 +23,10 @@ across knots, which cost the PWL-parameter gradients ~1% in an earlier session; 
 bits); "none" stores
 one compare per element (p != p), the floor without any count. "float16", "low-bits" and
 "none" save something other than the segment: timing only.
+
+``--activation`` swaps the epilogue's PWL evaluation for one of ``bench_dgrad_kernel``'s
+experiments ("packed": the hinges in inline PTX on f16 pairs; GPU only); with ``--profile`` the
+line also gives the largest difference of h from the library's kernel, relative to max |h|.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from flashffn_jax.ops import to_kernel_activation
 from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_dgrad_kernel import ACTIVATIONS  # noqa: E402
 from bench_gpu import SHAPES, as_args, make_sets  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
@@ -96,6 +101,7 @@ def main(argv=None) -> int:
   parser.add_argument("--saves", choices=dispatch.RESIDUALS[1:],
                       help="residuals the kernel also stores (default: none)")
   parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
+  parser.add_argument("--activation", default="hinges", choices=tuple(ACTIVATIONS))
   parser.add_argument("--calls", type=int, default=4)
   parser.add_argument("--profile", action="store_true",
                       help="print the kernel's GPU time per call (jax.profiler) instead")
@@ -109,16 +115,21 @@ def main(argv=None) -> int:
   if args.schedule == "pingpong":
     config = dispatch.pingpong_tiles(config, shape.glu)
   table = kernels.activation_table(activation)
-  run = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
+  library = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
       config=config, saves=args.saves))
-  # the epilogue's save_preactivations looks segment_index up when traced
-  with mock.patch.object(backward, "segment_index", SEGMENT_COUNTS[args.segment_count]):
-    run = run.lower(x, w_up, w_gate).compile()
-  label = f"{args.shape} {config} saves={args.saves} segment count {args.segment_count}"
+  # the epilogue looks segment_index and apply_activation up when traced
+  with (mock.patch.object(backward, "segment_index", SEGMENT_COUNTS[args.segment_count]),
+        mock.patch.object(kernels, "apply_activation", ACTIVATIONS[args.activation])):
+    run = library.lower(x, w_up, w_gate).compile()
+  label = (f"{args.shape} {config} saves={args.saves} segment count {args.segment_count} "
+           f"activation {args.activation}")
   if args.profile:
     record = profile(run, (x, w_up, w_gate), args.calls, 1)
-    print(f"{label}: {record['device_us']:.1f} us GPU time per call", flush=True)
+    h, want = (jax.tree.leaves(f(x, w_up, w_gate))[0].astype(jnp.float32) for f in (run, library))
+    difference = float(jnp.max(jnp.abs(h - want)) / jnp.max(jnp.abs(want)))
+    print(f"{label}: {record['device_us']:.1f} us GPU time per call, h differs from the "
+          f"library's by {difference:.2e} of max |h|", flush=True)
     return 0
   for _ in range(args.calls):
     jax.block_until_ready(run(x, w_up, w_gate))
