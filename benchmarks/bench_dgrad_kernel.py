@@ -9,16 +9,15 @@ floors at M = 8192: its GEMM dy W_down^T (gpt2-small 38.7 GFLOP, ~55 us at XLA's
 rate) and its bytes (MLP floor bits: 3 read + 4 written per [M, H] element, 176 MB, ~50 us).
 Prints one line per (shape, config) and writes ``dgrad-kernel-<date><tag>.json``.
 
-``--derivative`` swaps the epilogue's PWL derivative (``dgrad_sm90._pwl_derivative``, "chain":
-slope = where(p >= t_k, s_{k+1}, slope) for ascending knots, a compare and a select per knot)
-for an experiment: "where" (s_0 + sum_k where(p >= t_k, ds_k, 0), the form before 2026-12-02),
-"mul" (sum_k ds_k f(p >= t_k), the compare converted to a number) or "packed" (the chain in
-inline PTX on f16 pairs, ``derivative_packed``; GPU only). ``--activation chain`` evaluates the
-PWL from the same kind of chain (slope and intercept selected, then one fma) instead of the
-hinges, ``--activation packed`` the hinges in inline PTX on f16 pairs (``activation_packed``;
-GPU only). With an experiment, each line also gives the largest difference of the outputs
-from the library's kernel (chain, hinges), relative to the output's largest magnitude: 0 or f16
-rounding for a correct variant.
+The epilogue's PWL value and derivative are the library's (``dgrad_sm90._pwl_value_and_slope``:
+with f16 PWL math one select chain in PTX on f16 pairs, ``packed_pwl``) unless ``--epilogue
+separate`` computes them in jnp, one pass each: the value by ``--activation`` ("hinges", the
+library's before 2026-12-02 and still the forward's, or "chain": slope and intercept selected,
+then one fma), the derivative by ``--derivative`` ("chain": slope = where(p >= t_k, s_{k+1},
+slope) for ascending knots; "where": s_0 + sum_k where(p >= t_k, ds_k, 0); "mul": sum_k ds_k
+f(p >= t_k)). Then each line also gives the largest difference of the outputs from the
+library's kernel, relative to the output's largest magnitude (bf16 outputs: up to ~2^-7 where
+the two round a value near the maximum differently).
 """
 
 from __future__ import annotations
@@ -31,13 +30,8 @@ import sys
 from unittest import mock
 
 import jax
-import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.mosaic import gpu as mgpu
-from jax.experimental.mosaic.gpu import utils
-from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, llvm, memref
 
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
@@ -70,75 +64,6 @@ def derivative_mul(p, table_ref, num_knots: int, pwl_dtype: str):
   return slope.astype(jnp.float32)
 
 
-def _ptx_on_pairs(asm: str):
-  """A register-level op for ``FragmentedArray._pointwise``: ``asm`` (operands $1.. the
-  arguments, $0 the result) on 32-bit registers holding f16 pairs."""
-  def op(*registers):
-    if utils.bitwidth(registers[0].type) != 32:
-      raise NotImplementedError(f"registers of f16 pairs expected, got {registers[0].type}")
-    i32 = ir.IntegerType.get_signless(32)
-    out = llvm.inline_asm(i32, [utils.bitcast(v, i32) for v in registers], asm,
-                          "=r" + ",r" * len(registers))
-    return utils.bitcast(out, registers[0].type)
-  return op
-
-
-# s where x >= t, else prev: set.ge.u32.f16x2 (0xFFFF in each half where true; false for NaN, as
-# x >= t), then lop3 (mask ? s : prev, bitwise; LUT 0xCA)
-_SELECT_WHERE_AT_LEAST = _ptx_on_pairs(
-    "{\n.reg .b32 m;\nset.ge.u32.f16x2 m, $1, $2;\nlop3.b32 $0, m, $3, $4, 0xCA;\n}")
-# acc + ds max(x, t): one packed max (NaN-propagating) and one packed fma
-_ADD_HINGE = _ptx_on_pairs(
-    "{\n.reg .b32 h;\nmax.NaN.f16x2 h, $1, $2;\nfma.rn.f16x2 $0, $3, h, $4;\n}")
-
-
-def _packed_table_pass(p, table_ref, pwl_dtype: str, body):
-  """f16(p) and the SMEM table handed to ``body(x, entry, pairs)`` as Mosaic GPU values (x a
-  WGMMA-layout FragmentedArray, entry(i) the table's f32 scalar i, pairs(v) v splat as f16);
-  its f16 result back as f32. f16 only; runs on a GPU only (inline Mosaic GPU code has no
-  interpret mode)."""
-  if jnp.dtype(pwl_dtype) != jnp.float16:
-    raise NotImplementedError("the packed PTX variants need pwl_dtype float16")
-  x = p.astype(jnp.float16)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float16,
-                                                        layout=plgpu.Layout.WGMMA))
-  def run(_, x, table):
-    entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
-    pairs = lambda value: mgpu.FragmentedArray.splat(arith.truncf(ir.F16Type.get(), value),
-                                                     x.shape, x.layout)
-    return body(x, entry, pairs)
-
-  return run(x, table_ref).astype(jnp.float32)
-
-
-def derivative_packed(p, table_ref, num_knots: int, pwl_dtype: str):
-  """``_pwl_derivative``'s select chain in PTX on f16 pairs: two instructions per pair and
-  knot (``_SELECT_WHERE_AT_LEAST``)."""
-  def body(x, entry, pairs):
-    segment_slope = entry(2 * num_knots)
-    slope = pairs(segment_slope)
-    for k in range(num_knots):
-      segment_slope = arith.addf(segment_slope, entry(num_knots + k))
-      slope = x._pointwise(_SELECT_WHERE_AT_LEAST, pairs(entry(k)), pairs(segment_slope), slope)
-    return slope
-  return _packed_table_pass(p, table_ref, pwl_dtype, body)
-
-
-def activation_packed(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "float32"):
-  """``apply_activation``'s hinges, s_0 h + c + sum_k ds_k max(h, t_k), in PTX on f16 pairs:
-  a max and an fma per pair and knot (``_ADD_HINGE``); exact kinds unchanged."""
-  if kind != "pwl":
-    return apply_activation(kind, h, table_ref, num_knots, pwl_dtype)
-  def body(x, entry, pairs):
-    out = x * pairs(entry(2 * num_knots)) + pairs(entry(2 * num_knots + 1))
-    for k in range(num_knots):
-      out = x._pointwise(_ADD_HINGE, pairs(entry(k)), pairs(entry(num_knots + k)), out)
-    return out
-  return _packed_table_pass(h, table_ref, pwl_dtype, body)
-
-
 def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "float32"):
   """A PWL as slope(p) p + intercept(p), both picked by ``_pwl_derivative``'s select chain
   (intercept_j = c + sum_{k >= j} ds_k t_k) instead of the hinges; exact kinds unchanged."""
@@ -161,10 +86,18 @@ def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "
   return (slope * x + intercept).astype(jnp.float32)
 
 
+def value_and_slope_separately(p, table_ref, num_knots: int, pwl_dtype: str):
+  """The PWL's value (``dgrad_sm90.apply_activation``) and slope (``_pwl_derivative``) in jnp,
+  each its own pass (the library's form before the packed chain); looked up when traced, so
+  ``--activation`` and ``--derivative`` swap them."""
+  return (dgrad_sm90.apply_activation("pwl", p, table_ref, num_knots, pwl_dtype),
+          dgrad_sm90._pwl_derivative(p, table_ref, num_knots, pwl_dtype))
+
+
 DERIVATIVES = {"chain": dgrad_sm90._pwl_derivative, "where": derivative_where,
-               "mul": derivative_mul, "packed": derivative_packed}
-ACTIVATIONS = {"hinges": apply_activation, "chain": activation_chain,
-               "packed": activation_packed}
+               "mul": derivative_mul}
+ACTIVATIONS = {"hinges": apply_activation, "chain": activation_chain}
+EPILOGUES = {"library": dgrad_sm90._pwl_value_and_slope, "separate": value_and_slope_separately}
 
 
 def parse_config(text: str) -> tuple[kernels.EpilogueConfig, str]:
@@ -181,10 +114,11 @@ def main(argv=None) -> int:
   parser.add_argument("--configs", default="128x128x4:pingpong:float16:pwl")
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--tag", default="")
-  parser.add_argument("--derivative", default="chain", help=", ".join(DERIVATIVES))
-  parser.add_argument("--activation", default="hinges", help=", ".join(ACTIVATIONS))
+  parser.add_argument("--epilogue", default="library", choices=tuple(EPILOGUES))
+  parser.add_argument("--derivative", default="chain", choices=tuple(DERIVATIVES))
+  parser.add_argument("--activation", default="hinges", choices=tuple(ACTIVATIONS))
   args = parser.parse_args(argv)
-  experiment = (args.derivative, args.activation) != ("chain", "hinges")
+  experiment = args.epilogue != "library"
   os.makedirs(args.out, exist_ok=True)
   rng = np.random.default_rng(0)
   shapes = {shape.name: shape for shape in SHAPES}
@@ -212,7 +146,8 @@ def main(argv=None) -> int:
           dy, w, saved, table, kind=activation.kind, num_knots=num_knots, config=config))
       try:
         with (mock.patch.object(dgrad_sm90, "_pwl_derivative", DERIVATIVES[args.derivative]),
-              mock.patch.object(dgrad_sm90, "apply_activation", ACTIVATIONS[args.activation])):
+              mock.patch.object(dgrad_sm90, "apply_activation", ACTIVATIONS[args.activation]),
+              mock.patch.object(dgrad_sm90, "_pwl_value_and_slope", EPILOGUES[args.epilogue])):
           step = make_step()
           record = profile(step, inputs, args.calls, 1)
           outputs = step(*inputs)
@@ -223,8 +158,8 @@ def main(argv=None) -> int:
               for got, want in zip(outputs, make_step()(*inputs)) if want is not None)
       except Exception as error:  # noqa: BLE001 -- a config that fails is a result
         record = {"error": f"{type(error).__name__}: {error}"[:300]}
-      record.update(shape=name, config=text, derivative=args.derivative,
-                    activation=args.activation)
+      record.update(shape=name, config=text, epilogue=args.epilogue,
+                    derivative=args.derivative, activation=args.activation)
       results.append(record)
       print(f"{name:12s} {text:40s} {record.get('device_us', float('nan')):9.1f} us "
             f"{record.get('max_rel_diff_vs_library', float('nan')):9.2e} "

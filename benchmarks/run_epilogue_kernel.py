@@ -24,10 +24,10 @@ bits); "none" stores
 one compare per element (p != p), the floor without any count. "float16", "low-bits" and
 "none" save something other than the segment: timing only.
 
-``--activation`` swaps the epilogue's PWL evaluation for one of ``bench_dgrad_kernel``'s
-experiments ("packed": the hinges in inline PTX on f16 pairs; GPU only); with ``--profile`` and
-an experiment the line also gives the largest difference of h from the library's kernel,
-relative to max |h|.
+``--activation chain`` swaps the epilogue's PWL hinges for ``bench_dgrad_kernel``'s chain form
+(slope and intercept selected, one fma); with ``--profile`` the line then also gives the largest
+difference of h from the library's kernel, relative to max |h|. (The hinges in inline PTX on f16
+pairs timed the same as jnp's, 2026-12-02: jnp already emits the packed max and fma.)
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ activation math and the stores of a tile run one after another) or "pingpong"
 (``fused_ffn_sm90.pingpong_mainloop``: one warpgroup's epilogue overlaps the other's K loop).
 The epilogue walks [window_rows, 64] windows; each window's saved parts are TMA-loaded into one
 of two SMEM buffers while the previous window computes (the first window's while the K loop
-runs). PWL derivatives come from the hinge table by a select chain (``_pwl_derivative``).
+runs). A PWL's value and derivative come from one select chain over its knots
+(``_pwl_value_and_slope``).
 
 On the H200 (2026-12-01, benchmarks/NOTES.md) the cooperative kernel with exact activations was
 slower than what it replaces (SmolLM2 ~135 vs ~85 us, gpt2-small ~205 vs ~155 us).
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import exact_activation_and_derivative
+from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.backward import join_saved
 from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SMEM_BYTES,
                                                TABLE_ALIGN, TILE_K, EpilogueConfig, _split_refs,
@@ -59,6 +61,16 @@ def _pwl_derivative(p: jax.Array, table_ref, num_knots: int, pwl_dtype: str) -> 
     segment_slope = segment_slope + entry(num_knots + k)
     slope = jnp.where(x >= entry(k).astype(dtype), segment_slope.astype(dtype), slope)
   return slope.astype(jnp.float32)
+
+
+def _pwl_value_and_slope(p: jax.Array, table_ref, num_knots: int, pwl_dtype: str):
+  """(pwl(p), pwl'(p)): with f16 PWL math on a GPU, one select chain in PTX on f16 pairs
+  (``packed_pwl``: 119 vs 133 us at gpt2-small); otherwise, and in interpret mode (no inline
+  PTX there), ``apply_activation``'s hinges and ``_pwl_derivative``'s chain in jnp."""
+  if jnp.dtype(pwl_dtype) == jnp.float16 and not packed_pwl.interpreting():
+    return packed_pwl.value_and_slope(p, table_ref, num_knots)
+  return (apply_activation("pwl", p, table_ref, num_knots, pwl_dtype),
+          _pwl_derivative(p, table_ref, num_knots, pwl_dtype))
 
 
 def part_buffers(config: EpilogueConfig) -> int:
@@ -140,8 +152,7 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
         pre = [join_saved(tuple(next(loaded) for _ in entry)) for entry in preactivations]
         dh = d_hidden[r * rows:(r + 1) * rows, c * EPILOGUE_N:(c + 1) * EPILOGUE_N]
         if kind == "pwl":
-          act = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
-          slope = _pwl_derivative(pre[0], table_smem, num_knots, config.pwl_dtype)
+          act, slope = _pwl_value_and_slope(pre[0], table_smem, num_knots, config.pwl_dtype)
         else:
           act, slope = exact_activation_and_derivative(kind, pre[0])
         values = [act * pre[1], dh * act, dh * pre[1] * slope] if glu else [act, dh * slope]

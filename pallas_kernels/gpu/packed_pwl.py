@@ -1,0 +1,85 @@
+"""A PWL's value and slope in one select chain of PTX on packed f16 pairs (Hopper epilogues).
+
+For ascending knots t_k, slope steps ds_k, leftmost slope s_0 and intercept c
+(``fused_ffn_sm90.activation_table``), segment j (t_{j-1} <= p < t_j) has
+
+    slope_j = s_0 + sum_{k < j} ds_k,    intercept_j = c + sum_{k >= j} ds_k t_k,
+    pwl(p) = slope_j p + intercept_j.
+
+The per-segment scalars are summed in f32 while tracing; per element and knot, one
+``set.ge.u32.f16x2`` makes a mask (0xFFFF in each half where p >= t_k, so NaN stays in segment 0)
+and two ``lop3.b32`` (LUT 0xCA: mask ? new : old) move slope and intercept up a segment; then one
+``fma.rn.f16x2``. That is 3 instructions per pair of elements and knot, where the hinges
+(max + fma) and a separate select chain (compare + select, which jnp lowers to more) take 4+.
+H200, 64 x 128 ping-pong dgrad tiles, 15 knots: the dgrad kernel 133 -> 119 us at gpt2-small,
+78 -> 68 us at SmolLM2 (benchmarks/NOTES.md, 2026-12-02 sixteenth session). Two roundings
+(intercept, fma) instead of the hinges' sixteen: emulated in f16 on a GELU fit, max |error| /
+max |h| 2.4e-4 against 1.2e-3.
+
+Inline PTX has no interpret mode: under ``plgpu.force_gpu_interpret_mode`` callers must take the
+jnp forms (``interpreting``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax._src import config as jax_config  # the interpret-mode switch has no public reader
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, memref
+
+
+def interpreting() -> bool:
+  """Whether Pallas kernels traced now run in GPU interpret mode (``force_gpu_interpret_mode``)."""
+  return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
+def _ptx_on_pairs(asm: str):
+  """A register-level op for ``FragmentedArray._pointwise``: ``asm`` (operands $1.. the
+  arguments, $0 the result) on 32-bit registers holding f16 pairs."""
+  def op(*registers):
+    if utils.bitwidth(registers[0].type) != 32:
+      raise NotImplementedError(f"registers of f16 pairs expected, got {registers[0].type}")
+    i32 = ir.IntegerType.get_signless(32)
+    out = llvm.inline_asm(i32, [utils.bitcast(v, i32) for v in registers], asm,
+                          "=r" + ",r" * len(registers))
+    return utils.bitcast(out, registers[0].type)
+  return op
+
+
+_AT_LEAST_MASK = _ptx_on_pairs("set.ge.u32.f16x2 $0, $1, $2;")  # 0xFFFF per half where x >= t
+_BITWISE_SELECT = _ptx_on_pairs("lop3.b32 $0, $1, $2, $3, 0xCA;")  # mask ? a : b
+_FMA = _ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")
+
+
+def value_and_slope(p: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array, jax.Array]:
+  """(pwl(p), pwl'(p)) in f32 for an f32 WGMMA-layout tile p, evaluated on f16(p) with f16
+  segment scalars; ``table_ref`` is the SMEM hinge table. A point on a knot takes the segment
+  above it, like ``pwl_select``."""
+  x = p.astype(jnp.float16)
+  tile = plgpu.ShapeDtypeStruct(x.shape, jnp.float16, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=(tile, tile))
+  def chain(_, x, table):
+    entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
+    pairs = lambda value: mgpu.FragmentedArray.splat(arith.truncf(ir.F16Type.get(), value),
+                                                     x.shape, x.layout)
+    steps = [entry(num_knots + k) for k in range(num_knots)]
+    hinge_offsets = [arith.mulf(step, entry(k)) for k, step in enumerate(steps)]  # ds_k t_k
+    segment_slope, segment_intercept = entry(2 * num_knots), entry(2 * num_knots + 1)
+    for offset in hinge_offsets:
+      segment_intercept = arith.addf(segment_intercept, offset)
+    slope, intercept = pairs(segment_slope), pairs(segment_intercept)
+    for k in range(num_knots):
+      segment_slope = arith.addf(segment_slope, steps[k])
+      segment_intercept = arith.subf(segment_intercept, hinge_offsets[k])
+      above = x._pointwise(_AT_LEAST_MASK, pairs(entry(k)))
+      slope = above._pointwise(_BITWISE_SELECT, pairs(segment_slope), slope)
+      intercept = above._pointwise(_BITWISE_SELECT, pairs(segment_intercept), intercept)
+    return slope._pointwise(_FMA, x, intercept), slope
+
+  value, slope = chain(x, table_ref)
+  return value.astype(jnp.float32), slope.astype(jnp.float32)
