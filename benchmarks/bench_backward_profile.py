@@ -165,8 +165,9 @@ def main(argv=None) -> int:
                              f"{pingpong.tile_n} tiles per warpgroup), PWL-16",
                              kernel_forward(pwl, dataclasses.replace(plan, epilogue=pingpong))),
                 "pingpong-segments": ("same ping-pong forward saving residuals='segments', "
-                                      "PWL-16", kernel_forward(pwl, dataclasses.replace(
-                                          plan, epilogue=pingpong, residuals="segments"))),
+                                      "PWL-16", kernel_forward(pwl, dispatch.with_residuals(
+                                          dataclasses.replace(plan, epilogue=pingpong),
+                                          shape.glu, "segments"))),
                 "floor-bits": ("same saving residuals='floor-bits', PWL-16 (knots rounded "
                                "to 15 bits)", kernel_forward(pwl, dispatch.with_residuals(
                                    plan, shape.glu, "floor-bits"))),
@@ -178,8 +179,9 @@ def main(argv=None) -> int:
                                      plan, epilogue=narrow))),
                 "pingpong-segments-n64": (f"same ping-pong forward with {pingpong.tile_m}x64 "
                                           "tiles saving residuals='segments', PWL-16",
-                                          kernel_forward(pwl, dataclasses.replace(
-                                              plan, epilogue=narrow, residuals="segments"))),
+                                          kernel_forward(pwl, dispatch.with_residuals(
+                                              dataclasses.replace(plan, epilogue=narrow),
+                                              shape.glu, "segments"))),
                 "exact": (f"library default plan ({exact_plan.path}, residuals="
                           f"{exact_plan.residuals}), exact activation",
                           kernel_forward(Activation(shape.activation), exact_plan)),

@@ -97,7 +97,8 @@ def f32_preactivations(problem) -> list:
   """[g, u] (GLU) or [u] (MLP): x W + b of the problem in float32, the saved residuals' target."""
   f32 = lambda name: problem[name].astype(jnp.float32)
   weights = (("w_gate", "b_gate"),) * (problem["w_gate"] is not None) + (("w_up", "b_up"),)
-  return [jnp.dot(f32("x"), f32(w), precision="highest") + f32(b) for w, b in weights]
+  return [jnp.dot(f32("x"), f32(w), precision="highest") + (0 if problem[b] is None else f32(b))
+          for w, b in weights]
 
 
 def reference_in_float32(*args):
@@ -570,6 +571,29 @@ def test_interpret_backward_epilogue_plan(rng, glu, name, residuals, schedule):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
 
 
+@pytest.mark.parametrize("name", ["silu", "pwl"])
+def test_float16_inputs_on_a_floor_bits_plan(rng, monkeypatch, name):
+  """Floor bits need bf16 inputs (their hi part is a bf16): given float16, SmolLM2's tuned plans
+  (floor bits, for the exact SiLU too) save a GLU PWL's segments and the exact SiLU's (hi, lo)
+  pairs ("segments" holds PWL segment indices; the pairs do not fit the dgrad kernel's SMEM, so
+  the backward is the chunked one). Traced, not run."""
+  saves = []
+  real = dispatch._forward
+  monkeypatch.setattr(dispatch, "_forward",
+                      lambda *a, **k: saves.append(k["saves"]) or real(*a, **k))
+  monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
+  rows, d_model, hidden = 128, 576, 1536
+  assert dispatch.choose_plan(rows, d_model, hidden, d_model, True,
+                              name == "pwl").residuals == "floor-bits"
+  problem = make_problem(rng, rows, d_model, hidden, d_model, glu=True, bias=False,
+                         dtype=jnp.float16)
+  jax.make_jaxpr(lambda d: loss_and_grads(lambda *a: dispatch.ffn_mosaic_gpu(*a), problem,
+                                          kernel_activation(name, glu=True), d,
+                                          pwl_gradients=False))(
+      jnp.ones((rows, d_model), jnp.float16))
+  assert saves and set(saves) == {"segments" if name == "pwl" else "preactivations"}
+
+
 @pytest.mark.parametrize("pwl_gradients", [False, True])
 def test_dgrad_plan_leaves_trained_pwls_to_the_chunked_backward(rng, monkeypatch, pwl_gradients):
   """Plan(backward="epilogue") with a PWL: the dgrad kernel runs when only arrays are
@@ -797,7 +821,8 @@ def test_pwl_hinge_table_matches_segment_form(rng, pwl_dtype, tolerance):
 def test_plan_table():
   """Measured shapes get their tuned plan; unmeasured decode / large-D shapes go to XLA."""
   assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.PINGPONG_GLU_F16
-  assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.EPILOGUE_MLP
+  assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.PINGPONG_MLP_F16
+  assert dispatch.choose_plan(4096, 1600, 6400, 1600, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, True) == dispatch.XLA  # measured 12-01
@@ -805,13 +830,19 @@ def test_plan_table():
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.PINGPONG_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
   assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "floor-bits"
-  assert dispatch.choose_plan(300, 576, 1536, 576, True, False).residuals == "preactivations"
+  assert dispatch.choose_plan(300, 512, 2048, 512, True, False).residuals == "preactivations"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).residuals == "floor-bits"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True) == dispatch.PINGPONG_MLP_F16
-  mlp_pwl = dispatch.PINGPONG_MLP_F16  # the dgrad kernel backward, and what follows the residuals
-  assert (mlp_pwl.backward, mlp_pwl.dgrad) == ("epilogue", dispatch.DGRAD_PINGPONG)
+  for pingpong_pwl in (dispatch.PINGPONG_MLP_F16, dispatch.PINGPONG_GLU_F16):  # dgrad kernel
+    assert (pingpong_pwl.backward, pingpong_pwl.dgrad) == ("epilogue", dispatch.DGRAD_PINGPONG)
+  mlp_pwl = dispatch.PINGPONG_MLP_F16  # the backward follows the residuals
   assert dispatch.with_residuals(mlp_pwl, False, "preactivations").backward == "epilogue"
   assert dispatch.with_residuals(mlp_pwl, False, "segments").backward == "xla"
+  # a GLU's pairs overflow DGRAD_PINGPONG's SMEM: the chunked backward
+  assert dispatch.with_residuals(dispatch.PINGPONG_GLU_F16, True,
+                                 "preactivations").backward == "xla"
+  assert dispatch.with_residuals(dispatch.PINGPONG_GLU_F16, True, "floor-bits").backward == (
+      "epilogue")
 
 
 def test_chunk_columns():
@@ -952,6 +983,12 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
     "dgrad-pp-mlp-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl15",
                                 dispatch.PINGPONG_MLP_F16),
+    "dgrad-pp-glu-smollm2": (8192, 576, 1536, 576, True, False, "pwl15",
+                             dispatch.PINGPONG_GLU_F16),
+    "dgrad-pp-mlp-gelu-gpt2-small": (8192, 768, 3072, 768, False, False, "gelu",
+                                     dispatch.choose_plan(8192, 768, 3072, 768, False, False)),
+    "dgrad-pp-glu-silu-floor-bits-odd": (1000, 576, 1000, 576, True, True, "silu",
+                                         dispatch.PINGPONG_GLU_F16),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
@@ -967,6 +1004,41 @@ def test_gpu_forward_and_gradients(rng, case):
                                                          else DGRAD_GPU_CASES)[case]
   problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
   check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("glu", [False, True])
+def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, monkeypatch):
+  """The dgrad kernel's PWL value and slope from one select chain in PTX on f16 pairs
+  (``packed_pwl``, what f16 PWL math runs on a GPU; no interpret mode) against the jnp forms it
+  replaced (hinges + select chain), gpt2-small / SmolLM2 widths, M = 1000 (partial tiles; the
+  kernel needs M % 8 == 0, which ``dispatch`` pads to): the same slope selection
+  (MLP d_u, GLU d_g bitwise equal), and h = pwl(p) (u) no further from the f32 PWL of f16(p)
+  (two roundings instead of sixteen)."""
+  rows, d_out, hidden = (1000, 576, 1536) if glu else (1000, 768, 3072)
+  dy = jnp.asarray(rng.normal(size=(rows, d_out)), jnp.bfloat16)
+  w_down = jnp.asarray(rng.normal(size=(hidden, d_out)) / np.sqrt(d_out), jnp.bfloat16)
+  pres = [jnp.asarray(rng.normal(size=(rows, hidden)) * 2, jnp.float32) for _ in range(1 + glu)]
+  saved = backward.save_preactivations(pres, jnp.bfloat16, "floor-bits")
+  activation = kernel_activation("pwl15", glu)
+  run = lambda: jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
+      *a, kind="pwl", num_knots=activation.knots.shape[0], config=dispatch.DGRAD_PINGPONG))(
+          dy, w_down, saved, kernels.activation_table(activation)))
+  packed = run()
+  monkeypatch.setattr(dgrad_sm90, "_pwl_value_and_slope", lambda p, table, n, dtype: (
+      dgrad_sm90.apply_activation("pwl", p, table, n, dtype),
+      dgrad_sm90._pwl_derivative(p, table, n, dtype)))
+  jnp_forms = run()
+  pre = [backward.join_saved(parts) for parts in saved]
+  act, _ = backward._activation_and_derivative(
+      activation, pre[0].astype(jnp.float16).astype(jnp.float32))
+  slope_output = 2 if glu else 1  # d_g = d_hidden u pwl'(g), d_u = d_hidden pwl'(u)
+  np.testing.assert_array_equal(np.asarray(packed[slope_output]),
+                                np.asarray(jnp_forms[slope_output]))
+  errors = [relative_error(outputs[0], act * pre[1] if glu else act)
+            for outputs in (packed, jnp_forms)]
+  assert errors[0] <= errors[1] < BF16_TOLERANCE / 2, errors
 
 
 @needs_hopper
@@ -1015,7 +1087,7 @@ def test_gpu_public_op_with_batch_dims_and_nan(rng):
 @pytest.mark.parametrize("glu, d_model, hidden", [(True, 576, 1536), (False, 768, 3072)])
 def test_gpu_float16_saves_the_floor_bits_fallback(rng, glu, d_model, hidden):
   """The tuned bf16 PWL plans save floor bits (bf16 only); the op given float16 inputs saves
-  ``FLOOR_BITS_F16_FALLBACK`` instead: forward and gradients vs the f32 reference."""
+  ``float16_residuals`` instead: forward and gradients vs the f32 reference."""
   assert dispatch.choose_plan(1000, d_model, hidden, d_model, glu, True).residuals == "floor-bits"
   problem = make_problem(rng, 1000, d_model, hidden, d_model, glu, bias=True, dtype=jnp.float16)
   check_against_reference(problem, kernel_activation("pwl", glu), plan=None)

@@ -56,9 +56,9 @@ elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one o
                         snap_knots``: the PWL moves by <= |Δslope| 2^-15 |t|). The bf16 PWL
                         plans' choice: the forward kernel 67 us at SmolLM2 (segments 78),
                         95 us at gpt2-small (pairs 92; H200, M = 8192, tenth session). f16
-                        inputs save "segments" (GLU) or "preactivations" (MLP) instead
-                        (``FLOOR_BITS_F16_FALLBACK``): hi is a bf16, and the kernel's
-                        two-byte staging slot holds x's dtype.
+                        inputs save "segments" (a GLU's PWL) or "preactivations" instead
+                        (``float16_residuals``): hi is a bf16, and the kernel's two-byte
+                        staging slot holds x's dtype.
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ PINGPONG_MLP_TILES = dict(tile_m=128, tile_n=128, stages=4)
 # int8 segment count - two f32 instructions per knot and element - costs the ALU-bound epilogue
 # 13 us at SmolLM2 and 50 at gpt2-small), llama-1B 3586 vs 3663 us; gpt2-small 494.5 vs 489.5
 # (pairs, +1%), gpt2-xl 1664.8 (ping-pong) vs 1683.6 (cooperative pairs; its 128 x 128 x 3 tiles
-# leave no SMEM for the one-byte staging slot). Exact activations keep pairs (not measured with
-# floor bits beyond the GPU test cases).
+# leave no SMEM for the one-byte staging slot). Exact activations keep pairs, except at SmolLM2
+# and gpt2-small, whose exact plans are the PWL plans (``TUNED``, sixteenth session).
 _SAVED = dict(residuals="preactivations")
 _FLOOR_BITS = dict(residuals="floor-bits", segment_sums="kernel-residuals")
 EPILOGUE_GLU = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES), **_SAVED)
@@ -194,26 +194,33 @@ EPILOGUE_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_GLU_TILES
                         **_FLOOR_BITS)
 EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES,
                                                                     pwl_dtype="float16"), **_SAVED)
+# The ping-pong PWL plans start their backward with the ping-pong dgrad kernel (the chunked
+# backward when the PWL's parameters are differentiated). H200, training step GPU-busy with the
+# dependent loss, chunked -> dgrad kernel: 2026-12-02 (fourteenth session, jnp select chain)
+# gpt2-small 498.0 -> 473.2 us (XLA exact 460.2), gpt2-xl 1818 -> 1782 (XLA 1726), SmolLM2
+# 336.2 -> 338.9 (then kept chunked); sixteenth session (``packed_pwl``'s chain) gpt2-small
+# 456.5 (XLA 461.3), SmolLM2 339.7 -> 327.1 (XLA 381.5), gpt2-xl 1743 (XLA 1708)
+# (benchmarks/results/backward-profile-2026-12-02-sixteenth-packed.md).
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS)
-# The MLP PWL plans start their backward with the ping-pong dgrad kernel (the chunked backward
-# when the PWL's parameters are differentiated). H200, 2026-12-02 (fourteenth session), training
-# step GPU-busy with the dependent loss, chunked -> dgrad kernel: gpt2-small 498.0 -> 473.2 us
-# (XLA exact 460.2), gpt2-xl 1818 -> 1782 (XLA 1726); SmolLM2's GLU 336.2 -> 338.9 (kept chunked).
+    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
+    backward="epilogue", dgrad=DGRAD_PINGPONG)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
     backward="epilogue", dgrad=DGRAD_PINGPONG)
-# what a bf16 plan's "floor-bits" becomes for f16 inputs, by glu
-FLOOR_BITS_F16_FALLBACK = {True: "segments", False: "preactivations"}
 
 # (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
 # XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
 # with the same activation kind: exact vs exact, PWL vs XLA exact).
 TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (True, 576, 1536, 576, False, True): PINGPONG_GLU_F16,  # 0.0970 vs 0.1527 (12-02)
-    (True, 576, 1536, 576, False, False): EPILOGUE_GLU,  # 0.0892 vs 0.1227
     (False, 768, 3072, 768, False, True): PINGPONG_MLP_F16,  # 0.1407 vs 0.1635
-    (False, 768, 3072, 768, False, False): EPILOGUE_MLP,  # 0.1564 vs 0.1596
+    # exact activations on the PWL plans (an exact kind ignores pwl_dtype): floor bits and the
+    # ping-pong dgrad kernel against pairs and the chunked backward, H200 2026-12-02 (sixteenth
+    # session, benchmarks/results/h200-2026-12-02-sixteenth.md), fwd+bwd SmolLM2 0.320 vs
+    # 0.362 ms (XLA 0.389), gpt2-small 0.509 vs 0.555 (XLA 0.501); forward SmolLM2 0.0778 (XLA
+    # 0.1173), gpt2-small 0.1562 (XLA 0.1678; cooperative 0.1564 on 12-01)
+    (True, 576, 1536, 576, False, False): PINGPONG_GLU_F16,
+    (False, 768, 3072, 768, False, False): PINGPONG_MLP_F16,
     # ping-pong forward 0.5582 (cooperative 0.5515); its training step saving floor bits:
     # GPU-busy 1664.8 us vs 1683.6 for cooperative tiles saving pairs (2026-12-02)
     (False, 1600, 6400, 1600, False, True): PINGPONG_MLP_F16,  # 0.5582 vs 0.5961
@@ -253,15 +260,26 @@ def with_residuals(plan: Plan, glu: bool, residuals: str) -> Plan:
   """``plan`` (epilogue path) saving ``residuals`` (a ``RESIDUALS`` kind); epilogue tiles that
   leave no SMEM for the staging of the saved parts (gpt2-small's cooperative MLP 128 x 128 x 3
   with the one-byte slot of "segments" / "floor-bits") become 64 x 256; a dgrad backward that
-  cannot read ``residuals`` becomes the chunked one."""
-  backward_kind = plan.backward if residuals in DGRAD_RESIDUALS else "xla"
-  plan = dataclasses.replace(plan, residuals=residuals, backward=backward_kind)
-  saved = [t for parts in kernels.saved_part_dtypes(plan.saves, 1 + glu, jnp.bfloat16)
+  cannot read ``residuals``, or whose tiles leave no SMEM for their buffers (a GLU's pairs in
+  ``DGRAD_PINGPONG``'s 64 x 128 x 4), becomes the chunked one."""
+  chunked = dataclasses.replace(plan, residuals=residuals, backward="xla")
+  saved = [t for parts in kernels.saved_part_dtypes(chunked.saves, 1 + glu, jnp.bfloat16)
            for t in parts]
+  dgrad_fits = dgrad_sm90.smem_bytes(plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), saved,
+                                     jnp.dtype(jnp.bfloat16).itemsize) <= kernels.SMEM_BYTES
+  keeps_dgrad = plan.backward == "epilogue" and residuals in DGRAD_RESIDUALS and dgrad_fits
+  plan = dataclasses.replace(chunked, backward=plan.backward) if keeps_dgrad else chunked
   if plan.epilogue.smem_bytes(1 + glu, jnp.bfloat16, tuple(saved)) > kernels.SMEM_BYTES:
     plan = dataclasses.replace(plan, epilogue=dataclasses.replace(plan.epilogue, tile_m=64,
                                                                   tile_n=256))
   return plan
+
+
+def float16_residuals(glu: bool, kind: str) -> str:
+  """What a bf16 plan's "floor-bits" becomes for float16 inputs: a GLU's PWL saves "segments"
+  (the same 5 bytes per hidden element), anything else (hi, lo) pairs ("segments" holds PWL
+  segment indices; an MLP's pairs cost 4 bytes against segments' 3)."""
+  return "segments" if glu and kind == "pwl" else "preactivations"
 
 
 def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl: bool) -> Plan:
@@ -432,7 +450,7 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
   if plan.residuals == "floor-bits" and x.dtype != jnp.bfloat16:
     if given:
       raise NotImplementedError(f"residuals='floor-bits' needs bfloat16 inputs, got {x.dtype}")
-    plan = with_residuals(plan, glu, FLOOR_BITS_F16_FALLBACK[glu])
+    plan = with_residuals(plan, glu, float16_residuals(glu, activation.kind))
   knots = activation.knots
   if plan.residuals == "floor-bits" and knots is not None:
     knots = backward.snap_knots(knots)  # forward and backward see the 15-bit knots it keeps
