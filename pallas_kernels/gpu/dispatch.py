@@ -28,9 +28,10 @@ Which path runs (decided at trace time from the shape and activation kind; see `
 ``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
 
 The backward pass (custom VJP) runs in XLA one hidden chunk at a time (``backward.ffn_backward``)
-or, with ``Plan(backward="epilogue")`` (the MLP PWL plans, ``PINGPONG_MLP_F16``), starts with
-``dgrad_sm90.dgrad_activation``: dy W_down^T with the activation's derivative in its epilogue,
-so the f32 [M, H] d_hidden never reaches HBM.
+or, with ``Plan(backward="epilogue")`` (the ping-pong plans ``PINGPONG_MLP_F16`` and
+``PINGPONG_GLU_F16``: the PWL and exact plans of SmolLM2 and gpt2-small, the PWL plans of
+gpt2-xl and unmeasured MLPs), starts with ``dgrad_sm90.dgrad_activation``: dy W_down^T with the
+activation's derivative in its epilogue, so the f32 [M, H] d_hidden never reaches HBM.
 That kernel cannot give a PWL's parameter gradients; the forward rule sees which inputs are
 differentiated (``symbolic_zeros``), and where the PWL's slopes or intercepts are, such a plan
 runs the chunked backward instead. The cooperative dgrad kernel with exact activations was slower
