@@ -279,7 +279,7 @@ def with_residuals(plan: Plan, glu: bool, residuals: str) -> Plan:
 def float16_residuals(glu: bool, kind: str) -> str:
   """What a bf16 plan's "floor-bits" becomes for float16 inputs: a GLU's PWL saves "segments"
   (the same 5 bytes per hidden element), anything else (hi, lo) pairs ("segments" holds PWL
-  segment indices; an MLP's pairs cost 4 bytes against segments' 3)."""
+  segment indices, and an MLP's pairs keep the dgrad kernel, which cannot read segments)."""
   return "segments" if glu and kind == "pwl" else "preactivations"
 
 
