@@ -24,8 +24,11 @@ bits); "none" stores
 one compare per element (p != p), the floor without any count. "float16", "low-bits" and
 "none" save something other than the segment: timing only.
 
-``--activation chain`` swaps the epilogue's PWL hinges for ``bench_dgrad_kernel``'s chain form
-(slope and intercept selected, one fma); with ``--profile`` the line then also gives the largest
+``--activation`` swaps the epilogue's PWL hinges for one of ``bench_dgrad_kernel.ACTIVATIONS``:
+"chain" (slope and intercept selected, one fma), "relu-hinges" / "half-relu-hinges" (all / every
+other hinge as relu(h - t_k) by ``fma.rn.relu.f16x2`` on the FMA pipe instead of max(h, t_k) on
+the ALU pipe), or for "exact": the shape's exact activation (SiLU / GELU) in the same kernel with
+the same saves, the PWL's reference point. With ``--profile`` the line then also gives the largest
 difference of h from the library's kernel, relative to max |h|. (The hinges in inline PTX on f16
 pairs timed the same as jnp's, 2026-12-02: jnp already emits the packed max and fma.)
 """
@@ -43,6 +46,7 @@ import numpy as np
 
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
+from pallas_kernels.activation import exact_activation
 from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
   parser.add_argument("--saves", choices=dispatch.RESIDUALS[1:],
                       help="residuals the kernel also stores (default: none)")
   parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
-  parser.add_argument("--activation", default="hinges", choices=tuple(ACTIVATIONS))
+  parser.add_argument("--activation", default="hinges", choices=(*ACTIVATIONS, "exact"))
   parser.add_argument("--calls", type=int, default=4)
   parser.add_argument("--profile", action="store_true",
                       help="print the kernel's GPU time per call (jax.profiler) instead")
@@ -116,12 +120,14 @@ def main(argv=None) -> int:
   if args.schedule == "pingpong":
     config = dispatch.pingpong_tiles(config, shape.glu)
   table = kernels.activation_table(activation)
+  epilogue_activation = (ACTIVATIONS[args.activation] if args.activation != "exact" else
+                         lambda kind, h, *_: exact_activation(shape.activation, h))
   library = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
       config=config, saves=args.saves))
   # the epilogue looks segment_index and apply_activation up when traced
   with (mock.patch.object(backward, "segment_index", SEGMENT_COUNTS[args.segment_count]),
-        mock.patch.object(kernels, "apply_activation", ACTIVATIONS[args.activation])):
+        mock.patch.object(kernels, "apply_activation", epilogue_activation)):
     run = library.lower(x, w_up, w_gate).compile()
   label = (f"{args.shape} {config} saves={args.saves} segment count {args.segment_count} "
            f"activation {args.activation}")

@@ -37,7 +37,7 @@ def interpreting() -> bool:
   return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
 
 
-def _ptx_on_pairs(asm: str):
+def ptx_on_pairs(asm: str):
   """A register-level op for ``FragmentedArray._pointwise``: ``asm`` (operands $1.. the
   arguments, $0 the result) on 32-bit registers holding f16 pairs."""
   def op(*registers):
@@ -50,9 +50,9 @@ def _ptx_on_pairs(asm: str):
   return op
 
 
-_AT_LEAST_MASK = _ptx_on_pairs("set.ge.u32.f16x2 $0, $1, $2;")  # 0xFFFF per half where x >= t
-_BITWISE_SELECT = _ptx_on_pairs("lop3.b32 $0, $1, $2, $3, 0xCA;")  # mask ? a : b
-_FMA = _ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")
+_AT_LEAST_MASK = ptx_on_pairs("set.ge.u32.f16x2 $0, $1, $2;")  # 0xFFFF per half where x >= t
+_BITWISE_SELECT = ptx_on_pairs("lop3.b32 $0, $1, $2, $3, 0xCA;")  # mask ? a : b
+_FMA = ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")
 
 
 def value_and_slope(p: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array, jax.Array]:
