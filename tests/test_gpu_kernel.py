@@ -1049,6 +1049,23 @@ def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, monkeypatch):
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["silu", "pwl"])
+def test_gpu_float16_inputs_on_smollm2_plans(rng, monkeypatch, name):
+  """float16 inputs at SmolLM2's widths, the public op's own plan: floor bits need bf16, so a
+  GLU PWL saves segments and the exact SiLU (hi, lo) pairs (which
+  ``test_float16_inputs_on_a_floor_bits_plan`` traces on CPU); here they run, forward and
+  gradients against the f32 reference, M = 1000 (partial tiles)."""
+  saves = []
+  real = dispatch._forward
+  monkeypatch.setattr(dispatch, "_forward",
+                      lambda *a, **k: saves.append(k.get("saves")) or real(*a, **k))
+  problem = make_problem(rng, 1000, 576, 1536, 576, glu=True, bias=False, dtype=jnp.float16)
+  check_against_reference(problem, kernel_activation(name, glu=True), None, pwl_gradients=False)
+  assert ("segments" if name == "pwl" else "preactivations") in saves, saves
+
+
+@needs_hopper
+@pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [(64, 256, 3, "cooperative"), (128, 128, 3, "cooperative"),
                                    (128, 128, 4, "pingpong")])
 def test_gpu_epilogue_forward_at_gpt2_xl(rng, tiles):
