@@ -92,7 +92,6 @@ def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "
 
 _RELU_FMA = packed_pwl.ptx_on_pairs("fma.rn.relu.f16x2 $0, $1, $2, $3;")  # max(a b + c, 0)
 _MAX = packed_pwl.ptx_on_pairs("max.NaN.f16x2 $0, $1, $2;")
-_FMA = packed_pwl.ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")
 
 
 def hinge_constant(entry, num_knots: int, relu_knot) -> jax.Array:
@@ -121,7 +120,7 @@ def hinges_on_pairs(relu_knot):
   ds_k relu(h - t_k) where ``relu_knot(k)`` (``fma.rn.relu.f16x2`` h 1 - t_k, then the fma: both
   on the FMA pipe), else as ds_k max(h, t_k) like the library (``max.NaN.f16x2``: HMNMX2, an
   ALU-pipe instruction at half the FMA pipe's rate; in the 2026-12-02 ncu source counters it
-  drew ~1.5-2x HFMA2's stall samples per execution, with more "math pipe throttle" and
+  drew 1.7-2.1x HFMA2's stall samples per execution, with more "math pipe throttle" and
   "dispatch" stalls). Same instruction count; the experiment is whether moving the hinges off
   the ALU pipe (which the floor-bits encoding also uses) shortens the epilogue. Exact kinds,
   f32 PWL math and interpret mode (no inline PTX) take the jnp forms."""
@@ -144,11 +143,11 @@ def hinges_on_pairs(relu_knot):
       for k in filter(relu_knot, range(num_knots)):
         constant = arith.addf(constant, arith.mulf(entry(num_knots + k), entry(k)))
       one = pairs(arith.constant(f32, ir.FloatAttr.get(f32, 1.0)))
-      out = x._pointwise(_FMA, pairs(entry(2 * num_knots)), pairs(constant))
+      out = x._pointwise(packed_pwl.FMA, pairs(entry(2 * num_knots)), pairs(constant))
       for k in range(num_knots):
         hinge = (x._pointwise(_RELU_FMA, one, pairs(arith.negf(entry(k)))) if relu_knot(k)
                  else x._pointwise(_MAX, pairs(entry(k))))
-        out = hinge._pointwise(_FMA, pairs(entry(num_knots + k)), out)
+        out = hinge._pointwise(packed_pwl.FMA, pairs(entry(num_knots + k)), out)
       return out
 
     return hinges(x, table_ref).astype(jnp.float32)

@@ -52,7 +52,7 @@ def ptx_on_pairs(asm: str):
 
 _AT_LEAST_MASK = ptx_on_pairs("set.ge.u32.f16x2 $0, $1, $2;")  # 0xFFFF per half where x >= t
 _BITWISE_SELECT = ptx_on_pairs("lop3.b32 $0, $1, $2, $3, 0xCA;")  # mask ? a : b
-_FMA = ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")
+FMA = ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")  # a b + c
 
 
 def value_and_slope(p: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array, jax.Array]:
@@ -79,7 +79,7 @@ def value_and_slope(p: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array,
       above = x._pointwise(_AT_LEAST_MASK, pairs(entry(k)))
       slope = above._pointwise(_BITWISE_SELECT, pairs(segment_slope), slope)
       intercept = above._pointwise(_BITWISE_SELECT, pairs(segment_intercept), intercept)
-    return slope._pointwise(_FMA, x, intercept), slope
+    return slope._pointwise(FMA, x, intercept), slope
 
   value, slope = chain(x, table_ref)
   return value.astype(jnp.float32), slope.astype(jnp.float32)
