@@ -30,17 +30,13 @@ import sys
 from unittest import mock
 
 import jax
-import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.mosaic import gpu as mgpu
-from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, memref
 
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
 from pallas_kernels.activation import Activation
-from pallas_kernels.gpu import backward, dgrad_sm90, fused_ffn_sm90 as kernels, packed_pwl
+from pallas_kernels.gpu import backward, dgrad_sm90, fused_ffn_sm90 as kernels
 from pallas_kernels.gpu.fused_ffn_sm90 import apply_activation
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -70,15 +66,12 @@ def derivative_mul(p, table_ref, num_knots: int, pwl_dtype: str):
 
 def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "float32"):
   """A PWL as slope(p) p + intercept(p), both picked by ``_pwl_derivative``'s select chain
-  (intercept_j = c + sum_{k >= j} ds_k t_k) instead of the hinges; exact kinds unchanged."""
+  (intercept_j = c_0 - sum_{k < j} ds_k t_k) instead of the hinges; exact kinds unchanged."""
   if kind != "pwl":
     return apply_activation(kind, h, table_ref, num_knots, pwl_dtype)
   dtype = jnp.dtype(pwl_dtype)
   x, entry = h.astype(dtype), lambda i: table_ref[i].astype(jnp.float32)
-  segment_slope = entry(2 * num_knots)
-  segment_intercept = entry(2 * num_knots + 1)
-  for k in range(num_knots):
-    segment_intercept = segment_intercept + entry(num_knots + k) * entry(k)
+  segment_slope, segment_intercept = entry(2 * num_knots), entry(2 * num_knots + 2)  # s_0, c_0
   slope = segment_slope.astype(dtype) + jnp.zeros_like(x)
   intercept = segment_intercept.astype(dtype) + jnp.zeros_like(x)
   for k in range(num_knots):
@@ -88,70 +81,6 @@ def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "
     slope = jnp.where(above, segment_slope.astype(dtype), slope)
     intercept = jnp.where(above, segment_intercept.astype(dtype), intercept)
   return (slope * x + intercept).astype(jnp.float32)
-
-
-_RELU_FMA = packed_pwl.ptx_on_pairs("fma.rn.relu.f16x2 $0, $1, $2, $3;")  # max(a b + c, 0)
-_MAX = packed_pwl.ptx_on_pairs("max.NaN.f16x2 $0, $1, $2;")
-
-
-def hinge_constant(entry, num_knots: int, relu_knot) -> jax.Array:
-  """The constant of ``hinges_in_jnp``'s form: since max(h, t) = relu(h - t) + t, the table's
-  c (for max hinges) plus sum_{k relu} ds_k t_k; ``entry(i)`` reads the hinge table in f32."""
-  constant = entry(2 * num_knots + 1)
-  for k in filter(relu_knot, range(num_knots)):
-    constant = constant + entry(num_knots + k) * entry(k)
-  return constant
-
-
-def hinges_in_jnp(x, entry, num_knots: int, relu_knot) -> jax.Array:
-  """pwl(x) = s_0 x + constant + sum_k ds_k hinge_k(x) in x's dtype, hinge_k = relu(x - t_k)
-  where ``relu_knot(k)``, else max(x, t_k); ``entry(i)`` reads the hinge table in f32."""
-  cast = lambda v: v.astype(x.dtype)
-  out = cast(entry(2 * num_knots)) * x + cast(hinge_constant(entry, num_knots, relu_knot))
-  for k in range(num_knots):
-    hinge = (jnp.maximum(x - cast(entry(k)), 0) if relu_knot(k)
-             else jnp.maximum(x, cast(entry(k))))
-    out = out + cast(entry(num_knots + k)) * hinge
-  return out
-
-
-def hinges_on_pairs(relu_knot):
-  """An ``apply_activation`` whose f16 PWL hinges run in PTX on f16 pairs, knot k as
-  ds_k relu(h - t_k) where ``relu_knot(k)`` (``fma.rn.relu.f16x2`` h 1 - t_k, then the fma: both
-  on the FMA pipe), else as ds_k max(h, t_k) like the library (``max.NaN.f16x2``: HMNMX2, an
-  ALU-pipe instruction at half the FMA pipe's rate; in the 2026-12-02 ncu source counters it
-  drew 1.7-2.1x HFMA2's stall samples per execution, with more "math pipe throttle" and
-  "dispatch" stalls). Same instruction count; the experiment is whether moving the hinges off
-  the ALU pipe (which the floor-bits encoding also uses) shortens the epilogue. Exact kinds,
-  f32 PWL math and interpret mode (no inline PTX) take the jnp forms."""
-  def activation(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "float32"):
-    if kind != "pwl" or jnp.dtype(pwl_dtype) != jnp.float16:
-      return apply_activation(kind, h, table_ref, num_knots, pwl_dtype)
-    x = h.astype(jnp.float16)
-    if packed_pwl.interpreting():
-      entry = lambda i: table_ref[i].astype(jnp.float32)
-      return hinges_in_jnp(x, entry, num_knots, relu_knot).astype(jnp.float32)
-    tile = plgpu.ShapeDtypeStruct(x.shape, jnp.float16, layout=plgpu.Layout.WGMMA)
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=tile)
-    def hinges(_, x, table):
-      f32 = ir.F32Type.get()
-      entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
-      pairs = lambda value: mgpu.FragmentedArray.splat(arith.truncf(ir.F16Type.get(), value),
-                                                       x.shape, x.layout)
-      constant = entry(2 * num_knots + 1)
-      for k in filter(relu_knot, range(num_knots)):
-        constant = arith.addf(constant, arith.mulf(entry(num_knots + k), entry(k)))
-      one = pairs(arith.constant(f32, ir.FloatAttr.get(f32, 1.0)))
-      out = x._pointwise(packed_pwl.FMA, pairs(entry(2 * num_knots)), pairs(constant))
-      for k in range(num_knots):
-        hinge = (x._pointwise(_RELU_FMA, one, pairs(arith.negf(entry(k)))) if relu_knot(k)
-                 else x._pointwise(_MAX, pairs(entry(k))))
-        out = hinge._pointwise(packed_pwl.FMA, pairs(entry(num_knots + k)), out)
-      return out
-
-    return hinges(x, table_ref).astype(jnp.float32)
-  return activation
 
 
 def value_and_slope_separately(p, table_ref, num_knots: int, pwl_dtype: str):
@@ -164,9 +93,7 @@ def value_and_slope_separately(p, table_ref, num_knots: int, pwl_dtype: str):
 
 DERIVATIVES = {"chain": dgrad_sm90._pwl_derivative, "where": derivative_where,
                "mul": derivative_mul}
-ACTIVATIONS = {"hinges": apply_activation, "chain": activation_chain,
-               "relu-hinges": hinges_on_pairs(lambda k: True),
-               "half-relu-hinges": hinges_on_pairs(lambda k: k % 2 == 0)}
+ACTIVATIONS = {"hinges": apply_activation, "chain": activation_chain}
 EPILOGUES = {"library": dgrad_sm90._pwl_value_and_slope, "separate": value_and_slope_separately}
 
 

@@ -3,12 +3,14 @@
     PYTHONPATH=$PWD python3 benchmarks/bench_gpu.py --out $OUT [--budget-s 420] [--shapes a,b]
         [--tokamax] [--forward-only] [--schedules cooperative,pingpong] [--pwl-dtypes float16]
         [--residuals recompute,preactivations,segments] [--d-hidden float32,input]
+        [--hinges max,relu]
 
 For every shape (M = 8192 and decode M = 16) it times, steady state on a few input sets (distinct
 x; at decode distinct weights too, so they are not served from the 50 MB L2):
   forward:     XLA with the exact activation, XLA with the same 16-segment PWL in jnp, the kernel
-               plans in ``candidates`` with the PWL (hinges in f32 and in packed f16; epilogue
-               tiles in both ``EpilogueConfig.schedule``s), the fastest
+               plans in ``candidates`` with the PWL (hinges in f32 and in packed f16, the f16 ones
+               as max and as relu hinges; epilogue tiles in both ``EpilogueConfig.schedule``s),
+               the fastest
                plan again with the exact activation, tokamax's Mosaic GLU + XLA down-projection
                (GLU shapes, with --tokamax);
   fwd+bwd:     loss and gradients (``training_loss``: the forward runs and the backward needs
@@ -92,8 +94,8 @@ SHAPES = (
 )
 
 
-def candidates(shape: Shape, pwl_dtypes=("float32", "float16"),
-               schedules=kernels.SCHEDULES) -> dict[str, dispatch.Plan]:
+def candidates(shape: Shape, pwl_dtypes=("float32", "float16"), schedules=kernels.SCHEDULES,
+               hinges=kernels.HINGES) -> dict[str, dispatch.Plan]:
   """The kernel plans timed for this shape (the tuned table records the fastest).
 
   Run 1 (NOTES.md) swept more tiles at SmolLM2; what lost there (fused at M = 8192, 128x64 and
@@ -115,19 +117,21 @@ def candidates(shape: Shape, pwl_dtypes=("float32", "float16"),
                                                                       (64, 256, 4)]}
   for schedule in schedules:
     for tile_m, tile_n, stages in tiles[schedule]:
-      for pwl_dtype in pwl_dtypes:
-        config = kernels.EpilogueConfig(tile_m=tile_m, tile_n=tile_n, stages=stages,
-                                        pwl_dtype=pwl_dtype, schedule=schedule)
-        plans[epilogue_name(config)] = dispatch.Plan("epilogue", epilogue=config)
+      for pwl_dtype in pwl_dtypes:  # the relu hinges are an f16 form (``kernels.HINGES``)
+        for form in hinges if pwl_dtype == "float16" else ("max",):
+          config = kernels.EpilogueConfig(tile_m=tile_m, tile_n=tile_n, stages=stages,
+                                          pwl_dtype=pwl_dtype, schedule=schedule, hinges=form)
+          plans[epilogue_name(config)] = dispatch.Plan("epilogue", epilogue=config)
   return plans
 
 
 def epilogue_name(config: kernels.EpilogueConfig) -> str:
   """How the results name an epilogue plan's tiles, e.g. "epilogue-64x128-s3-16" (cooperative)
-  or "epilogue-pp-128x64-s5-16" (ping-pong)."""
+  or "epilogue-pp-128x64-s5-16-relu" (ping-pong, relu hinges)."""
   schedule = "pp-" if config.schedule == "pingpong" else ""
+  hinges = "-relu" if config.hinges == "relu" else ""
   return (f"epilogue-{schedule}{config.tile_m}x{config.tile_n}-s{config.stages}-"
-          f"{config.pwl_dtype[5:]}")
+          f"{config.pwl_dtype[5:]}{hinges}")
 
 
 class Recorder:
@@ -374,7 +378,8 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                 pwl_dtypes: tuple[str, ...], backward_chunks_mi: tuple[int, ...],
                 residuals: tuple[str, ...], with_backward: bool = True,
                 schedules: tuple[str, ...] = kernels.SCHEDULES,
-                d_hiddens: tuple[str, ...] = ("float32",)) -> dict:
+                d_hiddens: tuple[str, ...] = ("float32",),
+                hinges: tuple[str, ...] = kernels.HINGES) -> dict:
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -411,7 +416,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
   summary_records = {
       "xla-exact": prepared("xla-exact", xla_forward(act_exact), "exact"),
       "xla-pwl16": prepared("xla-pwl16", xla_forward(act_pwl), "pwl")}
-  plans = candidates(shape, pwl_dtypes, schedules)
+  plans = candidates(shape, pwl_dtypes, schedules, hinges)
   for name, plan in plans.items():
     if rec.over_budget():
       break
@@ -589,6 +594,8 @@ def main(argv=None) -> int:
                       help="epilogue-kernel schedules among the forward candidates")
   parser.add_argument("--pwl-dtypes", default="float32,float16",
                       help="PWL hinge arithmetic among the forward candidates")
+  parser.add_argument("--hinges", default=",".join(kernels.HINGES),
+                      help="forms of the f16 PWL hinges among the forward candidates")
   parser.add_argument("--d-hidden", default="float32",
                       help=f"fwd+bwd is timed with each backward d_hidden dtype of "
                            f"{dispatch.D_HIDDEN} (suffix -dh16: x's dtype)")
@@ -619,10 +626,12 @@ def main(argv=None) -> int:
       summary = bench_shape(rec, shape, rng, peak, args.tokamax, pwl_dtypes,
                             tuple(int(c) for c in args.backward_chunks.split(",")),
                             tuple(args.residuals.split(",")), not args.forward_only,
-                            tuple(args.schedules.split(",")), tuple(args.d_hidden.split(",")))
+                            tuple(args.schedules.split(",")), tuple(args.d_hidden.split(",")),
+                            tuple(args.hinges.split(",")))
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
-        pwl_dtypes = ("float16",) if summary["best_plan"].endswith("-16") else ("float32",)
+        best = summary["best_plan"].removesuffix("-relu")
+        pwl_dtypes = ("float16",) if best.endswith("-16") else ("float32",)
   report = markdown(summaries, str(device.device_kind), peak)
   with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
     json.dump({"peak_tflops": peak, "summaries": summaries, "records": rec.records}, f, indent=1)

@@ -21,10 +21,8 @@ from gpu_profile import idle_ns_before, ns_per_launch, union_ns  # noqa: E402
 from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
-from bench_dgrad_kernel import ACTIVATIONS, hinges_in_jnp  # noqa: E402
 
-from pallas_kernels.activation import pwl_select  # noqa: E402
-from pallas_kernels.gpu import backward, fused_ffn_sm90  # noqa: E402
+from pallas_kernels.gpu import backward  # noqa: E402
 
 
 def test_union_of_kernel_intervals_counts_overlap_once():
@@ -146,46 +144,3 @@ def test_pwl_lookup_variants_compute_the_same_pass():
     for got, expected in zip(elementwise_pass(LOOKUPS[name])(*inputs), want):
       np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
                                  rtol=tolerance, atol=tolerance, err_msg=name)
-
-
-RELU_HINGE_CHOICES = {"all": lambda k: True, "even": lambda k: k % 2 == 0, "none": lambda k: False}
-
-
-def test_relu_hinge_forms_are_the_same_pwl(rng):
-  """``bench_dgrad_kernel``'s hinge experiments: with any mix of relu(x - t_k) and max(x, t_k)
-  hinges and the constant moved by their ds_k t_k, the table gives the PWL's segment lines
-  (``pwl_select``) in f32; in f16 (what the kernel runs) within the hinges' rounding; NaN
-  stays NaN."""
-  activation = to_kernel_activation(ff.fit("gelu", 16))
-  table = fused_ffn_sm90.activation_table(activation)
-  num_knots = activation.knots.shape[0]
-  entry = lambda i: table[i]
-  x = np.concatenate([rng.standard_normal(20_000) * 3, [np.nan]]).astype(np.float32)
-  slope, intercept = pwl_select(jnp.asarray(x), activation.knots, activation.slopes,
-                                activation.intercepts)
-  want = np.asarray(slope * x + intercept)
-  for name, relu_knot in RELU_HINGE_CHOICES.items():
-    got = np.asarray(hinges_in_jnp(jnp.asarray(x), entry, num_knots, relu_knot))
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=name)
-    half = hinges_in_jnp(jnp.asarray(x, jnp.float16), entry, num_knots, relu_knot)
-    np.testing.assert_allclose(np.asarray(half, np.float32), want, rtol=0,
-                               atol=2e-2 * np.nanmax(np.abs(want)), err_msg=name)
-
-
-@pytest.mark.parametrize("variant", ["relu-hinges", "half-relu-hinges"])
-def test_relu_hinge_epilogues_lower_for_cuda(variant, monkeypatch):
-  """The inline-PTX hinge variants trace into the forward epilogue kernel (jax.export for cuda,
-  no GPU needed) and their instructions are in the kernel."""
-  activation = to_kernel_activation(ff.fit("silu", 16))
-  table = fused_ffn_sm90.activation_table(activation)
-  config = fused_ffn_sm90.EpilogueConfig(128, 64, 3, pwl_dtype="float16", schedule="pingpong")
-  monkeypatch.setattr(fused_ffn_sm90, "apply_activation", ACTIVATIONS[variant])
-  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  forward = jax.jit(lambda x, w_up, w_gate, table: fused_ffn_sm90.gemm1_activation(
-      x, w_up, w_gate, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
-      config=config, saves="floor-bits"))
-  module = jax.export.export(forward, platforms=["cuda"])(
-      spec(512, 576), spec(576, 1536), spec(576, 1536),
-      jax.ShapeDtypeStruct(table.shape, table.dtype)).mlir_module()
-  assert "fma.rn.relu.f16x2" in module
-  assert ("max.NaN.f16x2" in module) == (variant == "half-relu-hinges")

@@ -28,7 +28,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # race d
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation, pwl_select
-from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch,
+from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch, packed_pwl,
                                 fused_ffn_sm90 as kernels, segment_sums_sm90)
 from tests.conftest import relative_error
 
@@ -811,28 +811,65 @@ def test_split_preactivation_round_trip_and_specials(rng):
   assert np.isnan(joined[4]) and np.isinf(joined[5])  # 3.4e38 rounds to bf16 infinity
 
 
+@pytest.mark.parametrize("hinges", kernels.HINGES)
 @pytest.mark.parametrize("pwl_dtype, tolerance", [("float32", 1e-5), ("float16", 3e-3)])
-def test_pwl_hinge_table_matches_segment_form(rng, pwl_dtype, tolerance):
-  """s_0 h + c + Σ Δs_k max(h, t_k) (what the kernels evaluate) equals s[seg] h + c[seg]."""
+def test_pwl_hinge_table_matches_segment_form(rng, pwl_dtype, tolerance, hinges, monkeypatch):
+  """s_0 h + c + Σ Δs_k max(h, t_k) and s_0 h + c_0 + Σ Δs_k relu(h - t_k) (what the kernels
+  evaluate; the relu form here in jnp, as interpret mode runs it) equal s[seg] h + c[seg]."""
+  monkeypatch.setattr(packed_pwl, "interpreting", lambda: True)  # outside a kernel: jnp forms
   activation = kernel_activation("pwl", glu=True)
   h = jnp.asarray(rng.normal(size=(64, 96)) * 4, jnp.float32)
   table = kernels.activation_table(activation)
-  got = kernels.apply_activation("pwl", h, table, activation.knots.shape[0], pwl_dtype)
+  num_knots = activation.knots.shape[0]
+  got = kernels.apply_activation("pwl", h, table, num_knots, pwl_dtype, hinges)
   assert relative_error(got, activation(h)) < tolerance
-  nan = kernels.apply_activation("pwl", jnp.full((2, 2), jnp.nan), table,
-                                 activation.knots.shape[0], pwl_dtype)
+  nan = kernels.apply_activation("pwl", jnp.full((2, 2), jnp.nan), table, num_knots, pwl_dtype,
+                                 hinges)
   assert np.all(np.isnan(np.asarray(nan)))
+  left = jnp.full((1, 1), activation.knots[0] - 1.0)  # left of every knot: s_0 h + c_0
+  assert abs(float(got_left := kernels.apply_activation(
+      "pwl", left, table, num_knots, "float32", hinges)[0, 0]) - float(
+          activation.slopes[0] * left[0, 0] + activation.intercepts[0])) < 1e-5, got_left
+
+
+@pytest.mark.parametrize("hinges", kernels.HINGES)
+def test_relu_hinges_lower_into_the_forward_kernel(hinges):
+  """``hinges="relu"`` with f16 PWL math puts ``packed_pwl.relu_hinges``' fma.relu in the
+  forward kernel (jax.export for cuda, no GPU needed) and no max; "max" the other way round."""
+  activation = kernel_activation("pwl", glu=True)
+  table = kernels.activation_table(activation)
+  config = kernels.EpilogueConfig(128, 64, 3, pwl_dtype="float16", schedule="pingpong",
+                                  hinges=hinges)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  forward = jax.jit(lambda x, w_up, w_gate, table: kernels.gemm1_activation(
+      x, w_up, w_gate, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
+      config=config, saves="floor-bits"))
+  module = jax.export.export(forward, platforms=["cuda"])(
+      spec(512, 576), spec(576, 1536), spec(576, 1536),
+      jax.ShapeDtypeStruct(table.shape, table.dtype)).mlir_module()
+  assert ("fma.rn.relu.f16x2" in module) == (hinges == "relu")
+  assert ("max.NaN.f16x2" in module) == (hinges == "max")  # Mosaic's lowering of jnp.maximum
+
+
+def test_epilogue_config_rejects_unknown_hinges():
+  with pytest.raises(ValueError, match="hinges='abs'"):
+    kernels.EpilogueConfig(hinges="abs")
 
 
 def test_plan_table():
   """Measured shapes get their tuned plan; unmeasured decode / large-D shapes go to XLA."""
   assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.PINGPONG_GLU_F16
+  assert dispatch.PINGPONG_GLU_F16.epilogue.hinges == "relu"
+  assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).epilogue.hinges == "relu"
+  assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).epilogue.hinges == "max"
   assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.PINGPONG_MLP_F16
   assert dispatch.choose_plan(4096, 1600, 6400, 1600, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, True) == dispatch.XLA  # measured 12-01
-  assert dispatch.choose_plan(8192, 2048, 8192, 2048, True, True) == dispatch.EPILOGUE_GLU_F16
+  llama_1b = dispatch.choose_plan(8192, 2048, 8192, 2048, True, True)  # ping-pong relu, chunked
+  assert (llama_1b.epilogue.hinges, llama_1b.backward) == ("relu", "xla")
+  assert dispatch.choose_plan(8192, 4096, 14336, 4096, True, True) == dispatch.EPILOGUE_GLU_F16
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.PINGPONG_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
   assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "floor-bits"
@@ -995,6 +1032,8 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                      dispatch.choose_plan(8192, 768, 3072, 768, False, False)),
     "dgrad-pp-glu-silu-floor-bits-odd": (1000, 576, 1000, 576, True, True, "silu",
                                          dispatch.PINGPONG_GLU_F16),
+    "dgrad-pp-mlp-pwl-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15",
+                                         dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
@@ -1045,6 +1084,36 @@ def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, monkeypatch):
   errors = [relative_error(outputs[0], act * pre[1] if glu else act)
             for outputs in (packed, jnp_forms)]
   assert errors[0] <= errors[1] < BF16_TOLERANCE / 2, errors
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("glu", [False, True])
+def test_gpu_relu_hinges_in_ptx_against_jnp(rng, glu, monkeypatch):
+  """The forward kernel's ``hinges="relu"`` (``packed_pwl.relu_hinges``, PTX on f16 pairs; no
+  interpret mode) against the same relu form in jnp (what interpret mode runs) and the max form,
+  gpt2-small / SmolLM2 widths, M = 1000 (partial tiles): each within f16 rounding of the f32
+  PWL, the PTX form no further from it than 1.5x the jnp forms; NaN in x stays NaN in its row."""
+  rows, d_model, hidden = (1000, 576, 1536) if glu else (1000, 768, 3072)
+  problem = make_problem(rng, rows, d_model, hidden, d_model, glu, bias=False)
+  x = problem["x"].at[7, 3].set(jnp.nan)
+  activation = kernel_activation("pwl15", glu)
+  table = kernels.activation_table(activation)
+  tiles = dispatch.PINGPONG_GLU_TILES if glu else dispatch.PINGPONG_MLP_TILES
+  run = lambda hinges: jax.jit(lambda *a: kernels.gemm1_activation(
+      *a, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
+      config=kernels.EpilogueConfig(**tiles, pwl_dtype="float16", schedule="pingpong",
+                                    hinges=hinges)))(x, problem["w_up"], problem.get("w_gate"))
+  ptx = run("relu")
+  monkeypatch.setattr(packed_pwl, "interpreting", lambda: True)  # the jnp forms
+  jnp_relu, jnp_max = run("relu"), run("max")
+  up = jnp.dot(x, problem["w_up"], preferred_element_type=jnp.float32)
+  want = (activation(jnp.dot(x, problem["w_gate"], preferred_element_type=jnp.float32)) * up
+          if glu else activation(up))
+  rows_ok = np.arange(rows) != 7
+  errors = [relative_error(h[rows_ok], want[rows_ok]) for h in (ptx, jnp_relu, jnp_max)]
+  assert errors[0] < BF16_TOLERANCE and errors[0] <= 1.5 * min(errors[1:]), errors
+  assert np.all(np.isnan(np.asarray(ptx[7], np.float32)))
 
 
 @needs_hopper

@@ -39,7 +39,7 @@ costed in benchmarks/NOTES.md ("Design for large D"); at most it saves the [M, H
 (3-6% of the forward at the llama shapes), less than its L2 re-streaming costs, so it is not built.
 
 PWL activations are evaluated as hinges (``activation_table``), 2 instructions per knot, in f32
-or in packed f16x2.
+or in packed f16x2, as max(h, t_k) or relu(h - t_k) (``HINGES``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import Activation, exact_activation
+from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.backward import save_preactivations
 
 WGMMA_ROWS = 64  # rows of one wgmma (and of a fused-kernel row block)
@@ -74,38 +75,59 @@ def num_sms() -> int:
 
 
 def activation_table(activation: Activation) -> jax.Array | None:
-  """A PWL as the hinge table the kernels read from SMEM: [t_0..t_{K-1}, Δs_0..Δs_{K-1}, s_0, c].
+  """A PWL as the hinge table the kernels read from SMEM:
+  [t_0..t_{K-1}, Δs_0..Δs_{K-1}, s_0, c, c_0].
 
   A continuous PWL (knots t_k, segment slopes s_0..s_K, intercepts c_j) equals
-      pwl(h) = s_0 h + c + Σ_k Δs_k max(h, t_k),   Δs_k = s_{k+1} - s_k,
+      pwl(h) = s_0 h + c + Σ_k Δs_k max(h, t_k),          Δs_k = s_{k+1} - s_k,
       c = c_0 - Σ_k Δs_k t_k,
-  i.e. 2 instructions per knot (max, fma) instead of a compare and two selects.
+  i.e. 2 instructions per knot (max, fma) instead of a compare and two selects; and since
+  max(h, t) = relu(h - t) + t, also pwl(h) = s_0 h + c_0 + Σ_k Δs_k relu(h - t_k) (``HINGES``).
   """
   if activation.kind != "pwl":
     return None
   knots = jnp.asarray(activation.knots, jnp.float32)
   slopes = jnp.asarray(activation.slopes, jnp.float32)
   steps = slopes[1:] - slopes[:-1]
-  offset = activation.intercepts[0].astype(jnp.float32) - jnp.sum(steps * knots)
-  table = jnp.concatenate([knots, steps, slopes[:1], offset[None]])
+  leftmost = activation.intercepts[0].astype(jnp.float32)
+  offset = leftmost - jnp.sum(steps * knots)
+  table = jnp.concatenate([knots, steps, slopes[:1], offset[None], leftmost[None]])
   return jnp.pad(table, (0, -table.shape[0] % TABLE_ALIGN))
 
 
+# How ``apply_activation`` writes the hinges (same PWL, 2 instructions per knot either way):
+#   "max"  -- Δs_k max(h, t_k): the max is HMNMX2 / FMNMX, ALU pipe (half the FMA pipe's rate);
+#   "relu" -- Δs_k relu(h - t_k): with f16 math on a GPU one ``fma.rn.relu.f16x2`` (h 1 - t_k;
+#             FMA pipe, ``packed_pwl.relu_hinges``). H200, the forward kernel alone (ping-pong,
+#             floor bits, M = 8192; benchmarks/NOTES.md, eighteenth session): SmolLM2 64.8 ->
+#             63.7 us, llama-1B 845 -> 793, llama-8B 2782 -> 2649, gpt2-xl 284.9 -> 280.7, but
+#             gpt2-small 94.3 -> 96.8 (its hinges wait on something else).
+HINGES = ("max", "relu")
+
+
 def apply_activation(kind: str, h: jax.Array, table_ref, num_knots: int,
-                     pwl_dtype: str = "float32") -> jax.Array:
+                     pwl_dtype: str = "float32", hinges: str = "max") -> jax.Array:
   """act(h) on an f32 register tile; a PWL reads its hinge table (``activation_table``) from SMEM.
 
   ``pwl_dtype="float16"`` evaluates the hinges in packed f16x2 arithmetic (half the instructions;
-  pre-activations must stay below 65504 in magnitude).
+  pre-activations must stay below 65504 in magnitude); ``hinges`` picks their form (``HINGES``).
+  Interpret mode has no inline PTX: it runs the relu form in jnp (same roundings, unfused fma).
   """
   if kind != "pwl":
     return exact_activation(kind, h)
   dtype = jnp.dtype(pwl_dtype)
+  if hinges == "relu" and dtype == jnp.float16 and not packed_pwl.interpreting():
+    return packed_pwl.relu_hinges(h, table_ref, num_knots)
   entry = lambda i: table_ref[i].astype(dtype)
   x = h.astype(dtype)
-  out = entry(2 * num_knots) * x + entry(2 * num_knots + 1)
-  for k in range(num_knots):
-    out = out + entry(num_knots + k) * jnp.maximum(x, entry(k))
+  if hinges == "relu":
+    out = entry(2 * num_knots) * x + entry(2 * num_knots + 2)
+    for k in range(num_knots):
+      out = out + entry(num_knots + k) * jnp.maximum(x - entry(k), 0)
+  else:
+    out = entry(2 * num_knots) * x + entry(2 * num_knots + 1)
+    for k in range(num_knots):
+      out = out + entry(num_knots + k) * jnp.maximum(x, entry(k))
   return out.astype(jnp.float32)
 
 
@@ -362,8 +384,11 @@ class EpilogueConfig:
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
   schedule: str = "cooperative"
   staging: str = "shared"
+  hinges: str = "max"  # form of the PWL hinges (``HINGES``)
 
   def __post_init__(self):
+    if self.hinges not in HINGES:
+      raise ValueError(f"hinges={self.hinges!r}: expected one of {HINGES}")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule={self.schedule!r}: expected one of {SCHEDULES}")
     if self.staging not in STAGINGS:
@@ -474,7 +499,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       pre = [acc[window] for acc in accumulators]
       if bias_smem is not None:
         pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
-      out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
+      out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype,
+                             config.hinges)
       values = [out * pre[1] if len(pre) == 2 else out]
       for parts in save_preactivations(pre, dtype, saves, table_smem,
                                        num_knots) if saves else ():

@@ -1,9 +1,11 @@
-"""A PWL's value and slope in one select chain of PTX on packed f16 pairs (Hopper epilogues).
+"""A PWL in PTX on packed f16 pairs (Hopper epilogues): its value and slope in one select chain
+(``value_and_slope``, the dgrad kernel), and its value as relu hinges (``relu_hinges``, the
+forward kernel's ``hinges="relu"``).
 
-For ascending knots t_k, slope steps ds_k, leftmost slope s_0 and intercept c
+For ascending knots t_k, slope steps ds_k, leftmost slope s_0 and leftmost intercept c_0
 (``fused_ffn_sm90.activation_table``), segment j (t_{j-1} <= p < t_j) has
 
-    slope_j = s_0 + sum_{k < j} ds_k,    intercept_j = c + sum_{k >= j} ds_k t_k,
+    slope_j = s_0 + sum_{k < j} ds_k,    intercept_j = c_0 - sum_{k < j} ds_k t_k,
     pwl(p) = slope_j p + intercept_j.
 
 The per-segment scalars are summed in f32 while tracing; per element and knot, one
@@ -53,25 +55,51 @@ def ptx_on_pairs(asm: str):
 _AT_LEAST_MASK = ptx_on_pairs("set.ge.u32.f16x2 $0, $1, $2;")  # 0xFFFF per half where x >= t
 _BITWISE_SELECT = ptx_on_pairs("lop3.b32 $0, $1, $2, $3, 0xCA;")  # mask ? a : b
 FMA = ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")  # a b + c
+_RELU_FMA = ptx_on_pairs("fma.rn.relu.f16x2 $0, $1, $2, $3;")  # max(a b + c, 0), NaN kept
+
+
+def _on_f16_pairs(p: jax.Array, table_ref, num_outputs: int, body):
+  """``body(x, entry, pairs)`` -> one f16 FragmentedArray (or a tuple of ``num_outputs``), run on
+  f16(p) for an f32 WGMMA-layout tile p; ``entry(i)`` loads the SMEM table's f32 entry i and
+  ``pairs(v)`` splats an f32 scalar as f16 pairs. Returns the output(s) in f32."""
+  x = p.astype(jnp.float16)
+  tile = plgpu.ShapeDtypeStruct(x.shape, jnp.float16, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+                     return_type=tile if num_outputs == 1 else (tile,) * num_outputs)
+  def run(_, x, table):
+    entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
+    pairs = lambda value: mgpu.FragmentedArray.splat(arith.truncf(ir.F16Type.get(), value),
+                                                     x.shape, x.layout)
+    return body(x, entry, pairs)
+
+  return jax.tree.map(lambda out: out.astype(jnp.float32), run(x, table_ref))
+
+
+def relu_hinges(p: jax.Array, table_ref, num_knots: int) -> jax.Array:
+  """pwl(p) = s_0 p + c_0 + sum_k ds_k relu(p - t_k) in f32 for an f32 WGMMA-layout tile p,
+  evaluated on f16(p) (``activation_table``'s entries s_0, c_0, t_k, ds_k): per pair of elements
+  and knot one ``fma.rn.relu.f16x2`` (p 1 - t_k) and one ``fma.rn.f16x2``, both on the FMA pipe,
+  where max(p, t_k) takes the ALU pipe's HMNMX2."""
+  def body(x, entry, pairs):
+    one = pairs(arith.constant(ir.F32Type.get(), ir.FloatAttr.get(ir.F32Type.get(), 1.0)))
+    out = x._pointwise(FMA, pairs(entry(2 * num_knots)), pairs(entry(2 * num_knots + 2)))
+    for k in range(num_knots):
+      hinge = x._pointwise(_RELU_FMA, one, pairs(arith.negf(entry(k))))
+      out = hinge._pointwise(FMA, pairs(entry(num_knots + k)), out)
+    return out
+
+  return _on_f16_pairs(p, table_ref, 1, body)
 
 
 def value_and_slope(p: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array, jax.Array]:
   """(pwl(p), pwl'(p)) in f32 for an f32 WGMMA-layout tile p, evaluated on f16(p) with f16
   segment scalars; ``table_ref`` is the SMEM hinge table. A point on a knot takes the segment
   above it, like ``pwl_select``."""
-  x = p.astype(jnp.float16)
-  tile = plgpu.ShapeDtypeStruct(x.shape, jnp.float16, layout=plgpu.Layout.WGMMA)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=(tile, tile))
-  def chain(_, x, table):
-    entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
-    pairs = lambda value: mgpu.FragmentedArray.splat(arith.truncf(ir.F16Type.get(), value),
-                                                     x.shape, x.layout)
+  def chain(x, entry, pairs):
     steps = [entry(num_knots + k) for k in range(num_knots)]
     hinge_offsets = [arith.mulf(step, entry(k)) for k, step in enumerate(steps)]  # ds_k t_k
-    segment_slope, segment_intercept = entry(2 * num_knots), entry(2 * num_knots + 1)
-    for offset in hinge_offsets:
-      segment_intercept = arith.addf(segment_intercept, offset)
+    segment_slope, segment_intercept = entry(2 * num_knots), entry(2 * num_knots + 2)  # c_0
     slope, intercept = pairs(segment_slope), pairs(segment_intercept)
     for k in range(num_knots):
       segment_slope = arith.addf(segment_slope, steps[k])
@@ -81,5 +109,4 @@ def value_and_slope(p: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array,
       intercept = above._pointwise(_BITWISE_SELECT, pairs(segment_intercept), intercept)
     return slope._pointwise(FMA, x, intercept), slope
 
-  value, slope = chain(x, table_ref)
-  return value.astype(jnp.float32), slope.astype(jnp.float32)
+  return _on_f16_pairs(p, table_ref, 2, chain)
