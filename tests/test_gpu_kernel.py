@@ -206,12 +206,15 @@ def test_interpret_decode(rng, rows, d_model, hidden, d_out, glu, bias, name, co
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("name, pwl_dtype", [("gelu", "float32"), ("pwl", "float16")])
-def test_interpret_epilogue_mlp(rng, name, pwl_dtype):
+@pytest.mark.parametrize("name, pwl_dtype, hinges", [("gelu", "float32", "max"),
+                                                     ("pwl", "float16", "max"),
+                                                     ("pwl", "float16", "relu")])
+def test_interpret_epilogue_mlp(rng, name, pwl_dtype, hinges):
   """gemm1_activation + XLA GEMM2: M spans a partial CTA tile, H a partial tile_n, D = 3 * 64;
-  the PWL case evaluates its hinges in packed float16."""
+  the PWL cases evaluate their hinges in packed float16, as max(h, t_k) or relu(h - t_k)."""
   problem = make_problem(rng, rows=100, d_model=192, hidden=320, d_out=72, glu=False, bias=True)
-  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=pwl_dtype))
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=pwl_dtype,
+                                                                    hinges=hinges))
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu=False), plan)
 
@@ -729,6 +732,8 @@ LOWERING_CASES = {
                                      dispatch.PINGPONG_MLP_F16),
     "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15",
                                         dispatch.PINGPONG_GLU_F16),
+    "llama1b-glu-pingpong-relu": (1000, 2048, 8192, 2048, True, "pwl15",
+                                  dispatch.PINGPONG_GLU_F16_RELU_CHUNKED),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
@@ -859,7 +864,7 @@ def test_epilogue_config_rejects_unknown_hinges():
 def test_plan_table():
   """Measured shapes get their tuned plan; unmeasured decode / large-D shapes go to XLA."""
   assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.PINGPONG_GLU_F16
-  assert dispatch.PINGPONG_GLU_F16.epilogue.hinges == "relu"
+  assert dispatch.PINGPONG_GLU_F16.epilogue.hinges == "max"
   assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).epilogue.hinges == "relu"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).epilogue.hinges == "max"
   assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.PINGPONG_MLP_F16

@@ -202,22 +202,27 @@ EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES
 # 336.2 -> 338.9 (then kept chunked); sixteenth session (``packed_pwl``'s chain) gpt2-small
 # 456.5 (XLA 461.3), SmolLM2 339.7 -> 327.1 (XLA 381.5), gpt2-xl 1743 (XLA 1708)
 # (benchmarks/results/backward-profile-2026-12-02-sixteenth-packed.md).
-# The ping-pong GLU plans and gpt2-xl's write the f16 hinges as relu(h - t_k) (``kernels.HINGES``).
-# H200, the forward kernel alone saving floor bits, M = 8192, max -> relu (eighteenth session,
-# benchmarks/NOTES.md): ping-pong SmolLM2 65.0 -> 63.7 us, llama-1B 845 -> 793, llama-8B 2782 ->
-# 2649, gpt2-xl 284.9 -> 280.7, but gpt2-small 94.2 -> 97.2, and llama-1B's cooperative 64 x 128
-# tiles 811 -> 823: there max(h, t_k) stays.
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong", hinges="relu"),
-    **_FLOOR_BITS, backward="epilogue", dgrad=DGRAD_PINGPONG)
+    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
+    backward="epilogue", dgrad=DGRAD_PINGPONG)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
     backward="epilogue", dgrad=DGRAD_PINGPONG)
+# gpt2-xl's and llama-1B's plans write the f16 hinges as relu(h - t_k) (``kernels.HINGES``). H200,
+# eighteenth session (benchmarks/NOTES.md), max -> relu hinges: the forward kernel alone (GPU
+# time, ping-pong, M = 8192) saving floor bits SmolLM2 65.0 -> 63.7 us, llama-1B 845 -> 793,
+# llama-8B 2782 -> 2649, gpt2-xl 284.9 -> 280.7, gpt2-small 94.2 -> 97.2 (llama-1B's cooperative
+# 64 x 128 tiles 811 -> 823); saving nothing (inference) SmolLM2 50.6 -> 52.3, llama-1B 826 ->
+# 820; whole forward, wall clock: gpt2-xl 0.5627 -> 0.5407 ms, SmolLM2 0.0864 -> 0.0888,
+# gpt2-small 0.1387 -> 0.1423. The relu form pays where the floor bits' integer ops share the
+# ALU pipe with the max hinges, and at gpt2-xl; SmolLM2 and gpt2-small keep max(h, t_k).
 PINGPONG_MLP_F16_RELU = dataclasses.replace(PINGPONG_MLP_F16, epilogue=dataclasses.replace(
     PINGPONG_MLP_F16.epilogue, hinges="relu"))
-# llama-1B: the ping-pong relu forward (793 us vs the cooperative tiles' 811) with the chunked
-# backward its training step measured faster than the dgrad kernel (3780.8 vs 3813.5 us)
-PINGPONG_GLU_F16_CHUNKED = Plan("epilogue", epilogue=PINGPONG_GLU_F16.epilogue, **_FLOOR_BITS)
+# llama-1B: the ping-pong relu forward (793 us saving floor bits vs the cooperative tiles' 811)
+# with the chunked backward, which its training step measured faster than the dgrad kernel
+# (3780.8 vs 3813.5 us GPU-busy, sixteenth session)
+PINGPONG_GLU_F16_RELU_CHUNKED = Plan("epilogue", epilogue=dataclasses.replace(
+    PINGPONG_GLU_F16.epilogue, hinges="relu"), **_FLOOR_BITS)
 
 # (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
 # XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
@@ -234,9 +239,10 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (False, 768, 3072, 768, False, False): PINGPONG_MLP_F16,
     # ping-pong forward 0.5582 (cooperative 0.5515); its training step saving floor bits:
     # GPU-busy 1664.8 us vs 1683.6 for cooperative tiles saving pairs (2026-12-02)
-    (False, 1600, 6400, 1600, False, True): PINGPONG_MLP_F16_RELU,  # 0.5582 vs 0.5961
+    (False, 1600, 6400, 1600, False, True): PINGPONG_MLP_F16_RELU,  # 0.5407 vs 0.6116 (12-03)
     (False, 1600, 6400, 1600, False, False): EPILOGUE_MLP,  # 0.5768 vs 0.5961
-    (True, 2048, 8192, 2048, False, True): PINGPONG_GLU_F16_CHUNKED,  # 1.2693 vs 1.3350 (12-02, max hinges)
+    # ping-pong forward 1.2693 vs 1.3350 (12-02, max hinges; relu: kernel alone 820 vs 826 us)
+    (True, 2048, 8192, 2048, False, True): PINGPONG_GLU_F16_RELU_CHUNKED,
     (True, 2048, 8192, 2048, False, False): EPILOGUE_GLU,  # 1.2597 vs 1.3894
     (True, 4096, 14336, 4096, False, True): EPILOGUE_GLU_F16,  # 4.3634 vs 4.5064
     (True, 4096, 14336, 4096, False, False): EPILOGUE_GLU,  # 4.3291 vs 4.5064
