@@ -6,9 +6,9 @@ import pathlib
 import sys
 
 import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
@@ -19,6 +19,7 @@ from bench_gpu import (SHAPES, Recorder, Shape, bench_shape, candidates,  # noqa
                        interleaved_seconds, markdown, with_pwl_gradients, xla_forward)
 from gpu_profile import idle_ns_before, ns_per_launch, union_ns  # noqa: E402
 from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
+import bench_down_projection  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
 
@@ -144,3 +145,18 @@ def test_pwl_lookup_variants_compute_the_same_pass():
     for got, expected in zip(elementwise_pass(LOOKUPS[name])(*inputs), want):
       np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
                                  rtol=tolerance, atol=tolerance, err_msg=name)
+
+
+def test_down_projection_bench_compares_like_with_like(rng):
+  """``bench_down_projection``: a config string gives those tiles, and its kernel (GPU interpret
+  mode) computes XLA's h W_down + b_down at a shape with partial tiles."""
+  config = bench_down_projection.parse_config("64x128x3:pingpong")
+  assert (config.tile_m, config.tile_n, config.stages, config.schedule) == (64, 128, 3,
+                                                                            "pingpong")
+  args = bench_down_projection.problem(100, 128, 136, rng)
+  want = bench_down_projection.projection(None)(*args)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    got = bench_down_projection.projection(config)(*args)
+  assert got.shape == want.shape == (100, 136)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-2, atol=2e-2)

@@ -221,6 +221,25 @@ def test_interpret_epilogue_mlp(rng, name, pwl_dtype, hinges):
 
 @on_cpu_only
 @needs_interpret_threads
+@pytest.mark.parametrize("schedule", kernels.SCHEDULES)
+def test_interpret_down_projection_kernel(rng, schedule):
+  """``Plan(down=...)``: GEMM2 by the epilogue kernel with the identity activation (D_out = 72
+  padded to 128, M = 100 a partial tile, b_down added in the epilogue), forward and gradients
+  against the f32 reference; the backward does not depend on it."""
+  problem = make_problem(rng, rows=100, d_model=128, hidden=200, d_out=72, glu=True, bias=True)
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                       down=kernels.EpilogueConfig(64, 64, 2, schedule=schedule))
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation("pwl", glu=True), plan)
+
+
+def test_down_projection_needs_the_epilogue_path():
+  with pytest.raises(ValueError, match="down="):
+    dispatch.Plan("fused", fused=kernels.FusedConfig(), down=kernels.EpilogueConfig())
+
+
+@on_cpu_only
+@needs_interpret_threads
 def test_interpret_epilogue_glu_saves_preactivations(rng):
   """residuals="preactivations": the epilogue kernel also writes g = x W_gate + b_gate and
   u = x W_up + b_up as (hi, lo) bf16 pairs (odd M and H; the five stores share two staging
@@ -734,6 +753,8 @@ LOWERING_CASES = {
                                         dispatch.PINGPONG_GLU_F16),
     "llama1b-glu-pingpong-relu": (1000, 2048, 8192, 2048, True, "pwl15",
                                   dispatch.PINGPONG_GLU_F16_RELU_CHUNKED),
+    "smollm2-down-projection-kernel": (8192, 576, 1536, 576, True, "pwl15", dataclasses.replace(
+        dispatch.PINGPONG_GLU_F16, down=kernels.EpilogueConfig(64, 192, 4, schedule="pingpong"))),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),

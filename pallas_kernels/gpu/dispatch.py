@@ -7,8 +7,10 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     every measured shape at M > 64 (SmolLM2, gpt2-small, gpt2-xl, llama-1B,
                     llama-8B) and untuned shapes with M > 64. Its two compute warpgroups
                     share each tile ("cooperative" schedule) except in the PWL plans of
-                    SmolLM2, gpt2-small, gpt2-xl and untuned MLP shapes, where each owns whole
-                    tiles ("pingpong"; see PINGPONG_*_TILES).
+                    SmolLM2, gpt2-small, gpt2-xl, llama-1B and untuned MLP shapes, where each
+                    owns whole tiles ("pingpong"; see PINGPONG_*_TILES); gpt2-xl's and
+                    llama-1B's write the PWL's hinges as relu(h - t_k) (``kernels.HINGES``).
+                    ``Plan.down`` runs GEMM2 on the same kernel instead (opt-in, unmeasured).
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
@@ -117,7 +119,10 @@ class Plan:
   differentiated); ``d_hidden``: the dtype of the chunked backward's d_hidden = dy W_down^T,
   "float32" or "input" (x's dtype, as XLA autodiff of a bf16 model keeps it; f32 accumulation
   either way: half the bytes of that [M, H] array; on the H200 the step's GPU time -1%, its
-  compiled temp memory -13-17%, gradients 1-2.4e-3 from f32)."""
+  compiled temp memory -13-17%, gradients 1-2.4e-3 from f32); ``down``: on the epilogue path,
+  GEMM2 (h W_down + b_down) by ``gemm1_activation`` with the identity epilogue on these tiles
+  instead of XLA's dot (None) - for D_out where XLA's tiles quantize badly, e.g. 576 = 4.5 x 128;
+  opt-in until measured (``benchmarks/bench_down_projection.py``)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -129,6 +134,7 @@ class Plan:
   backward: str = "xla"
   dgrad: kernels.EpilogueConfig | None = None
   d_hidden: str = "float32"
+  down: kernels.EpilogueConfig | None = None
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -138,6 +144,8 @@ class Plan:
           f"segment_sums={self.segment_sums!r}: expected one of {tuple(SEGMENT_SUMS)}")
     if self.residuals != "recompute" and self.path != "epilogue":
       raise ValueError(f"residuals={self.residuals!r} needs the epilogue path, got {self.path!r}")
+    if self.down is not None and self.path != "epilogue":
+      raise ValueError(f"down= (GEMM2 tiles) needs the epilogue path, got {self.path!r}")
     if self.d_hidden not in D_HIDDEN:
       raise ValueError(f"d_hidden={self.d_hidden!r}: expected one of {D_HIDDEN}")
     if self.backward not in BACKWARDS:
@@ -367,12 +375,29 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
                                         config=plan.epilogue, saves=saves, **kernel_args)
   if saves:
     hidden_act, preactivations = hidden_act
-  out = jnp.dot(hidden_act[:rows], _pad(w_down, (hp, d_out)), preferred_element_type=jnp.float32)
-  out = out if b_down is None else out + b_down.astype(jnp.float32)
-  out = out.astype(x.dtype)
+  out = down_projection(hidden_act, w_down, b_down, rows, plan.down)
   if saves:
     return out, tuple(tuple(part[:rows, :hidden] for part in parts) for parts in preactivations)
   return out
+
+
+def down_projection(hidden_act, w_down, b_down, rows: int,
+                    config: kernels.EpilogueConfig | None):
+  """y = h W_down + b_down [rows, D_out] in h's dtype (f32 accumulation) from the padded h
+  [M', H'] (H' = W_down's rows padded to 64): XLA's dot, or with ``config`` the epilogue kernel
+  with the identity activation (D_out padded to 64 there)."""
+  hidden, d_out = w_down.shape
+  padded_hidden = hidden_act.shape[1]
+  if config is None:
+    out = jnp.dot(hidden_act[:rows], _pad(w_down, (padded_hidden, d_out)),
+                  preferred_element_type=jnp.float32)
+    out = out if b_down is None else out + b_down.astype(jnp.float32)
+    return out.astype(hidden_act.dtype)
+  padded_out = _round_up(d_out, 64)
+  out = kernels.gemm1_activation(hidden_act, _pad(w_down, (padded_hidden, padded_out)), None,
+                                 _pad(b_down, (padded_out,)), None, None, kind="identity",
+                                 num_knots=0, config=config)
+  return out[:rows, :d_out]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
