@@ -23,7 +23,7 @@ import bench_down_projection  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
 
-from pallas_kernels.gpu import backward  # noqa: E402
+from pallas_kernels.gpu import backward, dispatch  # noqa: E402
 
 
 def test_union_of_kernel_intervals_counts_overlap_once():
@@ -103,14 +103,20 @@ def test_pwl_gradient_step_differentiates_the_pwl_parameters():
 
 def test_forward_candidates_fit_their_shapes():
   """Every epilogue plan bench_gpu times compiles within the kernel's limits for its shape (a
-  refused plan would only show up as an error row after a machine start), and both schedules
-  are among them."""
+  refused plan would only show up as an error row after a machine start), both schedules are
+  among them, and the library's own PWL plan is timed even when the sweep leaves its tiles out."""
   for shape in SHAPES:
     plans = candidates(shape)
     epilogues = [plan.epilogue for plan in plans.values() if plan.path == "epilogue"]
     assert {config.schedule for config in epilogues} == {"cooperative", "pingpong"}
     for config in epilogues:
       config.check(2 if shape.glu else 1, jnp.bfloat16)
+    library = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
+                                   shape.glu, True)
+    for narrowed in (candidates(shape), candidates(shape, ("float32",), ("cooperative",))):
+      assert library.path != "epilogue" or any(
+          (plan.epilogue, plan.down) == (library.epilogue, library.down)
+          for plan in narrowed.values()), shape.name
 
 
 def test_segment_count_experiments_encode_what_they_claim(rng):
