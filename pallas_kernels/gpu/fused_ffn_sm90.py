@@ -98,10 +98,9 @@ def activation_table(activation: Activation) -> jax.Array | None:
 # How ``apply_activation`` writes the hinges (same PWL, 2 instructions per knot either way):
 #   "max"  -- Δs_k max(h, t_k): the max is HMNMX2 / FMNMX, ALU pipe (half the FMA pipe's rate);
 #   "relu" -- Δs_k relu(h - t_k): with f16 math on a GPU one ``fma.rn.relu.f16x2`` (h 1 - t_k;
-#             FMA pipe, ``packed_pwl.relu_hinges``). H200, the forward kernel alone (ping-pong,
-#             floor bits, M = 8192; benchmarks/NOTES.md, eighteenth session): SmolLM2 64.8 ->
-#             63.7 us, llama-1B 845 -> 793, llama-8B 2782 -> 2649, gpt2-xl 284.9 -> 280.7, but
-#             gpt2-small 94.3 -> 96.8 (its hinges wait on something else).
+#             FMA pipe, ``packed_pwl.relu_hinges``). Faster on the H200 where the ALU pipe is
+#             also busy with the floor bits' encoding, and at gpt2-xl; slower at SmolLM2's and
+#             gpt2-small's inference forward (which plans use it and the times: ``dispatch``).
 HINGES = ("max", "relu")
 
 
