@@ -59,11 +59,15 @@ def make_problem(rng, rows, d_model, hidden, d_out, glu, bias, dtype=jnp.bfloat1
 def kernel_activation(name: str, glu: bool) -> Activation:
   """An exact activation by name, "pwl": a 16-segment fit of SiLU (GLU) / GELU (MLP), or "pwl15":
   that fit with its knots rounded to 15 significant bits (what residuals="floor-bits" keeps
-  exact; the op rounds other knots so, and the f32 reference would not)."""
-  if name not in ("pwl", "pwl15"):
+  exact; the op rounds other knots so, and the f32 reference would not); "pwl-tanh" /
+  "pwl15-tanh": the same of tanh, whose tails' intercepts differ (-1, 1), so the hinge table's
+  two constants do too (c = 1 for max hinges, c_0 = -1 for relu hinges; both 0 for the SiLU and
+  GELU fits, which cannot tell them apart)."""
+  base, _, fitted = name.partition("-")
+  if base not in ("pwl", "pwl15"):
     return to_kernel_activation(name)
-  pwl = ff.fit("silu" if glu else "gelu", 16)
-  if name == "pwl15":
+  pwl = ff.fit(fitted or ("silu" if glu else "gelu"), 16)
+  if base == "pwl15":
     pwl = ff.PiecewiseLinear.create(backward.snap_knots(pwl.knots), pwl.values, pwl.left_slope,
                                     pwl.right_slope)
   return to_kernel_activation(pwl)
@@ -208,10 +212,11 @@ def test_interpret_decode(rng, rows, d_model, hidden, d_out, glu, bias, name, co
 @needs_interpret_threads
 @pytest.mark.parametrize("name, pwl_dtype, hinges", [("gelu", "float32", "max"),
                                                      ("pwl", "float16", "max"),
-                                                     ("pwl", "float16", "relu")])
+                                                     ("pwl-tanh", "float16", "relu")])
 def test_interpret_epilogue_mlp(rng, name, pwl_dtype, hinges):
   """gemm1_activation + XLA GEMM2: M spans a partial CTA tile, H a partial tile_n, D = 3 * 64;
-  the PWL cases evaluate their hinges in packed float16, as max(h, t_k) or relu(h - t_k)."""
+  the PWL cases evaluate their hinges in packed float16, as max(h, t_k) or relu(h - t_k) (a
+  tanh fit, whose constant differs between the two forms)."""
   problem = make_problem(rng, rows=100, d_model=192, hidden=320, d_out=72, glu=False, bias=True)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=pwl_dtype,
                                                                     hinges=hinges))
@@ -231,6 +236,21 @@ def test_interpret_down_projection_kernel(rng, schedule):
                        down=kernels.EpilogueConfig(64, 64, 2, schedule=schedule))
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation("pwl", glu=True), plan)
+
+
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_relu_hinges_on_the_llama_plan(rng):
+  """llama-1B's PWL plan (ping-pong, relu hinges, floor bits, chunked backward) on smaller tiles,
+  with a tanh fit (``kernel_activation``: the relu form's constant is not the max form's):
+  forward (inference and training) and every gradient, the PWL's parameters included, against
+  the f32 reference; odd M, H and D_out."""
+  plan = dispatch.PINGPONG_GLU_F16_RELU_CHUNKED
+  plan = dataclasses.replace(plan, epilogue=dataclasses.replace(plan.epilogue, tile_m=64,
+                                                                 tile_n=64, stages=2))
+  problem = make_problem(rng, rows=100, d_model=128, hidden=200, d_out=72, glu=True, bias=True)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation("pwl15-tanh", glu=True), plan)
 
 
 def test_down_projection_needs_the_epilogue_path():
@@ -843,19 +863,16 @@ def test_pwl_hinge_table_matches_segment_form(rng, pwl_dtype, tolerance, hinges,
   """s_0 h + c + Σ Δs_k max(h, t_k) and s_0 h + c_0 + Σ Δs_k relu(h - t_k) (what the kernels
   evaluate; the relu form here in jnp, as interpret mode runs it) equal s[seg] h + c[seg]."""
   monkeypatch.setattr(packed_pwl, "interpreting", lambda: True)  # outside a kernel: jnp forms
-  activation = kernel_activation("pwl", glu=True)
   h = jnp.asarray(rng.normal(size=(64, 96)) * 4, jnp.float32)
-  table = kernels.activation_table(activation)
-  num_knots = activation.knots.shape[0]
-  got = kernels.apply_activation("pwl", h, table, num_knots, pwl_dtype, hinges)
-  assert relative_error(got, activation(h)) < tolerance
-  nan = kernels.apply_activation("pwl", jnp.full((2, 2), jnp.nan), table, num_knots, pwl_dtype,
-                                 hinges)
-  assert np.all(np.isnan(np.asarray(nan)))
-  left = jnp.full((1, 1), activation.knots[0] - 1.0)  # left of every knot: s_0 h + c_0
-  assert abs(float(got_left := kernels.apply_activation(
-      "pwl", left, table, num_knots, "float32", hinges)[0, 0]) - float(
-          activation.slopes[0] * left[0, 0] + activation.intercepts[0])) < 1e-5, got_left
+  for name in ("pwl", "pwl-tanh"):
+    activation = kernel_activation(name, glu=True)
+    table = kernels.activation_table(activation)
+    num_knots = activation.knots.shape[0]
+    got = kernels.apply_activation("pwl", h, table, num_knots, pwl_dtype, hinges)
+    assert relative_error(got, activation(h)) < tolerance, name
+    nan = kernels.apply_activation("pwl", jnp.full((2, 2), jnp.nan), table, num_knots,
+                                   pwl_dtype, hinges)
+    assert np.all(np.isnan(np.asarray(nan))), name
 
 
 @pytest.mark.parametrize("hinges", kernels.HINGES)
@@ -1040,6 +1057,8 @@ GPU_CASES = {
                                               dispatch.Plan("epilogue", residuals="preactivations",
                                                             epilogue=kernels.EpilogueConfig(
         128, 128, 4, schedule="pingpong", staging="per_output"))),
+    "epilogue-pp-glu-pwl-tanh-relu-llama-plan": (1000, 576, 1000, 576, True, True, "pwl15-tanh",
+                                                 dispatch.PINGPONG_GLU_F16_RELU_CHUNKED),
 }
 
 
@@ -1060,6 +1079,8 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                          dispatch.PINGPONG_GLU_F16),
     "dgrad-pp-mlp-pwl-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15",
                                          dispatch.PINGPONG_MLP_F16_RELU),
+    "dgrad-pp-mlp-pwl-tanh-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15-tanh",
+                                              dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
@@ -1079,8 +1100,9 @@ def test_gpu_forward_and_gradients(rng, case):
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("fit", ["pwl15", "pwl15-tanh"])
 @pytest.mark.parametrize("glu", [False, True])
-def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, monkeypatch):
+def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, fit, monkeypatch):
   """The dgrad kernel's PWL value and slope from one select chain in PTX on f16 pairs
   (``packed_pwl``, what f16 PWL math runs on a GPU; no interpret mode) against the jnp forms it
   replaced (hinges + select chain), gpt2-small / SmolLM2 widths, M = 1000 (partial tiles; the
@@ -1092,7 +1114,7 @@ def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, monkeypatch):
   w_down = jnp.asarray(rng.normal(size=(hidden, d_out)) / np.sqrt(d_out), jnp.bfloat16)
   pres = [jnp.asarray(rng.normal(size=(rows, hidden)) * 2, jnp.float32) for _ in range(1 + glu)]
   saved = backward.save_preactivations(pres, jnp.bfloat16, "floor-bits")
-  activation = kernel_activation("pwl15", glu)
+  activation = kernel_activation(fit, glu)
   run = lambda: jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
       *a, kind="pwl", num_knots=activation.knots.shape[0], config=dispatch.DGRAD_PINGPONG))(
           dy, w_down, saved, kernels.activation_table(activation)))
@@ -1114,8 +1136,9 @@ def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, monkeypatch):
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("fit", ["pwl15", "pwl15-tanh"])
 @pytest.mark.parametrize("glu", [False, True])
-def test_gpu_relu_hinges_in_ptx_against_jnp(rng, glu, monkeypatch):
+def test_gpu_relu_hinges_in_ptx_against_jnp(rng, glu, fit, monkeypatch):
   """The forward kernel's ``hinges="relu"`` (``packed_pwl.relu_hinges``, PTX on f16 pairs; no
   interpret mode) against the same relu form in jnp (what interpret mode runs) and the max form,
   gpt2-small / SmolLM2 widths, M = 1000 (partial tiles): each within f16 rounding of the f32
@@ -1123,7 +1146,7 @@ def test_gpu_relu_hinges_in_ptx_against_jnp(rng, glu, monkeypatch):
   rows, d_model, hidden = (1000, 576, 1536) if glu else (1000, 768, 3072)
   problem = make_problem(rng, rows, d_model, hidden, d_model, glu, bias=False)
   x = problem["x"].at[7, 3].set(jnp.nan)
-  activation = kernel_activation("pwl15", glu)
+  activation = kernel_activation(fit, glu)
   table = kernels.activation_table(activation)
   tiles = dispatch.PINGPONG_GLU_TILES if glu else dispatch.PINGPONG_MLP_TILES
   run = lambda hinges: jax.jit(lambda *a: kernels.gemm1_activation(
