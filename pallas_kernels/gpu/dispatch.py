@@ -386,7 +386,7 @@ def down_projection(hidden_act, w_down, b_down, rows: int,
   """y = h W_down + b_down [rows, D_out] in h's dtype (f32 accumulation) from the padded h
   [M', H'] (H' = W_down's rows padded to 64): XLA's dot, or with ``config`` the epilogue kernel
   with the identity activation (D_out padded to 64 there)."""
-  hidden, d_out = w_down.shape
+  d_out = w_down.shape[1]
   padded_hidden = hidden_act.shape[1]
   if config is None:
     out = jnp.dot(hidden_act[:rows], _pad(w_down, (padded_hidden, d_out)),

@@ -119,14 +119,13 @@ def apply_activation(kind: str, h: jax.Array, table_ref, num_knots: int,
     return packed_pwl.relu_hinges(h, table_ref, num_knots)
   entry = lambda i: table_ref[i].astype(dtype)
   x = h.astype(dtype)
-  if hinges == "relu":
-    out = entry(2 * num_knots) * x + entry(2 * num_knots + 2)
-    for k in range(num_knots):
-      out = out + entry(num_knots + k) * jnp.maximum(x - entry(k), 0)
-  else:
-    out = entry(2 * num_knots) * x + entry(2 * num_knots + 1)
-    for k in range(num_knots):
-      out = out + entry(num_knots + k) * jnp.maximum(x, entry(k))
+  if hinges == "relu":  # s_0 h + c_0 + Σ Δs_k relu(h - t_k)
+    constant, hinge = entry(2 * num_knots + 2), lambda t: jnp.maximum(x - t, 0)
+  else:  # s_0 h + c + Σ Δs_k max(h, t_k)
+    constant, hinge = entry(2 * num_knots + 1), lambda t: jnp.maximum(x, t)
+  out = entry(2 * num_knots) * x + constant
+  for k in range(num_knots):
+    out = out + entry(num_knots + k) * hinge(entry(k))
   return out.astype(jnp.float32)
 
 
