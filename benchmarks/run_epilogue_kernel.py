@@ -8,7 +8,8 @@ with ``--profile`` its GPU time per call from the profiler.
         --schedule pingpong --saves segments --segment-count float16 --profile
 
 The forward kernel only (no XLA GEMM2), PWL-16 with f16 hinges, ``--saves`` residuals optional;
-tiles from ``dispatch`` (the tuned cooperative ones, or ``PINGPONG_*_TILES``).
+tiles from ``dispatch``: the shape's tuned plan's (``--schedule plan``, the default), the
+cooperative ``EPILOGUE_GLU`` / ``EPILOGUE_MLP`` tiles, or ``PINGPONG_*_TILES``.
 
 ``--segment-count`` is an experiment on what the saved int8 segment index costs the epilogue
 (seg(p) = #{k : p >= t_k}; summed in f32 it was half the epilogue's instructions at SmolLM2
@@ -112,7 +113,8 @@ def reference_hidden(x, w_up, w_gate, act):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="smollm2")
-  parser.add_argument("--schedule", default="cooperative", choices=kernels.SCHEDULES)
+  parser.add_argument("--schedule", default="plan", choices=("plan", *kernels.SCHEDULES),
+                      help="the tuned plan's tiles (default) or one schedule's tiles")
   parser.add_argument("--saves", choices=dispatch.RESIDUALS[1:],
                       help="residuals the kernel also stores (default: none)")
   parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
@@ -131,6 +133,10 @@ def main(argv=None) -> int:
   config = plan.epilogue
   if args.schedule == "pingpong":
     config = dispatch.pingpong_tiles(config, shape.glu)
+  elif args.schedule == "cooperative":
+    tiles = (dispatch.EPILOGUE_GLU if shape.glu else dispatch.EPILOGUE_MLP).epilogue
+    config = dataclasses.replace(config, schedule="cooperative", tile_m=tiles.tile_m,
+                                 tile_n=tiles.tile_n, stages=tiles.stages)
   if args.hinges:
     config = dataclasses.replace(config, hinges=args.hinges)
   table = kernels.activation_table(activation)
