@@ -772,9 +772,9 @@ LOWERING_CASES = {
     "smollm2-glu-pingpong-floor-bits": (8191, 576, 1536, 576, True, "pwl15",
                                         dispatch.PINGPONG_GLU_F16),
     "llama1b-glu-pingpong-relu": (1000, 2048, 8192, 2048, True, "pwl15",
-                                  dispatch.PINGPONG_GLU_F16_RELU_CHUNKED),
-    "smollm2-down-projection-kernel": (8192, 576, 1536, 576, True, "pwl15", dataclasses.replace(
-        dispatch.PINGPONG_GLU_F16, down=kernels.EpilogueConfig(64, 192, 4, schedule="pingpong"))),
+                                  dispatch.LLAMA_1B_GLU_F16),
+    "smollm2-down-projection-kernel": (8192, 576, 1536, 576, True, "pwl15",
+                                       dispatch.SMOLLM2_GLU_F16),
     "smollm2-glu-segments-per-output": (8192, 576, 1536, 576, True, "pwl", dataclasses.replace(
         dispatch.EPILOGUE_GLU_F16, residuals="segments", epilogue=dataclasses.replace(
             dispatch.EPILOGUE_GLU_F16.epilogue, staging="per_output"))),
@@ -901,17 +901,20 @@ def test_epilogue_config_rejects_unknown_hinges():
 
 def test_plan_table():
   """Measured shapes get their tuned plan; unmeasured decode / large-D shapes go to XLA."""
-  assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.PINGPONG_GLU_F16
+  assert dispatch.choose_plan(8192, 576, 1536, 576, True, True) == dispatch.SMOLLM2_GLU_F16
+  assert dispatch.SMOLLM2_GLU_F16.down == dispatch.DOWN_NARROW  # GEMM2 on our kernel
   assert dispatch.PINGPONG_GLU_F16.epilogue.hinges == "max"
   assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).epilogue.hinges == "relu"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).epilogue.hinges == "max"
   assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.PINGPONG_MLP_F16
+  assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).down is None
   assert dispatch.choose_plan(4096, 1600, 6400, 1600, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, True) == dispatch.XLA  # measured 12-01
   llama_1b = dispatch.choose_plan(8192, 2048, 8192, 2048, True, True)  # ping-pong relu, chunked
-  assert (llama_1b.epilogue.hinges, llama_1b.backward) == ("relu", "xla")
+  assert (llama_1b.epilogue.hinges, llama_1b.backward, llama_1b.down) == (
+      "relu", "xla", dispatch.DOWN_WIDE)
   assert dispatch.choose_plan(8192, 4096, 14336, 4096, True, True) == dispatch.EPILOGUE_GLU_F16
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.PINGPONG_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
@@ -1058,7 +1061,9 @@ GPU_CASES = {
                                                             epilogue=kernels.EpilogueConfig(
         128, 128, 4, schedule="pingpong", staging="per_output"))),
     "epilogue-pp-glu-pwl-tanh-relu-llama-plan": (1000, 576, 1000, 576, True, True, "pwl15-tanh",
-                                                 dispatch.PINGPONG_GLU_F16_RELU_CHUNKED),
+                                                 dispatch.LLAMA_1B_GLU_F16),
+    "epilogue-pp-glu-pwl-down-odd": (1000, 576, 1000, 700, True, True, "pwl15",
+                                     dispatch.SMOLLM2_GLU_F16),
 }
 
 
@@ -1072,7 +1077,7 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
     "dgrad-pp-mlp-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl15",
                                 dispatch.PINGPONG_MLP_F16),
     "dgrad-pp-glu-smollm2": (8192, 576, 1536, 576, True, False, "pwl15",
-                             dispatch.PINGPONG_GLU_F16),
+                             dispatch.SMOLLM2_GLU_F16),
     "dgrad-pp-mlp-gelu-gpt2-small": (8192, 768, 3072, 768, False, False, "gelu",
                                      dispatch.choose_plan(8192, 768, 3072, 768, False, False)),
     "dgrad-pp-glu-silu-floor-bits-odd": (1000, 576, 1000, 576, True, True, "silu",
@@ -1081,6 +1086,8 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                          dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-tanh-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15-tanh",
                                               dispatch.PINGPONG_MLP_F16_RELU),
+    "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(
+        dispatch.PINGPONG_MLP_F16, down=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"))),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),
