@@ -6,7 +6,8 @@ For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` en
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
 segments or floor bits), the default plan with the exact activation (``exact``), with one
-staging slot per stored output, with d_hidden in bf16, and with the dgrad epilogue kernel --
+staging slot per stored output, with d_hidden in bf16, with the dgrad epilogue kernel, with the
+other hinge form (``EpilogueConfig.hinges``) and with XLA's dot as GEMM2 (``Plan.down=None``) --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``, whose
 loss needs the forward's output before the backward, ``--independent-cotangent``: not; the
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
                            "pingpong-segments-n64, exact, per-output, dh16, dgrad, dgrad-floor-bits, "
-                           "dgrad-pingpong, "
+                           "dgrad-pingpong, other-hinges (max <-> relu), xla-down (GEMM2 by "
+                           "XLA's dot where the plan has down=), "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   args = parser.parse_args(argv)
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     # half-width ping-pong tiles: half the unrolled epilogue code per warpgroup (gpt2-small's
     # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
     narrow = dataclasses.replace(pingpong, tile_n=64)
+    other_hinges = {"max": "relu", "relu": "max"}[plan.epilogue.hinges]
     dependent = not args.independent_cotangent
     trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
         lambda act: kernel_forward(act, dataclasses.replace(
@@ -202,6 +205,12 @@ def main(argv=None) -> int:
                                      kernel_forward(pwl, dataclasses.replace(
                                          dispatch.with_residuals(plan, shape.glu, "floor-bits"),
                                          backward="epilogue", dgrad=None))),
+                "other-hinges": (f"library plan with {other_hinges} hinges, PWL-16",
+                                 kernel_forward(pwl, dataclasses.replace(
+                                     plan, epilogue=dataclasses.replace(
+                                         plan.epilogue, hinges=other_hinges)))),
+                "xla-down": ("library plan with XLA's dot as GEMM2 (down=None), PWL-16",
+                             kernel_forward(pwl, dataclasses.replace(plan, down=None))),
                 "dgrad-pingpong": ("library plan with the ping-pong dgrad kernel "
                                    "(backward='epilogue'), floor bits, PWL-16",
                                    kernel_forward(pwl, dataclasses.replace(
