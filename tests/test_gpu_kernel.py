@@ -915,7 +915,8 @@ def test_plan_table():
   llama_1b = dispatch.choose_plan(8192, 2048, 8192, 2048, True, True)  # ping-pong relu, chunked
   assert (llama_1b.epilogue.hinges, llama_1b.backward, llama_1b.down) == (
       "relu", "xla", dispatch.DOWN_WIDE)
-  assert dispatch.choose_plan(8192, 4096, 14336, 4096, True, True) == dispatch.EPILOGUE_GLU_F16
+  assert dispatch.choose_plan(8192, 4096, 14336, 4096, True, True) == dispatch.LLAMA_8B_GLU_F16
+  assert dispatch.LLAMA_8B_GLU_F16.down == dispatch.DOWN_WIDE
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.PINGPONG_MLP_F16
   assert dispatch.choose_plan(300, 5120, 13824, 5120, True, False) == dispatch.EPILOGUE_GLU
   assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "floor-bits"

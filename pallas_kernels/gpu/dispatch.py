@@ -233,23 +233,27 @@ PINGPONG_GLU_F16_RELU_CHUNKED = Plan("epilogue", epilogue=dataclasses.replace(
     PINGPONG_GLU_F16.epilogue, hinges="relu"), **_FLOOR_BITS)
 
 # GEMM2 (``Plan.down``) on the epilogue kernel with the identity epilogue, where XLA's dot tiles
-# D_out badly. H200, 2026-12-03 (nineteenth session, results/down-projection-h200-2026-12-03.json),
+# D_out badly. H200, 2026-12-03 (nineteenth session, results/down-projection-h200-2026-12-03*.json),
 # GEMM2 alone at M = 8192, GPU time vs XLA's dot: SmolLM2 (D_out 576) 64 x 192 x 4 ping-pong 25.9
 # vs 31.2 us (floor 20.7 at 700 TF/s), gpt2-small (768) 128 x 128 x 4 ping-pong 55.3 vs 60.9,
-# llama-1B (2048) 64 x 256 x 3 cooperative 340.5 vs 361.5; gpt2-xl (1600): none won (128 x 128 x 4
-# ping-pong 244.0 vs 238.2). Whole forward, wall clock, same run (h200-2026-12-03-nineteenth-small):
-# SmolLM2 0.0862 vs 0.0871 ms (lower in each of 5 rounds), gpt2-small 0.1450 vs 0.1427 (slower in
-# 4 of 5: it keeps XLA's dot).
+# llama-1B (2048) 64 x 256 x 3 cooperative 340.5 vs 361.5, llama-8B (4096) the same tiles 1195 vs
+# 1228; gpt2-xl (1600): none won (128 x 128 x 4 ping-pong 244.0 vs 238.2). Whole forward, wall
+# clock, with vs without in the same run (h200-2026-12-03-nineteenth-*.md): SmolLM2 0.0862 vs
+# 0.0871 ms (lower in each of 5 rounds), llama-1B 1.2629 vs 1.2670, llama-8B 4.349 vs 4.373 (4 of
+# 5 rounds); gpt2-small 0.1450 vs 0.1427 (slower in 4 of 5: it keeps XLA's dot). Training step,
+# GPU-busy (backward-profile-2026-12-03-nineteenth-*.md): SmolLM2 321 vs 325 us, llama-1B 3696 vs
+# 3726.
 DOWN_NARROW = kernels.EpilogueConfig(tile_m=64, tile_n=192, stages=4, schedule="pingpong")
 DOWN_WIDE = kernels.EpilogueConfig(tile_m=64, tile_n=256, stages=3)
 SMOLLM2_GLU_F16 = dataclasses.replace(PINGPONG_GLU_F16, down=DOWN_NARROW)
 LLAMA_1B_GLU_F16 = dataclasses.replace(PINGPONG_GLU_F16_RELU_CHUNKED, down=DOWN_WIDE)
+LLAMA_8B_GLU_F16 = dataclasses.replace(EPILOGUE_GLU_F16, down=DOWN_WIDE)
 
 # (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
 # XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
 # with the same activation kind: exact vs exact, PWL vs XLA exact).
 TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
-    (True, 576, 1536, 576, False, True): SMOLLM2_GLU_F16,  # 0.0970 vs 0.1527 (12-02)
+    (True, 576, 1536, 576, False, True): SMOLLM2_GLU_F16,  # 0.0862 vs 0.1186 (12-03)
     (False, 768, 3072, 768, False, True): PINGPONG_MLP_F16,  # 0.1407 vs 0.1635
     # exact activations on the PWL plans (an exact kind ignores pwl_dtype): floor bits and the
     # ping-pong dgrad kernel against pairs and the chunked backward, H200 2026-12-02 (sixteenth
@@ -263,9 +267,10 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (False, 1600, 6400, 1600, False, True): PINGPONG_MLP_F16_RELU,  # 0.5407 vs 0.6116 (12-03)
     (False, 1600, 6400, 1600, False, False): EPILOGUE_MLP,  # 0.5768 vs 0.5961
     # ping-pong forward 1.2693 vs 1.3350 (12-02, max hinges; relu: kernel alone 820 vs 826 us)
-    (True, 2048, 8192, 2048, False, True): LLAMA_1B_GLU_F16,
+    (True, 2048, 8192, 2048, False, True): LLAMA_1B_GLU_F16,  # 1.2629 vs 1.3955 (12-03)
     (True, 2048, 8192, 2048, False, False): EPILOGUE_GLU,  # 1.2597 vs 1.3894
-    (True, 4096, 14336, 4096, False, True): EPILOGUE_GLU_F16,  # 4.3634 vs 4.5064
+    # cooperative max hinges: 4.3693 ms where ping-pong relu tiles took 4.5126 (same run, 12-03)
+    (True, 4096, 14336, 4096, False, True): LLAMA_8B_GLU_F16,  # 4.3492 vs 4.4834 (12-03)
     (True, 4096, 14336, 4096, False, False): EPILOGUE_GLU,  # 4.3291 vs 4.5064
     # decode (M = 16): the epilogue path looked faster in wall clock on 11-30 (0.0220 vs 0.0250
     # ms) but lost in both measures on 12-01: wall clock 0.042 vs 0.028, GPU time (profiler)
