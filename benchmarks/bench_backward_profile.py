@@ -7,14 +7,16 @@ autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activa
 saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
 segments or floor bits), the default plan with the exact activation (``exact``), with one
 staging slot per stored output, with d_hidden in bf16, with the dgrad epilogue kernel, with the
-other hinge form (``EpilogueConfig.hinges``) and with XLA's dot as GEMM2 (``Plan.down=None``) --
+other hinge form (``EpilogueConfig.hinges``), with XLA's dot as GEMM2 (``Plan.down=None``) and
+with GEMM2 on the epilogue kernel (``--down`` tiles) --
 traces a jit of loss + gradients w.r.t. x and the weights (``bench_gpu.with_gradients``, whose
 loss needs the forward's output before the backward, ``--independent-cotangent``: not; the
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
 lists each kernel's GPU time per step, costliest first, with the GPU-busy total, the wall clock
 of the same steps run back to back untraced, and the GPU's idle time before each launch
 (``gpu_profile.profile``). ``--sets 3`` runs three input sets per jit, as bench_gpu's timing
-does. The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
+does; ``--forward-only`` profiles the forward alone (the pwl-grads variants still train).
+The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
 peak. Writes ``backward-profile-<date><--tag>.json`` / ``.md`` after every variant
 (``--dump-hlo``: and ``<shape>-<variant><--tag>.hlo.txt``, the compiled step).
 """
@@ -40,6 +42,7 @@ from pallas_kernels.gpu import dispatch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import (SHAPES, as_args, kernel_forward, make_sets, with_cotangents,  # noqa: E402
                        with_gradients, with_pwl_gradients, xla_forward)
+from bench_down_projection import parse_config  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
 
@@ -68,12 +71,13 @@ def gemm_signatures(hlo_text: str) -> dict[str, str]:
   return fusion_signatures(hlo_text, dict.fromkeys(names))
 
 
-def write_report(results: list[dict], out: str, command: str, tag: str = "") -> None:
+def write_report(results: list[dict], out: str, command: str, tag: str = "",
+                 what: str = "fwd+bwd") -> None:
   stem = os.path.join(out, f"backward-profile-{datetime.date.today().isoformat()}{tag}")
   with open(stem + ".json", "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "command": command, "results": results}, f,
               indent=1)
-  lines = [f"# fwd+bwd kernels on {jax.devices()[0].device_kind}", "", f"Command: `{command}`", ""]
+  lines = [f"# {what} kernels on {jax.devices()[0].device_kind}", "", f"Command: `{command}`", ""]
   for r in results:
     sets = f" ({r['sets']} input sets per jit, times per set)" if r.get("sets", 1) > 1 else ""
     lines += [f"## {r['shape']} — {r['variant']}{sets}", ""]
@@ -107,6 +111,10 @@ def main(argv=None) -> int:
   parser.add_argument("--independent-cotangent", action="store_true",
                       help="loss <y, dy> alone (``bench_gpu.training_loss``): XLA may then run the "
                            "forward's GEMM2 after the backward; the default adds 1/2 |y|^2")
+  parser.add_argument("--forward-only", action="store_true",
+                      help="profile the forward alone (inference) instead of loss + gradients")
+  parser.add_argument("--down", default="128x128x4:pingpong",
+                      help="GEMM2 tiles of the kernel-down variant (bench_down_projection's form)")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="also write each variant's compiled HLO module (which fusion computes "
                            "what, e.g. whether a GEMM fusion applies an activation to its operand)")
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
                            "pingpong-segments-n64, exact, per-output, dh16, dgrad, dgrad-floor-bits, "
                            "dgrad-pingpong, other-hinges (max <-> relu), xla-down (GEMM2 by "
-                           "XLA's dot where the plan has down=), "
+                           "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   args = parser.parse_args(argv)
@@ -211,13 +219,19 @@ def main(argv=None) -> int:
                                          plan.epilogue, hinges=other_hinges)))),
                 "xla-down": ("library plan with XLA's dot as GEMM2 (down=None), PWL-16",
                              kernel_forward(pwl, dataclasses.replace(plan, down=None))),
+                "kernel-down": (f"library plan with GEMM2 on the epilogue kernel ({args.down})",
+                                kernel_forward(pwl, dataclasses.replace(
+                                    plan, down=parse_config(args.down)))),
                 "dgrad-pingpong": ("library plan with the ping-pong dgrad kernel "
                                    "(backward='epilogue'), floor bits, PWL-16",
                                    kernel_forward(pwl, dataclasses.replace(
                                        dispatch.with_residuals(plan, shape.glu, "floor-bits"),
                                        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)))}
-    steps.update({key: (label, with_gradients(forward, dependent))
-                  for key, (label, forward) in variants.items()})
+    if args.forward_only:  # the forward alone; dy stays an argument, unused
+      as_step = lambda forward: lambda x, wu, wd, wg, dy: forward(x, wu, wd, wg)
+    else:
+      as_step = lambda forward: with_gradients(forward, dependent)
+    steps.update({key: (label, as_step(forward)) for key, (label, forward) in variants.items()})
     for key in args.variants.split(","):
       variant, step = steps[key]
       step = jax.jit(lambda sets, step=step: [step(*set_args) for set_args in sets])
@@ -234,7 +248,8 @@ def main(argv=None) -> int:
       record.update(shape=name, variant=variant, rows=shape.rows, sets=len(arg_sets))
       results.append(record)
       print(json.dumps(record)[:2000], flush=True)
-      write_report(results, args.out, command, args.tag)
+      write_report(results, args.out, command, args.tag,
+                   "forward" if args.forward_only else "fwd+bwd")
   return 0
 
 
