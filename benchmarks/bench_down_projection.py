@@ -10,7 +10,8 @@ tiles of 128, so its tiles quantize badly; 64 x 192 ping-pong tiles make 384 til
 on 132 SMs. Each config is ``TILE_MxTILE_NxSTAGES:SCHEDULE``. GPU time from the profiler
 (``gpu_profile.profile``), the compute floor at --peak-tflops, and the largest difference of y
 from XLA's and from an f32 reference, relative to max |y|. ``--without-bias``: b_down = None, as in
-bench_gpu's FFNs; XLA then picks another GEMM (gpt2-small 52.2 vs 60.9 us with the bias, H200). Writes ``down-projection-<date><tag>.json`` and prints a table.
+bench_gpu's FFNs; XLA then picks another GEMM (gpt2-small 52.2 vs 60.9 us with the bias, H200).
+Writes ``down-projection-<date><tag>.json`` and prints a table.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     SmolLM2, gpt2-small, gpt2-xl, llama-1B and untuned MLP shapes, where each
                     owns whole tiles ("pingpong"; see PINGPONG_*_TILES); gpt2-xl's and
                     llama-1B's write the PWL's hinges as relu(h - t_k) (``kernels.HINGES``).
-                    ``Plan.down`` runs GEMM2 on the same kernel instead (opt-in, unmeasured).
+                    The plans of SmolLM2, llama-1B and llama-8B (``Plan.down``) run GEMM2 on
+                    the same kernel with the identity epilogue instead of XLA's dot.
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
@@ -121,8 +122,8 @@ class Plan:
   either way: half the bytes of that [M, H] array; on the H200 the step's GPU time -1%, its
   compiled temp memory -13-17%, gradients 1-2.4e-3 from f32); ``down``: on the epilogue path,
   GEMM2 (h W_down + b_down) by ``gemm1_activation`` with the identity epilogue on these tiles
-  instead of XLA's dot (None) - for D_out where XLA's tiles quantize badly, e.g. 576 = 4.5 x 128;
-  opt-in until measured (``benchmarks/bench_down_projection.py``)."""
+  instead of XLA's dot (None) - for D_out where XLA's tiles quantize badly, e.g. 576 = 4.5 x 128
+  (``DOWN_NARROW`` / ``DOWN_WIDE``, measured by ``benchmarks/bench_down_projection.py``)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
