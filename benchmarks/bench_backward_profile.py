@@ -15,7 +15,8 @@ loss needs the forward's output before the backward, ``--independent-cotangent``
 lists each kernel's GPU time per step, costliest first, with the GPU-busy total, the wall clock
 of the same steps run back to back untraced, and the GPU's idle time before each launch
 (``gpu_profile.profile``). ``--sets 3`` runs three input sets per jit, as bench_gpu's timing
-does; ``--forward-only`` profiles the forward alone (the pwl-grads variants still train).
+does; ``--forward-only`` profiles the forward alone (the pwl-grads variants still train);
+``--biases`` adds fixed b_up (b_gate) and b_down to every FFN.
 The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
 peak. Writes ``backward-profile-<date><--tag>.json`` / ``.md`` after every variant
 (``--dump-hlo``: and ``<shape>-<variant><--tag>.hlo.txt``, the compiled step).
@@ -32,6 +33,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import flashffn_jax as ff
@@ -40,8 +42,8 @@ from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import dispatch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_gpu import (SHAPES, as_args, kernel_forward, make_sets, with_cotangents,  # noqa: E402
-                       with_gradients, with_pwl_gradients, xla_forward)
+from bench_gpu import (NO_BIASES, SHAPES, as_args, kernel_forward, make_sets,  # noqa: E402
+                       with_cotangents, with_gradients, with_pwl_gradients, xla_forward)
 from bench_down_projection import parse_config  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
@@ -111,6 +113,9 @@ def main(argv=None) -> int:
   parser.add_argument("--independent-cotangent", action="store_true",
                       help="loss <y, dy> alone (``bench_gpu.training_loss``): XLA may then run the "
                            "forward's GEMM2 after the backward; the default adds 1/2 |y|^2")
+  parser.add_argument("--biases", action="store_true",
+                      help="FFNs with b_up (b_gate) and b_down, as GPT-2's layers (fixed inputs, "
+                           "not differentiated); XLA picks other GEMMs with a bias")
   parser.add_argument("--forward-only", action="store_true",
                       help="profile the forward alone (inference) instead of loss + gradients")
   parser.add_argument("--down", default="128x128x4:pingpong",
@@ -137,6 +142,13 @@ def main(argv=None) -> int:
     arg_sets = with_cotangents([as_args(problem) for problem in make_sets(shape, rng)])
     arg_sets = arg_sets[:args.sets]
     pwl = to_kernel_activation(ff.fit(shape.activation, 16))
+    biases = NO_BIASES
+    if args.biases:  # b_up, b_gate (GLU), b_down in bf16, O(1)
+      draw = lambda n: jnp.asarray(rng.standard_normal(n, np.float32), jnp.bfloat16)
+      biases = (draw(shape.hidden), draw(shape.hidden) if shape.glu else None,
+                draw(shape.d_model))
+    forward_on = lambda act, plan: kernel_forward(act, plan, biases)
+    xla_on = lambda act: xla_forward(act, biases)
     plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                                 True)
     exact_plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
@@ -149,7 +161,7 @@ def main(argv=None) -> int:
     other_hinges = {"max": "relu", "relu": "max"}[plan.epilogue.hinges]
     dependent = not args.independent_cotangent
     trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
-        lambda act: kernel_forward(act, dataclasses.replace(
+        lambda act: forward_on(act, dataclasses.replace(
             dispatch.with_residuals(plan, shape.glu, residuals), segment_sums=segment_sums)),
         pwl, dependent)
     steps = {"pwl-grads": ("library default plan, also differentiated w.r.t. the PWL's slopes "
@@ -162,69 +174,69 @@ def main(argv=None) -> int:
              "pwl-grads-floor-bits-kres": ("same decoding the floor bits in the segment-sum "
                                            "kernel (segment_sums='kernel-residuals')",
                                            trainable("kernel-residuals", "floor-bits"))}
-    variants = {"xla": ("xla exact (autodiff)", xla_forward(Activation(shape.activation))),
+    variants = {"xla": ("xla exact (autodiff)", xla_on(Activation(shape.activation))),
                 "default": (f"library default plan ({plan.path}, residuals={plan.residuals}), "
-                            "PWL-16", kernel_forward(pwl, plan)),
+                            "PWL-16", forward_on(pwl, plan)),
                 "pairs": ("same saving residuals='preactivations' ((hi, lo) pairs), PWL-16",
-                          kernel_forward(pwl, dispatch.with_residuals(plan, shape.glu,
-                                                                      "preactivations"))),
+                          forward_on(pwl, dispatch.with_residuals(plan, shape.glu,
+                                                                  "preactivations"))),
                 "segments": (f"same saving residuals='segments' ({segments.tile_m}x"
                              f"{segments.tile_n} tiles), PWL-16",
-                             kernel_forward(pwl, dispatch.with_residuals(plan, shape.glu,
-                                                                         "segments"))),
+                             forward_on(pwl, dispatch.with_residuals(plan, shape.glu,
+                                                                     "segments"))),
                 "pingpong": (f"same with the ping-pong forward ({pingpong.tile_m}x"
                              f"{pingpong.tile_n} tiles per warpgroup), PWL-16",
-                             kernel_forward(pwl, dataclasses.replace(plan, epilogue=pingpong))),
+                             forward_on(pwl, dataclasses.replace(plan, epilogue=pingpong))),
                 "pingpong-segments": ("same ping-pong forward saving residuals='segments', "
-                                      "PWL-16", kernel_forward(pwl, dispatch.with_residuals(
+                                      "PWL-16", forward_on(pwl, dispatch.with_residuals(
                                           dataclasses.replace(plan, epilogue=pingpong),
                                           shape.glu, "segments"))),
                 "floor-bits": ("same saving residuals='floor-bits', PWL-16 (knots rounded "
-                               "to 15 bits)", kernel_forward(pwl, dispatch.with_residuals(
+                               "to 15 bits)", forward_on(pwl, dispatch.with_residuals(
                                    plan, shape.glu, "floor-bits"))),
                 "pingpong-floor-bits": ("same ping-pong forward saving residuals='floor-bits', "
-                                        "PWL-16", kernel_forward(pwl, dataclasses.replace(
+                                        "PWL-16", forward_on(pwl, dataclasses.replace(
                                             plan, epilogue=pingpong, residuals="floor-bits"))),
                 "pingpong-n64": (f"same ping-pong forward with {pingpong.tile_m}x64 tiles, "
-                                 "PWL-16", kernel_forward(pwl, dataclasses.replace(
+                                 "PWL-16", forward_on(pwl, dataclasses.replace(
                                      plan, epilogue=narrow))),
                 "pingpong-segments-n64": (f"same ping-pong forward with {pingpong.tile_m}x64 "
                                           "tiles saving residuals='segments', PWL-16",
-                                          kernel_forward(pwl, dispatch.with_residuals(
+                                          forward_on(pwl, dispatch.with_residuals(
                                               dataclasses.replace(plan, epilogue=narrow),
                                               shape.glu, "segments"))),
                 "exact": (f"library default plan ({exact_plan.path}, residuals="
                           f"{exact_plan.residuals}), exact activation",
-                          kernel_forward(Activation(shape.activation), exact_plan)),
+                          forward_on(Activation(shape.activation), exact_plan)),
                 "per-output": ("same with one SMEM staging slot per stored output "
-                               "(staging='per_output'), PWL-16", kernel_forward(
+                               "(staging='per_output'), PWL-16", forward_on(
                                    pwl, dataclasses.replace(plan, epilogue=dataclasses.replace(
                                        plan.epilogue, staging="per_output")))),
                 "dh16": ("same with the chunked backward's d_hidden = dy W_down^T in x's dtype "
-                         "(backward='xla', d_hidden='input'), PWL-16", kernel_forward(
+                         "(backward='xla', d_hidden='input'), PWL-16", forward_on(
                              pwl, dataclasses.replace(plan, backward="xla", d_hidden="input"))),
                 "dgrad": ("same with the cooperative dgrad epilogue kernel "
                           "(backward='epilogue'), exact activation, pairs",
-                          kernel_forward(Activation(shape.activation), dataclasses.replace(
+                          forward_on(Activation(shape.activation), dataclasses.replace(
                               plan, residuals="preactivations", backward="epilogue",
                               dgrad=None))),
                 "dgrad-floor-bits": ("library plan with the cooperative dgrad kernel "
                                      "(backward='epilogue'), floor bits, PWL-16",
-                                     kernel_forward(pwl, dataclasses.replace(
+                                     forward_on(pwl, dataclasses.replace(
                                          dispatch.with_residuals(plan, shape.glu, "floor-bits"),
                                          backward="epilogue", dgrad=None))),
                 "other-hinges": (f"library plan with {other_hinges} hinges, PWL-16",
-                                 kernel_forward(pwl, dataclasses.replace(
+                                 forward_on(pwl, dataclasses.replace(
                                      plan, epilogue=dataclasses.replace(
                                          plan.epilogue, hinges=other_hinges)))),
                 "xla-down": ("library plan with XLA's dot as GEMM2 (down=None), PWL-16",
-                             kernel_forward(pwl, dataclasses.replace(plan, down=None))),
+                             forward_on(pwl, dataclasses.replace(plan, down=None))),
                 "kernel-down": (f"library plan with GEMM2 on the epilogue kernel ({args.down})",
-                                kernel_forward(pwl, dataclasses.replace(
+                                forward_on(pwl, dataclasses.replace(
                                     plan, down=parse_config(args.down)))),
                 "dgrad-pingpong": ("library plan with the ping-pong dgrad kernel "
                                    "(backward='epilogue'), floor bits, PWL-16",
-                                   kernel_forward(pwl, dataclasses.replace(
+                                   forward_on(pwl, dataclasses.replace(
                                        dispatch.with_residuals(plan, shape.glu, "floor-bits"),
                                        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)))}
     if args.forward_only:  # the forward alone; dy stays an argument, unused

@@ -268,13 +268,18 @@ def as_args(problem: dict) -> tuple:
   return problem["x"], problem["w_up"], problem["w_down"], problem["w_gate"]
 
 
-def xla_forward(activation: Activation):
-  return lambda x, wu, wd, wg: reference_ffn(x, wu, wd, wg, None, None, None, activation)
+NO_BIASES = (None, None, None)
 
 
-def kernel_forward(activation: Activation, plan: dispatch.Plan):
-  return lambda x, wu, wd, wg: dispatch.ffn_mosaic_gpu(x, wu, wd, wg, None, None, None,
-                                                       activation, plan=plan)
+def xla_forward(activation: Activation, biases=NO_BIASES):
+  """XLA's FFN of (x, wu, wd, wg); ``biases`` (b_up, b_gate, b_down), fixed, not differentiated."""
+  return lambda x, wu, wd, wg: reference_ffn(x, wu, wd, wg, *biases, activation)
+
+
+def kernel_forward(activation: Activation, plan: dispatch.Plan, biases=NO_BIASES):
+  """The kernel's FFN on ``plan``, ``biases`` as in ``xla_forward``."""
+  return lambda x, wu, wd, wg: dispatch.ffn_mosaic_gpu(x, wu, wd, wg, *biases, activation,
+                                                       plan=plan)
 
 
 def tokamax_forward(activation_fn):
