@@ -142,13 +142,13 @@ def main(argv=None) -> int:
   table = kernels.activation_table(activation)
   epilogue_activation = (ACTIVATIONS[args.activation] if args.activation != "exact" else
                          lambda kind, h, *_: exact_activation(shape.activation, h))
-  library = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
+  kernel = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
       config=config, saves=args.saves))
   # the epilogue looks segment_index and apply_activation up when traced
   with (mock.patch.object(backward, "segment_index", SEGMENT_COUNTS[args.segment_count]),
         mock.patch.object(kernels, "apply_activation", epilogue_activation)):
-    run = library.lower(x, w_up, w_gate).compile()
+    run = kernel.lower(x, w_up, w_gate).compile()
   label = (f"{args.shape} {config} saves={args.saves} segment count {args.segment_count} "
            f"activation {args.activation}")
   if args.profile:
