@@ -244,8 +244,8 @@ def test_interpret_relu_hinges_on_the_llama_plan(rng):
   """llama-1B's PWL plan's forward and backward (ping-pong, relu hinges, floor bits, chunked
   backward; without its GEMM2 tiles, which ``test_interpret_down_projection_kernel`` covers) on
   smaller tiles, with a tanh fit (``kernel_activation``: the relu form's constant is not the max
-  form's): forward (inference and training) and every gradient, the PWL's parameters included, against
-  the f32 reference; odd M, H and D_out."""
+  form's): forward (inference and training) and every gradient, the PWL's parameters included,
+  against the f32 reference; odd M, H and D_out."""
   plan = dispatch.PINGPONG_GLU_F16_RELU_CHUNKED
   plan = dataclasses.replace(plan, epilogue=dataclasses.replace(plan.epilogue, tile_m=64,
                                                                  tile_n=64, stages=2))
