@@ -38,6 +38,7 @@ from flashffn_jax.ops import to_kernel_activation
 from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import backward, dgrad_sm90, fused_ffn_sm90 as kernels
 from pallas_kernels.gpu.fused_ffn_sm90 import apply_activation
+from pallas_kernels.gpu.hinge_table import HingeTable, activation_table
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import SHAPES  # noqa: E402
@@ -47,20 +48,20 @@ from gpu_profile import profile  # noqa: E402
 def derivative_where(p, table_ref, num_knots: int, pwl_dtype: str):
   """s_0 + sum_k where(p >= t_k, ds_k, 0): a compare, a select and an add per knot."""
   dtype = jnp.dtype(pwl_dtype)
-  x, entry = p.astype(dtype), lambda i: table_ref[i].astype(dtype)
-  slope = entry(2 * num_knots) + jnp.zeros_like(x)
+  x, entry, at = p.astype(dtype), lambda i: table_ref[i].astype(dtype), HingeTable(num_knots)
+  slope = entry(at.first_slope) + jnp.zeros_like(x)
   for k in range(num_knots):
-    slope = slope + jnp.where(x >= entry(k), entry(num_knots + k), jnp.zeros_like(x))
+    slope = slope + jnp.where(x >= entry(at.knot(k)), entry(at.step(k)), jnp.zeros_like(x))
   return slope.astype(jnp.float32)
 
 
 def derivative_mul(p, table_ref, num_knots: int, pwl_dtype: str):
   """s_0 + sum_k ds_k f(p >= t_k): the compare converted to 1.0 / 0.0 and multiplied."""
   dtype = jnp.dtype(pwl_dtype)
-  x, entry = p.astype(dtype), lambda i: table_ref[i].astype(dtype)
-  slope = entry(2 * num_knots) + jnp.zeros_like(x)
+  x, entry, at = p.astype(dtype), lambda i: table_ref[i].astype(dtype), HingeTable(num_knots)
+  slope = entry(at.first_slope) + jnp.zeros_like(x)
   for k in range(num_knots):
-    slope = slope + (x >= entry(k)).astype(dtype) * entry(num_knots + k)
+    slope = slope + (x >= entry(at.knot(k))).astype(dtype) * entry(at.step(k))
   return slope.astype(jnp.float32)
 
 
@@ -70,14 +71,14 @@ def activation_chain(kind: str, h, table_ref, num_knots: int, pwl_dtype: str = "
   if kind != "pwl":
     return apply_activation(kind, h, table_ref, num_knots, pwl_dtype)
   dtype = jnp.dtype(pwl_dtype)
-  x, entry = h.astype(dtype), lambda i: table_ref[i].astype(jnp.float32)
-  segment_slope, segment_intercept = entry(2 * num_knots), entry(2 * num_knots + 2)  # s_0, c_0
+  x, entry, at = h.astype(dtype), lambda i: table_ref[i].astype(jnp.float32), HingeTable(num_knots)
+  segment_slope, segment_intercept = entry(at.first_slope), entry(at.first_intercept)
   slope = segment_slope.astype(dtype) + jnp.zeros_like(x)
   intercept = segment_intercept.astype(dtype) + jnp.zeros_like(x)
   for k in range(num_knots):
-    segment_slope = segment_slope + entry(num_knots + k)
-    segment_intercept = segment_intercept - entry(num_knots + k) * entry(k)
-    above = x >= entry(k).astype(dtype)
+    segment_slope = segment_slope + entry(at.step(k))
+    segment_intercept = segment_intercept - entry(at.step(k)) * entry(at.knot(k))
+    above = x >= entry(at.knot(k)).astype(dtype)
     slope = jnp.where(above, segment_slope.astype(dtype), slope)
     intercept = jnp.where(above, segment_intercept.astype(dtype), intercept)
   return (slope * x + intercept).astype(jnp.float32)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
       activation = Activation(activation.kind, knots, activation.slopes, activation.intercepts)
       saved = backward.save_preactivations(pres, jnp.bfloat16,
                                            "floor-bits" if pwl else "preactivations")
-      table = kernels.activation_table(activation)
+      table = activation_table(activation)
       inputs = (dy, w_down, saved, table)
       num_knots = 0 if knots is None else knots.shape[0]
       # a new function per jit: each traces with the patches in force at its first call

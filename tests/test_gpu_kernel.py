@@ -28,8 +28,8 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # race d
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation, pwl_select
-from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch, packed_pwl,
-                                fused_ffn_sm90 as kernels, segment_sums_sm90)
+from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch, hinge_table,
+                                packed_pwl, fused_ffn_sm90 as kernels, segment_sums_sm90)
 from tests.conftest import relative_error
 
 ON_HOPPER = (jax.default_backend() == "gpu"
@@ -583,7 +583,7 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
       detect_races=schedule == "pingpong")):
     got = jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
         *a, kind=activation.kind, num_knots=num_knots, config=config))(
-            dy, w_down, saved, kernels.activation_table(activation)))
+            dy, w_down, saved, hinge_table.activation_table(activation)))
   if schedule == "pingpong":
     assert not interpret_pallas_call.get_races().races_found
   d_hidden = jnp.dot(dy.astype(jnp.float32), w_down.astype(jnp.float32).T, precision="highest")
@@ -867,7 +867,7 @@ def test_pwl_hinge_table_matches_segment_form(rng, pwl_dtype, tolerance, hinges,
   h = jnp.asarray(rng.normal(size=(64, 96)) * 4, jnp.float32)
   for name in ("pwl", "pwl-tanh"):
     activation = kernel_activation(name, glu=True)
-    table = kernels.activation_table(activation)
+    table = hinge_table.activation_table(activation)
     num_knots = activation.knots.shape[0]
     got = kernels.apply_activation("pwl", h, table, num_knots, pwl_dtype, hinges)
     assert relative_error(got, activation(h)) < tolerance, name
@@ -881,7 +881,7 @@ def test_relu_hinges_lower_into_the_forward_kernel(hinges):
   """``hinges="relu"`` with f16 PWL math puts ``packed_pwl.relu_hinges``' fma.relu in the
   forward kernel (jax.export for cuda, no GPU needed) and no max; "max" the other way round."""
   activation = kernel_activation("pwl", glu=True)
-  table = kernels.activation_table(activation)
+  table = hinge_table.activation_table(activation)
   config = kernels.EpilogueConfig(128, 64, 3, pwl_dtype="float16", schedule="pingpong",
                                   hinges=hinges)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -1126,7 +1126,7 @@ def test_packed_pwl_epilogue_against_jnp_forms(rng, glu, fit, monkeypatch):
   activation = kernel_activation(fit, glu)
   run = lambda: jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
       *a, kind="pwl", num_knots=activation.knots.shape[0], config=dispatch.DGRAD_PINGPONG))(
-          dy, w_down, saved, kernels.activation_table(activation)))
+          dy, w_down, saved, hinge_table.activation_table(activation)))
   packed = run()
   monkeypatch.setattr(dgrad_sm90, "_pwl_value_and_slope", lambda p, table, n, dtype: (
       dgrad_sm90.apply_activation("pwl", p, table, n, dtype),
@@ -1156,7 +1156,7 @@ def test_gpu_relu_hinges_in_ptx_against_jnp(rng, glu, fit, monkeypatch):
   problem = make_problem(rng, rows, d_model, hidden, d_model, glu, bias=False)
   x = problem["x"].at[7, 3].set(jnp.nan)
   activation = kernel_activation(fit, glu)
-  table = kernels.activation_table(activation)
+  table = hinge_table.activation_table(activation)
   tiles = dispatch.PINGPONG_GLU_TILES if glu else dispatch.PINGPONG_MLP_TILES
   run = lambda hinges: jax.jit(lambda *a: kernels.gemm1_activation(
       *a, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.gpu.fused_ffn_sm90 import (
-    MAX_WGMMA_N, SMEM_BYTES, TABLE_ALIGN, WGMMA_ROWS, _add_bias, _split_refs, _swizzled,
-    apply_activation)
+    MAX_WGMMA_N, SMEM_BYTES, WGMMA_ROWS, _add_bias, _split_refs, _swizzled, apply_activation)
+from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
 BLOCK_WIDTHS = (32, 64)  # hidden columns per CTA = K slice width: a 64- or 128-byte swizzle row
 OUT_PIECE = 32  # f32 columns per partial-sum store: one 128-byte swizzle row

@@ -38,15 +38,16 @@ from jax import lax
 from pallas_kernels.activation import exact_activation_and_derivative
 from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.backward import join_saved
-from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SMEM_BYTES,
-                                               TABLE_ALIGN, TILE_K, EpilogueConfig, _split_refs,
-                                               _swizzled, apply_activation, for_each_tile,
-                                               launch_persistent, load_table, pingpong_mainloop,
-                                               pingpong_ring, store_slice)
+from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SMEM_BYTES, TILE_K,
+                                               EpilogueConfig, _split_refs, _swizzled,
+                                               apply_activation, for_each_tile, launch_persistent,
+                                               load_table, pingpong_mainloop, pingpong_ring,
+                                               store_slice)
+from pallas_kernels.gpu.hinge_table import TABLE_ALIGN, HingeTable
 
 
 def _pwl_derivative(p: jax.Array, table_ref, num_knots: int, pwl_dtype: str) -> jax.Array:
-  """pwl'(p) from ``activation_table`` by a select chain over the ascending knots: slope = s_0,
+  """pwl'(p) from the hinge table by a select chain over the ascending knots: slope = s_0,
   then slope = s_{k+1} where p >= t_k (s_{k+1} = s_k + ds_k, on scalars), the segment convention
   of ``pwl_select`` (a point on a knot takes the slope above it). A compare and a select per knot
   (H200, gpt2-small, 64 x 128 ping-pong tiles: the kernel 133 us vs 170 summing
@@ -55,11 +56,12 @@ def _pwl_derivative(p: jax.Array, table_ref, num_knots: int, pwl_dtype: str) -> 
   (within 2^-11 |t_k| of a knot the segment may be its neighbour)."""
   dtype = jnp.dtype(pwl_dtype)
   x, entry = p.astype(dtype), lambda i: table_ref[i].astype(jnp.float32)
-  segment_slope = entry(2 * num_knots)
+  at = HingeTable(num_knots)
+  segment_slope = entry(at.first_slope)
   slope = segment_slope.astype(dtype) + jnp.zeros_like(x)
   for k in range(num_knots):
-    segment_slope = segment_slope + entry(num_knots + k)
-    slope = jnp.where(x >= entry(k).astype(dtype), segment_slope.astype(dtype), slope)
+    segment_slope = segment_slope + entry(at.step(k))
+    slope = jnp.where(x >= entry(at.knot(k)).astype(dtype), segment_slope.astype(dtype), slope)
   return slope.astype(jnp.float32)
 
 
@@ -97,8 +99,9 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
 
   dy [M, D_out]; w_down [H, D_out]; ``preactivations``: the forward's saved (g, u) (GLU) or (u,)
   (MLP), [M, H] each, in ``backward.save_preactivations``' "preactivations" ((hi, lo) pairs) or
-  "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form; ``table`` from
-  ``activation_table`` (PWL) or None. D_out and H must be multiples of 64 (the caller pads).
+  "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form; ``table``: the
+  hinge table (``hinge_table.activation_table``) or None. D_out and H must be multiples of 64
+  (the caller pads).
   ``config.schedule``: "cooperative" (both warpgroups on one [2 tile_m, tile_n] tile) or
   "pingpong" (whole tiles in turn, ``pingpong_mainloop``: one warpgroup's epilogue overlaps the
   other's K loop).

@@ -76,7 +76,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
-                                segment_sums_sm90)
+                                hinge_table, segment_sums_sm90)
 
 DECODE_ROWS = 64  # M at or below this is "decode": one row block
 # [M, chunk] elements per backward chunk: 128 Mi (one chunk up to llama-8B at M = 8192) was the
@@ -372,7 +372,7 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   x_p = _pad(x, (mp, dp))
   w_up_p, w_gate_p = _pad(w_up, (dp, hp)), _pad(w_gate, (dp, hp))
   b_up_p, b_gate_p = _pad(b_up, (hp,)), _pad(b_gate, (hp,))
-  table = kernels.activation_table(activation)
+  table = hinge_table.activation_table(activation)
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
   kernel_args = dict(kind=activation.kind, num_knots=num_knots)
   def sum_partials(partials):  # [splits, ≥ M, ≥ D_out] f32 -> y [M, D_out] with b_down
@@ -457,7 +457,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
   h, d_u, d_g = (None if out is None else out[:rows, :hidden]
                  for out in dgrad_sm90.dgrad_activation(
-      _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, kernels.activation_table(activation),
+      _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, hinge_table.activation_table(activation),
       kind=activation.kind, num_knots=0 if activation.knots is None else activation.knots.shape[0],
       config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)))
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(

@@ -38,7 +38,7 @@ Large D (D_out > 640): a cluster splitting D_out with h shared through DSMEM is 
 costed in benchmarks/NOTES.md ("Design for large D"); at most it saves the [M, H] round trip
 (3-6% of the forward at the llama shapes), less than its L2 re-streaming costs, so it is not built.
 
-PWL activations are evaluated as hinges (``activation_table``), 2 instructions per knot, in f32
+PWL activations are evaluated as hinges (``hinge_table``), 2 instructions per knot, in f32
 or in packed f16x2, as max(h, t_k) or relu(h - t_k) (``HINGES``).
 """
 
@@ -53,16 +53,16 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.activation import Activation, exact_activation
+from pallas_kernels.activation import exact_activation
 from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.backward import save_preactivations
+from pallas_kernels.gpu.hinge_table import TABLE_ALIGN, HingeTable
 
 WGMMA_ROWS = 64  # rows of one wgmma (and of a fused-kernel row block)
 TILE_K = 64  # contraction slice: 64 bf16 = one 128-byte swizzle row
 MAX_WGMMA_N = 256
 EPILOGUE_N = 64  # columns per epilogue slice of gemm1_activation
 MAX_TMA_BOX = 256  # elements per dimension of one TMA copy
-TABLE_ALIGN = 32  # f32 entries: TMA copies move multiples of 128 bytes
 SMEM_BYTES = 227 * 1024 - 4096  # sm_90's 227 KiB per block, less Pallas' barriers and scratch
 H100_SMS = 132  # used when lowering without a GPU attached
 MEMORY_REGISTERS = 40  # per thread, memory warpgroup (compute warpgroups get the rest)
@@ -72,27 +72,6 @@ COMPUTE_REGISTERS = 232
 def num_sms() -> int:
   device = jax.devices()[0]
   return device.core_count if device.platform == "gpu" else H100_SMS
-
-
-def activation_table(activation: Activation) -> jax.Array | None:
-  """A PWL as the hinge table the kernels read from SMEM:
-  [t_0..t_{K-1}, Δs_0..Δs_{K-1}, s_0, c, c_0].
-
-  A continuous PWL (knots t_k, segment slopes s_0..s_K, intercepts c_j) equals
-      pwl(h) = s_0 h + c + Σ_k Δs_k max(h, t_k),          Δs_k = s_{k+1} - s_k,
-      c = c_0 - Σ_k Δs_k t_k,
-  i.e. 2 instructions per knot (max, fma) instead of a compare and two selects; and since
-  max(h, t) = relu(h - t) + t, also pwl(h) = s_0 h + c_0 + Σ_k Δs_k relu(h - t_k) (``HINGES``).
-  """
-  if activation.kind != "pwl":
-    return None
-  knots = jnp.asarray(activation.knots, jnp.float32)
-  slopes = jnp.asarray(activation.slopes, jnp.float32)
-  steps = slopes[1:] - slopes[:-1]
-  leftmost = activation.intercepts[0].astype(jnp.float32)
-  offset = leftmost - jnp.sum(steps * knots)
-  table = jnp.concatenate([knots, steps, slopes[:1], offset[None], leftmost[None]])
-  return jnp.pad(table, (0, -table.shape[0] % TABLE_ALIGN))
 
 
 # How ``apply_activation`` writes the hinges (same PWL, 2 instructions per knot either way):
@@ -106,7 +85,7 @@ HINGES = ("max", "relu")
 
 def apply_activation(kind: str, h: jax.Array, table_ref, num_knots: int,
                      pwl_dtype: str = "float32", hinges: str = "max") -> jax.Array:
-  """act(h) on an f32 register tile; a PWL reads its hinge table (``activation_table``) from SMEM.
+  """act(h) on an f32 register tile; a PWL reads its hinge table (``hinge_table``) from SMEM.
 
   ``pwl_dtype="float16"`` evaluates the hinges in packed f16x2 arithmetic (half the instructions;
   pre-activations must stay below 65504 in magnitude); ``hinges`` picks their form (``HINGES``).
@@ -117,15 +96,15 @@ def apply_activation(kind: str, h: jax.Array, table_ref, num_knots: int,
   dtype = jnp.dtype(pwl_dtype)
   if hinges == "relu" and dtype == jnp.float16 and not packed_pwl.interpreting():
     return packed_pwl.relu_hinges(h, table_ref, num_knots)
-  entry = lambda i: table_ref[i].astype(dtype)
+  entry, at = lambda i: table_ref[i].astype(dtype), HingeTable(num_knots)
   x = h.astype(dtype)
   if hinges == "relu":  # s_0 h + c_0 + Σ Δs_k relu(h - t_k)
-    constant, hinge = entry(2 * num_knots + 2), lambda t: jnp.maximum(x - t, 0)
+    constant, hinge = entry(at.first_intercept), lambda t: jnp.maximum(x - t, 0)
   else:  # s_0 h + c + Σ Δs_k max(h, t_k)
-    constant, hinge = entry(2 * num_knots + 1), lambda t: jnp.maximum(x, t)
-  out = entry(2 * num_knots) * x + constant
+    constant, hinge = entry(at.max_constant), lambda t: jnp.maximum(x, t)
+  out = entry(at.first_slope) * x + constant
   for k in range(num_knots):
-    out = out + entry(num_knots + k) * hinge(entry(k))
+    out = out + entry(at.step(k)) * hinge(entry(at.knot(k)))
   return out.astype(jnp.float32)
 
 
@@ -458,7 +437,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   """a = act(x W_gate + b_gate) * (x W_up + b_up) (GLU) or act(x W_up + b_up) (MLP), [M, H].
 
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
-  from ``activation_table`` (PWL) or None. D and H must be multiples of 64.
+  from ``hinge_table.activation_table`` (PWL) or None. D and H must be multiples of 64.
 
   With ``saves`` ("preactivations", "segments" (a PWL's) or "floor-bits") it returns
   ``(a, (g, u))`` (GLU: g = x W_gate + b_gate, u = x W_up + b_up) or ``(a, (u,))`` (MLP), written

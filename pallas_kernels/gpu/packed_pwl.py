@@ -3,7 +3,7 @@
 forward kernel's ``hinges="relu"``).
 
 For ascending knots t_k, slope steps ds_k, leftmost slope s_0 and leftmost intercept c_0
-(``fused_ffn_sm90.activation_table``), segment j (t_{j-1} <= p < t_j) has
+(``hinge_table``), segment j (t_{j-1} <= p < t_j) has
 
     slope_j = s_0 + sum_{k < j} ds_k,    intercept_j = c_0 - sum_{k < j} ds_k t_k,
     pwl(p) = slope_j p + intercept_j.
@@ -32,6 +32,8 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref
+
+from pallas_kernels.gpu.hinge_table import HingeTable
 
 
 def interpreting() -> bool:
@@ -78,15 +80,17 @@ def _on_f16_pairs(p: jax.Array, table_ref, num_outputs: int, body):
 
 def relu_hinges(p: jax.Array, table_ref, num_knots: int) -> jax.Array:
   """pwl(p) = s_0 p + c_0 + sum_k ds_k relu(p - t_k) in f32 for an f32 WGMMA-layout tile p,
-  evaluated on f16(p) (``activation_table``'s entries s_0, c_0, t_k, ds_k): per pair of elements
+  evaluated on f16(p) (the hinge table's s_0, c_0, t_k, ds_k): per pair of elements
   and knot one ``fma.rn.relu.f16x2`` (p 1 - t_k) and one ``fma.rn.f16x2``, both on the FMA pipe,
   where max(p, t_k) takes the ALU pipe's HMNMX2."""
+  at = HingeTable(num_knots)
+
   def body(x, entry, pairs):
     one = pairs(arith.constant(ir.F32Type.get(), ir.FloatAttr.get(ir.F32Type.get(), 1.0)))
-    out = x._pointwise(FMA, pairs(entry(2 * num_knots)), pairs(entry(2 * num_knots + 2)))
+    out = x._pointwise(FMA, pairs(entry(at.first_slope)), pairs(entry(at.first_intercept)))
     for k in range(num_knots):
-      hinge = x._pointwise(_RELU_FMA, one, pairs(arith.negf(entry(k))))
-      out = hinge._pointwise(FMA, pairs(entry(num_knots + k)), out)
+      hinge = x._pointwise(_RELU_FMA, one, pairs(arith.negf(entry(at.knot(k)))))
+      out = hinge._pointwise(FMA, pairs(entry(at.step(k))), out)
     return out
 
   return _on_f16_pairs(p, table_ref, 1, body)
@@ -96,15 +100,17 @@ def value_and_slope(p: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array,
   """(pwl(p), pwl'(p)) in f32 for an f32 WGMMA-layout tile p, evaluated on f16(p) with f16
   segment scalars; ``table_ref`` is the SMEM hinge table. A point on a knot takes the segment
   above it, like ``pwl_select``."""
+  at = HingeTable(num_knots)
+
   def chain(x, entry, pairs):
-    steps = [entry(num_knots + k) for k in range(num_knots)]
-    hinge_offsets = [arith.mulf(step, entry(k)) for k, step in enumerate(steps)]  # ds_k t_k
-    segment_slope, segment_intercept = entry(2 * num_knots), entry(2 * num_knots + 2)  # c_0
+    steps = [entry(at.step(k)) for k in range(num_knots)]
+    hinge_offsets = [arith.mulf(step, entry(at.knot(k))) for k, step in enumerate(steps)]
+    segment_slope, segment_intercept = entry(at.first_slope), entry(at.first_intercept)
     slope, intercept = pairs(segment_slope), pairs(segment_intercept)
     for k in range(num_knots):
       segment_slope = arith.addf(segment_slope, steps[k])
       segment_intercept = arith.subf(segment_intercept, hinge_offsets[k])
-      above = x._pointwise(_AT_LEAST_MASK, pairs(entry(k)))
+      above = x._pointwise(_AT_LEAST_MASK, pairs(entry(at.knot(k))))
       slope = above._pointwise(_BITWISE_SELECT, pairs(segment_slope), slope)
       intercept = above._pointwise(_BITWISE_SELECT, pairs(segment_intercept), intercept)
     return slope._pointwise(FMA, x, intercept), slope

@@ -33,7 +33,8 @@ from jax import lax
 
 from pallas_kernels.activation import segment_bands
 from pallas_kernels.gpu.backward import join_saved
-from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS, TABLE_ALIGN
+from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS
+from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
 TILE_ROWS = 32
 TILE_COLS = 128
