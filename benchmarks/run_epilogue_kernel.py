@@ -26,12 +26,14 @@ one compare per element (p != p), the floor without any count. "float16", "low-b
 "none" save something other than the segment: timing only.
 
 ``--hinges`` sets the PWL hinges' form (``EpilogueConfig.hinges``: max(h, t_k) or relu(h - t_k);
-default: the plan's). ``--activation`` swaps the epilogue's PWL for one of
-``bench_dgrad_kernel.ACTIVATIONS`` ("chain": slope and intercept selected, one fma) or for
+default: the plan's). ``--tiles`` ("64x256x3:cooperative", ``bench_down_projection.parse_config``)
+replaces the tiles and schedule. ``--activation`` swaps the epilogue's PWL for one of
+``bench_dgrad_kernel.ACTIVATIONS`` ("chain": slope and intercept selected, one fma), for
 "exact": the shape's exact activation (SiLU / GELU) in the same kernel with the same saves, the
-PWL's reference point. With ``--profile`` the line also gives the largest difference of h from an
-f32 XLA reference of the activation it computes (the PWL, or the exact one for "exact"),
-relative to max |h|. (The hinges in inline PTX on f16 pairs timed the same as jnp's,
+PWL's reference point, or for "identity" (the GLU product or the bare GEMM: what the kernel's
+mainloop and stores take without any activation). With ``--profile`` the line also gives the
+largest difference of h from an f32 XLA reference of the activation it computes (the PWL, the
+exact one, or none), relative to max |h|. (The hinges in inline PTX on f16 pairs timed the same as jnp's,
 2026-12-02: jnp already emits the packed max and fma.)
 """
 
@@ -50,10 +52,11 @@ import numpy as np
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
 from pallas_kernels.activation import exact_activation
-from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels
+from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels, hinge_table
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_dgrad_kernel import ACTIVATIONS  # noqa: E402
+from bench_down_projection import parse_config  # noqa: E402
 from bench_gpu import SHAPES, as_args, make_sets  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
@@ -118,8 +121,10 @@ def main(argv=None) -> int:
   parser.add_argument("--saves", choices=dispatch.RESIDUALS[1:],
                       help="residuals the kernel also stores (default: none)")
   parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
-  parser.add_argument("--activation", default="hinges", choices=(*ACTIVATIONS, "exact"),
-                      help="the PWL as the plan's hinges (default), a chain, or exact")
+  parser.add_argument("--tiles", help='e.g. "64x256x3:cooperative" (default: --schedule\'s)')
+  parser.add_argument("--activation", default="hinges",
+                      choices=(*ACTIVATIONS, "exact", "identity"),
+                      help="the PWL as the plan's hinges (default), a chain, exact, or none")
   parser.add_argument("--hinges", choices=kernels.HINGES, help="default: the plan's")
   parser.add_argument("--calls", type=int, default=4)
   parser.add_argument("--profile", action="store_true",
@@ -137,11 +142,17 @@ def main(argv=None) -> int:
     tiles = (dispatch.EPILOGUE_GLU if shape.glu else dispatch.EPILOGUE_MLP).epilogue
     config = dataclasses.replace(config, schedule="cooperative", tile_m=tiles.tile_m,
                                  tile_n=tiles.tile_n, stages=tiles.stages)
+  if args.tiles:
+    tiles = parse_config(args.tiles)
+    config = dataclasses.replace(config, schedule=tiles.schedule, tile_m=tiles.tile_m,
+                                 tile_n=tiles.tile_n, stages=tiles.stages)
   if args.hinges:
     config = dataclasses.replace(config, hinges=args.hinges)
-  table = kernels.activation_table(activation)
-  epilogue_activation = (ACTIVATIONS[args.activation] if args.activation != "exact" else
-                         lambda kind, h, *_: exact_activation(shape.activation, h))
+  table = hinge_table.activation_table(activation)
+  reference_activation = {"exact": lambda h: exact_activation(shape.activation, h),
+                          "identity": lambda h: h}.get(args.activation, activation)
+  epilogue_activation = ACTIVATIONS.get(args.activation,
+                                        lambda kind, h, *_: reference_activation(h))
   kernel = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
       config=config, saves=args.saves))
@@ -153,10 +164,8 @@ def main(argv=None) -> int:
            f"activation {args.activation}")
   if args.profile:
     record = profile(run, (x, w_up, w_gate), args.calls, 1)
-    act = ((lambda h: exact_activation(shape.activation, h)) if args.activation == "exact"
-           else activation)
     h, want = (jax.tree.leaves(run(x, w_up, w_gate))[0].astype(jnp.float32),
-               reference_hidden(x, w_up, w_gate, act))
+               reference_hidden(x, w_up, w_gate, reference_activation))
     print(f"{label}: {record['device_us']:.1f} us GPU time per call, max |h - f32 reference| = "
           f"{float(jnp.max(jnp.abs(h - want)) / jnp.max(jnp.abs(want))):.2e} of max |h|",
           flush=True)
