@@ -59,6 +59,9 @@ from bench_dgrad_kernel import ACTIVATIONS  # noqa: E402
 from bench_down_projection import parse_config  # noqa: E402
 from bench_gpu import SHAPES, as_args, make_sets  # noqa: E402
 from gpu_profile import profile  # noqa: E402
+from uniform_lookup import lookup_table, uniform_lookup  # noqa: E402
+
+EPILOGUE_ACTIVATIONS = {**ACTIVATIONS, "uniform-lookup": uniform_lookup}
 
 
 def segment_index_float16(p, knots, num_knots: int):
@@ -123,17 +126,22 @@ def main(argv=None) -> int:
   parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
   parser.add_argument("--tiles", help='e.g. "64x256x3:cooperative" (default: --schedule\'s)')
   parser.add_argument("--activation", default="hinges",
-                      choices=(*ACTIVATIONS, "exact", "identity"),
-                      help="the PWL as the plan's hinges (default), a chain, exact, or none")
+                      choices=(*EPILOGUE_ACTIVATIONS, "exact", "identity"),
+                      help="the PWL as the plan's hinges (default), a chain, a lookup (needs "
+                           "--fit uniform), exact, or none")
   parser.add_argument("--hinges", choices=kernels.HINGES, help="default: the plan's")
   parser.add_argument("--segments", type=int, default=16, help="segments of the PWL fit")
+  parser.add_argument("--fit", default="optimal", choices=("optimal", "uniform"),
+                      help="knot placement of the PWL fit")
   parser.add_argument("--calls", type=int, default=4)
   parser.add_argument("--profile", action="store_true",
                       help="print the kernel's GPU time per call (jax.profiler) instead")
   args = parser.parse_args(argv)
   shape = {s.name: s for s in SHAPES}[args.shape]
   x, w_up, _, w_gate = as_args(make_sets(shape, np.random.default_rng(0))[0])
-  activation = to_kernel_activation(ff.fit(shape.activation, args.segments))
+  activation = to_kernel_activation(ff.fit(shape.activation, args.segments, args.fit))
+  if args.activation == "uniform-lookup" and args.saves:
+    parser.error("--activation uniform-lookup: its table has no knots for --saves")
   plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                               True)
   config = plan.epilogue
@@ -149,11 +157,12 @@ def main(argv=None) -> int:
                                  tile_n=tiles.tile_n, stages=tiles.stages)
   if args.hinges:
     config = dataclasses.replace(config, hinges=args.hinges)
-  table = hinge_table.activation_table(activation)
+  table = (lookup_table(activation) if args.activation == "uniform-lookup" else
+           hinge_table.activation_table(activation))
   reference_activation = {"exact": lambda h: exact_activation(shape.activation, h),
                           "identity": lambda h: h}.get(args.activation, activation)
-  epilogue_activation = ACTIVATIONS.get(args.activation,
-                                        lambda kind, h, *_: reference_activation(h))
+  epilogue_activation = EPILOGUE_ACTIVATIONS.get(args.activation,
+                                                 lambda kind, h, *_: reference_activation(h))
   kernel = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
       x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
       config=config, saves=args.saves))
@@ -162,7 +171,7 @@ def main(argv=None) -> int:
         mock.patch.object(kernels, "apply_activation", epilogue_activation)):
     run = kernel.lower(x, w_up, w_gate).compile()
   label = (f"{args.shape} {config} saves={args.saves} segment count {args.segment_count} "
-           f"activation {args.activation}")
+           f"PWL-{args.segments} {args.fit} activation {args.activation}")
   if args.profile:
     record = profile(run, (x, w_up, w_gate), args.calls, 1)
     h, want = (jax.tree.leaves(run(x, w_up, w_gate))[0].astype(jnp.float32),
