@@ -395,16 +395,22 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
                 residuals: tuple[str, ...], with_backward: bool = True,
                 schedules: tuple[str, ...] = kernels.SCHEDULES,
                 d_hiddens: tuple[str, ...] = ("float32",),
-                hinges: tuple[str, ...] = kernels.HINGES) -> dict:
+                hinges: tuple[str, ...] = kernels.HINGES, with_uniform_pwl: bool = False) -> dict:
+  """Forward (and fwd+bwd) of one shape: XLA exact / PWL-16, the kernel plans, the library's plan
+  with the exact activation; ``with_uniform_pwl``: also the library's plan and XLA with a
+  64-segment uniform PWL (more accurate than PWL-16; the kernel evaluates it by table lookup,
+  ``pwl_lookup``), summary keys "kernel_pwl64u" / "xla_pwl64u"."""
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
   act_pwl, act_exact = to_kernel_activation(pwl), Activation(shape.activation)
+  act_uniform = to_kernel_activation(ff.fit(shape.activation, 64, "uniform"))
   base = dict(section="forward", shape=shape.name, rows=shape.rows, d_model=shape.d_model,
               hidden=shape.hidden, glu=shape.glu, sets=len(sets))
   up = lambda a: None if a is None else a.astype(jnp.float32)
   reference = {name: jax.jit(xla_forward(act))(*map(up, arg_sets[0]))
-               for name, act in (("pwl", act_pwl), ("exact", act_exact))}
+               for name, act in (("pwl", act_pwl), ("exact", act_exact),
+                                 ("pwl64u", act_uniform))}
 
   summary = {"shape": shape.name, "rows": shape.rows, "d_model": shape.d_model,
              "hidden": shape.hidden, "glu": shape.glu, "flops": shape.flops}
@@ -438,6 +444,14 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
       break
     summary_records[name] = prepared(name, kernel_forward(act_pwl, plan), "pwl",
                                      activation="pwl16")
+  library = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
+                                 shape.glu, True)
+  if with_uniform_pwl and library.path != "xla" and not rec.over_budget():
+    summary_records["xla-pwl64u"] = prepared("xla-pwl64u", xla_forward(act_uniform), "pwl64u")
+    summary_records["library-pwl64u"] = prepared(
+        "library-pwl64u", kernel_forward(act_uniform, library), "pwl64u",
+        activation="pwl64-uniform",
+        lookup=dispatch.with_pwl_lookup(library, act_uniform).pwl_lookup)
   if shape.glu and with_tokamax and not rec.over_budget():
     summary_records["tokamax-mosaic"] = prepared("tokamax-mosaic",
                                                  tokamax_forward(jax.nn.silu), "exact")
@@ -446,7 +460,9 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
               and summary_records[name]["rel_err"] < 2e-2]
   best_name = min(accurate, key=lambda name: summary_records[name]["ms"], default=None)
   summary.update(xla_exact=summary_records["xla-exact"], xla_pwl=summary_records["xla-pwl16"],
-                 best_plan=best_name, kernel_pwl=summary_records.get(best_name))
+                 best_plan=best_name, kernel_pwl=summary_records.get(best_name),
+                 xla_pwl64u=summary_records.get("xla-pwl64u"),
+                 kernel_pwl64u=summary_records.get("library-pwl64u"))
   if "tokamax-mosaic" in summary_records:
     summary["tokamax"] = summary_records["tokamax-mosaic"]
   if best_name and not rec.over_budget():  # with XLA exact again, in a round of their own
@@ -467,8 +483,7 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
     return summary
   backward_base = {**base, "section": "fwd+bwd"}
   variants = [("xla-exact", xla_forward(act_exact)), ("xla-pwl16", xla_forward(act_pwl))]
-  train_plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model,
-                                    shape.glu, True)
+  train_plan = library
   if best_name and train_plan.path == "epilogue":  # the library's tuned plan, each residual kind
     train_name = epilogue_name(train_plan.epilogue)
     for kept in residuals:
@@ -569,6 +584,16 @@ def markdown(summaries: list[dict], device: str, peak: float) -> str:
         f"| {fmt(k, 'rel_err', '.1e')} | {fmt(train_k, 'ms', '.3f')} | {ratio(train_x, train_k)} "
         f"| {fmt(train_k, 'temp_mb', '.0f')} ({fmt(train_x, 'temp_mb', '.0f')}) "
         f"| {fmt(train_k, 'saved_mb', '.0f')} ({fmt(train_x, 'saved_mb', '.0f')}) |")
+  uniform = [s for s in summaries if s.get("kernel_pwl64u")]
+  if uniform:
+    lines += ["", "## Forward with a 64-segment uniform PWL (the library's plan; table lookup)", "",
+              "| shape | lookup | fwd ms | vs XLA exact | vs XLA same PWL | rel err |",
+              "|---|---|---:|---:|---:|---:|"]
+    for s in uniform:
+      k = s["kernel_pwl64u"]
+      lines.append(f"| {s['shape']} | {k.get('lookup')} | {fmt_ms(k)} "
+                   f"| {ratio(s.get('xla_exact'), k)} | {ratio(s.get('xla_pwl64u'), k)} "
+                   f"| {format(k['rel_err'], '.1e') if 'rel_err' in k else '—'} |")
   lines += ["", "## Forward + backward variants", "",
             "| shape | variant | fwd+bwd ms | vs XLA exact | temp MB | saved for bwd MB |",
             "|---|---|---:|---:|---:|---:|"]
@@ -604,6 +629,8 @@ def main(argv=None) -> int:
   parser.add_argument("--backward-chunks", default="16,64",
                       help="fwd+bwd is timed with each backward chunk budget (Mi elements)")
   parser.add_argument("--forward-only", action="store_true", help="skip the fwd+bwd timings")
+  parser.add_argument("--uniform-pwl", action="store_true",
+                      help="also time a 64-segment uniform PWL (table lookup) on the library plan")
   parser.add_argument("--residuals", default="recompute,preactivations",
                       help=f"fwd+bwd is timed with each of {dispatch.RESIDUALS}")
   parser.add_argument("--schedules", default=",".join(kernels.SCHEDULES),
@@ -643,7 +670,7 @@ def main(argv=None) -> int:
                             tuple(int(c) for c in args.backward_chunks.split(",")),
                             tuple(args.residuals.split(",")), not args.forward_only,
                             tuple(args.schedules.split(",")), tuple(args.d_hidden.split(",")),
-                            tuple(args.hinges.split(",")))
+                            tuple(args.hinges.split(",")), args.uniform_pwl)
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
         pwl_dtypes = ("float16",) if "-16" in summary["best_plan"] else ("float32",)

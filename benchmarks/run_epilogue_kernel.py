@@ -29,7 +29,7 @@ one compare per element (p != p), the floor without any count. "float16", "low-b
 default: the plan's). ``--tiles`` ("64x256x3:cooperative", ``bench_down_projection.parse_config``)
 replaces the tiles and schedule. ``--activation`` swaps the epilogue's PWL for one of
 ``bench_dgrad_kernel.ACTIVATIONS`` ("chain": slope and intercept selected, one fma), for
-"exact": the shape's exact activation (SiLU / GELU) in the same kernel with the same saves, the
+"lookup" (``pwl_lookup``'s table lookup; with ``--fit uniform``), for "exact": the shape's exact activation (SiLU / GELU) in the same kernel with the same saves, the
 PWL's reference point, or for "identity" (the GLU product or the bare GEMM: what the kernel's
 mainloop and stores take without any activation). With ``--profile`` the line also gives the
 largest difference of h from an f32 XLA reference of the activation it computes (the PWL, the
@@ -52,16 +52,14 @@ import numpy as np
 import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
 from pallas_kernels.activation import exact_activation
-from pallas_kernels.gpu import backward, dispatch, fused_ffn_sm90 as kernels, hinge_table
+from pallas_kernels.gpu import (backward, dispatch, fused_ffn_sm90 as kernels, hinge_table,
+                                pwl_lookup)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_dgrad_kernel import ACTIVATIONS  # noqa: E402
 from bench_down_projection import parse_config  # noqa: E402
 from bench_gpu import SHAPES, as_args, make_sets  # noqa: E402
 from gpu_profile import profile  # noqa: E402
-from uniform_lookup import lookup_table, uniform_lookup  # noqa: E402
-
-EPILOGUE_ACTIVATIONS = {**ACTIVATIONS, "uniform-lookup": uniform_lookup}
 
 
 def segment_index_float16(p, knots, num_knots: int):
@@ -126,9 +124,9 @@ def main(argv=None) -> int:
   parser.add_argument("--segment-count", default="float32", choices=tuple(SEGMENT_COUNTS))
   parser.add_argument("--tiles", help='e.g. "64x256x3:cooperative" (default: --schedule\'s)')
   parser.add_argument("--activation", default="hinges",
-                      choices=(*EPILOGUE_ACTIVATIONS, "exact", "identity"),
-                      help="the PWL as the plan's hinges (default), a chain, a lookup (needs "
-                           "--fit uniform), exact, or none")
+                      choices=(*ACTIVATIONS, "lookup", "exact", "identity"),
+                      help="the PWL as the plan's hinges (default), a chain, a table lookup "
+                           "(needs --fit uniform), exact, or none")
   parser.add_argument("--hinges", choices=kernels.HINGES, help="default: the plan's")
   parser.add_argument("--segments", type=int, default=16, help="segments of the PWL fit")
   parser.add_argument("--fit", default="optimal", choices=("optimal", "uniform"),
@@ -140,8 +138,8 @@ def main(argv=None) -> int:
   shape = {s.name: s for s in SHAPES}[args.shape]
   x, w_up, _, w_gate = as_args(make_sets(shape, np.random.default_rng(0))[0])
   activation = to_kernel_activation(ff.fit(shape.activation, args.segments, args.fit))
-  if args.activation == "uniform-lookup" and args.saves:
-    parser.error("--activation uniform-lookup: its table has no knots for --saves")
+  if args.activation == "lookup" and args.saves == "segments":
+    parser.error("--activation lookup: its table has no knots to count for --saves segments")
   plan = dispatch.choose_plan(shape.rows, shape.d_model, shape.hidden, shape.d_model, shape.glu,
                               True)
   config = plan.epilogue
@@ -157,15 +155,17 @@ def main(argv=None) -> int:
                                  tile_n=tiles.tile_n, stages=tiles.stages)
   if args.hinges:
     config = dataclasses.replace(config, hinges=args.hinges)
-  table = (lookup_table(activation) if args.activation == "uniform-lookup" else
+  lookup = args.activation == "lookup"
+  table = (pwl_lookup.lookup_table(activation) if lookup else
            hinge_table.activation_table(activation))
   reference_activation = {"exact": lambda h: exact_activation(shape.activation, h),
                           "identity": lambda h: h}.get(args.activation, activation)
-  epilogue_activation = EPILOGUE_ACTIVATIONS.get(args.activation,
-                                                 lambda kind, h, *_: reference_activation(h))
+  # the library's apply_activation evaluates kind "pwl_lookup" itself
+  epilogue_activation = ACTIVATIONS.get("hinges" if lookup else args.activation,
+                                        lambda kind, h, *_: reference_activation(h))
   kernel = jax.jit(lambda x, wu, wg: kernels.gemm1_activation(
-      x, wu, wg, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
-      config=config, saves=args.saves))
+      x, wu, wg, None, None, table, kind="pwl_lookup" if lookup else "pwl",
+      num_knots=activation.knots.shape[0], config=config, saves=args.saves))
   # the epilogue looks segment_index and apply_activation up when traced
   with (mock.patch.object(backward, "segment_index", SEGMENT_COUNTS[args.segment_count]),
         mock.patch.object(kernels, "apply_activation", epilogue_activation)):

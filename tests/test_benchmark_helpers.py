@@ -9,7 +9,6 @@ import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
@@ -23,7 +22,6 @@ from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
 import bench_down_projection  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
-import uniform_lookup  # noqa: E402
 
 from pallas_kernels.gpu import backward, dispatch  # noqa: E402
 
@@ -142,23 +140,6 @@ def test_segment_count_experiments_encode_what_they_claim(rng):
   relative = np.abs(np.asarray(decoded - p, np.float64)) / np.abs(magnitudes.astype(np.float64))
   assert relative.max() <= 2.0**-15, relative.max()
 
-
-
-def test_uniform_lookup_table_gives_the_pwl(rng):
-  """``uniform_lookup``'s table and segment rule (what its PTX computes per element) give the
-  PWL's value: random points, the knots themselves, the tails and NaN; uneven knots refused."""
-  for name in ("gelu", "silu"):
-    activation = to_kernel_activation(ff.fit(name, 64, "uniform"))
-    table = uniform_lookup.lookup_table(activation)
-    h = jnp.concatenate([jnp.asarray(rng.standard_normal(4000) * 6, jnp.float32),
-                         activation.knots, jnp.asarray([1e30, -1e30, np.nan], jnp.float32)])
-    got = uniform_lookup.lookup_in_jnp(h, table, activation.knots.shape[0])
-    want = activation(h)
-    np.testing.assert_allclose(np.asarray(got[:-1]), np.asarray(want[:-1]), rtol=1e-6, atol=1e-6,
-                               err_msg=name)
-    assert np.isnan(np.asarray(got[-1]))
-  with pytest.raises(ValueError, match="evenly spaced"):
-    uniform_lookup.lookup_table(to_kernel_activation(ff.fit("gelu", 16)))
 
 
 def test_pwl_lookup_variants_compute_the_same_pass():

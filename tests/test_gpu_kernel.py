@@ -29,7 +29,8 @@ import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation, pwl_select
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch, hinge_table,
-                                packed_pwl, fused_ffn_sm90 as kernels, segment_sums_sm90)
+                                packed_pwl, pwl_lookup, fused_ffn_sm90 as kernels,
+                                segment_sums_sm90)
 from tests.conftest import relative_error
 
 ON_HOPPER = (jax.default_backend() == "gpu"
@@ -62,11 +63,13 @@ def kernel_activation(name: str, glu: bool) -> Activation:
   exact; the op rounds other knots so, and the f32 reference would not); "pwl-tanh" /
   "pwl15-tanh": the same of tanh, whose tails' intercepts differ (-1, 1), so the hinge table's
   two constants do too (c = 1 for max hinges, c_0 = -1 for relu hinges; both 0 for the SiLU and
-  GELU fits, which cannot tell them apart)."""
+  GELU fits, which cannot tell them apart); "pwl64u": a 64-segment fit with evenly spaced knots
+  (dyadic: on the floor-bits grid too), which the epilogue may evaluate by lookup."""
   base, _, fitted = name.partition("-")
-  if base not in ("pwl", "pwl15"):
+  if base not in ("pwl", "pwl15", "pwl64u"):
     return to_kernel_activation(name)
-  pwl = ff.fit(fitted or ("silu" if glu else "gelu"), 16)
+  segments, method = (64, "uniform") if base == "pwl64u" else (16, "optimal")
+  pwl = ff.fit(fitted or ("silu" if glu else "gelu"), segments, method)
   if base == "pwl15":
     pwl = ff.PiecewiseLinear.create(backward.snap_knots(pwl.knots), pwl.values, pwl.left_slope,
                                     pwl.right_slope)
@@ -120,22 +123,28 @@ def knots_clear_of(activation: Activation, problem, margin_fraction=1e-5, step=2
   interpret tests' sizes. An element of p within f32 accumulation noise of a knot takes either
   segment in the kernel and in the reference, which moves its term dh p from one slope's gradient
   to the next (1.3% of ‖d slopes‖ at M = 70, H = 200 in one CI run); at GPU sizes such terms are
-  a negligible share of the norm. Other activations come back unchanged."""
+  a negligible share of the norm. Evenly spaced knots move together (as far, by multiples of
+  16 steps: on the floor-bits grid for |t| < 32), so the lookup still applies. Other activations
+  come back unchanged."""
   if activation.kind != "pwl":
     return activation
   p = np.asarray(f32_preactivations(problem)[0]).ravel()
   p = np.sort(p[np.isfinite(p)])
   margin = margin_fraction * float(np.max(np.abs(p)))
+  crowd = lambda at: np.searchsorted(p, at + margin) - np.searchsorted(p, at - margin)
   knots = np.asarray(activation.knots, np.float32)
   on_grid = bool(np.all(np.asarray(backward.snap_knots(knots)) == knots))
   offsets = step * np.asarray(sorted(range(-steps, steps + 1), key=abs), np.float32)
+  if pwl_lookup.evenly_spaced(knots):
+    shifted = knots[None, :] + 16 * offsets[:2 * (steps // 16) + 1, None]
+    moved = shifted[np.argmin(crowd(shifted).sum(axis=1))]
+    return dataclasses.replace(activation, knots=jnp.asarray(moved, activation.knots.dtype))
   moved = []
   for knot in knots:
     candidates = knot + offsets
     if on_grid:
       candidates = np.asarray(backward.snap_knots(jnp.asarray(candidates)))
-    crowd = np.searchsorted(p, candidates + margin) - np.searchsorted(p, candidates - margin)
-    moved.append(candidates[np.argmin(crowd)])  # the first minimum: the smallest move
+    moved.append(candidates[np.argmin(crowd(candidates))])  # the first minimum: the smallest move
   moved = np.asarray(moved, np.float32)
   assert np.all(np.diff(moved) > 0), "knots closer than the moves"
   return dataclasses.replace(activation, knots=jnp.asarray(moved, activation.knots.dtype))
@@ -252,6 +261,71 @@ def test_interpret_relu_hinges_on_the_llama_plan(rng):
   problem = make_problem(rng, rows=100, d_model=128, hidden=200, d_out=72, glu=True, bias=True)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation("pwl15-tanh", glu=True), plan)
+
+
+@on_cpu_only
+@needs_interpret_threads
+@pytest.mark.parametrize("glu, plan", [
+    (False, dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
+                          pwl_lookup=True)),
+    (True, dataclasses.replace(dispatch.PINGPONG_GLU_F16, pwl_lookup=True, epilogue=(
+        dataclasses.replace(dispatch.PINGPONG_GLU_F16.epilogue, tile_m=64, tile_n=64,
+                            stages=2))))], ids=["mlp-recompute", "glu-pingpong-floor-bits"])
+def test_interpret_epilogue_pwl_lookup(rng, glu, plan):
+  """The forward epilogue's table lookup (``Plan.pwl_lookup``) on a 64-segment uniform fit:
+  forward (inference and training) and every gradient against the f32 reference, odd M, H and
+  D_out; the GLU case on SmolLM2's plan (ping-pong, floor bits) with smaller tiles."""
+  problem = make_problem(rng, rows=100, d_model=128, hidden=200, d_out=72, glu=glu, bias=True)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation("pwl64u", glu), plan)
+
+
+def test_pwl_lookup_table_gives_the_pwl(rng):
+  """``pwl_lookup``'s table and segment rule (what its PTX computes per element) give the PWL's
+  value: random points, the knots themselves, both tails, NaN."""
+  for name in ("gelu", "silu"):
+    activation = to_kernel_activation(ff.fit(name, 64, "uniform"))
+    table = pwl_lookup.lookup_table(activation)
+    h = jnp.concatenate([jnp.asarray(rng.standard_normal(4000) * 6, jnp.float32),
+                         activation.knots, jnp.asarray([1e30, -1e30, np.nan], jnp.float32)])
+    got = pwl_lookup.lookup_in_jnp(h, table, activation.knots.shape[0])
+    np.testing.assert_allclose(np.asarray(got[:-1]), np.asarray(activation(h)[:-1]), rtol=1e-6,
+                               atol=1e-6, err_msg=name)
+    assert np.isnan(np.asarray(got[-1]))
+
+
+def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
+  """``with_pwl_lookup``: a uniform fit's concrete knots get the lookup on the epilogue path;
+  an optimal fit's, traced (learnable) knots, segment residuals and other paths keep hinges."""
+  plan = dispatch.PINGPONG_MLP_F16
+  uniform, optimal = (to_kernel_activation(ff.fit("gelu", 64, method)) for method in
+                      ("uniform", "optimal"))
+  assert dispatch.with_pwl_lookup(plan, uniform).pwl_lookup
+  assert not dispatch.with_pwl_lookup(plan, optimal).pwl_lookup
+  assert not dispatch.with_pwl_lookup(plan, to_kernel_activation("gelu")).pwl_lookup
+  segments = dataclasses.replace(plan, residuals="segments", backward="xla")
+  assert not dispatch.with_pwl_lookup(segments, uniform).pwl_lookup
+  decode = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig())
+  assert not dispatch.with_pwl_lookup(decode, uniform).pwl_lookup
+  traced = jax.jit(lambda knots: jnp.float32(dispatch.with_pwl_lookup(
+      plan, dataclasses.replace(uniform, knots=knots)).pwl_lookup))(uniform.knots)
+  assert float(traced) == 0.0
+  assert not pwl_lookup.evenly_spaced(uniform.knots.at[3].add(1e-3))  # 1% of a gap off
+  with pytest.raises(ValueError, match="pwl_lookup=True needs the epilogue path"):
+    dataclasses.replace(segments, pwl_lookup=True)
+
+
+def test_pwl_lookup_lowers_into_the_forward_kernel():
+  """The lookup's PTX (shared loads of slope and intercept) is in the forward kernel for cuda."""
+  activation = kernel_activation("pwl64u", glu=False)
+  plan = dataclasses.replace(dispatch.PINGPONG_MLP_F16, pwl_lookup=True)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  forward = jax.jit(lambda x, wu, wd: dispatch._forward(plan, x, wu, wd, None, None, None, None,
+                                                        activation, saves=plan.saves))
+  module = jax.export.export(forward, platforms=["cuda"])(
+      spec(8192, 768), spec(768, 3072), spec(3072, 768)).mlir_module()
+  intercepts = 4 * (activation.knots.shape[0] + 1)  # bytes past s_0: K + 1 slopes
+  assert "cvt.rmi.u32.f32" in module and f"ld.shared.f32 c, [j+{intercepts}]" in module
 
 
 def test_down_projection_needs_the_epilogue_path():
@@ -1066,6 +1140,12 @@ GPU_CASES = {
                                                  dispatch.LLAMA_1B_GLU_F16),
     "epilogue-pp-glu-pwl-down-odd": (1000, 576, 1000, 700, True, True, "pwl15",
                                      dispatch.SMOLLM2_GLU_F16),
+    "epilogue-pp-glu-pwl-lookup-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
+                                       dataclasses.replace(dispatch.SMOLLM2_GLU_F16,
+                                                           pwl_lookup=True)),
+    "epilogue-mlp-pwl-lookup-recompute-odd": (513, 768, 3000, 700, False, True, "pwl64u",
+                                              dispatch.Plan("epilogue", pwl_lookup=True,
+                                                            epilogue=dispatch.EPILOGUE_MLP.epilogue)),
 }
 
 
@@ -1090,6 +1170,9 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                               dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(
         dispatch.PINGPONG_MLP_F16, down=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"))),
+    "dgrad-pp-mlp-pwl-lookup-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl64u",
+                                           dataclasses.replace(dispatch.PINGPONG_MLP_F16,
+                                                               pwl_lookup=True)),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),

@@ -11,7 +11,9 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     owns whole tiles ("pingpong"; see PINGPONG_*_TILES); gpt2-xl's and
                     llama-1B's write the PWL's hinges as relu(h - t_k) (``kernels.HINGES``).
                     The plans of SmolLM2, llama-1B and llama-8B (``Plan.down``) run GEMM2 on
-                    the same kernel with the identity epilogue instead of XLA's dot.
+                    the same kernel with the identity epilogue instead of XLA's dot. A PWL whose
+                    knots are concrete and evenly spaced is evaluated by table lookup there
+                    (``Plan.pwl_lookup``, ``pwl_lookup``): the same cost for any knot count.
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
@@ -76,7 +78,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
-                                hinge_table, segment_sums_sm90)
+                                hinge_table, pwl_lookup, segment_sums_sm90)
 
 DECODE_ROWS = 64  # M at or below this is "decode": one row block
 # [M, chunk] elements per backward chunk: 128 Mi (one chunk up to llama-8B at M = 8192) was the
@@ -123,7 +125,10 @@ class Plan:
   compiled temp memory -13-17%, gradients 1-2.4e-3 from f32); ``down``: on the epilogue path,
   GEMM2 (h W_down + b_down) by ``gemm1_activation`` with the identity epilogue on these tiles
   instead of XLA's dot (None) - for D_out where XLA's tiles quantize badly, e.g. 576 = 4.5 x 128
-  (``DOWN_NARROW`` / ``DOWN_WIDE``, measured by ``benchmarks/bench_down_projection.py``)."""
+  (``DOWN_NARROW`` / ``DOWN_WIDE``, measured by ``benchmarks/bench_down_projection.py``);
+  ``pwl_lookup``: the forward epilogue evaluates the PWL by table lookup (``pwl_lookup``, for
+  evenly spaced knots) instead of hinges - not tuned per shape: ``ffn_mosaic_gpu`` sets it per
+  call when the knots are concrete and evenly spaced (the backward keeps the hinge table)."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -136,6 +141,7 @@ class Plan:
   dgrad: kernels.EpilogueConfig | None = None
   d_hidden: str = "float32"
   down: kernels.EpilogueConfig | None = None
+  pwl_lookup: bool = False
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -151,6 +157,9 @@ class Plan:
       raise ValueError(f"d_hidden={self.d_hidden!r}: expected one of {D_HIDDEN}")
     if self.backward not in BACKWARDS:
       raise ValueError(f"backward={self.backward!r}: expected one of {BACKWARDS}")
+    if self.pwl_lookup and (self.path != "epilogue" or self.residuals == "segments"):
+      raise ValueError("pwl_lookup=True needs the epilogue path without segment residuals (they "
+                       f"count knots from the hinge table), got {self.path!r} / {self.residuals!r}")
     if self.backward == "epilogue" and self.residuals not in DGRAD_RESIDUALS:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
                        f"residuals in {DGRAD_RESIDUALS}, got {self.residuals!r}")
@@ -331,6 +340,16 @@ def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl
   return TUNED.get(key, default_plan(rows, d_model, glu, pwl))
 
 
+def with_pwl_lookup(plan: Plan, activation: Activation) -> Plan:
+  """``plan`` with ``pwl_lookup`` where it applies: a PWL whose knots are concrete and evenly
+  spaced (``pwl_lookup.evenly_spaced``; traced, e.g. learnable, knots keep the hinges) on the
+  epilogue path without segment residuals."""
+  if (plan.path == "epilogue" and plan.residuals != "segments" and activation.kind == "pwl"
+      and pwl_lookup.evenly_spaced(activation.knots)):
+    return dataclasses.replace(plan, pwl_lookup=True)
+  return plan
+
+
 def unsupported_reason(x, activation: Activation) -> str | None:
   """Why this implementation cannot serve the call, or None."""
   if jax.default_backend() != "gpu":
@@ -390,6 +409,8 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
     if plan.fused.h_splits > 1:
       return sum_partials(out)
     return out[:rows, :d_out].astype(x.dtype)
+  if plan.pwl_lookup:
+    table, kernel_args["kind"] = pwl_lookup.lookup_table(activation), "pwl_lookup"
   hidden_act = kernels.gemm1_activation(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
                                         config=plan.epilogue, saves=saves, **kernel_args)
   if saves:
@@ -512,6 +533,7 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
     if given:
       raise NotImplementedError(f"residuals='floor-bits' needs bfloat16 inputs, got {x.dtype}")
     plan = with_residuals(plan, glu, float16_residuals(glu, activation.kind))
+  plan = with_pwl_lookup(plan, activation)
   knots = activation.knots
   if plan.residuals == "floor-bits" and knots is not None:
     knots = backward.snap_knots(knots)  # forward and backward see the 15-bit knots it keeps

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import exact_activation
-from pallas_kernels.gpu import packed_pwl
+from pallas_kernels.gpu import packed_pwl, pwl_lookup
 from pallas_kernels.gpu.backward import save_preactivations
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN, HingeTable
 
@@ -85,12 +85,16 @@ HINGES = ("max", "relu")
 
 def apply_activation(kind: str, h: jax.Array, table_ref, num_knots: int,
                      pwl_dtype: str = "float32", hinges: str = "max") -> jax.Array:
-  """act(h) on an f32 register tile; a PWL reads its hinge table (``hinge_table``) from SMEM.
+  """act(h) on an f32 register tile. ``kind`` "pwl" reads its hinge table (``hinge_table``) from
+  SMEM, "pwl_lookup" (evenly spaced knots) its lookup table (``pwl_lookup``: one table lookup per
+  element in f32; ``pwl_dtype`` and ``hinges`` do not apply); other kinds are exact.
 
   ``pwl_dtype="float16"`` evaluates the hinges in packed f16x2 arithmetic (half the instructions;
   pre-activations must stay below 65504 in magnitude); ``hinges`` picks their form (``HINGES``).
   Interpret mode has no inline PTX: it runs the relu form in jnp (same roundings, unfused fma).
   """
+  if kind == "pwl_lookup":
+    return pwl_lookup.lookup(h, table_ref, num_knots)
   if kind != "pwl":
     return exact_activation(kind, h)
   dtype = jnp.dtype(pwl_dtype)
@@ -437,7 +441,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   """a = act(x W_gate + b_gate) * (x W_up + b_up) (GLU) or act(x W_up + b_up) (MLP), [M, H].
 
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
-  from ``hinge_table.activation_table`` (PWL) or None. D and H must be multiples of 64.
+  from ``hinge_table.activation_table`` (``kind`` "pwl"), ``pwl_lookup.lookup_table``
+  ("pwl_lookup") or None. D and H must be multiples of 64.
 
   With ``saves`` ("preactivations", "segments" (a PWL's) or "floor-bits") it returns
   ``(a, (g, u))`` (GLU: g = x W_gate + b_gate, u = x W_up + b_up) or ``(a, (u,))`` (MLP), written
@@ -453,8 +458,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
   if biases and len(biases) != len(weights):
     raise ValueError("gemm1_activation: give both GLU biases or neither")
-  if saves == "segments" and table is None:
-    raise ValueError("gemm1_activation: saves='segments' needs a PWL activation table")
+  if saves == "segments" and kind != "pwl":
+    raise ValueError(f"gemm1_activation: saves='segments' needs the hinge table of a PWL (kind "
+                     f"'pwl'), got kind {kind!r}")
   saved_parts = saved_part_dtypes(saves, len(weights), dtype)
   saved_dtypes = tuple(part for parts in saved_parts for part in parts)
   out_dtypes = [jnp.dtype(dtype), *saved_dtypes]
