@@ -328,9 +328,31 @@ def test_pwl_lookup_lowers_into_the_forward_kernel():
   assert "cvt.rmi.u32.f32" in module and f"ld.shared.f32 c, [j+{intercepts}]" in module
 
 
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_biased_down_serves_ffns_with_b_down(rng, monkeypatch):
+  """``Plan.biased_down``: GEMM2 runs on those tiles when the FFN has b_down (forward and
+  gradients against the f32 reference), on ``down`` (XLA's dot here) when it has none."""
+  used = []
+  original = dispatch.down_projection
+  monkeypatch.setattr(dispatch, "down_projection",
+                      lambda *args: used.append(args[-1]) or original(*args))
+  tiles = kernels.EpilogueConfig(64, 64, 2, schedule="pingpong")
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2), biased_down=tiles)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    for bias in (True, False):
+      used.clear()
+      problem = make_problem(rng, rows=100, d_model=128, hidden=200, d_out=72, glu=False,
+                             bias=bias)
+      check_against_reference(problem, kernel_activation("gelu", glu=False), plan)
+      assert used and all(config == (tiles if bias else None) for config in used), bias
+
+
 def test_down_projection_needs_the_epilogue_path():
   with pytest.raises(ValueError, match="down="):
     dispatch.Plan("fused", fused=kernels.FusedConfig(), down=kernels.EpilogueConfig())
+  with pytest.raises(ValueError, match="biased_down="):
+    dispatch.Plan("fused", fused=kernels.FusedConfig(), biased_down=kernels.EpilogueConfig())
 
 
 @on_cpu_only
@@ -981,7 +1003,7 @@ def test_plan_table():
   assert dispatch.PINGPONG_GLU_F16.epilogue.hinges == "max"
   assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).epilogue.hinges == "relu"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).epilogue.hinges == "max"
-  assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.PINGPONG_MLP_F16
+  assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.GPT2_SMALL_MLP_F16
   assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).down is None
   assert dispatch.choose_plan(4096, 1600, 6400, 1600, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
@@ -997,7 +1019,7 @@ def test_plan_table():
   assert dispatch.choose_plan(300, 576, 1536, 576, True, True).residuals == "floor-bits"
   assert dispatch.choose_plan(300, 512, 2048, 512, True, False).residuals == "preactivations"
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).residuals == "floor-bits"
-  assert dispatch.choose_plan(8192, 768, 3072, 768, False, True) == dispatch.PINGPONG_MLP_F16
+  assert dispatch.choose_plan(8192, 768, 3072, 768, False, True) == dispatch.GPT2_SMALL_MLP_F16
   for pingpong_pwl in (dispatch.PINGPONG_MLP_F16, dispatch.PINGPONG_GLU_F16):  # dgrad kernel
     assert (pingpong_pwl.backward, pingpong_pwl.dgrad) == ("epilogue", dispatch.DGRAD_PINGPONG)
   mlp_pwl = dispatch.PINGPONG_MLP_F16  # the backward follows the residuals
@@ -1140,6 +1162,8 @@ GPU_CASES = {
                                                  dispatch.LLAMA_1B_GLU_F16),
     "epilogue-pp-glu-pwl-down-odd": (1000, 576, 1000, 700, True, True, "pwl15",
                                      dispatch.SMOLLM2_GLU_F16),
+    "epilogue-pp-mlp-pwl-biased-down-gpt2-plan": (513, 768, 3000, 700, False, True, "pwl15",
+                                                  dispatch.GPT2_SMALL_MLP_F16),
     "epilogue-pp-glu-pwl-lookup-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
                                        dataclasses.replace(dispatch.SMOLLM2_GLU_F16,
                                                            pwl_lookup=True)),

@@ -126,6 +126,8 @@ class Plan:
   GEMM2 (h W_down + b_down) by ``gemm1_activation`` with the identity epilogue on these tiles
   instead of XLA's dot (None) - for D_out where XLA's tiles quantize badly, e.g. 576 = 4.5 x 128
   (``DOWN_NARROW`` / ``DOWN_WIDE``, measured by ``benchmarks/bench_down_projection.py``);
+  ``biased_down``: GEMM2's tiles instead of ``down`` when the FFN has b_down, where XLA's dot
+  adds the bias in a pass of its own (``GPT2_SMALL_MLP_F16``);
   ``pwl_lookup``: the forward epilogue evaluates the PWL by table lookup (``pwl_lookup``, for
   evenly spaced knots) instead of hinges - not tuned per shape: ``ffn_mosaic_gpu`` sets it per
   call when the knots are concrete and evenly spaced (the backward keeps the hinge table)."""
@@ -141,6 +143,7 @@ class Plan:
   dgrad: kernels.EpilogueConfig | None = None
   d_hidden: str = "float32"
   down: kernels.EpilogueConfig | None = None
+  biased_down: kernels.EpilogueConfig | None = None
   pwl_lookup: bool = False
 
   def __post_init__(self):
@@ -151,8 +154,9 @@ class Plan:
           f"segment_sums={self.segment_sums!r}: expected one of {tuple(SEGMENT_SUMS)}")
     if self.residuals != "recompute" and self.path != "epilogue":
       raise ValueError(f"residuals={self.residuals!r} needs the epilogue path, got {self.path!r}")
-    if self.down is not None and self.path != "epilogue":
-      raise ValueError(f"down= (GEMM2 tiles) needs the epilogue path, got {self.path!r}")
+    if (self.down or self.biased_down) is not None and self.path != "epilogue":
+      raise ValueError(f"down= / biased_down= (GEMM2 tiles) needs the epilogue path, got "
+                       f"{self.path!r}")
     if self.d_hidden not in D_HIDDEN:
       raise ValueError(f"d_hidden={self.d_hidden!r}: expected one of {D_HIDDEN}")
     if self.backward not in BACKWARDS:
@@ -258,20 +262,27 @@ DOWN_WIDE = kernels.EpilogueConfig(tile_m=64, tile_n=256, stages=3)
 SMOLLM2_GLU_F16 = dataclasses.replace(PINGPONG_GLU_F16, down=DOWN_NARROW)
 LLAMA_1B_GLU_F16 = dataclasses.replace(PINGPONG_GLU_F16_RELU_CHUNKED, down=DOWN_WIDE)
 LLAMA_8B_GLU_F16 = dataclasses.replace(EPILOGUE_GLU_F16, down=DOWN_WIDE)
+# gpt2-small with biases (GPT-2's layers have them): XLA's dot adds b_down in a pass of its own
+# (cuBLAS 52 us + 9.5 us), our kernel in its epilogue. Forward, GPU-busy per FFN (profiler,
+# 2026-12-03 twentieth session, backward-profile-2026-12-03-twentieth-bias.md): 132.2 us with
+# GEMM2 on 128 x 128 x 4 ping-pong tiles vs 137.9 with XLA's (XLA exact 161.7); without biases
+# XLA's dot stays faster (52.2 vs 54.5 us alone). gpt2-xl: XLA's either way (501.5 vs 503.8).
+GPT2_SMALL_MLP_F16 = dataclasses.replace(
+    PINGPONG_MLP_F16, biased_down=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"))
 
 # (glu, D, H, D_out, decode, pwl) -> the fastest path measured on the H200, forward, same run as
 # XLA (benchmarks/results/h200-2026-11-30.md and h200-2026-12-01*.md; times in ms, kernel vs XLA
 # with the same activation kind: exact vs exact, PWL vs XLA exact).
 TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (True, 576, 1536, 576, False, True): SMOLLM2_GLU_F16,  # 0.0862 vs 0.1186 (12-03)
-    (False, 768, 3072, 768, False, True): PINGPONG_MLP_F16,  # 0.1407 vs 0.1635
+    (False, 768, 3072, 768, False, True): GPT2_SMALL_MLP_F16,  # 0.1407 vs 0.1635
     # exact activations on the PWL plans (an exact kind ignores pwl_dtype): floor bits and the
     # ping-pong dgrad kernel against pairs and the chunked backward, H200 2026-12-02 (sixteenth
     # session, benchmarks/results/h200-2026-12-02-sixteenth.md), fwd+bwd SmolLM2 0.320 vs
     # 0.362 ms (XLA 0.389), gpt2-small 0.509 vs 0.555 (XLA 0.501); forward SmolLM2 0.0778 (XLA
     # 0.1173), gpt2-small 0.1562 (XLA 0.1678; cooperative 0.1564 on 12-01)
     (True, 576, 1536, 576, False, False): SMOLLM2_GLU_F16,
-    (False, 768, 3072, 768, False, False): PINGPONG_MLP_F16,
+    (False, 768, 3072, 768, False, False): GPT2_SMALL_MLP_F16,
     # ping-pong forward 0.5582 (cooperative 0.5515); its training step saving floor bits:
     # GPU-busy 1664.8 us vs 1683.6 for cooperative tiles saving pairs (2026-12-02)
     (False, 1600, 6400, 1600, False, True): PINGPONG_MLP_F16_RELU,  # 0.5407 vs 0.6116 (12-03)
@@ -415,7 +426,8 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
                                         config=plan.epilogue, saves=saves, **kernel_args)
   if saves:
     hidden_act, preactivations = hidden_act
-  out = down_projection(hidden_act, w_down, b_down, rows, plan.down)
+  down = plan.biased_down if b_down is not None and plan.biased_down else plan.down
+  out = down_projection(hidden_act, w_down, b_down, rows, down)
   if saves:
     return out, tuple(tuple(part[:rows, :hidden] for part in parts) for parts in preactivations)
   return out
