@@ -138,16 +138,20 @@ def knots_clear_of(activation: Activation, problem, margin_fraction=1e-5, step=2
   if pwl_lookup.evenly_spaced(knots):
     shifted = knots[None, :] + 16 * offsets[:2 * (steps // 16) + 1, None]
     moved = shifted[np.argmin(crowd(shifted).sum(axis=1))]
-    return dataclasses.replace(activation, knots=jnp.asarray(moved, activation.knots.dtype))
-  moved = []
-  for knot in knots:
-    candidates = knot + offsets
-    if on_grid:
-      candidates = np.asarray(backward.snap_knots(jnp.asarray(candidates)))
-    moved.append(candidates[np.argmin(crowd(candidates))])  # the first minimum: the smallest move
-  moved = np.asarray(moved, np.float32)
+  else:
+    moved = []
+    for knot in knots:
+      candidates = knot + offsets
+      if on_grid:
+        candidates = np.asarray(backward.snap_knots(jnp.asarray(candidates)))
+      moved.append(candidates[np.argmin(crowd(candidates))])  # the first minimum: the smallest
+    moved = np.asarray(moved, np.float32)
   assert np.all(np.diff(moved) > 0), "knots closer than the moves"
-  return dataclasses.replace(activation, knots=jnp.asarray(moved, activation.knots.dtype))
+  # the PWL through the old one's values at the moved knots: continuous, as the kernels assume
+  # (keeping the old segment lines would open jumps of Δs_k x (the move) at the knots)
+  moved = jnp.asarray(moved, jnp.float32)
+  return to_kernel_activation(ff.PiecewiseLinear.create(
+      moved, activation(moved), activation.slopes[0], activation.slopes[-1]))
 
 
 def check_against_reference(problem, activation, plan, pwl_gradients=True):
@@ -1052,6 +1056,16 @@ def test_declines_without_hopper_and_ffn_falls_back(rng):
     out = ff.ffn(**problem, activation="gelu", implementation="pallas_mosaic_gpu")
   expected = ff.ffn(**problem, activation="gelu", implementation="xla")
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+
+
+def test_pwls_with_more_knots_than_a_tma_box_holds_go_to_xla():
+  """A PWL table longer than one TMA box (> 126 knots) is declined with its reason (the op then
+  runs XLA's path); 126 knots are not (on this machine the device is the reason)."""
+  x = jnp.zeros((8, 64), jnp.bfloat16)
+  many = to_kernel_activation(ff.fit("gelu", 126, "uniform"))  # 127 knots
+  assert "at most 126 knots, got 127" in dispatch.unsupported_reason(x, many)
+  fits = to_kernel_activation(ff.fit("gelu", 125, "uniform"))
+  assert "knots" not in (dispatch.unsupported_reason(x, fits) or "")
 
 
 def test_configs_refuse_what_does_not_fit():

@@ -363,6 +363,11 @@ def with_pwl_lookup(plan: Plan, activation: Activation) -> Plan:
 
 def unsupported_reason(x, activation: Activation) -> str | None:
   """Why this implementation cannot serve the call, or None."""
+  if activation.kind == "callable":
+    return "a callable activation runs on the XLA path only"
+  if activation.knots is not None and activation.knots.shape[0] > hinge_table.MAX_KNOTS:
+    return (f"the kernels copy a PWL's table in one TMA box: at most {hinge_table.MAX_KNOTS} "
+            f"knots, got {activation.knots.shape[0]}")
   if jax.default_backend() != "gpu":
     return f"needs an NVIDIA GPU, the default backend is {jax.default_backend()}"
   capability = getattr(jax.devices()[0], "compute_capability", None)
@@ -370,8 +375,6 @@ def unsupported_reason(x, activation: Activation) -> str | None:
     return f"needs a Hopper GPU (compute capability 9.0; wgmma/TMA kernels), got {capability}"
   if x.dtype not in SUPPORTED_DTYPES:
     return f"kernels take bfloat16/float16, got {x.dtype.name}"
-  if activation.kind == "callable":
-    return "a callable activation runs on the XLA path only"
   return None
 
 
