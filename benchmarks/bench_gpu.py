@@ -563,6 +563,7 @@ def ratio(numerator: dict | None, denominator: dict | None) -> str:
 
 def markdown(summaries: list[dict], device: str, peak: float) -> str:
   lines = [f"# Hopper FFN kernels vs XLA on {device}", "",
+           f"Command: `python3 {' '.join(sys.argv)}`", "",
            f"Measured bf16 matmul peak (XLA, 8192^3): {peak:.0f} TF/s. Kernel activation: "
            "16-segment PWL; ratios are XLA time / kernel time (> 1: the kernel wins).", "",
            "| shape | M | plan | fwd ms | TF/s | % peak | vs XLA exact | vs XLA PWL | vs tokamax "

@@ -354,7 +354,9 @@ def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl
 def with_pwl_lookup(plan: Plan, activation: Activation) -> Plan:
   """``plan`` with ``pwl_lookup`` where it applies: a PWL whose knots are concrete and evenly
   spaced (``pwl_lookup.evenly_spaced``; traced, e.g. learnable, knots keep the hinges) on the
-  epilogue path without segment residuals."""
+  epilogue path without segment residuals. (A floor-bits plan then rounds the knots to 15
+  significant bits, up to 2^-16 |t| further off the grid: the lookup's PWL moves by at most
+  |Δs_k| times that next to knot k; dyadic knots, e.g. ``fit(..., method="uniform")``'s, stay.)"""
   if (plan.path == "epilogue" and plan.residuals != "segments" and activation.kind == "pwl"
       and pwl_lookup.evenly_spaced(activation.knots)):
     return dataclasses.replace(plan, pwl_lookup=True)

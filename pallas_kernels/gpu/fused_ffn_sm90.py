@@ -39,7 +39,8 @@ costed in benchmarks/NOTES.md ("Design for large D"); at most it saves the [M, H
 (3-6% of the forward at the llama shapes), less than its L2 re-streaming costs, so it is not built.
 
 PWL activations are evaluated as hinges (``hinge_table``), 2 instructions per knot, in f32
-or in packed f16x2, as max(h, t_k) or relu(h - t_k) (``HINGES``).
+or in packed f16x2, as max(h, t_k) or relu(h - t_k) (``HINGES``); in ``gemm1_activation``, a PWL
+with evenly spaced knots also by one table lookup per element (kind "pwl_lookup", ``pwl_lookup``).
 """
 
 from __future__ import annotations
