@@ -18,6 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
 from bench_gpu import (SHAPES, Recorder, Shape, bench_shape, candidates,  # noqa: E402
                        interleaved_seconds, markdown, with_pwl_gradients, xla_forward)
 from gpu_profile import idle_ns_before, ns_per_launch, union_ns  # noqa: E402
+import gpu_clocks  # noqa: E402
 from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
 import bench_down_projection  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
@@ -140,6 +141,18 @@ def test_segment_count_experiments_encode_what_they_claim(rng):
   relative = np.abs(np.asarray(decoded - p, np.float64)) / np.abs(magnitudes.astype(np.float64))
   assert relative.max() <= 2.0**-15, relative.max()
 
+
+
+def test_gpu_clocks_summarise_the_busy_samples_only():
+  """``gpu_clocks.summary``: median / minimum clock and median power over the samples at >= 90%
+  utilization (compiles and teardown drop out), with every throttle reason seen there."""
+  rows = [["1980", "80.0", "0", "0x0"],  # idle: left out
+          ["1600", "690.5", "100", "0x4"], ["1500", "691.0", "99", "0x4"],
+          ["1700", "689.0", "95", "0x0"], ["N/A", "N/A", "N/A", "N/A"]]
+  assert gpu_clocks.summary(rows) == (
+      "SM clock median 1600 MHz (min 1500), power median 690 W, clock-event reasons "
+      "['0x0', '0x4'], 3 busy samples")
+  assert gpu_clocks.summary(rows[:1]) == "no busy samples among 1"
 
 
 def test_pwl_lookup_variants_compute_the_same_pass():
