@@ -7,8 +7,8 @@ with ``--profile`` its GPU time per call from the profiler.
     PYTHONPATH=$PWD python3 benchmarks/run_epilogue_kernel.py --shape gpt2-small \
         --schedule pingpong --saves segments --segment-count float16 --profile
 
-The forward kernel only (no XLA GEMM2), PWL-16 (``--segments``) with f16 hinges, ``--saves`` residuals optional;
-tiles from ``dispatch``: the shape's tuned plan's (``--schedule plan``, the default), the
+The forward kernel only (no XLA GEMM2), PWL-16 (``--segments``, ``--fit``) with f16 hinges,
+``--saves`` residuals optional; tiles from ``dispatch``: the shape's tuned plan's (``--schedule plan``, the default), the
 cooperative ``EPILOGUE_GLU`` / ``EPILOGUE_MLP`` tiles, or ``PINGPONG_*_TILES``.
 
 ``--segment-count`` is an experiment on what the saved int8 segment index costs the epilogue
@@ -29,12 +29,13 @@ one compare per element (p != p), the floor without any count. "float16", "low-b
 default: the plan's). ``--tiles`` ("64x256x3:cooperative", ``bench_down_projection.parse_config``)
 replaces the tiles and schedule. ``--activation`` swaps the epilogue's PWL for one of
 ``bench_dgrad_kernel.ACTIVATIONS`` ("chain": slope and intercept selected, one fma), for
-"lookup" (``pwl_lookup``'s table lookup; with ``--fit uniform``), for "exact": the shape's exact activation (SiLU / GELU) in the same kernel with the same saves, the
-PWL's reference point, or for "identity" (the GLU product or the bare GEMM: what the kernel's
-mainloop and stores take without any activation). With ``--profile`` the line also gives the
-largest difference of h from an f32 XLA reference of the activation it computes (the PWL, the
-exact one, or none), relative to max |h|. (The hinges in inline PTX on f16 pairs timed the same as jnp's,
-2026-12-02: jnp already emits the packed max and fma.)
+"lookup" (``pwl_lookup``'s table lookup; with ``--fit uniform``), for "exact": the shape's exact
+activation (SiLU / GELU) in the same kernel with the same saves, the PWL's reference point, or
+for "identity" (the GLU product or the bare GEMM: what the kernel's mainloop and stores take
+without any activation). With ``--profile`` the line also gives the largest difference of h from
+an f32 XLA reference of the activation it computes (the PWL, the exact one, or none), relative
+to max |h|. (The hinges in inline PTX on f16 pairs timed the same as jnp's, 2026-12-02: jnp
+already emits the packed max and fma.) H200 numbers: benchmarks/results/epilogue-cost-*.md.
 """
 
 from __future__ import annotations
