@@ -8,8 +8,9 @@ with ``--profile`` its GPU time per call from the profiler.
         --schedule pingpong --saves segments --segment-count float16 --profile
 
 The forward kernel only (no XLA GEMM2), PWL-16 (``--segments``, ``--fit``) with f16 hinges,
-``--saves`` residuals optional; tiles from ``dispatch``: the shape's tuned plan's (``--schedule plan``, the default), the
-cooperative ``EPILOGUE_GLU`` / ``EPILOGUE_MLP`` tiles, or ``PINGPONG_*_TILES``.
+``--saves`` residuals optional; tiles from ``dispatch``: the shape's tuned plan's (``--schedule
+plan``, the default), the cooperative ``EPILOGUE_GLU`` / ``EPILOGUE_MLP`` tiles, or
+``PINGPONG_*_TILES``.
 
 ``--segment-count`` is an experiment on what the saved int8 segment index costs the epilogue
 (seg(p) = #{k : p >= t_k}; summed in f32 it was half the epilogue's instructions at SmolLM2

@@ -1182,8 +1182,8 @@ GPU_CASES = {
                                        dataclasses.replace(dispatch.SMOLLM2_GLU_F16,
                                                            pwl_lookup=True)),
     "epilogue-mlp-pwl-lookup-recompute-odd": (513, 768, 3000, 700, False, True, "pwl64u",
-                                              dispatch.Plan("epilogue", pwl_lookup=True,
-                                                            epilogue=dispatch.EPILOGUE_MLP.epilogue)),
+                                              dispatch.Plan(
+        "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, pwl_lookup=True)),
 }
 
 

@@ -1,7 +1,7 @@
 """A PWL with evenly spaced knots evaluated by one table lookup per element (Hopper epilogues).
 
-For knots t_k = t_0 + k δ (k < K) the segment of h is j = clamp(floor(h / δ + 1 - t_0 / δ), 0, K),
-and pwl(h) = s_j h + c_j. In PTX (``lookup``), per f32 element: one fma, one cvt (float -> u32
+For knots t_k = t_0 + k δ (k < K) the segment of h is
+j = clamp(floor(h / δ + 1 - t_0 / δ), 0, K), and pwl(h) = s_j h + c_j. In PTX (``lookup``), per f32 element: one fma, one cvt (float -> u32
 rounds down and saturates: negative values and NaN give segment 0, so NaN stays NaN), one min,
 one mad for the address, two 4-byte shared loads (s_j, then c_j at a constant offset) and one fma
 - 7 instructions for any number of knots, where the f16 hinges (``packed_pwl``) take ~17 per
