@@ -286,16 +286,20 @@ def test_interpret_epilogue_pwl_lookup(rng, glu, plan):
 
 def test_pwl_lookup_table_gives_the_pwl(rng):
   """``pwl_lookup``'s table and segment rule (what its PTX computes per element) give the PWL's
-  value: random points, the knots themselves, both tails, NaN."""
+  value and slope: random points, the knots themselves, both tails, NaN."""
   for name in ("gelu", "silu"):
     activation = to_kernel_activation(ff.fit(name, 64, "uniform"))
     table = pwl_lookup.lookup_table(activation)
     h = jnp.concatenate([jnp.asarray(rng.standard_normal(4000) * 6, jnp.float32),
                          activation.knots, jnp.asarray([1e30, -1e30, np.nan], jnp.float32)])
-    got = pwl_lookup.lookup_in_jnp(h, table, activation.knots.shape[0])
-    np.testing.assert_allclose(np.asarray(got[:-1]), np.asarray(activation(h)[:-1]), rtol=1e-6,
+    value, slope = pwl_lookup.lookup_in_jnp(h, table, activation.knots.shape[0])
+    np.testing.assert_allclose(np.asarray(value[:-1]), np.asarray(activation(h)[:-1]), rtol=1e-6,
                                atol=1e-6, err_msg=name)
-    assert np.isnan(np.asarray(got[-1]))
+    assert np.isnan(np.asarray(value[-1]))
+    # the slope of h's segment (pwl_select's: a knot takes the segment above it)
+    segment = np.searchsorted(np.asarray(activation.knots), np.asarray(h[:-1]), side="right")
+    np.testing.assert_array_equal(np.asarray(slope[:-1]),
+                                  np.asarray(activation.slopes)[segment], err_msg=name)
 
 
 def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
@@ -317,6 +321,9 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   assert not pwl_lookup.evenly_spaced(uniform.knots.at[3].add(1e-3))  # 1% of a gap off
   with pytest.raises(ValueError, match="pwl_lookup=True needs the epilogue path"):
     dataclasses.replace(segments, pwl_lookup=True)
+  with pytest.raises(ValueError, match="dgrad_lookup=True needs pwl_lookup=True"):
+    dataclasses.replace(plan, dgrad_lookup=True)
+  assert not dispatch.with_pwl_lookup(plan, uniform).dgrad_lookup  # not yet run on a GPU
 
 
 def test_pwl_lookup_lowers_into_the_forward_kernel():
@@ -330,6 +337,24 @@ def test_pwl_lookup_lowers_into_the_forward_kernel():
       spec(8192, 768), spec(768, 3072), spec(3072, 768)).mlir_module()
   intercepts = 4 * (activation.knots.shape[0] + 1)  # bytes past s_0: K + 1 slopes
   assert "cvt.rmi.u32.f32" in module and f"ld.shared.f32 c, [j+{intercepts}]" in module
+
+
+def test_pwl_lookup_lowers_into_the_dgrad_kernel():
+  """With ``dgrad_lookup`` the dgrad kernel's PTX takes value and slope from one lookup (the
+  slope straight into the asm's second output), at gpt2-small's training step."""
+  activation = kernel_activation("pwl64u", glu=False)
+  plan = dataclasses.replace(dispatch.PINGPONG_MLP_F16, pwl_lookup=True, dgrad_lookup=True)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+  def step(x, w_up, w_down, dy):
+    out, vjp = jax.vjp(lambda *w: dispatch._ffn(plan, "pwl", None, x, *w, None, None, None, None,
+                                                activation.knots, activation.slopes,
+                                                activation.intercepts), w_up, w_down)
+    return vjp(dy)
+
+  module = jax.export.export(jax.jit(step), platforms=["cuda"])(
+      spec(8192, 768), spec(768, 3072), spec(3072, 768), spec(8192, 768)).mlir_module()
+  assert "ld.shared.f32 $1, [j]" in module
 
 
 @on_cpu_only
@@ -660,7 +685,9 @@ def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape, dtypes):
 @pytest.mark.parametrize("glu, name, residuals, schedule", [
     (True, "pwl15", "floor-bits", "pingpong"), (False, "pwl15", "floor-bits", "pingpong"),
     (False, "gelu", "preactivations", "cooperative"), (True, "pwl", "preactivations",
-                                                       "cooperative")])
+                                                       "cooperative"),
+    (True, "pwl64u-lookup", "floor-bits", "pingpong"),
+    (False, "pwl64u-lookup", "preactivations", "cooperative")])
 def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, residuals, schedule):
   """dgrad_activation vs the same math in XLA (f32) on the saved parts: h, d_u, d_g for 200 rows
   (partial tiles) and 320 hidden columns (H tiles of 128: a partial one) on 2 SMs, so each CTA
@@ -668,8 +695,10 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
   64-column windows, so both part buffers turn over). Ping-pong runs under the interpreter's race
   detector (ring, part buffers, staging). A PWL's reference slope takes the segment the kernel's
   ``pwl_dtype`` sees: with float16, p within ~2^-11 |t_k| of a knot may take the neighbouring
-  segment (one CI run: d_g 0.56% from the f32 segments, over the 0.5% tolerance)."""
+  segment (one CI run: d_g 0.56% from the f32 segments, over the 0.5% tolerance). "-lookup":
+  a uniform PWL-64 through ``pwl_lookup``'s table (kind "pwl_lookup", f32 segments)."""
   monkeypatch.setattr(kernels, "num_sms", lambda: 2)
+  name, lookup = name.removesuffix("-lookup"), name.endswith("-lookup")
   rows, d_out, hidden = 200, 192, 320
   dy = jnp.asarray(rng.normal(size=(rows, d_out)), jnp.bfloat16)
   w_down = jnp.asarray(rng.normal(size=(hidden, d_out)) / np.sqrt(d_out), jnp.bfloat16)
@@ -681,15 +710,17 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
             dispatch.DGRAD_GLU if glu else dispatch.DGRAD_MLP)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(
       detect_races=schedule == "pingpong")):
+    table = (pwl_lookup.lookup_table(activation) if lookup else
+             hinge_table.activation_table(activation))
     got = jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
-        *a, kind=activation.kind, num_knots=num_knots, config=config))(
-            dy, w_down, saved, hinge_table.activation_table(activation)))
+        *a, kind="pwl_lookup" if lookup else activation.kind, num_knots=num_knots,
+        config=config))(dy, w_down, saved, table))
   if schedule == "pingpong":
     assert not interpret_pallas_call.get_races().races_found
   d_hidden = jnp.dot(dy.astype(jnp.float32), w_down.astype(jnp.float32).T, precision="highest")
   pre = [backward.join_saved(parts) for parts in saved]
   act, slope = backward._activation_and_derivative(activation, pre[0])
-  if activation.kind == "pwl":  # the segment the kernel picks: f16(p) against f16 knots with
+  if activation.kind == "pwl" and not lookup:  # the segment the kernel picks: f16(p) against
     seen = lambda v: v.astype(config.pwl_dtype).astype(jnp.float32)  # pwl_dtype float16
     _, slope = backward._activation_and_derivative(
         dataclasses.replace(activation, knots=seen(activation.knots)), seen(pre[0]))
@@ -707,15 +738,19 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
 @pytest.mark.parametrize("glu, name, residuals, schedule", [
     (True, "silu", "preactivations", "cooperative"), (False, "gelu", "preactivations",
                                                       "cooperative"),
-    (True, "pwl15", "floor-bits", "pingpong"), (False, "pwl15", "floor-bits", "pingpong")])
+    (True, "pwl15", "floor-bits", "pingpong"), (False, "pwl15", "floor-bits", "pingpong"),
+    (True, "pwl64u-lookup", "floor-bits", "pingpong")])
 def test_interpret_backward_epilogue_plan(rng, glu, name, residuals, schedule):
   """Plan(backward="epilogue"): forward and every gradient (weights, biases; not a PWL's
   parameters, which would hand the backward to the chunked form) against the float32 reference,
-  odd M, H and D_out (H and D_out padded to 64 for the kernel)."""
+  odd M, H and D_out (H and D_out padded to 64 for the kernel); "-lookup": a uniform PWL-64 by
+  table lookup in the forward and the dgrad kernel (``pwl_lookup`` / ``dgrad_lookup``)."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  name, lookup = name.removesuffix("-lookup"), name.endswith("-lookup")
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals=residuals, backward="epilogue",
-                       dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule))
+                       dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
+                       pwl_lookup=lookup, dgrad_lookup=lookup)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
 
@@ -1211,6 +1246,13 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
     "dgrad-pp-mlp-pwl-lookup-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl64u",
                                            dataclasses.replace(dispatch.PINGPONG_MLP_F16,
                                                                pwl_lookup=True)),
+    "dgrad-pp-mlp-pwl-dgrad-lookup-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl64u",
+                                                 dataclasses.replace(dispatch.PINGPONG_MLP_F16,
+                                                                     pwl_lookup=True,
+                                                                     dgrad_lookup=True)),
+    "dgrad-pp-glu-pwl-dgrad-lookup-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
+                                          dataclasses.replace(dispatch.PINGPONG_GLU_F16,
+                                                              pwl_lookup=True, dgrad_lookup=True)),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import exact_activation_and_derivative
-from pallas_kernels.gpu import packed_pwl
+from pallas_kernels.gpu import packed_pwl, pwl_lookup
 from pallas_kernels.gpu.backward import join_saved
 from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SMEM_BYTES, TILE_K,
                                                EpilogueConfig, _split_refs, _swizzled,
@@ -100,7 +100,8 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   dy [M, D_out]; w_down [H, D_out]; ``preactivations``: the forward's saved (g, u) (GLU) or (u,)
   (MLP), [M, H] each, in ``backward.save_preactivations``' "preactivations" ((hi, lo) pairs) or
   "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form; ``table``: the
-  hinge table (``hinge_table.activation_table``) or None. D_out and H must be multiples of 64
+  hinge table (``hinge_table.activation_table``, ``kind`` "pwl"), the lookup table
+  (``pwl_lookup.lookup_table``, "pwl_lookup") or None. D_out and H must be multiples of 64
   (the caller pads).
   ``config.schedule``: "cooperative" (both warpgroups on one [2 tile_m, tile_n] tile) or
   "pingpong" (whole tiles in turn, ``pingpong_mainloop``: one warpgroup's epilogue overlaps the
@@ -156,6 +157,8 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
         dh = d_hidden[r * rows:(r + 1) * rows, c * EPILOGUE_N:(c + 1) * EPILOGUE_N]
         if kind == "pwl":
           act, slope = _pwl_value_and_slope(pre[0], table_smem, num_knots, config.pwl_dtype)
+        elif kind == "pwl_lookup":
+          act, slope = pwl_lookup.value_and_slope(pre[0], table_smem, num_knots)
         else:
           act, slope = exact_activation_and_derivative(kind, pre[0])
         values = [act * pre[1], dh * act, dh * pre[1] * slope] if glu else [act, dh * slope]

@@ -130,7 +130,11 @@ class Plan:
   adds the bias in a pass of its own (``GPT2_SMALL_MLP_F16``);
   ``pwl_lookup``: the forward epilogue evaluates the PWL by table lookup (``pwl_lookup``, for
   evenly spaced knots) instead of hinges - not tuned per shape: ``ffn_mosaic_gpu`` sets it per
-  call when the knots are concrete and evenly spaced (the backward keeps the hinge table)."""
+  call when the knots are concrete and evenly spaced; ``dgrad_lookup``: with it, the dgrad
+  kernel (``backward="epilogue"``) also takes the PWL's value and slope from the lookup table
+  (``pwl_lookup.value_and_slope``: one lookup for both, where the hinge table's select chain costs
+  3 instructions per pair and knot) - prepared on CPU (interpret mode, lowering), not yet run on
+  a GPU, so nothing sets it but callers' plans; otherwise the backward keeps the hinge table."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -145,6 +149,7 @@ class Plan:
   down: kernels.EpilogueConfig | None = None
   biased_down: kernels.EpilogueConfig | None = None
   pwl_lookup: bool = False
+  dgrad_lookup: bool = False
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -164,6 +169,8 @@ class Plan:
     if self.pwl_lookup and (self.path != "epilogue" or self.residuals == "segments"):
       raise ValueError("pwl_lookup=True needs the epilogue path without segment residuals (they "
                        f"count knots from the hinge table), got {self.path!r} / {self.residuals!r}")
+    if self.dgrad_lookup and not (self.pwl_lookup and self.backward == "epilogue"):
+      raise ValueError("dgrad_lookup=True needs pwl_lookup=True and backward='epilogue'")
     if self.backward == "epilogue" and self.residuals not in DGRAD_RESIDUALS:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
                        f"residuals in {DGRAD_RESIDUALS}, got {self.residuals!r}")
@@ -493,10 +500,12 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
+  table, kind = ((pwl_lookup.lookup_table(activation), "pwl_lookup") if plan.dgrad_lookup else
+                 (hinge_table.activation_table(activation), activation.kind))
   h, d_u, d_g = (None if out is None else out[:rows, :hidden]
                  for out in dgrad_sm90.dgrad_activation(
-      _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, hinge_table.activation_table(activation),
-      kind=activation.kind, num_knots=0 if activation.knots is None else activation.knots.shape[0],
+      _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, table, kind=kind,
+      num_knots=0 if activation.knots is None else activation.knots.shape[0],
       config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)))
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
       x, dy, w_up, w_gate, h, d_u, d_g, precision)

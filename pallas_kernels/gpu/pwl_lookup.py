@@ -1,21 +1,22 @@
 """A PWL with evenly spaced knots evaluated by one table lookup per element (Hopper epilogues).
 
 For knots t_k = t_0 + k δ (k < K) the segment of h is
-j = clamp(floor(h / δ + 1 - t_0 / δ), 0, K), and pwl(h) = s_j h + c_j. In PTX (``lookup``), per f32 element: one fma, one cvt (float -> u32
-rounds down and saturates: negative values and NaN give segment 0, so NaN stays NaN), one min,
-one mad for the address, two 4-byte shared loads (s_j, then c_j at a constant offset) and one fma
-- 7 instructions for any number of knots, where the f16 hinges (``packed_pwl``) take ~17 per
-element at 17 knots and grow with K. A point rounded into a neighbouring segment is within f32
-rounding of the knot between them, where the two lines agree (the PWL is continuous).
+j = clamp(floor(h / δ + 1 - t_0 / δ), 0, K), pwl(h) = s_j h + c_j and pwl'(h) = s_j. In PTX
+(``lookup``, ``value_and_slope``), per f32 element: one fma, one cvt (float -> u32 rounds down
+and saturates: negative values and NaN give segment 0, so NaN stays NaN), one min, one mad for
+the address, two 4-byte shared loads (s_j, then c_j at a constant offset) and one fma - 7
+instructions for any number of knots, where the f16 hinges (``packed_pwl``) take ~17 per element
+at 17 knots and grow with K. A point rounded into a neighbouring segment is within f32 rounding
+of the knot between them, where the two lines agree (the PWL is continuous).
 
 Slopes and intercepts sit in separate rows of the table so that a warp's 32 loads conflict only
 for segments 32 apart; an 8-byte (s_j, c_j) load, measured first, conflicts in half-warps for
 segments 16 apart (H200, gpt2-small's forward kernel: 64.9 us at 65 segments, 60.4 at 17,
 against 71.7 for PWL-16's hinges and 56.3 with no activation; benchmarks/NOTES.md).
 
-The dispatcher takes this form where a call's knots are concrete and evenly spaced
-(``evenly_spaced``; e.g. ``fit(..., method="uniform")``), and keeps the hinges for traced
-(learnable) knots.
+The dispatcher takes this form in the forward kernel where a call's knots are concrete and evenly
+spaced (``evenly_spaced``; e.g. ``fit(..., method="uniform")``), and keeps the hinges for traced
+(learnable) knots; the dgrad kernel's ``value_and_slope`` is opt-in (``Plan.dgrad_lookup``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, vector
@@ -59,38 +61,44 @@ def lookup_table(activation: Activation) -> jax.Array:
   return jnp.pad(table, (0, -table.shape[0] % TABLE_ALIGN))
 
 
-def lookup_in_jnp(h: jax.Array, table: jax.Array, num_knots: int) -> jax.Array:
-  """The lookup in jnp on f32 ``h`` (interpret mode; what the PTX computes)."""
+def lookup_in_jnp(h: jax.Array, table: jax.Array, num_knots: int) -> tuple[jax.Array, jax.Array]:
+  """(pwl(h), pwl'(h)) by the lookup in jnp on f32 ``h`` (interpret mode; what the PTX
+  computes)."""
   position = jnp.floor(h * table[0] + table[1])
   segment = jnp.where(position > 0, jnp.minimum(position, num_knots), 0).astype(jnp.int32)
   lines = table[HEADER:HEADER + 2 * (num_knots + 1)].reshape(2, -1)
-  return lines[0, segment] * h + lines[1, segment]
+  return lines[0, segment] * h + lines[1, segment], lines[0, segment]
 
 
-def _lookup_ptx(num_knots: int) -> str:
-  """pwl($1) from $2 = 1 / δ, $3 = 1 - t_0 / δ, $4 = shared address of s_0, $5 = K."""
+def _lookup_ptx(num_knots: int, with_slope: bool) -> str:
+  """$0 = pwl(x) (and $1 = pwl'(x) = s_j) from the next operands: x, 1 / δ, 1 - t_0 / δ, the
+  shared address of s_0, K."""
+  x, scale, offset, slopes, last = (f"${i + 1 + with_slope}" for i in range(5))
+  slope = "$1" if with_slope else "s"
   return f"""{{
-.reg .f32 u, s, c;
+.reg .f32 u{"" if with_slope else ", s"}, c;
 .reg .u32 j;
-fma.rn.f32 u, $1, $2, $3;
+fma.rn.f32 u, {x}, {scale}, {offset};
 cvt.rmi.u32.f32 j, u;
-min.u32 j, j, $5;
-mad.lo.u32 j, j, 4, $4;
-ld.shared.f32 s, [j];
+min.u32 j, j, {last};
+mad.lo.u32 j, j, 4, {slopes};
+ld.shared.f32 {slope}, [j];
 ld.shared.f32 c, [j+{4 * (num_knots + 1)}];
-fma.rn.f32 $0, s, $1, c;
+fma.rn.f32 $0, {slope}, {x}, c;
 }}"""
 
 
-def lookup(h: jax.Array, table_ref, num_knots: int) -> jax.Array:
-  """pwl(h) for an f32 WGMMA-layout tile ``h`` in a kernel, ``table_ref`` holding
+def _lookup_tiles(h: jax.Array, table_ref, num_knots: int, with_slope: bool):
+  """pwl(h) (and pwl'(h)) for an f32 WGMMA-layout tile in a kernel, ``table_ref`` holding
   ``lookup_table`` in SMEM: ``_lookup_ptx`` per element, or ``lookup_in_jnp`` in interpret mode
   (no inline PTX there)."""
   if packed_pwl.interpreting():
-    return lookup_in_jnp(h, table_ref[...], num_knots)
+    value, slope = lookup_in_jnp(h, table_ref[...], num_knots)
+    return (value, slope) if with_slope else value
   tile = plgpu.ShapeDtypeStruct(h.shape, jnp.float32, layout=plgpu.Layout.WGMMA)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=tile)
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+                     return_type=(tile, tile) if with_slope else tile)
   def run(_, x, table):
     f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
     entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
@@ -98,19 +106,43 @@ def lookup(h: jax.Array, table_ref, num_knots: int) -> jax.Array:
     slopes = arith.addi(llvm.ptrtoint(i32, utils.memref_ptr(table)),
                         arith.constant(i32, 4 * HEADER))
     last = arith.constant(i32, num_knots)
-    line = lambda v: llvm.inline_asm(f32, [v, scale, offset, slopes, last],
-                                     _lookup_ptx(num_knots), "=f,f,f,f,r,r")
+    num_outputs = 2 if with_slope else 1
+    asm, operands = _lookup_ptx(num_knots, with_slope), [scale, offset, slopes, last]
+    constraints = ",".join(["=f"] * num_outputs + ["f"] * 3 + ["r"] * 2)
 
-    def per_element(register):
+    def line(v):  # [value (, slope)] of one f32
+      if not with_slope:
+        return [llvm.inline_asm(f32, [v, *operands], asm, constraints)]
+      out = llvm.inline_asm(llvm.StructType.get_literal([f32, f32]), [v, *operands], asm,
+                            constraints)
+      return [llvm.extractvalue(f32, out, [i]) for i in range(2)]
+
+    def per_register(register):  # an f32 or a vector of them
       if register.type == f32:
         return line(register)
-      out = llvm.mlir_undef(register.type)
+      outs = [llvm.mlir_undef(register.type)] * num_outputs
       for i in range(ir.VectorType(register.type).shape[0]):
-        position = ir.DenseI64ArrayAttr.get([i])
-        value = vector.extract(register, dynamic_position=[], static_position=position)
-        out = vector.insert(line(value), out, dynamic_position=[], static_position=position)
-      return out
+        at = dict(dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+        outs = [vector.insert(new, out, **at)
+                for new, out in zip(line(vector.extract(register, **at)), outs)]
+      return outs
 
-    return x._pointwise(per_element)
+    lines = [per_register(register) for register in x.registers.flat]
+    outputs = tuple(mgpu.FragmentedArray(
+        _registers=np.asarray([line[i] for line in lines], dtype=object).reshape(
+            x.registers.shape), _layout=x.layout, _is_signed=None) for i in range(num_outputs))
+    return outputs if with_slope else outputs[0]
 
   return run(h, table_ref)
+
+
+def lookup(h: jax.Array, table_ref, num_knots: int) -> jax.Array:
+  """pwl(h) for an f32 WGMMA-layout tile in a kernel (the forward epilogue)."""
+  return _lookup_tiles(h, table_ref, num_knots, with_slope=False)
+
+
+def value_and_slope(h: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array, jax.Array]:
+  """(pwl(h), pwl'(h)) for an f32 WGMMA-layout tile in a kernel (the dgrad epilogue): one lookup
+  gives both, the slope of h's segment (a point on a knot takes the segment above it, as
+  ``pwl_select``, up to f32 rounding of h / δ)."""
+  return _lookup_tiles(h, table_ref, num_knots, with_slope=True)
