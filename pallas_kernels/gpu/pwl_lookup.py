@@ -127,11 +127,12 @@ def _lookup_tiles(h: jax.Array, table_ref, num_knots: int, with_slope: bool):
                 for new, out in zip(line(vector.extract(register, **at)), outs)]
       return outs
 
+    if not with_slope:  # the forward: one output, what _pointwise maps over the registers
+      return x._pointwise(lambda register: per_register(register)[0])
     lines = [per_register(register) for register in x.registers.flat]
-    outputs = tuple(mgpu.FragmentedArray(
+    return tuple(mgpu.FragmentedArray(
         _registers=np.asarray([line[i] for line in lines], dtype=object).reshape(
-            x.registers.shape), _layout=x.layout, _is_signed=None) for i in range(num_outputs))
-    return outputs if with_slope else outputs[0]
+            x.registers.shape), _layout=x.layout, _is_signed=None) for i in range(2))
 
   return run(h, table_ref)
 
