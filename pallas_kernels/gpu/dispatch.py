@@ -387,6 +387,14 @@ def unsupported_reason(x, activation: Activation) -> str | None:
   return None
 
 
+def _kernel_table(activation: Activation, lookup: bool) -> tuple:
+  """(table, kernel kind) a kernel reads: ``pwl_lookup``'s table and kind "pwl_lookup", or the
+  hinge table (None for exact activations) and the activation's kind."""
+  if lookup:
+    return pwl_lookup.lookup_table(activation), "pwl_lookup"
+  return hinge_table.activation_table(activation), activation.kind
+
+
 def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
@@ -414,9 +422,9 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   x_p = _pad(x, (mp, dp))
   w_up_p, w_gate_p = _pad(w_up, (dp, hp)), _pad(w_gate, (dp, hp))
   b_up_p, b_gate_p = _pad(b_up, (hp,)), _pad(b_gate, (hp,))
-  table = hinge_table.activation_table(activation)
+  table, kind = _kernel_table(activation, plan.pwl_lookup)  # pwl_lookup: epilogue path only
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
-  kernel_args = dict(kind=activation.kind, num_knots=num_knots)
+  kernel_args = dict(kind=kind, num_knots=num_knots)
   def sum_partials(partials):  # [splits, ≥ M, ≥ D_out] f32 -> y [M, D_out] with b_down
     out = jnp.sum(partials[:, :rows, :d_out], axis=0)
     return (out if b_down is None else out + b_down.astype(jnp.float32)).astype(x.dtype)
@@ -432,8 +440,6 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
     if plan.fused.h_splits > 1:
       return sum_partials(out)
     return out[:rows, :d_out].astype(x.dtype)
-  if plan.pwl_lookup:
-    table, kernel_args["kind"] = pwl_lookup.lookup_table(activation), "pwl_lookup"
   hidden_act = kernels.gemm1_activation(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
                                         config=plan.epilogue, saves=saves, **kernel_args)
   if saves:
@@ -500,8 +506,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
-  table, kind = ((pwl_lookup.lookup_table(activation), "pwl_lookup") if plan.dgrad_lookup else
-                 (hinge_table.activation_table(activation), activation.kind))
+  table, kind = _kernel_table(activation, plan.dgrad_lookup)
   h, d_u, d_g = (None if out is None else out[:rows, :hidden]
                  for out in dgrad_sm90.dgrad_activation(
       _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, table, kind=kind,
