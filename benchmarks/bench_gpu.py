@@ -399,8 +399,8 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
   """Forward (and fwd+bwd) of one shape: XLA exact / PWL-16, the kernel plans, the library's plan
   with the exact activation; ``with_uniform_pwl``: also the library's plan and XLA with a
   64-segment uniform PWL (more accurate than PWL-16; the kernel evaluates it by table lookup,
-  ``pwl_lookup``), summary keys "kernel_pwl64u" / "xla_pwl64u", and in fwd+bwd that plan with
-  the dgrad kernel on the hinge table and on the lookup table (``Plan.dgrad_lookup``)."""
+  ``pwl_lookup``), summary keys "kernel_pwl64u" / "xla_pwl64u", and both in fwd+bwd (the dgrad
+  kernel, where the plan has it, on the lookup table too: ``Plan.dgrad_lookup``)."""
   sets = make_sets(shape, rng)
   arg_sets = [as_args(s) for s in sets]
   pwl = ff.fit(shape.activation, 16)
@@ -524,12 +524,10 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
       variants.append((f"{epilogue_name(library_exact.epilogue)}+exact-library-"
                        f"{library_exact.residuals[:5]}-{backward_name(library_exact)}",
                        kernel_forward(act_exact, library_exact)))
-  if with_uniform_pwl and train_plan.path == "epilogue":  # lookup forward; dgrad on either table
+  if with_uniform_pwl and train_plan.path == "epilogue":  # lookup forward and dgrad
     variants += [("xla-pwl64u", xla_forward(act_uniform)),
                  ("pwl64u-library-lookup", kernel_forward(act_uniform, train_plan))]
-    if train_plan.backward == "epilogue":
-      variants.append(("pwl64u-library-lookup-dgrad-lookup", kernel_forward(
-          act_uniform, dataclasses.replace(train_plan, pwl_lookup=True, dgrad_lookup=True))))
+
   train_sets = with_cotangents(arg_sets)
   train_runs = {}
   for name, forward in variants:

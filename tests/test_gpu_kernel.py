@@ -323,7 +323,9 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
     dataclasses.replace(segments, pwl_lookup=True)
   with pytest.raises(ValueError, match="dgrad_lookup=True needs pwl_lookup=True"):
     dataclasses.replace(plan, dgrad_lookup=True)
-  assert not dispatch.with_pwl_lookup(plan, uniform).dgrad_lookup  # not yet run on a GPU
+  assert plan.backward == "epilogue" and dispatch.with_pwl_lookup(plan, uniform).dgrad_lookup
+  xla_backward = dataclasses.replace(plan, backward="xla")
+  assert not dispatch.with_pwl_lookup(xla_backward, uniform).dgrad_lookup
 
 
 def test_pwl_lookup_lowers_into_the_forward_kernel():
@@ -1243,9 +1245,6 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                               dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(
         dispatch.PINGPONG_MLP_F16, down=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"))),
-    "dgrad-pp-mlp-pwl-lookup-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl64u",
-                                           dataclasses.replace(dispatch.PINGPONG_MLP_F16,
-                                                               pwl_lookup=True)),
     "dgrad-pp-mlp-pwl-dgrad-lookup-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl64u",
                                                  dataclasses.replace(dispatch.PINGPONG_MLP_F16,
                                                                      pwl_lookup=True,
