@@ -126,10 +126,13 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--rows", type=int, default=4096)
+  parser.add_argument("--fit", default="pwl16",
+                      help="the PWL of SiLU as a spec: pwl16, pwl64-uniform (evenly spaced: the "
+                           "forward kernel's table lookup, knots moving together), ...")
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
   rows, d_model, hidden = args.rows, 576, 1536
-  pwl = ff.fit("silu", 16)
+  pwl = ff.from_spec(args.fit, "silu")
   act = to_kernel_activation(pwl)
   results, errors = {}, {}
 
@@ -140,10 +143,10 @@ def main(argv=None) -> int:
   if not on_gpu:
     print("not a GPU: the Mosaic GPU segment-sum kernel variants are skipped", flush=True)
   record = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
-            "rows": rows, "d_model": d_model, "hidden": hidden, "ms": results, "errors": errors,
+            "rows": rows, "d_model": d_model, "hidden": hidden, "fit": args.fit, "ms": results, "errors": errors,
             "command": "python3 benchmarks/bench_pwl_grads.py " + " ".join(argv or sys.argv[1:])}
   os.makedirs(args.out, exist_ok=True)
-  out_path = os.path.join(args.out, f"pwl-grads-{record['date']}.json")
+  out_path = os.path.join(args.out, f"pwl-grads-{record['date']}-{args.fit}.json")
 
   runs = {}
 
@@ -202,12 +205,13 @@ def main(argv=None) -> int:
       return training_loss(out, dy)  # the backward needs the forward's output, as in training
     return jax.value_and_grad(loss, argnums=argnums)
 
-  learnable = lambda *leaves: ff.PiecewiseLinear(pwl.knots, *leaves)
+  learnable = lambda *leaves: ff.PiecewiseLinear(pwl.knots, *leaves,
+                                                 evenly_spaced=pwl.evenly_spaced)
   variants = {
       "xla exact SiLU, d(x, W)": step(lambda *_: "silu", (0, 1, 2, 3), "xla"),
-      "default path PWL-16, d(x, W)": step(learnable, (0, 1, 2, 3)),
-      "default path PWL-16, d(x, W, PWL values and tail slopes)": step(learnable,
-                                                                      (0, 1, 2, 3, 4, 5, 6)),
+      f"default path {args.fit}, d(x, W)": step(learnable, (0, 1, 2, 3)),
+      f"default path {args.fit}, d(x, W, PWL values and tail slopes)": step(
+          learnable, (0, 1, 2, 3, 4, 5, 6)),
   }
   if on_gpu:
     default = dispatch.choose_plan(rows, d_model, hidden, d_model, True, True)

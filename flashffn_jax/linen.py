@@ -7,8 +7,9 @@ Same math, parameter names and PWL parametrisation as ``flashffn_jax.nnx.FusedFF
 
 With ``learnable_activation=True`` the PWL becomes five params per layer
 (``pwl_first_knot``, ``pwl_log_gaps``, ``pwl_values``, ``pwl_left_slope``, ``pwl_right_slope``;
-knots = first + [0, cumsum(1e-4 + exp(log_gaps))], so they stay sorted under any update). The output is
-sown into the "intermediates" collection as "ffn_output".
+knots = first + [0, cumsum(1e-4 + exp(log_gaps))], so they stay sorted under any update; one shared
+gap for an evenly spaced PWL, which stays evenly spaced). The output is sown into the
+"intermediates" collection as "ffn_output".
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ so that no update can unsort the knots:
     values = pwl_values;  tails = pwl_left_slope, pwl_right_slope
 
 Every gap is at least MIN_KNOT_GAP = 1e-4, so the knots stay strictly increasing in float32 for
-any parameter values while |knot| < ~1e3 (beyond that float32 spacing exceeds the gap).
+any parameter values while |knot| < ~1e3 (beyond that float32 spacing exceeds the gap). An
+evenly spaced PWL (``PiecewiseLinear.evenly_spaced``, e.g. a uniform fit) keeps one shared gap,
+``pwl_log_gaps`` of shape [1], so its knots t_0 + k δ stay evenly spaced under training and a
+Hopper kernel evaluates it by table lookup even inside ``nnx.jit``, where the knots are traced.
 
 With ``learnable_activation=True`` they are ``nnx.Param`` (trained per layer, no re-sorting step
 needed); otherwise ``PWLConstant`` variables (saved with the model, never trained).
@@ -53,6 +56,8 @@ def pwl_to_arrays(pwl: PiecewiseLinear) -> dict[str, jax.Array]:
   if not isinstance(gaps, jax.core.Tracer) and float(jnp.min(gaps)) <= MIN_KNOT_GAP:
     raise ValueError(f"activation: knots closer than {MIN_KNOT_GAP} cannot be a layer's PWL, got "
                      f"gaps down to {float(jnp.min(gaps)):.2e}")
+  if pwl.evenly_spaced:
+    gaps = (knots[-1:] - knots[:1]) / (knots.shape[0] - 1)
   return {"pwl_first_knot": knots[:1], "pwl_log_gaps": jnp.log(gaps - MIN_KNOT_GAP),
           "pwl_values": jnp.asarray(pwl.values, jnp.float32),
           "pwl_left_slope": jnp.asarray(pwl.left_slope, jnp.float32),
@@ -61,13 +66,17 @@ def pwl_to_arrays(pwl: PiecewiseLinear) -> dict[str, jax.Array]:
 
 def pwl_from_arrays(pwl_first_knot, pwl_log_gaps, pwl_values, pwl_left_slope,
                     pwl_right_slope) -> PiecewiseLinear:
-  """Inverse of ``pwl_to_arrays``; differentiable, knots sorted for any parameter values."""
+  """Inverse of ``pwl_to_arrays``; differentiable, knots sorted for any parameter values (one
+  gap for K > 2 knots: evenly spaced)."""
   first = jnp.asarray(pwl_first_knot, jnp.float32)
   gaps = MIN_KNOT_GAP + jnp.exp(jnp.asarray(pwl_log_gaps, jnp.float32))
+  values = jnp.asarray(pwl_values, jnp.float32)
+  shared_gap = gaps.shape[0] == 1
+  if shared_gap:
+    gaps = jnp.broadcast_to(gaps, (values.shape[0] - 1,))
   knots = jnp.concatenate([first, first + jnp.cumsum(gaps)])
-  return PiecewiseLinear(knots, jnp.asarray(pwl_values, jnp.float32),
-                         jnp.asarray(pwl_left_slope, jnp.float32),
-                         jnp.asarray(pwl_right_slope, jnp.float32))
+  return PiecewiseLinear(knots, values, jnp.asarray(pwl_left_slope, jnp.float32),
+                         jnp.asarray(pwl_right_slope, jnp.float32), evenly_spaced=shared_gap)
 
 
 def check_activation(activation, learnable: bool) -> None:

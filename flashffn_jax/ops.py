@@ -42,7 +42,8 @@ def to_kernel_activation(activation: ActivationLike) -> Activation:
   """Normalise a name / PiecewiseLinear / callable into what implementations receive."""
   if isinstance(activation, PiecewiseLinear):
     activation.validate()
-    return Activation("pwl", activation.knots, activation.slopes(), activation.intercepts())
+    return Activation("pwl", activation.knot_positions(), activation.slopes(),
+                      activation.intercepts(), evenly_spaced=activation.evenly_spaced)
   if isinstance(activation, str):
     name = _ALIASES.get(activation, activation)
     if name not in EXACT_ACTIVATIONS:

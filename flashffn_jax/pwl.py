@@ -10,6 +10,12 @@ It has K - 1 interior segments ("segments" everywhere in this library) plus two 
 put the end values on the activation's asymptotes (GELU/SiLU: y = 0 on the left, y = x on the
 right), so the tails ARE the asymptotes and the error is bounded on the whole real line.
 
+An evenly spaced PWL (``evenly_spaced=True``, what ``fit(..., method="uniform")`` returns) is
+evaluated at the knots t_0 + k (t_{K-1} - t_0) / (K - 1): the end knots place the grid, the
+interior entries of ``knots`` are not read (zero gradient; ``validate`` checks that concrete ones
+sit on it). The promise is static, so it survives tracing, and Hopper kernels evaluate such a
+PWL by one table lookup per element for any K.
+
 Evaluation is ``s[seg] * x + c[seg]`` with the per-segment slopes and intercepts derived from
 (knots, values, tail slopes) — see ``pallas_kernels.activation``. The custom VJP stores only x:
 dx = g · s[seg]; d s_j = Σ_{seg=j} g x; d c_j = Σ_{seg=j} g, then the chain rule to the knots,
@@ -17,7 +23,7 @@ values and tail slopes through the (tiny) map (t, v, s_L, s_R) -> (s, c). Moving
 kink of a continuous function, so the boundary term vanishes and this gradient is exact.
 
 Fitting methods (all float64):
-  uniform    knots evenly spaced over ``knot_range``, interpolating.
+  uniform    knots evenly spaced over ``knot_range``, interpolating (``evenly_spaced=True``).
   curvature  knot density ∝ |f''|^½ (equidistributes the interpolation error h²|f''|/8).
   optimal    minimax interpolating knots: for a target ε a greedy sweep makes every segment as
              long as its max error allows (the fewest segments for ε); bisection on ε finds the
@@ -39,7 +45,7 @@ import numpy as np
 
 from flashffn_jax import activations
 from flashffn_jax.activations import Line
-from pallas_kernels.activation import pwl_apply
+from pallas_kernels.activation import even_grid, evenly_spaced, pwl_apply
 
 FitMethod = Literal["uniform", "curvature", "optimal", "data"]
 FIT_METHODS: tuple[str, ...] = ("uniform", "curvature", "optimal", "data")
@@ -63,17 +69,21 @@ class PiecewiseLinear:
   values: jax.Array  # [K], function value at each knot
   left_slope: jax.Array  # [], slope of the left tail
   right_slope: jax.Array  # [], slope of the right tail
+  evenly_spaced: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @classmethod
-  def create(cls, knots, values, left_slope, right_slope) -> PiecewiseLinear:
+  def create(cls, knots, values, left_slope, right_slope, *,
+             evenly_spaced: bool = False) -> PiecewiseLinear:
     """Validated constructor: ValueError on unsorted, non-finite or mis-shaped parameters."""
-    pwl = cls(*(jnp.asarray(a, jnp.float32) for a in (knots, values, left_slope, right_slope)))
+    pwl = cls(*(jnp.asarray(a, jnp.float32) for a in (knots, values, left_slope, right_slope)),
+              evenly_spaced=evenly_spaced)
     pwl.validate()
     return pwl
 
   @classmethod
-  def from_lines(cls, knots, values, left: Line, right: Line) -> PiecewiseLinear:
-    return cls.create(knots, values, left.slope, right.slope)
+  def from_lines(cls, knots, values, left: Line, right: Line, *,
+                 evenly_spaced: bool = False) -> PiecewiseLinear:
+    return cls.create(knots, values, left.slope, right.slope, evenly_spaced=evenly_spaced)
 
   def validate(self) -> None:
     """Raise ValueError if the (concrete) parameters do not describe a valid PWL."""
@@ -88,6 +98,8 @@ class PiecewiseLinear:
       raise ValueError(f"knots: expected finite numbers, got {knots.tolist()}")
     if not np.all(np.diff(knots) > 0):
       raise ValueError(f"knots: expected strictly increasing knots, got {knots.tolist()}")
+    if self.evenly_spaced and not evenly_spaced(knots):
+      raise ValueError(f"knots: evenly_spaced=True needs t_0 + k δ, got {knots.tolist()}")
     if not np.all(np.isfinite(values)):
       raise ValueError(f"values: expected finite numbers, got {values.tolist()}")
     for name in ("left_slope", "right_slope"):
@@ -100,23 +112,32 @@ class PiecewiseLinear:
     """Interior segments (K - 1); the two tails are not counted."""
     return self.knots.shape[-1] - 1
 
+  def knot_positions(self) -> jax.Array:
+    """The knots the PWL is evaluated at: ``knots``, or for an evenly spaced PWL the grid its
+    end knots place (see the module docstring)."""
+    if not self.evenly_spaced:
+      return self.knots
+    return even_grid(self.knots[0], self.knots[-1], self.knots.shape[-1])
+
   def slopes(self) -> jax.Array:
     """Per-segment slopes [K+1]: left tail, K-1 interior segments, right tail."""
-    interior = jnp.diff(self.values) / jnp.diff(self.knots)
+    interior = jnp.diff(self.values) / jnp.diff(self.knot_positions())
     return jnp.concatenate([self.left_slope[None], interior, self.right_slope[None]])
 
   def intercepts(self) -> jax.Array:
     """Per-segment intercepts [K+1], c_j = v - s_j t at the segment's left knot (tail: first knot)."""
-    anchor_knots = jnp.concatenate([self.knots[:1], self.knots])
+    knots = self.knot_positions()
+    anchor_knots = jnp.concatenate([knots[:1], knots])
     anchor_values = jnp.concatenate([self.values[:1], self.values])
     return anchor_values - self.slopes() * anchor_knots
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return pwl_apply(x, self.knots, self.slopes(), self.intercepts())
+    return pwl_apply(x, self.knot_positions(), self.slopes(), self.intercepts())
 
   def numpy(self, x: np.ndarray) -> np.ndarray:
     """Float64 NumPy evaluation (for error reports and plots)."""
-    knots, values = np.asarray(self.knots, np.float64), np.asarray(self.values, np.float64)
+    knots = np.asarray(self.knot_positions(), np.float64)
+    values = np.asarray(self.values, np.float64)
     x = np.asarray(x, np.float64)
     y = np.interp(x, knots, values)
     y = np.where(x < knots[0], values[0] + float(self.left_slope) * (x - knots[0]), y)
@@ -341,7 +362,7 @@ def fit(activation: str | Callable, segments: int, method: FitMethod = "optimal"
       rho = np.sqrt(np.abs(_second_derivative(fn, grid)))
       knots = _knots_from_density(rho + 1e-3 * rho.max() + 1e-12, grid, int(segments))
     vals = _interpolating_values(fn, knots, left, right)
-  return PiecewiseLinear.from_lines(knots, vals, left, right)
+  return PiecewiseLinear.from_lines(knots, vals, left, right, evenly_spaced=method == "uniform")
 
 
 _SPEC = re.compile(r"^pwl(?P<segments>\d+)(?:-(?P<method>[a-z]+))?$")

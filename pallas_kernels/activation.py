@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EXACT_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "tanh", "sigmoid", "identity")
 
@@ -155,17 +156,42 @@ pwl_apply.defvjp(_pwl_apply_fwd, _pwl_apply_bwd)
 
 
 
+SPACING_TOLERANCE = 1e-4  # of δ: how far a knot may sit from the even grid and count as on it
+
+
+def evenly_spaced(knots) -> bool:
+  """Whether ``knots`` are concrete (not traced), at least two, and each within
+  ``SPACING_TOLERANCE`` δ of t_0 + k δ. (A knot that far off moves a PWL evaluated on the grid
+  by at most |Δs_k| SPACING_TOLERANCE δ next to it.)"""
+  if knots is None or isinstance(knots, jax.core.Tracer) or knots.shape[0] < 2:
+    return False
+  knots = np.asarray(knots, np.float64)
+  delta = (knots[-1] - knots[0]) / (knots.shape[0] - 1)
+  grid = knots[0] + delta * np.arange(knots.shape[0])
+  return bool(delta > 0 and np.max(np.abs(knots - grid)) <= SPACING_TOLERANCE * delta)
+
+
+def even_grid(first: jax.Array, last: jax.Array, count: int) -> jax.Array:
+  """t_k = t_0 (1 - k / (K - 1)) + t_{K-1} k / (K - 1), k < K = ``count`` (ends exact), f32."""
+  weight = jnp.arange(count, dtype=jnp.float32) / (count - 1)
+  return first * (1 - weight) + last * weight
+
+
 @dataclasses.dataclass(frozen=True)
 class Activation:
   """The activation as a kernel receives it: a static ``kind`` plus, for ``kind == "pwl"``, the
   per-segment tables (knots [K], slopes [K+1], intercepts [K+1], float32 arrays that may carry
-  gradients), or, for ``kind == "callable"``, an arbitrary jnp function (XLA path only)."""
+  gradients), or, for ``kind == "callable"``, an arbitrary jnp function (XLA path only).
+  ``evenly_spaced``: the knots are t_0 + k δ by construction (a static promise that holds for
+  traced knots too, e.g. a layer's learnable uniform PWL), so a kernel may evaluate the PWL by
+  table lookup (``pallas_kernels.gpu.pwl_lookup``)."""
 
   kind: str
   knots: jax.Array | None = None
   slopes: jax.Array | None = None
   intercepts: jax.Array | None = None
   fn: Callable[[jax.Array], jax.Array] | None = None
+  evenly_spaced: bool = False
 
   def __call__(self, h: jax.Array) -> jax.Array:
     """act(h) for a float32 array (the reference; PWL gradients come from the caller's VJP)."""

@@ -27,7 +27,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # race d
 
 import flashffn_jax as ff
 from flashffn_jax.ops import reference_ffn, to_kernel_activation
-from pallas_kernels.activation import Activation, pwl_select
+from pallas_kernels.activation import Activation, evenly_spaced, pwl_select
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch, hinge_table,
                                 packed_pwl, pwl_lookup, fused_ffn_sm90 as kernels,
                                 segment_sums_sm90)
@@ -135,7 +135,7 @@ def knots_clear_of(activation: Activation, problem, margin_fraction=1e-5, step=2
   knots = np.asarray(activation.knots, np.float32)
   on_grid = bool(np.all(np.asarray(backward.snap_knots(knots)) == knots))
   offsets = step * np.asarray(sorted(range(-steps, steps + 1), key=abs), np.float32)
-  if pwl_lookup.evenly_spaced(knots):
+  if evenly_spaced(knots):
     shifted = knots[None, :] + 16 * offsets[:2 * (steps // 16) + 1, None]
     moved = shifted[np.argmin(crowd(shifted).sum(axis=1))]
   else:
@@ -303,8 +303,10 @@ def test_pwl_lookup_table_gives_the_pwl(rng):
 
 
 def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
-  """``with_pwl_lookup``: a uniform fit's concrete knots get the lookup on the epilogue path;
-  an optimal fit's, traced (learnable) knots, segment residuals and other paths keep hinges."""
+  """``with_pwl_lookup``: a uniform fit (evenly spaced by construction, traced or not) and
+  concrete evenly spaced knots get the lookup on the epilogue path, and the dgrad kernel takes it
+  too; an optimal fit, traced knots without the promise, segment residuals and other paths keep
+  the hinges."""
   plan = dispatch.PINGPONG_MLP_F16
   uniform, optimal = (to_kernel_activation(ff.fit("gelu", 64, method)) for method in
                       ("uniform", "optimal"))
@@ -315,10 +317,13 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   assert not dispatch.with_pwl_lookup(segments, uniform).pwl_lookup
   decode = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig())
   assert not dispatch.with_pwl_lookup(decode, uniform).pwl_lookup
-  traced = jax.jit(lambda knots: jnp.float32(dispatch.with_pwl_lookup(
-      plan, dataclasses.replace(uniform, knots=knots)).pwl_lookup))(uniform.knots)
-  assert float(traced) == 0.0
-  assert not pwl_lookup.evenly_spaced(uniform.knots.at[3].add(1e-3))  # 1% of a gap off
+  found = dataclasses.replace(uniform, evenly_spaced=False)  # concrete knots checked
+  assert dispatch.with_pwl_lookup(plan, found).pwl_lookup
+  traced = jax.jit(lambda knots: jnp.float32([dispatch.with_pwl_lookup(
+      plan, dataclasses.replace(activation, knots=knots)).pwl_lookup
+      for activation in (uniform, found)]))(uniform.knots)
+  np.testing.assert_array_equal(traced, [1.0, 0.0])  # only the static promise survives tracing
+  assert not evenly_spaced(uniform.knots.at[3].add(1e-3))  # 1% of a gap off
   with pytest.raises(ValueError, match="pwl_lookup=True needs the epilogue path"):
     dataclasses.replace(segments, pwl_lookup=True)
   with pytest.raises(ValueError, match="dgrad_lookup=True needs pwl_lookup=True"):
@@ -1267,6 +1272,44 @@ def test_gpu_forward_and_gradients(rng, case):
                                                          else DGRAD_GPU_CASES)[case]
   problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
   check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_uniform_pwl_layer_takes_the_lookup_inside_jit(rng, monkeypatch):
+  """A frozen uniform PWL-64 in an ``nnx`` layer inside ``nnx.jit`` (its knots traced) runs the
+  lookup forward and dgrad kernels - the plan the dispatcher returns says so - and matches the f32
+  XLA layer: output and the gradients of x and every weight, SmolLM2's GLU widths at M = 1000."""
+  from flax import nnx  # noqa: PLC0415 -- the layer API, only this test
+  from flashffn_jax.nnx import FusedFFN  # noqa: PLC0415
+  plans = []
+  choose = dispatch.with_pwl_lookup
+  monkeypatch.setattr(dispatch, "with_pwl_lookup",
+                      lambda *args: plans.append(choose(*args)) or plans[-1])
+  rows, d_model, hidden = 1000, 576, 1536
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), jnp.float32)
+  weights = dict(w_up=normal(d_model, hidden), w_down=normal(hidden, d_model),
+                 w_gate=normal(d_model, hidden))
+  x = jnp.asarray(rng.normal(size=(rows, d_model)), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(rows, d_model)), jnp.float32)
+  activation = ff.fit("silu", 64, "uniform")
+
+  @nnx.jit
+  def output_and_grads(layer, x):
+    loss = lambda layer, x: (jnp.sum(layer(x).astype(jnp.float32) * dy), layer(x))
+    (_, y), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
+    return y, grads
+
+  ours = FusedFFN.from_weights(**{k: v.astype(jnp.bfloat16) for k, v in weights.items()},
+                               activation=activation, implementation="pallas_mosaic_gpu")
+  reference = FusedFFN.from_weights(**weights, activation=activation, implementation="xla")
+  (y, (d_layer, dx)), (y_ref, (d_layer_ref, dx_ref)) = (
+      output_and_grads(layer, x.astype(layer.w_up.dtype)) for layer in (ours, reference))
+  assert plans and all(plan.pwl_lookup and plan.dgrad_lookup for plan in plans), plans
+  assert relative_error(y, y_ref) < BF16_TOLERANCE
+  assert relative_error(dx, dx_ref) < BF16_TOLERANCE
+  for name in weights:
+    assert relative_error(d_layer[name][...], d_layer_ref[name][...]) < BF16_TOLERANCE, name
 
 
 @needs_hopper

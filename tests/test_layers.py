@@ -15,6 +15,7 @@ from flax import nnx
 import flashffn_jax as ff
 from flashffn_jax import linen as ff_linen
 from flashffn_jax.nnx import PWL_PARAM_NAMES, FusedFFN, pwl_from_arrays, pwl_to_arrays
+from flashffn_jax.ops import to_kernel_activation
 from tests.conftest import SESSION_SEED, relative_error
 
 ACTIVATIONS = {"gelu": lambda h: jax.nn.gelu(h, approximate=False), "silu": jax.nn.silu}
@@ -193,6 +194,34 @@ def test_pwl_parametrisation_round_trip(rng):
   assert np.all(np.diff(np.asarray(pwl_from_arrays(**arrays).knots)) > 0)
   with pytest.raises(ValueError, match="knots closer than"):
     pwl_to_arrays(ff.PiecewiseLinear.create([0.0, 1e-5, 1.0], [0.0, 0.0, 1.0], 0.0, 1.0))
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_evenly_spaced_pwl_keeps_one_gap(rng, learnable):
+  """A uniform fit's layer keeps one shared gap (``pwl_log_gaps`` of shape [1]): the same PWL
+  back, still evenly spaced after large adam steps (``validate`` checks the grid), and the
+  promise visible inside ``nnx.jit`` (where the knots are traced), so a Hopper kernel may take
+  the table lookup there."""
+  act = ff.fit("gelu", 16, "uniform")
+  layer, x = random_layer(rng, False, True, act, learnable_activation=learnable)
+  assert layer.pwl_log_gaps[...].shape == (1,) and layer.activation.evenly_spaced
+  np.testing.assert_allclose(layer.activation.knots, act.knots, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layer.activation(x), act(x), rtol=1e-5, atol=1e-5)
+  seen = []  # what ``ffn`` hands an implementation inside nnx.jit
+  nnx.jit(lambda m: seen.append(to_kernel_activation(m.activation)) or 0.0)(layer)
+  assert isinstance(seen[0].knots, jax.core.Tracer) and seen[0].evenly_spaced
+  if not learnable:
+    return
+  target = jnp.asarray(rng.normal(size=(*x.shape[:-1], layer.w_down.shape[1])), jnp.float32)
+  is_pwl = lambda path, value: isinstance(value, nnx.Param) and str(path[-1]) in PWL_PARAM_NAMES
+  optimizer = nnx.Optimizer(layer, optax.adam(0.3), wrt=is_pwl)
+  loss = lambda m: jnp.mean((m(4 * x) - target) ** 2)
+  step = nnx.jit(lambda m, o: o.update(m, nnx.grad(loss, argnums=nnx.DiffState(0, is_pwl))(m)))
+  for _ in range(10):
+    step(layer, optimizer)
+  knots = np.asarray(layer.activation.knots)
+  assert np.max(np.abs(knots - np.asarray(act.knots))) > 0.1
+  layer.activation.validate()  # raises if the knots left the even grid
 
 
 def test_frozen_pwl_is_state_not_param(rng):

@@ -1,5 +1,7 @@
 """PiecewiseLinear: fitting accuracy, float64 agreement, tails, gradients, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +113,9 @@ def test_parameter_gradients_match_float64_finite_differences(rng):
 
 
 def test_vmap_over_batched_parameters(rng):
-  fits = [pwl.fit("gelu", 8, m) for m in ("uniform", "curvature", "optimal")]
+  # the evenly-spaced promise is static: PWLs stacked into one pytree must agree on it
+  fits = [dataclasses.replace(pwl.fit("gelu", 8, m), evenly_spaced=False)
+          for m in ("uniform", "curvature", "optimal")]
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *fits)
   x = jnp.asarray(rng.normal(size=(3, 100)), jnp.float32)
   out = jax.vmap(lambda p, v: p(v))(stacked, x)
@@ -121,6 +125,39 @@ def test_vmap_over_batched_parameters(rng):
   for i, fitted in enumerate(fits):
     single = jax.grad(lambda p: jnp.sum(p(x[i]) ** 2))(fitted)
     np.testing.assert_allclose(grads.values[i], single.values, rtol=1e-5, atol=1e-5)
+
+
+def test_evenly_spaced_pwl_evaluates_on_the_grid_of_its_end_knots(rng):
+  """A uniform fit promises t_k = t_0 + k δ (static, so it survives tracing): it evaluates on the
+  grid its end knots place, its interior knot entries get no gradient and are not read, its end
+  knots' gradients match float64 finite differences of the grid moving with them, and
+  ``create`` refuses the promise for knots off the grid."""
+  fitted = pwl.fit("gelu", 8, "uniform")
+  assert fitted.evenly_spaced and not pwl.fit("gelu", 8).evenly_spaced
+  x = rng.normal(0.0, 3.0, 2000)
+  knots = np.asarray(fitted.knots, np.float64)
+  x = x[np.min(np.abs(x[:, None] - knots[None]), axis=1) > 1e-2]
+  x32 = jnp.asarray(x, jnp.float32)
+  free = dataclasses.replace(fitted, evenly_spaced=False)
+  np.testing.assert_allclose(fitted(x32), free(x32), rtol=1e-6, atol=1e-6)
+  moved_inside = dataclasses.replace(fitted, knots=fitted.knots.at[3].add(0.3))  # not validated
+  np.testing.assert_array_equal(moved_inside(x32), fitted(x32))
+  weights = rng.normal(size=x.shape)
+  loss = lambda p: jnp.sum(jnp.asarray(weights, jnp.float32) * p(x32))
+  grads = np.asarray(jax.grad(loss)(fitted).knots)
+  assert np.all(grads[1:-1] == 0) and np.all(grads[[0, -1]] != 0)
+  params = {k: np.asarray(getattr(fitted, k), np.float64)
+            for k in ("knots", "values", "left_slope", "right_slope")}
+  step = 1e-5
+  for end, grad in ((0, grads[0]), (-1, grads[-1])):
+    ends = [[knots[0], knots[-1]], [knots[0], knots[-1]]]
+    ends[0][end] += step
+    ends[1][end] -= step
+    plus, minus = ({**params, "knots": np.linspace(*e, knots.shape[0])} for e in ends)
+    numeric = (_numpy_loss(plus, x, weights) - _numpy_loss(minus, x, weights)) / (2 * step)
+    np.testing.assert_allclose(float(grad), numeric, rtol=2e-3, atol=2e-3, err_msg=str(end))
+  with pytest.raises(ValueError, match="evenly_spaced=True needs"):
+    PiecewiseLinear.create([0.0, 1.0, 3.0], [0.0, 1.0, 3.0], 0.0, 1.0, evenly_spaced=True)
 
 
 def test_non_finite_inputs_propagate():

@@ -12,8 +12,8 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     llama-1B's write the PWL's hinges as relu(h - t_k) (``kernels.HINGES``).
                     The plans of SmolLM2, llama-1B and llama-8B (``Plan.down``) run GEMM2 on
                     the same kernel with the identity epilogue instead of XLA's dot. A PWL whose
-                    knots are concrete and evenly spaced is evaluated by table lookup there
-                    (``Plan.pwl_lookup``, ``pwl_lookup``): the same cost for any knot count.
+                    knots are evenly spaced is evaluated by table lookup there and in the dgrad
+                    kernel (``Plan.pwl_lookup``, ``pwl_lookup``): the same cost for any knot count.
   * ``fused``    -- ``fused_ffn_sm90.fused_ffn``: both GEMMs in one kernel, [M, H] never in HBM
                     (D_out <= 640). Measured slower than ``epilogue`` wherever it fits on the H200
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from pallas_kernels.activation import Activation
+from pallas_kernels.activation import Activation, evenly_spaced
 from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, fused_ffn_sm90 as kernels,
                                 hinge_table, pwl_lookup, segment_sums_sm90)
 
@@ -130,7 +130,7 @@ class Plan:
   adds the bias in a pass of its own (``GPT2_SMALL_MLP_F16``);
   ``pwl_lookup``: the forward epilogue evaluates the PWL by table lookup (``pwl_lookup``, for
   evenly spaced knots) instead of hinges - not tuned per shape: ``ffn_mosaic_gpu`` sets it per
-  call when the knots are concrete and evenly spaced; ``dgrad_lookup``: with it, the dgrad
+  call when the knots are evenly spaced (``with_pwl_lookup``); ``dgrad_lookup``: with it, the dgrad
   kernel (``backward="epilogue"``) also takes the PWL's value and slope from the lookup table
   (``pwl_lookup.value_and_slope``: one lookup for both, where the hinge table's select chain costs
   3 instructions per pair and knot; H200: SmolLM2 fwd+bwd with a uniform PWL-64 0.528 -> 0.315
@@ -360,14 +360,14 @@ def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl
 
 
 def with_pwl_lookup(plan: Plan, activation: Activation) -> Plan:
-  """``plan`` with ``pwl_lookup`` where it applies: a PWL whose knots are concrete and evenly
-  spaced (``pwl_lookup.evenly_spaced``; traced, e.g. learnable, knots keep the hinges) on the
-  epilogue path without segment residuals; and ``dgrad_lookup`` where the backward is the dgrad
-  kernel. (A floor-bits plan then rounds the knots to 15
+  """``plan`` with ``pwl_lookup`` where it applies: a PWL whose knots are evenly spaced by
+  construction (``Activation.evenly_spaced``, traced or not) or found so (concrete knots,
+  ``activation.evenly_spaced``) on the epilogue path without segment residuals; and
+  ``dgrad_lookup`` where the backward is the dgrad kernel. (A floor-bits plan then rounds the knots to 15
   significant bits, up to 2^-16 |t| further off the grid: the lookup's PWL moves by at most
   |Δs_k| times that next to knot k; dyadic knots, e.g. ``fit(..., method="uniform")``'s, stay.)"""
   if (plan.path == "epilogue" and plan.residuals != "segments" and activation.kind == "pwl"
-      and pwl_lookup.evenly_spaced(activation.knots)):
+      and (activation.evenly_spaced or evenly_spaced(activation.knots))):
     return dataclasses.replace(plan, pwl_lookup=True, dgrad_lookup=plan.backward == "epilogue")
   return plan
 

@@ -14,9 +14,10 @@ for segments 32 apart; an 8-byte (s_j, c_j) load, measured first, conflicts in h
 segments 16 apart (H200, gpt2-small's forward kernel: 64.9 us at 65 segments, 60.4 at 17,
 against 71.7 for PWL-16's hinges and 56.3 with no activation; benchmarks/NOTES.md).
 
-The dispatcher takes this form in the forward kernel where a call's knots are concrete and evenly
-spaced (``evenly_spaced``; e.g. ``fit(..., method="uniform")``), and keeps the hinges for traced
-(learnable) knots; the dgrad kernel's ``value_and_slope`` is opt-in (``Plan.dgrad_lookup``).
+The dispatcher takes this form (forward, and the dgrad kernel's ``value_and_slope``) where a PWL's
+knots are evenly spaced: by construction (``Activation.evenly_spaced``: ``fit(...,
+method="uniform")``, a layer's uniform parametrisation, traced or not) or found so in concrete
+knots (``pallas_kernels.activation.evenly_spaced``); other PWLs keep the hinges.
 """
 
 from __future__ import annotations
@@ -35,24 +36,11 @@ from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
 HEADER = 2  # table entries before the slopes: 1 / δ and 1 - t_0 / δ
-SPACING_TOLERANCE = 1e-4  # of δ: how far a knot may sit from the even grid
-
-
-def evenly_spaced(knots) -> bool:
-  """Whether ``knots`` are concrete (not traced), at least two, and each within
-  ``SPACING_TOLERANCE`` δ of t_0 + k δ. A knot that far off moves the PWL by at most
-  |Δs_k| SPACING_TOLERANCE δ next to it under the lookup."""
-  if knots is None or isinstance(knots, jax.core.Tracer) or knots.shape[0] < 2:
-    return False
-  knots = np.asarray(knots, np.float64)
-  delta = (knots[-1] - knots[0]) / (knots.shape[0] - 1)
-  grid = knots[0] + delta * np.arange(knots.shape[0])
-  return bool(delta > 0 and np.max(np.abs(knots - grid)) <= SPACING_TOLERANCE * delta)
 
 
 def lookup_table(activation: Activation) -> jax.Array:
   """[1 / δ, 1 - t_0 / δ, s_0, .., s_K, c_0, .., c_K] in f32, padded to ``TABLE_ALIGN``, with
-  δ = (t_{K-1} - t_0) / (K - 1) (traceable; the caller checks ``evenly_spaced``)."""
+  δ = (t_{K-1} - t_0) / (K - 1) (traceable; the dispatcher checks the spacing)."""
   knots = jnp.asarray(activation.knots, jnp.float32)
   delta = (knots[-1] - knots[0]) / (knots.shape[0] - 1)
   table = jnp.concatenate([jnp.stack([1 / delta, 1 - knots[0] / delta]),
