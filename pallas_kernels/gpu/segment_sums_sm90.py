@@ -38,7 +38,15 @@ from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
 TILE_ROWS = 32
 TILE_COLS = 128
-SUB_ROWS = 2  # default slice [2, 128] f32: 2 elements per thread per accumulator (fastest measured)
+# Accumulator f32 per thread, 2 (K+1) sub_rows, the default slice keeps within: H200, 4096 x 1536,
+# PWL-16 [2, 128] slices (68 f32) 0.049 ms, [1, 128] 0.051; uniform PWL-64 [2, 128] (260 f32, spills)
+# 0.513 ms, [1, 128] (130 f32) 0.138 (benchmarks/results/pwl-grads-2026-12-03-pwl64-uniform.json).
+ACCUMULATOR_BUDGET = 160
+
+
+def default_sub_rows(num_knots: int) -> int:
+  """Rows per register slice: 2 while 2 (K+1) x 2 accumulators fit ``ACCUMULATOR_BUDGET``, else 1."""
+  return 2 if 4 * (num_knots + 1) <= ACCUMULATOR_BUDGET else 1
 STAGES = 2
 
 
@@ -65,7 +73,7 @@ def _num_ctas(tiles: int) -> int:
 
 
 def segment_sums(x, g: jax.Array, knots: jax.Array, *,
-                 sub_rows: int = SUB_ROWS) -> tuple[jax.Array, jax.Array]:
+                 sub_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
   """(S, C), each [K+1] f32, for x, g [R, C] and sorted knots [K] (see the module docstring).
 
   ``x``: the activation's input p as an f32 array or in a saved form of
@@ -74,9 +82,11 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
   seg(p)), whose bands are seg == j (exact: the forward's segment) and
   whose p is hi (|hi - p| <= 2^-9 |p| for bf16; ``backward.join_segmented``'s clip into the
   segment, which cost ~4 instructions per band and element, is left out). g: f32.
-  ``sub_rows`` (1, 2 or 4): rows per register slice; each of the 2(K+1) accumulators holds
-  sub_rows f32 per thread (fewer: less register pressure, more loop steps).
+  ``sub_rows`` (1, 2 or 4; None: ``default_sub_rows``): rows per register slice; each of the
+  2(K+1) accumulators holds sub_rows f32 per thread (fewer: less register pressure, more loop
+  steps).
   """
+  sub_rows = default_sub_rows(knots.shape[0]) if sub_rows is None else sub_rows
   if sub_rows not in (1, 2, 4):
     raise ValueError(f"sub_rows: expected 1, 2 or 4, got {sub_rows!r}")
   parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
