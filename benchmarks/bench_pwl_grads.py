@@ -1,8 +1,8 @@
 """What the PWL-parameter gradients cost in a training step (run on the GPU).
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_pwl_grads.py --out $OUT [--rows 4096]
+    PYTHONPATH=$PWD python3 benchmarks/bench_pwl_grads.py --out $OUT [--rows 4096] [--fit pwl16]
 
-Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path:
+Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16, SiLU's PWL of --fit) on the default GPU path:
   * ``pwl_segment_sums`` alone on [M, H] f32 inputs, as the library writes it, in the other XLA
     forms and as the Mosaic GPU kernel (``SEGMENT_SUMS``; each checked to give the same sums);
   * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
@@ -11,7 +11,7 @@ Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16) on the default GPU path
     kernel reading the saved residuals (``"kernel-residuals"``, the default plan's since
     2026-12-02), against XLA's exact FFN.
 Each section's variants are compiled first, then timed round-robin (``bench_gpu.
-interleaved_seconds``). Writes ``pwl-grads-<date>.json`` and prints a table.
+interleaved_seconds``). Writes ``pwl-grads-<date>-<fit>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
   if not on_gpu:
     print("not a GPU: the Mosaic GPU segment-sum kernel variants are skipped", flush=True)
   record = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
-            "rows": rows, "d_model": d_model, "hidden": hidden, "fit": args.fit, "ms": results, "errors": errors,
+            "rows": rows, "d_model": d_model, "hidden": hidden, "fit": args.fit, "ms": results,
+            "errors": errors,
             "command": "python3 benchmarks/bench_pwl_grads.py " + " ".join(argv or sys.argv[1:])}
   os.makedirs(args.out, exist_ok=True)
   out_path = os.path.join(args.out, f"pwl-grads-{record['date']}-{args.fit}.json")

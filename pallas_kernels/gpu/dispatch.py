@@ -363,9 +363,10 @@ def with_pwl_lookup(plan: Plan, activation: Activation) -> Plan:
   """``plan`` with ``pwl_lookup`` where it applies: a PWL whose knots are evenly spaced by
   construction (``Activation.evenly_spaced``, traced or not) or found so (concrete knots,
   ``activation.evenly_spaced``) on the epilogue path without segment residuals; and
-  ``dgrad_lookup`` where the backward is the dgrad kernel. (A floor-bits plan then rounds the knots to 15
-  significant bits, up to 2^-16 |t| further off the grid: the lookup's PWL moves by at most
-  |Δs_k| times that next to knot k; dyadic knots, e.g. ``fit(..., method="uniform")``'s, stay.)"""
+  ``dgrad_lookup`` where the backward is the dgrad kernel. (A floor-bits plan then rounds the
+  knots to 15 significant bits, up to 2^-16 |t| further off the grid: the lookup's PWL moves by
+  at most |Δs_k| times that next to knot k; dyadic knots, e.g. ``fit(..., method="uniform")``'s
+  over its default spans, stay.)"""
   if (plan.path == "epilogue" and plan.residuals != "segments" and activation.kind == "pwl"
       and (activation.evenly_spaced or evenly_spaced(activation.knots))):
     return dataclasses.replace(plan, pwl_lookup=True, dgrad_lookup=plan.backward == "epilogue")

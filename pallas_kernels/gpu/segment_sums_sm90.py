@@ -38,14 +38,16 @@ from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
 TILE_ROWS = 32
 TILE_COLS = 128
-# Accumulator f32 per thread, 2 (K+1) sub_rows, the default slice keeps within: H200, 4096 x 1536,
-# PWL-16 [2, 128] slices (68 f32) 0.049 ms, [1, 128] 0.051; uniform PWL-64 [2, 128] (260 f32, spills)
-# 0.513 ms, [1, 128] (130 f32) 0.138 (benchmarks/results/pwl-grads-2026-12-03-pwl64-uniform.json).
+# Accumulator f32 per thread, 2 (K+1) sub_rows, the default slice keeps within. H200, 4096 x
+# 1536: PWL-16 [2, 128] slices (68 f32) 0.049 ms, [1, 128] 0.051; uniform PWL-64 [2, 128] (260
+# f32, spills) 0.513 ms, [1, 128] (130 f32) 0.138
+# (benchmarks/results/pwl-grads-2026-12-03-pwl64-uniform.json).
 ACCUMULATOR_BUDGET = 160
 
 
 def default_sub_rows(num_knots: int) -> int:
-  """Rows per register slice: 2 while 2 (K+1) x 2 accumulators fit ``ACCUMULATOR_BUDGET``, else 1."""
+  """Rows per register slice: 2 while 2 (K+1) x 2 accumulators fit ``ACCUMULATOR_BUDGET``,
+  else 1."""
   return 2 if 4 * (num_knots + 1) <= ACCUMULATOR_BUDGET else 1
 STAGES = 2
 
