@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 benchmarks/bench_pwl_grads.py --out $OUT [--rows 4096] [--fit pwl16]
 
-Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16, SiLU's PWL of --fit) on the default GPU path:
+Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16, SiLU's PWL --fit) on the default path:
   * ``pwl_segment_sums`` alone on [M, H] f32 inputs, as the library writes it, in the other XLA
     forms and as the Mosaic GPU kernel (``SEGMENT_SUMS``; each checked to give the same sums);
   * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
