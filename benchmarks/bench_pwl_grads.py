@@ -4,7 +4,8 @@
 
 Times, at SmolLM2's FFN (576/1536 GLU, M = --rows, bf16, SiLU's PWL --fit) on the default path:
   * ``pwl_segment_sums`` alone on [M, H] f32 inputs, as the library writes it, in the other XLA
-    forms and as the Mosaic GPU kernel (``SEGMENT_SUMS``; each checked to give the same sums);
+    forms and as the Mosaic GPU kernel (``SEGMENT_SUMS``; each checked to give the same sums),
+    for evenly spaced knots also ``segment_sums_lookup`` (and a training step with it);
   * loss + gradients of the FFN w.r.t. x and the weights, and additionally w.r.t. the PWL values and
     tail slopes (what ``trainable="ffn"`` fine-tuning asks for), with the XLA segment sums and with
     the kernel on the joined f32 pre-activation (``Plan(segment_sums="kernel")``), and with the
@@ -181,11 +182,15 @@ def main(argv=None) -> int:
       np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-3,
                                  atol=1e-4 * np.abs(b).max())
 
-  for name, fn in SEGMENT_SUMS.items():
+  sums_variants = dict(SEGMENT_SUMS)
+  if pwl.evenly_spaced:  # O(1) per element: each element's segment by the lookup, SMEM bins
+    sums_variants["segment-sums (Mosaic GPU kernel, lookup into per-thread bins)"] = (
+        segment_sums_sm90.segment_sums_lookup)
+  for name, fn in sums_variants.items():
     if "Mosaic GPU kernel" in name and not on_gpu:
       continue
     compile_variant(name, lambda x, g, fn=fn: fn(x, g, act.knots), pre_sets, same_sums)
-  time_together(SEGMENT_SUMS, pre_sets)
+  time_together(sums_variants, pre_sets)
 
   bf16 = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]), jnp.bfloat16)
   weights = dict(w_up=bf16(d_model, hidden), w_gate=bf16(d_model, hidden),
@@ -222,6 +227,10 @@ def main(argv=None) -> int:
       variants[f"default plan with {what}, d(x, W, PWL values and tail slopes)"] = step(
           learnable, (0, 1, 2, 3, 4, 5, 6),
           plan=dataclasses.replace(default, segment_sums=kind))
+    if pwl.evenly_spaced:
+      variants["default plan with the lookup's segment sums, d(x, W, PWL values and tail "
+               "slopes)"] = step(learnable, (0, 1, 2, 3, 4, 5, 6), plan=dataclasses.replace(
+                   default, pwl_lookup=True, segment_lookup=True))
     # the plans before SmolLM2's moved to ping-pong tiles (2026-12-02) and to floor bits
     variants["cooperative 64x128 tiles saving floor bits, d(x, W, PWL values and tail slopes)"] = (
         step(learnable, (0, 1, 2, 3, 4, 5, 6), plan=dispatch.EPILOGUE_GLU_F16))

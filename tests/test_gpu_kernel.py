@@ -274,11 +274,16 @@ def test_interpret_relu_hinges_on_the_llama_plan(rng):
                           pwl_lookup=True)),
     (True, dataclasses.replace(dispatch.PINGPONG_GLU_F16, pwl_lookup=True, epilogue=(
         dataclasses.replace(dispatch.PINGPONG_GLU_F16.epilogue, tile_m=64, tile_n=64,
-                            stages=2))))], ids=["mlp-recompute", "glu-pingpong-floor-bits"])
+                            stages=2)))),
+    (True, dataclasses.replace(dispatch.PINGPONG_GLU_F16, pwl_lookup=True, segment_lookup=True,
+                               epilogue=dataclasses.replace(dispatch.PINGPONG_GLU_F16.epilogue,
+                                                            tile_m=64, tile_n=64, stages=2)))],
+    ids=["mlp-recompute", "glu-pingpong-floor-bits", "glu-floor-bits-segment-lookup"])
 def test_interpret_epilogue_pwl_lookup(rng, glu, plan):
   """The forward epilogue's table lookup (``Plan.pwl_lookup``) on a 64-segment uniform fit:
   forward (inference and training) and every gradient against the f32 reference, odd M, H and
-  D_out; the GLU case on SmolLM2's plan (ping-pong, floor bits) with smaller tiles."""
+  D_out; the GLU cases on SmolLM2's plan (ping-pong, floor bits) with smaller tiles, the last
+  with the PWL's gradients from the lookup's bins (``Plan.segment_lookup``)."""
   problem = make_problem(rng, rows=100, d_model=128, hidden=200, d_out=72, glu=glu, bias=True)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation("pwl64u", glu), plan)
@@ -328,6 +333,12 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
     dataclasses.replace(segments, pwl_lookup=True)
   with pytest.raises(ValueError, match="dgrad_lookup=True needs pwl_lookup=True"):
     dataclasses.replace(plan, dgrad_lookup=True)
+  with pytest.raises(ValueError, match="segment_lookup=True needs pwl_lookup=True"):
+    dataclasses.replace(plan, segment_lookup=True)
+  asked = dataclasses.replace(plan, pwl_lookup=True, dgrad_lookup=True, segment_lookup=True)
+  cleared = dispatch.with_pwl_lookup(asked, optimal)  # a caller's plan cannot force them
+  assert not (cleared.pwl_lookup or cleared.dgrad_lookup or cleared.segment_lookup)
+  assert dispatch.with_pwl_lookup(asked, uniform).segment_lookup
   assert plan.backward == "epilogue" and dispatch.with_pwl_lookup(plan, uniform).dgrad_lookup
   xla_backward = dataclasses.replace(plan, backward="xla")
   assert not dispatch.with_pwl_lookup(xla_backward, uniform).dgrad_lookup
@@ -672,6 +683,49 @@ def test_interpret_backward_with_segment_sums_kernel(rng, kind, residuals, toler
   assert len(got) == len(expected)
   for index, (g, want) in enumerate(zip(got, expected)):
     assert relative_error(g, want) < tolerance, f"gradient {index}"
+
+
+@on_cpu_only
+@needs_interpret_threads
+@pytest.mark.parametrize("form", ["f32", "pairs", "floor-bits"])
+def test_interpret_segment_sums_lookup_matches_float64(rng, form):
+  """The lookup's bins (``segment_sums_lookup``) vs float64 NumPy, a uniform PWL-64 of SiLU,
+  45 x 200 (padded to whole tiles): each p in the segment the lookup's rule gives (a p on a knot:
+  the segment above, as the bands), sums per segment, exact zeros for the segments no element
+  reaches (x clipped to [-1, 1.2]), NaN only in segment 0; (hi, int8 seg) refused by name."""
+  knots = kernel_activation("pwl64u", glu=True).knots
+  shape = (45, 200)
+  x = np.clip(rng.normal(size=shape) * 2, -1.0, 1.2).astype(np.float32)
+  x[0, :4] = np.asarray(knots[29:33])
+  g = rng.normal(size=shape).astype(np.float32)
+  parts = saved_forms(x, knots)[form]
+  p = np.asarray(backward.join_saved(parts, knots), np.float64)
+  segment = np.searchsorted(np.asarray(knots, np.float64), p, side="right")
+  per_segment = lambda v: np.array([np.sum(np.where(segment == j, v, 0.0))
+                                    for j in range(len(knots) + 1)])
+  want_s, want_c = per_segment(g.astype(np.float64) * p), per_segment(g.astype(np.float64))
+  nan_parts = saved_forms(np.where(np.arange(x.size).reshape(shape) == 5, np.nan, x), knots)[form]
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    got_s, got_c = segment_sums_sm90.segment_sums_lookup(parts, jnp.asarray(g), knots)
+    poisoned = segment_sums_sm90.segment_sums_lookup(nan_parts, jnp.asarray(g), knots)
+  for got, want in ((got_s, want_s), (got_c, want_c)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    assert np.all(np.asarray(got)[want == 0] == 0) and np.sum(want == 0) >= 40
+  assert np.isnan(poisoned[0][0]) and np.all(np.isfinite(poisoned[0][1:]))
+  with pytest.raises(ValueError, match="x: the lookup's segment sums read p"):
+    segment_sums_sm90.segment_sums_lookup(saved_forms(x, knots)["segments"], jnp.asarray(g),
+                                          knots)
+
+
+def test_segment_sums_lookup_lowers_for_cuda():
+  """The lookup's bin updates (inline PTX: segment, this thread's column, two read-modify-writes)
+  are in the kernel for cuda, reading floor bits at SmolLM2's training width."""
+  knots = kernel_activation("pwl64u", glu=True).knots
+  specs = [jax.ShapeDtypeStruct((4096, 1536), dtype) for dtype in ("bfloat16", "uint8", "float32")]
+  module = jax.export.export(jax.jit(lambda hi, bits, g: segment_sums_sm90.segment_sums_lookup(
+      (hi, bits), g, knots)), platforms=["cuda"])(*specs).mlir_module()
+  assert "cvt.rmi.u32.f32" in module and "mad.lo.u32 a, j, 128, t" in module
 
 
 def test_segment_sums_slices_shrink_with_the_knot_count():
@@ -1230,6 +1284,10 @@ GPU_CASES = {
     "epilogue-pp-glu-pwl-lookup-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
                                        dataclasses.replace(dispatch.SMOLLM2_GLU_F16,
                                                            pwl_lookup=True)),
+    "epilogue-pp-glu-pwl-segment-lookup-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
+                                               dataclasses.replace(dispatch.SMOLLM2_GLU_F16,
+                                                                   pwl_lookup=True,
+                                                                   segment_lookup=True)),
     "epilogue-mlp-pwl-lookup-recompute-odd": (513, 768, 3000, 700, False, True, "pwl64u",
                                               dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, pwl_lookup=True)),

@@ -135,7 +135,11 @@ class Plan:
   (``pwl_lookup.value_and_slope``: one lookup for both, where the hinge table's select chain costs
   3 instructions per pair and knot; H200: SmolLM2 fwd+bwd with a uniform PWL-64 0.528 -> 0.315
   ms), set with ``pwl_lookup`` by ``with_pwl_lookup``; otherwise the backward keeps the hinge
-  table."""
+  table; ``segment_lookup``: a trained PWL's segment sums by the lookup's bins
+  (``segment_sums_sm90.segment_sums_lookup``, O(1) per element for any K) instead of
+  ``segment_sums`` - prepared on CPU (interpret mode, lowering), not yet run on a GPU, so
+  nothing sets it but callers' plans. ``with_pwl_lookup`` clears all three for a PWL whose knots
+  are not evenly spaced."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -151,6 +155,7 @@ class Plan:
   biased_down: kernels.EpilogueConfig | None = None
   pwl_lookup: bool = False
   dgrad_lookup: bool = False
+  segment_lookup: bool = False
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -172,6 +177,8 @@ class Plan:
                        f"count knots from the hinge table), got {self.path!r} / {self.residuals!r}")
     if self.dgrad_lookup and not (self.pwl_lookup and self.backward == "epilogue"):
       raise ValueError("dgrad_lookup=True needs pwl_lookup=True and backward='epilogue'")
+    if self.segment_lookup and not self.pwl_lookup:
+      raise ValueError("segment_lookup=True needs pwl_lookup=True (evenly spaced knots)")
     if self.backward == "epilogue" and self.residuals not in DGRAD_RESIDUALS:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
                        f"residuals in {DGRAD_RESIDUALS}, got {self.residuals!r}")
@@ -363,14 +370,15 @@ def with_pwl_lookup(plan: Plan, activation: Activation) -> Plan:
   """``plan`` with ``pwl_lookup`` where it applies: a PWL whose knots are evenly spaced by
   construction (``Activation.evenly_spaced``, traced or not) or found so (concrete knots,
   ``activation.evenly_spaced``) on the epilogue path without segment residuals; and
-  ``dgrad_lookup`` where the backward is the dgrad kernel. (A floor-bits plan then rounds the
+  ``dgrad_lookup`` where the backward is the dgrad kernel; elsewhere none of the lookups, whatever
+  the plan asked for (they would evaluate another PWL). (A floor-bits plan then rounds the
   knots to 15 significant bits, up to 2^-16 |t| further off the grid: the lookup's PWL moves by
   at most |Δs_k| times that next to knot k; dyadic knots, e.g. ``fit(..., method="uniform")``'s
   over its default spans, stay.)"""
   if (plan.path == "epilogue" and plan.residuals != "segments" and activation.kind == "pwl"
       and (activation.evenly_spaced or evenly_spaced(activation.knots))):
     return dataclasses.replace(plan, pwl_lookup=True, dgrad_lookup=plan.backward == "epilogue")
-  return plan
+  return dataclasses.replace(plan, pwl_lookup=False, dgrad_lookup=False, segment_lookup=False)
 
 
 def unsupported_reason(x, activation: Activation) -> str | None:
@@ -538,7 +546,9 @@ def _ffn_bwd(plan, kind, precision, residuals, dy):
     grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,
                                   dy.astype(x.dtype), chunk=chunk, precision=precision,
                                   preactivations=saved,
-                                  segment_sums=SEGMENT_SUMS[plan.segment_sums],
+                                  segment_sums=(segment_sums_sm90.segment_sums_lookup
+                                                if plan.segment_lookup
+                                                else SEGMENT_SUMS[plan.segment_sums]),
                                   d_hidden_dtype=None if plan.d_hidden == "float32" else x.dtype)
   *array_grads, d_slopes, d_intercepts = grads
   d_knots = None if knots is None else jnp.zeros_like(knots)

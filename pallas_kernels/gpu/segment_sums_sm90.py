@@ -30,8 +30,12 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.mosaic.gpu import utils
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, memref, vector
 
 from pallas_kernels.activation import segment_bands
+from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.backward import join_saved
 from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
@@ -74,6 +78,40 @@ def _num_ctas(tiles: int) -> int:
   return max(c for c in range(1, min(sms, tiles) + 1) if tiles % c == 0)
 
 
+def _tiled(x, g: jax.Array):
+  """x as its parts and g, checked and padded to whole [TILE_ROWS, TILE_COLS] tiles (g = 0 adds
+  exactly 0 to every sum), with the tiles' grid: (parts, g, col_tiles, ctas, per_cta)."""
+  parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  reason = unsupported_reason(parts, g)
+  if reason is not None:
+    raise ValueError(f"x, g: {reason}")
+  padding = [(0, -n % tile) for n, tile in zip(g.shape, (TILE_ROWS, TILE_COLS))]
+  if any(high for _, high in padding):
+    parts, g = tuple(jnp.pad(part, padding) for part in parts), jnp.pad(g, padding)
+  rows, cols = g.shape
+  col_tiles = cols // TILE_COLS
+  tiles = rows // TILE_ROWS * col_tiles
+  ctas = _num_ctas(tiles)
+  return parts, g, col_tiles, ctas, tiles // ctas
+
+
+def _tile_spec(col_tiles: int, per_cta: int) -> pl.BlockSpec:
+  """CTA b's i-th [TILE_ROWS, TILE_COLS] tile: tile b per_cta + i, row-major."""
+  def tile_index(i):
+    t = lax.axis_index("cta") * per_cta + i
+    return t // col_tiles, t % col_tiles
+  return pl.BlockSpec((TILE_ROWS, TILE_COLS), tile_index)
+
+
+def _lane_kernel(body, out_shape, scratch_types, *args):
+  """``plgpu.kernel`` over the CTAs (first dim of ``out_shape``), lane semantics."""
+  return plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32), grid=(out_shape[0],),
+      grid_names=("cta",), scratch_types=scratch_types,
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )(*args)
+
+
 def segment_sums(x, g: jax.Array, knots: jax.Array, *,
                  sub_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
   """(S, C), each [K+1] f32, for x, g [R, C] and sorted knots [K] (see the module docstring).
@@ -91,21 +129,10 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
   sub_rows = default_sub_rows(knots.shape[0]) if sub_rows is None else sub_rows
   if sub_rows not in (1, 2, 4):
     raise ValueError(f"sub_rows: expected 1, 2 or 4, got {sub_rows!r}")
-  parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-  reason = unsupported_reason(parts, g)
-  if reason is not None:
-    raise ValueError(f"x, g: {reason}")
+  parts, g, col_tiles, ctas, per_cta = _tiled(x, g)
   segmented = parts[-1].dtype == jnp.int8
-  padding = [(0, -n % tile) for n, tile in zip(g.shape, (TILE_ROWS, TILE_COLS))]
-  if any(high for _, high in padding):
-    parts, g = tuple(jnp.pad(part, padding) for part in parts), jnp.pad(g, padding)
-  rows, cols = g.shape
   num_knots = knots.shape[0]
   segments = num_knots + 1
-  col_tiles = cols // TILE_COLS
-  tiles = rows // TILE_ROWS * col_tiles
-  ctas = _num_ctas(tiles)
-  per_cta = tiles // ctas
   table = jnp.zeros((pl.cdiv(num_knots, TABLE_ALIGN) * TABLE_ALIGN,), jnp.float32)
   table = table.at[:num_knots].set(knots.astype(jnp.float32))
   slice_layout = plgpu.Layout.WG_STRIDED((sub_rows, TILE_COLS), vec_size=sub_rows)
@@ -120,7 +147,6 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
 
   def segment_sums_kernel(*refs):
     *part_gmems, g_gmem, table_gmem, out_gmem, table_smem, out_smem, ready = refs
-    cta = lax.axis_index("cta")
     plgpu.copy_gmem_to_smem(table_gmem, table_smem, ready)
     plgpu.barrier_wait(ready)
     thresholds = [table_smem[k] for k in range(num_knots)]
@@ -137,29 +163,132 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
                      for s, band, v in zip(sums, bands + bands, values))
       return lax.fori_loop(0, TILE_ROWS // sub_rows, add_slice, sums)
 
-    def tile_index(i):
-      t = cta * per_cta + i
-      return t // col_tiles, t % col_tiles
-
-    spec = pl.BlockSpec((TILE_ROWS, TILE_COLS), tile_index)
     zero = plgpu.layout_cast(jnp.zeros((sub_rows, TILE_COLS), jnp.float32), slice_layout)
-    sums = plgpu.emit_pipeline(tile, grid=(per_cta,), in_specs=[spec] * (len(parts) + 1),
+    sums = plgpu.emit_pipeline(tile, grid=(per_cta,),
+                               in_specs=[_tile_spec(col_tiles, per_cta)] * (len(parts) + 1),
                                max_concurrent_steps=STAGES,
                                init_carry=(zero,) * (2 * segments))(*part_gmems, g_gmem)
     for i, s in enumerate(sums):
       out_smem[i] = s
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[cta])
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[lax.axis_index("cta")])
     plgpu.wait_smem_to_gmem(0)
 
-  partials = plgpu.kernel(
-      segment_sums_kernel,
-      out_type=jax.ShapeDtypeStruct((ctas, 2 * segments, sub_rows, TILE_COLS), jnp.float32),
-      grid=(ctas,), grid_names=("cta",),
-      scratch_types=[plgpu.SMEM(table.shape, jnp.float32),
-                      plgpu.SMEM((2 * segments, sub_rows, TILE_COLS), jnp.float32),
-                      plgpu.Barrier(num_arrivals=1)],
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-  )(*parts, g, table)
+  partials = _lane_kernel(
+      segment_sums_kernel, (ctas, 2 * segments, sub_rows, TILE_COLS),
+      [plgpu.SMEM(table.shape, jnp.float32),
+       plgpu.SMEM((2 * segments, sub_rows, TILE_COLS), jnp.float32),
+       plgpu.Barrier(num_arrivals=1)], *parts, g, table)
   sums = partials.sum(axis=(0, 2, 3)).reshape(2, segments)
+  return sums[0], sums[1]
+
+
+def _bin_add_ptx(segments: int) -> str:
+  """Add g p and g into the bins of p's segment j = min(floor(p / δ + 1 - t_0 / δ), K) (the
+  lookup's rule, ``pwl_lookup``) in this thread's column: S_j at bins + 4 (128 j + t), C_j
+  ``segments`` rows further. Operands: $0 p, $1 g, $2 1 / δ, $3 1 - t_0 / δ, $4 the bins'
+  shared address, $5 K."""
+  return f"""{{
+.reg .f32 u, s, c;
+.reg .u32 j, t, a;
+fma.rn.f32 u, $0, $2, $3;
+cvt.rmi.u32.f32 j, u;
+min.u32 j, j, $5;
+mov.u32 t, %tid.x;
+and.b32 t, t, {TILE_COLS - 1};
+mad.lo.u32 a, j, {TILE_COLS}, t;
+mad.lo.u32 a, a, 4, $4;
+ld.shared.f32 s, [a];
+fma.rn.f32 s, $1, $0, s;
+st.shared.f32 [a], s;
+ld.shared.f32 c, [a+{4 * TILE_COLS * segments}];
+add.f32 c, c, $1;
+st.shared.f32 [a+{4 * TILE_COLS * segments}], c;
+}}"""
+
+
+def _add_to_bins(p, g, header_ref, bins_ref, segments: int) -> None:
+  """Each element's g p and g into its segment's bins (``_bin_add_ptx``; in interpret mode, no
+  inline PTX there, the same sums in jnp, added per column)."""
+  if packed_pwl.interpreting():
+    position = jnp.floor(p * header_ref[0] + header_ref[1])
+    segment = jnp.where(position > 0, jnp.minimum(position, segments - 1), 0).astype(jnp.int32)
+    in_segment = segment[None] == jnp.arange(segments)[:, None, None]
+    bins_ref[:segments] += jnp.sum(jnp.where(in_segment, g * p, 0.0), axis=1)
+    bins_ref[segments:] += jnp.sum(jnp.where(in_segment, g, 0.0), axis=1)
+    return
+
+  layout = plgpu.Layout.WG_STRIDED(p.shape, vec_size=1)
+
+  @plgpu.inline_mgpu(arg_types=(layout, layout, plgpu.RefType(), plgpu.RefType()))
+  def run(_, p, g, header, bins):
+    f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+    entry = lambda i: memref.load(header, [arith.constant(ir.IndexType.get(), i)])
+    operands = [entry(0), entry(1), llvm.ptrtoint(i32, utils.memref_ptr(bins)),
+                arith.constant(i32, segments - 1)]
+    asm = _bin_add_ptx(segments)
+
+    def scalars(register):  # an f32 or a vector of them
+      if register.type == f32:
+        return [register]
+      return [vector.extract(register, dynamic_position=[],
+                             static_position=ir.DenseI64ArrayAttr.get([i]))
+              for i in range(ir.VectorType(register.type).shape[0])]
+
+    for p_register, g_register in zip(p.registers.flat, g.registers.flat):
+      for p_value, g_value in zip(scalars(p_register), scalars(g_register)):
+        llvm.inline_asm(None, [p_value, g_value, *operands], asm, "f,f,f,f,r,r",
+                        has_side_effects=True)
+
+  run(p, g, header_ref, bins_ref)
+
+
+def segment_sums_lookup(x, g: jax.Array, knots: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(S, C) as ``segment_sums``, for evenly spaced knots, in O(1) work per element for any K:
+  the element's segment by the lookup's fma + cvt (``pwl_lookup``), then g p and g added into
+  that segment's bins in SMEM - bins [2 (K+1), 128], one column per thread, so a thread's
+  read-modify-writes never race another's and a warp's 32 lanes hit 32 banks - where
+  ``segment_sums`` masks 2 (K+1) register sums per element. Each CTA stores its bins as a
+  partial; XLA sums them. x as ``segment_sums`` takes it, except (hi, int8 seg): the lookup
+  plans keep no segment indices. Prepared on CPU (interpret mode, lowering); not yet run on a
+  GPU, so ``SEGMENT_SUMS["kernel-lookup"]`` serves only plans that ask for it."""
+  parts, g, col_tiles, ctas, per_cta = _tiled(x, g)
+  if parts[-1].dtype == jnp.int8:
+    raise ValueError("x: the lookup's segment sums read p, not (hi, int8 seg) segment indices")
+  num_knots = knots.shape[0]
+  segments = num_knots + 1
+  knots = knots.astype(jnp.float32)
+  delta = (knots[-1] - knots[0]) / (num_knots - 1)
+  header = jnp.pad(jnp.stack([1 / delta, 1 - knots[0] / delta]), (0, TABLE_ALIGN - 2))
+  zeros = jnp.zeros((2 * segments, TILE_COLS), jnp.float32)
+  slice_layout = plgpu.Layout.WG_STRIDED((1, TILE_COLS), vec_size=1)
+
+  def segment_sums_kernel(*refs):
+    *part_gmems, g_gmem, header_gmem, zeros_gmem, out_gmem, header_smem, bins_smem, ready = refs
+    plgpu.copy_gmem_to_smem(header_gmem, header_smem, ready)
+    plgpu.copy_gmem_to_smem(zeros_gmem, bins_smem, ready)  # every thread sees zeroed bins
+    plgpu.barrier_wait(ready)
+
+    def tile(_, *smems):
+      *part_smems, g_smem = smems
+
+      def add_row(r, carry):
+        loaded = [plgpu.load(ref.at[pl.ds(r, 1)], layout=slice_layout) for ref in part_smems]
+        gs = plgpu.load(g_smem.at[pl.ds(r, 1)], layout=slice_layout)
+        _add_to_bins(join_saved(loaded), gs, header_smem, bins_smem, segments)
+        return carry
+      lax.fori_loop(0, TILE_ROWS, add_row, None)
+
+    plgpu.emit_pipeline(tile, grid=(per_cta,),
+                        in_specs=[_tile_spec(col_tiles, per_cta)] * (len(parts) + 1),
+                        max_concurrent_steps=STAGES)(*part_gmems, g_gmem)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(bins_smem, out_gmem.at[lax.axis_index("cta")])
+    plgpu.wait_smem_to_gmem(0)
+
+  partials = _lane_kernel(
+      segment_sums_kernel, (ctas, 2 * segments, TILE_COLS),
+      [plgpu.SMEM(header.shape, jnp.float32), plgpu.SMEM(zeros.shape, jnp.float32),
+       plgpu.Barrier(num_arrivals=2)], *parts, g, header, zeros)
+  sums = partials.sum(axis=(0, 2)).reshape(2, segments)
   return sums[0], sums[1]
