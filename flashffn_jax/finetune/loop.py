@@ -252,10 +252,14 @@ class FinetuneResult:
     return {**numbers, "recovered": self.recovered}
 
   def table(self) -> str:
+    below = (f" (the fine-tuned model is below the exact one; the linearized was "
+             f"{100 * (self.linearized_ppl / self.exact_ppl - 1):+.2f}%)"
+             if self.finetuned_ppl < self.exact_ppl else "")
     return ("                 exact   linearized   fine-tuned\n"
             f"perplexity   {self.exact_ppl:9.3f}   {self.linearized_ppl:10.3f}   {self.finetuned_ppl:10.3f}\n"
             f"(validation: {self.eval_tokens} tokens) gap recovered: {100 * self.recovered:.1f}% of the "
-            f"log-perplexity gap, {self.steps} steps, {self.tokens_trained} tokens trained, {self.seconds:.0f} s")
+            f"log-perplexity gap{below}, {self.steps} steps, {self.tokens_trained} tokens trained, "
+            f"{self.seconds:.0f} s")
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int | None = None,
