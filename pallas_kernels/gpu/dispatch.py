@@ -172,7 +172,7 @@ class Plan:
       raise ValueError(f"d_hidden={self.d_hidden!r}: expected one of {D_HIDDEN}")
     if self.backward not in BACKWARDS:
       raise ValueError(f"backward={self.backward!r}: expected one of {BACKWARDS}")
-    if self.pwl_lookup and (self.path != "epilogue" or self.residuals == "segments"):
+    if self.pwl_lookup and not self.takes_lookup:
       raise ValueError("pwl_lookup=True needs the epilogue path without segment residuals (they "
                        f"count knots from the hinge table), got {self.path!r} / {self.residuals!r}")
     if self.dgrad_lookup and not (self.pwl_lookup and self.backward == "epilogue"):
@@ -182,6 +182,12 @@ class Plan:
     if self.backward == "epilogue" and self.residuals not in DGRAD_RESIDUALS:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
                        f"residuals in {DGRAD_RESIDUALS}, got {self.residuals!r}")
+
+  @property
+  def takes_lookup(self) -> bool:
+    """Whether the PWL may be evaluated by table lookup here: the epilogue path, without segment
+    residuals (they count knots from the hinge table)."""
+    return self.path == "epilogue" and self.residuals != "segments"
 
   @property
   def saves(self) -> str | None:
@@ -375,7 +381,7 @@ def with_pwl_lookup(plan: Plan, activation: Activation) -> Plan:
   knots to 15 significant bits, up to 2^-16 |t| further off the grid: the lookup's PWL moves by
   at most |Δs_k| times that next to knot k; dyadic knots, e.g. ``fit(..., method="uniform")``'s
   over its default spans, stay.)"""
-  if (plan.path == "epilogue" and plan.residuals != "segments" and activation.kind == "pwl"
+  if (plan.takes_lookup and activation.kind == "pwl"
       and (activation.evenly_spaced or evenly_spaced(activation.knots))):
     return dataclasses.replace(plan, pwl_lookup=True, dgrad_lookup=plan.backward == "epilogue")
   return dataclasses.replace(plan, pwl_lookup=False, dgrad_lookup=False, segment_lookup=False)

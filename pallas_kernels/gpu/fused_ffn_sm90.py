@@ -57,13 +57,12 @@ from jax import lax
 from pallas_kernels.activation import exact_activation
 from pallas_kernels.gpu import packed_pwl, pwl_lookup
 from pallas_kernels.gpu.backward import save_preactivations
-from pallas_kernels.gpu.hinge_table import TABLE_ALIGN, HingeTable
+from pallas_kernels.gpu.hinge_table import MAX_TMA_BOX, TABLE_ALIGN, HingeTable
 
 WGMMA_ROWS = 64  # rows of one wgmma (and of a fused-kernel row block)
 TILE_K = 64  # contraction slice: 64 bf16 = one 128-byte swizzle row
 MAX_WGMMA_N = 256
 EPILOGUE_N = 64  # columns per epilogue slice of gemm1_activation
-MAX_TMA_BOX = 256  # elements per dimension of one TMA copy
 SMEM_BYTES = 227 * 1024 - 4096  # sm_90's 227 KiB per block, less Pallas' barriers and scratch
 H100_SMS = 132  # used when lowering without a GPU attached
 MEMORY_REGISTERS = 40  # per thread, memory warpgroup (compute warpgroups get the rest)

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 from pallas_kernels.activation import Activation
 
 TABLE_ALIGN = 32  # f32 entries: TMA copies move multiples of 128 bytes
-# The kernels copy a table in one TMA box (<= 256 f32): 2K + 3 hinge entries, or 2K + 4 of
-# ``pwl_lookup``'s table, fit for K <= 126 knots; the dispatcher sends larger PWLs to XLA.
-MAX_KNOTS = 126
+MAX_TMA_BOX = 256  # elements per dimension of one TMA copy
+# The kernels copy a table in one TMA box: 2K + 3 hinge entries, or 2K + 4 of ``pwl_lookup``'s
+# table, fit for K <= 126 knots; the dispatcher sends larger PWLs to XLA.
+MAX_KNOTS = (MAX_TMA_BOX - 4) // 2
 
 
 @dataclasses.dataclass(frozen=True)
