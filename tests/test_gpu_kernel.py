@@ -57,6 +57,12 @@ def make_problem(rng, rows, d_model, hidden, d_out, glu, bias, dtype=jnp.bfloat1
   return {k: None if v is None else jnp.asarray(v, dtype) for k, v in arrays.items()}
 
 
+def cuda_module(fn, *specs) -> str:
+  """The text of ``fn``'s program (jitted) lowered for cuda, Mosaic GPU kernels included: what
+  the lowering tests search, no GPU needed."""
+  return jax.export.export(jax.jit(fn), platforms=["cuda"])(*specs).mlir_module()
+
+
 def kernel_activation(name: str, glu: bool) -> Activation:
   """An exact activation by name, "pwl": a 16-segment fit of SiLU (GLU) / GELU (MLP), or "pwl15":
   that fit with its knots rounded to 15 significant bits (what residuals="floor-bits" keeps
@@ -349,10 +355,9 @@ def test_pwl_lookup_lowers_into_the_forward_kernel():
   activation = kernel_activation("pwl64u", glu=False)
   plan = dataclasses.replace(dispatch.PINGPONG_MLP_F16, pwl_lookup=True)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  forward = jax.jit(lambda x, wu, wd: dispatch._forward(plan, x, wu, wd, None, None, None, None,
-                                                        activation, saves=plan.saves))
-  module = jax.export.export(forward, platforms=["cuda"])(
-      spec(8192, 768), spec(768, 3072), spec(3072, 768)).mlir_module()
+  forward = lambda x, wu, wd: dispatch._forward(plan, x, wu, wd, None, None, None, None,
+                                                activation, saves=plan.saves)
+  module = cuda_module(forward, spec(8192, 768), spec(768, 3072), spec(3072, 768))
   intercepts = 4 * (activation.knots.shape[0] + 1)  # bytes past s_0: K + 1 slopes
   assert "cvt.rmi.u32.f32" in module and f"ld.shared.f32 c, [j+{intercepts}]" in module
 
@@ -370,8 +375,7 @@ def test_pwl_lookup_lowers_into_the_dgrad_kernel():
                                                 activation.intercepts), w_up, w_down)
     return vjp(dy)
 
-  module = jax.export.export(jax.jit(step), platforms=["cuda"])(
-      spec(8192, 768), spec(768, 3072), spec(3072, 768), spec(8192, 768)).mlir_module()
+  module = cuda_module(step, spec(8192, 768), spec(768, 3072), spec(3072, 768), spec(8192, 768))
   assert "ld.shared.f32 $1, [j]" in module
 
 
@@ -723,8 +727,8 @@ def test_segment_sums_lookup_lowers_for_cuda():
   are in the kernel for cuda, reading floor bits at SmolLM2's training width."""
   knots = kernel_activation("pwl64u", glu=True).knots
   specs = [jax.ShapeDtypeStruct((4096, 1536), dtype) for dtype in ("bfloat16", "uint8", "float32")]
-  module = jax.export.export(jax.jit(lambda hi, bits, g: segment_sums_sm90.segment_sums_lookup(
-      (hi, bits), g, knots)), platforms=["cuda"])(*specs).mlir_module()
+  module = cuda_module(lambda hi, bits, g: segment_sums_sm90.segment_sums_lookup(
+      (hi, bits), g, knots), *specs)
   assert "cvt.rmi.u32.f32" in module and "mad.lo.u32 a, j, 128, t" in module
 
 
@@ -743,9 +747,8 @@ def test_segment_sums_slices_shrink_with_the_knot_count():
 def test_segment_sums_kernel_lowers_for_cuda(sub_rows, shape, dtypes):
   knots = kernel_activation("pwl", glu=True).knots
   specs = [jax.ShapeDtypeStruct(shape, dtype) for dtype in (*dtypes, "float32")]
-  exported = jax.export.export(jax.jit(lambda *parts_g: segment_sums_sm90.segment_sums(
-      parts_g[:-1], parts_g[-1], knots, sub_rows=sub_rows)), platforms=["cuda"])(*specs)
-  assert "mosaic_gpu" in exported.mlir_module()
+  assert "mosaic_gpu" in cuda_module(lambda *parts_g: segment_sums_sm90.segment_sums(
+      parts_g[:-1], parts_g[-1], knots, sub_rows=sub_rows), *specs)
 
 
 @on_cpu_only
@@ -884,11 +887,10 @@ def test_backward_epilogue_lowers_for_cuda(glu, name, schedule):
   loss = lambda x, wu, wd, wg: jnp.sum(dispatch._ffn(
       plan, activation.kind, None, x, wu, wd, wg, None, None, None, activation.knots,
       activation.slopes, activation.intercepts).astype(jnp.float32))
-  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2) + ((3,) if glu else ())))
-  exported = jax.export.export(step, platforms=["cuda"])(
-      spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_model),
-      spec(d_model, hidden) if glu else None)
-  assert exported.mlir_module().count("mosaic_gpu") >= 2  # forward epilogue + dgrad kernels
+  step = jax.grad(loss, argnums=(0, 1, 2) + ((3,) if glu else ()))
+  module = cuda_module(step, spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_model),
+                       spec(d_model, hidden) if glu else None)
+  assert module.count("mosaic_gpu") >= 2  # forward epilogue + dgrad kernels
 
 
 def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
@@ -996,10 +998,9 @@ def test_kernels_lower_for_cuda(case):
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   args = (spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_out),
           spec(d_model, hidden) if glu else None)
-  forward = jax.jit(lambda x, wu, wd, wg: dispatch._forward(
-      plan, x, wu, wd, wg, None, None, None, activation, saves=plan.saves))
-  exported = jax.export.export(forward, platforms=["cuda"])(*args)
-  assert "mosaic_gpu" in exported.mlir_module()
+  forward = lambda x, wu, wd, wg: dispatch._forward(
+      plan, x, wu, wd, wg, None, None, None, activation, saves=plan.saves)
+  assert "mosaic_gpu" in cuda_module(forward, *args)
 
 
 @pytest.mark.parametrize("glu", [True, False])
@@ -1088,12 +1089,11 @@ def test_relu_hinges_lower_into_the_forward_kernel(hinges):
   config = kernels.EpilogueConfig(128, 64, 3, pwl_dtype="float16", schedule="pingpong",
                                   hinges=hinges)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  forward = jax.jit(lambda x, w_up, w_gate, table: kernels.gemm1_activation(
+  forward = lambda x, w_up, w_gate, table: kernels.gemm1_activation(
       x, w_up, w_gate, None, None, table, kind="pwl", num_knots=activation.knots.shape[0],
-      config=config, saves="floor-bits"))
-  module = jax.export.export(forward, platforms=["cuda"])(
-      spec(512, 576), spec(576, 1536), spec(576, 1536),
-      jax.ShapeDtypeStruct(table.shape, table.dtype)).mlir_module()
+      config=config, saves="floor-bits")
+  module = cuda_module(forward, spec(512, 576), spec(576, 1536), spec(576, 1536),
+                       jax.ShapeDtypeStruct(table.shape, table.dtype))
   assert ("fma.rn.relu.f16x2" in module) == (hinges == "relu")
   assert ("max.NaN.f16x2" in module) == (hinges == "max")  # Mosaic's lowering of jnp.maximum
 
