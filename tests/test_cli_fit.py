@@ -16,8 +16,18 @@ def test_fit_json_report_matches_the_library(capsys, tmp_path):
   expected = pwl.fit("silu", 12, "curvature")
   np.testing.assert_allclose(report["knots"], np.asarray(expected.knots), rtol=1e-6)
   assert report["max_abs_error"] == pytest.approx(expected.error_report("silu")["max_abs_error"])
-  assert report["segments"] == 12 and report["rms_error"] > 0
+  assert report["segments"] == 12 and report["rms_error"] > 0 and not report["evenly_spaced"]
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_fit_json_says_when_the_knots_are_evenly_spaced(capsys):
+  """A uniform fit's JSON carries its static promise (``PiecewiseLinear.evenly_spaced``: what
+  rebuilding it with ``PiecewiseLinear.create`` needs for the Hopper table lookup)."""
+  assert cli.main(["fit", "--segments", "64", "--method", "uniform", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  rebuilt = pwl.PiecewiseLinear.create(report["knots"], report["values"], report["left_slope"],
+                                       report["right_slope"], evenly_spaced=report["evenly_spaced"])
+  assert rebuilt.evenly_spaced and len(report["knots"]) == 65
 
 
 def test_fit_table_and_data_samples(capsys, tmp_path, rng):

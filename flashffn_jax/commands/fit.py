@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
   report = fitted.error_report(args.activation, samples=samples)
   result = {"activation": args.activation, "method": args.method, **report,
             "knots": np.asarray(fitted.knots).tolist(), "values": np.asarray(fitted.values).tolist(),
-            "left_slope": float(fitted.left_slope), "right_slope": float(fitted.right_slope)}
+            "left_slope": float(fitted.left_slope), "right_slope": float(fitted.right_slope),
+            "evenly_spaced": fitted.evenly_spaced}
   if args.plot:
     plot_fit(fitted, args.activation, args.plot)
     result["plot"] = args.plot
