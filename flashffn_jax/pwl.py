@@ -132,7 +132,8 @@ class PiecewiseLinear:
     return anchor_values - self.slopes() * anchor_knots
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return pwl_apply(x, self.knot_positions(), self.slopes(), self.intercepts())
+    return pwl_apply(x, self.knot_positions(), self.slopes(), self.intercepts(),
+                     self.evenly_spaced)
 
   def numpy(self, x: np.ndarray) -> np.ndarray:
     """Float64 NumPy evaluation (for error reports and plots)."""

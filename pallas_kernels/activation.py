@@ -11,7 +11,9 @@ Piecewise-linear (PWL) activation with K sorted knots t_0 < ... < t_{K-1} and K+
 
 ``pwl_select`` returns (s[seg], c[seg]) with a chain of K compares and 2K selects, so the
 activation is one FMA on top and its input-gradient is s[seg] itself. NaN fails every compare,
-lands in the left tail and gives s_0 * NaN + c_0 = NaN.
+lands in the left tail and gives s_0 * NaN + c_0 = NaN. For evenly spaced knots XLA paths find
+seg in O(1) instead (``lookup_segment``: floor(x / δ + 1 - t_0 / δ), clamped; NaN -> 0) and
+gather (s, c) (``segment_lines``); kernels keep gather-free forms.
 
 Exact activations and their derivatives are written in closed form (kernels evaluate both in
 one pass in the backward):
@@ -27,6 +29,7 @@ one pass in the backward):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -132,21 +135,48 @@ def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.
   return per_segment(g * x), per_segment(g)
 
 
-@jax.custom_vjp
-def pwl_apply(x: jax.Array, knots: jax.Array, slopes: jax.Array, intercepts: jax.Array):
-  """s[seg(x)] * x + c[seg(x)] in float32, returned in x's dtype. knots [K], slopes/intercepts [K+1]."""
-  slope, intercept = pwl_select(x.astype(jnp.float32), knots, slopes, intercepts)
+def lookup_segment(x: jax.Array, inverse_spacing, offset, num_knots: int) -> jax.Array:
+  """seg(x) of evenly spaced knots t_k = t_0 + k δ in O(1): min(floor(x / δ + 1 - t_0 / δ), K)
+  from ``inverse_spacing`` = 1 / δ and ``offset`` = 1 - t_0 / δ, 0 below t_0 and for NaN; int32.
+  The rule of the GPU kernels' table lookup (``pallas_kernels.gpu.pwl_lookup``)."""
+  position = jnp.floor(x * inverse_spacing + offset)
+  return jnp.where(position > 0, jnp.minimum(position, num_knots), 0).astype(jnp.int32)
+
+
+def segment_lines(x: jax.Array, knots, slopes, intercepts, evenly_spaced: bool):
+  """(s[seg(x)], c[seg(x)]) for f32 x: ``pwl_select``'s K compares, or for evenly spaced knots
+  ``lookup_segment`` and two gathers from the [K+1] tables (XLA paths only: no gathers in
+  kernels)."""
+  if not evenly_spaced:
+    return pwl_select(x, knots, slopes, intercepts)
+  delta = (knots[-1] - knots[0]) / (knots.shape[0] - 1)
+  segment = lookup_segment(x, 1 / delta, 1 - knots[0] / delta, knots.shape[0])
+  # the tables once, not their arithmetic inside the gathers' loop (CPU, d/dx of a uniform PWL-64
+  # on 2048 x 1536: 8.8 -> 1.7 ms; the K compares 5.8)
+  slopes, intercepts = jax.lax.optimization_barrier((slopes, intercepts))
+  return jnp.take(slopes, segment), jnp.take(intercepts, segment)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def pwl_apply(x: jax.Array, knots: jax.Array, slopes: jax.Array, intercepts: jax.Array,
+              evenly_spaced: bool = False):
+  """s[seg(x)] * x + c[seg(x)] in float32, returned in x's dtype. knots [K], slopes/intercepts
+  [K+1]; ``evenly_spaced``: the knots are t_0 + k δ, so seg(x) takes O(1) (``lookup_segment``)
+  instead of K compares."""
+  slope, intercept = segment_lines(x.astype(jnp.float32), knots, slopes, intercepts,
+                                    evenly_spaced)
   return (slope * x.astype(jnp.float32) + intercept).astype(x.dtype)
 
 
-def _pwl_apply_fwd(x, knots, slopes, intercepts):
-  return pwl_apply(x, knots, slopes, intercepts), (x, knots, slopes, intercepts)
+def _pwl_apply_fwd(x, knots, slopes, intercepts, evenly_spaced):
+  return (pwl_apply(x, knots, slopes, intercepts, evenly_spaced),
+          (x, knots, slopes, intercepts))
 
 
-def _pwl_apply_bwd(residuals, g):
+def _pwl_apply_bwd(evenly_spaced, residuals, g):
   x, knots, slopes, intercepts = residuals
   x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
-  slope, _ = pwl_select(x32, knots, slopes, intercepts)
+  slope, _ = segment_lines(x32, knots, slopes, intercepts, evenly_spaced)
   d_slopes, d_intercepts = pwl_segment_sums(x32, g32, knots)
   return ((g32 * slope).astype(x.dtype), jnp.zeros_like(knots), d_slopes.astype(slopes.dtype),
           d_intercepts.astype(intercepts.dtype))
@@ -196,7 +226,7 @@ class Activation:
   def __call__(self, h: jax.Array) -> jax.Array:
     """act(h) for a float32 array (the reference; PWL gradients come from the caller's VJP)."""
     if self.kind == "pwl":
-      return pwl_apply(h, self.knots, self.slopes, self.intercepts)
+      return pwl_apply(h, self.knots, self.slopes, self.intercepts, self.evenly_spaced)
     if self.kind == "callable":
       return self.fn(h)
     return exact_activation(self.kind, h)

@@ -138,8 +138,15 @@ def test_evenly_spaced_pwl_evaluates_on_the_grid_of_its_end_knots(rng):
   knots = np.asarray(fitted.knots, np.float64)
   x = x[np.min(np.abs(x[:, None] - knots[None]), axis=1) > 1e-2]
   x32 = jnp.asarray(x, jnp.float32)
-  free = dataclasses.replace(fitted, evenly_spaced=False)
+  free = dataclasses.replace(fitted, evenly_spaced=False)  # K compares, not the O(1) lookup
   np.testing.assert_allclose(fitted(x32), free(x32), rtol=1e-6, atol=1e-6)
+  for pwl_fn in (fitted, free):  # away from the knots both take the same segment, so slope
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(pwl_fn(v)))(x32),
+                                  jax.grad(lambda v: jnp.sum(free(v)))(x32))
+  odd = pwl.fit("gelu", 40, "uniform", knot_range=(-5.3, 3.7))  # not dyadic: δ = 0.225
+  y = jnp.asarray(rng.normal(0.0, 4.0, 4000), jnp.float32)
+  np.testing.assert_allclose(odd(y), dataclasses.replace(odd, evenly_spaced=False)(y), rtol=1e-6,
+                             atol=1e-6)
   moved_inside = dataclasses.replace(fitted, knots=fitted.knots.at[3].add(0.3))  # not validated
   np.testing.assert_array_equal(moved_inside(x32), fitted(x32))
   weights = rng.normal(size=x.shape)

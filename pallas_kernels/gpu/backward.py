@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.activation import (Activation, exact_activation_and_derivative, pwl_select,
-                                       pwl_segment_sums)
+from pallas_kernels.activation import (Activation, exact_activation_and_derivative,
+                                       pwl_segment_sums, segment_lines)
 
 
 def chunk_columns(rows: int, hidden: int, budget_elements: int) -> int:
@@ -189,7 +189,8 @@ def column_gradients(x, dy, w_up, w_gate, hidden, d_up, d_gate, precision=None) 
 
 def _activation_and_derivative(activation: Activation, pre: jax.Array):
   if activation.kind == "pwl":
-    slope, intercept = pwl_select(pre, activation.knots, activation.slopes, activation.intercepts)
+    slope, intercept = segment_lines(pre, activation.knots, activation.slopes,
+                                     activation.intercepts, activation.evenly_spaced)
     return slope * pre + intercept, slope
   return exact_activation_and_derivative(activation.kind, pre)
 

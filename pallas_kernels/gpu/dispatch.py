@@ -541,7 +541,7 @@ def _ffn_bwd(plan, kind, precision, residuals, dy):
   (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved, marker = (
       residuals)
   (backward_kind,) = marker
-  activation = Activation(kind, knots, slopes, intercepts)
+  activation = Activation(kind, knots, slopes, intercepts, evenly_spaced=plan.pwl_lookup)
   if isinstance(dy, SymbolicZero):  # the output's cotangent is zero: so is every gradient
     dy = jnp.zeros(dy.shape, dy.dtype)
   if backward_kind == "epilogue":

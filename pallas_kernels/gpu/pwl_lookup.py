@@ -31,7 +31,7 @@ from jax.experimental.mosaic.gpu import utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, vector
 
-from pallas_kernels.activation import Activation
+from pallas_kernels.activation import Activation, lookup_segment
 from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
@@ -52,8 +52,7 @@ def lookup_table(activation: Activation) -> jax.Array:
 def lookup_in_jnp(h: jax.Array, table: jax.Array, num_knots: int) -> tuple[jax.Array, jax.Array]:
   """(pwl(h), pwl'(h)) by the lookup in jnp on f32 ``h`` (interpret mode; what the PTX
   computes)."""
-  position = jnp.floor(h * table[0] + table[1])
-  segment = jnp.where(position > 0, jnp.minimum(position, num_knots), 0).astype(jnp.int32)
+  segment = lookup_segment(h, table[0], table[1], num_knots)
   lines = table[HEADER:HEADER + 2 * (num_knots + 1)].reshape(2, -1)
   return lines[0, segment] * h + lines[1, segment], lines[0, segment]
 

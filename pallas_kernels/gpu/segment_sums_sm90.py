@@ -34,7 +34,7 @@ from jax.experimental.mosaic.gpu import utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, vector
 
-from pallas_kernels.activation import segment_bands
+from pallas_kernels.activation import lookup_segment, segment_bands
 from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.backward import join_saved
 from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS
@@ -211,8 +211,7 @@ def _add_to_bins(p, g, header_ref, bins_ref, segments: int) -> None:
   """Each element's g p and g into its segment's bins (``_bin_add_ptx``; in interpret mode, no
   inline PTX there, the same sums in jnp, added per column)."""
   if packed_pwl.interpreting():
-    position = jnp.floor(p * header_ref[0] + header_ref[1])
-    segment = jnp.where(position > 0, jnp.minimum(position, segments - 1), 0).astype(jnp.int32)
+    segment = lookup_segment(p, header_ref[0], header_ref[1], segments - 1)
     in_segment = segment[None] == jnp.arange(segments)[:, None, None]
     bins_ref[:segments] += jnp.sum(jnp.where(in_segment, g * p, 0.0), axis=1)
     bins_ref[segments:] += jnp.sum(jnp.where(in_segment, g, 0.0), axis=1)
