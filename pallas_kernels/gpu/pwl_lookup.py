@@ -31,7 +31,7 @@ from jax.experimental.mosaic.gpu import utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, vector
 
-from pallas_kernels.activation import Activation, lookup_segment
+from pallas_kernels.activation import Activation, lookup_header, lookup_segment
 from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
@@ -41,9 +41,7 @@ HEADER = 2  # table entries before the slopes: 1 / δ and 1 - t_0 / δ
 def lookup_table(activation: Activation) -> jax.Array:
   """[1 / δ, 1 - t_0 / δ, s_0, .., s_K, c_0, .., c_K] in f32, padded to ``TABLE_ALIGN``, with
   δ = (t_{K-1} - t_0) / (K - 1) (traceable; the dispatcher checks the spacing)."""
-  knots = jnp.asarray(activation.knots, jnp.float32)
-  delta = (knots[-1] - knots[0]) / (knots.shape[0] - 1)
-  table = jnp.concatenate([jnp.stack([1 / delta, 1 - knots[0] / delta]),
+  table = jnp.concatenate([lookup_header(activation.knots),
                            jnp.asarray(activation.slopes, jnp.float32),
                            jnp.asarray(activation.intercepts, jnp.float32)])
   return jnp.pad(table, (0, -table.shape[0] % TABLE_ALIGN))

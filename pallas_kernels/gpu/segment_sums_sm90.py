@@ -34,7 +34,7 @@ from jax.experimental.mosaic.gpu import utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, vector
 
-from pallas_kernels.activation import lookup_segment, segment_bands
+from pallas_kernels.activation import lookup_header, lookup_segment, segment_bands
 from pallas_kernels.gpu import packed_pwl
 from pallas_kernels.gpu.backward import join_saved
 from pallas_kernels.gpu.fused_ffn_sm90 import H100_SMS
@@ -254,11 +254,8 @@ def segment_sums_lookup(x, g: jax.Array, knots: jax.Array) -> tuple[jax.Array, j
   parts, g, col_tiles, ctas, per_cta = _tiled(x, g)
   if parts[-1].dtype == jnp.int8:
     raise ValueError("x: the lookup's segment sums read p, not (hi, int8 seg) segment indices")
-  num_knots = knots.shape[0]
-  segments = num_knots + 1
-  knots = knots.astype(jnp.float32)
-  delta = (knots[-1] - knots[0]) / (num_knots - 1)
-  header = jnp.pad(jnp.stack([1 / delta, 1 - knots[0] / delta]), (0, TABLE_ALIGN - 2))
+  segments = knots.shape[0] + 1
+  header = jnp.pad(lookup_header(knots), (0, TABLE_ALIGN - 2))
   zeros = jnp.zeros((2 * segments, TILE_COLS), jnp.float32)
   slice_layout = plgpu.Layout.WG_STRIDED((1, TILE_COLS), vec_size=1)
 
