@@ -781,11 +781,9 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
             dispatch.DGRAD_GLU if glu else dispatch.DGRAD_MLP)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(
       detect_races=schedule == "pingpong")):
-    table = (pwl_lookup.lookup_table(activation) if lookup else
-             hinge_table.activation_table(activation))
+    table, kind = dispatch._kernel_table(activation, lookup)  # what the dispatcher passes
     got = jax.block_until_ready(jax.jit(lambda *a: dgrad_sm90.dgrad_activation(
-        *a, kind="pwl_lookup" if lookup else activation.kind, num_knots=num_knots,
-        config=config))(dy, w_down, saved, table))
+        *a, kind=kind, num_knots=num_knots, config=config))(dy, w_down, saved, table))
   if schedule == "pingpong":
     assert not interpret_pallas_call.get_races().races_found
   d_hidden = jnp.dot(dy.astype(jnp.float32), w_down.astype(jnp.float32).T, precision="highest")
