@@ -16,7 +16,8 @@ lists each kernel's GPU time per step, costliest first, with the GPU-busy total,
 of the same steps run back to back untraced, and the GPU's idle time before each launch
 (``gpu_profile.profile``). ``--sets 3`` runs three input sets per jit, as bench_gpu's timing
 does; ``--forward-only`` profiles the forward alone (the pwl-grads variants still train);
-``--biases`` adds fixed b_up (b_gate) and b_down to every FFN.
+``--biases`` adds fixed b_up (b_gate) and b_down to every FFN; ``--fit pwl64-uniform`` profiles
+another PWL than PWL-16 (evenly spaced knots take the table lookup).
 The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
 peak. Writes ``backward-profile-<date><--tag>.json`` / ``.md`` after every variant
 (``--dump-hlo``: and ``<shape>-<variant><--tag>.hlo.txt``, the compiled step).
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
                            "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
+  parser.add_argument("--fit", default="pwl16",
+                      help="the PWL as a spec: pwl16, pwl64-uniform (evenly spaced: the plans "
+                           "take the table lookup)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python3 benchmarks/bench_backward_profile.py " + " ".join(argv or sys.argv[1:])
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
     shape = shapes[name]
     arg_sets = with_cotangents([as_args(problem) for problem in make_sets(shape, rng)])
     arg_sets = arg_sets[:args.sets]
-    pwl = to_kernel_activation(ff.fit(shape.activation, 16))
+    pwl = to_kernel_activation(ff.from_spec(args.fit, shape.activation))
     biases = NO_BIASES
     if args.biases:  # b_up, b_gate (GLU), b_down in bf16, O(1)
       draw = lambda n: jnp.asarray(rng.standard_normal(n, np.float32), jnp.bfloat16)
@@ -257,7 +261,8 @@ def main(argv=None) -> int:
             f.write(hlo_text)
       except Exception as error:  # noqa: BLE001 -- a failed variant is a result
         record = {"error": f"{type(error).__name__}: {error}"[:300]}
-      record.update(shape=name, variant=variant, rows=shape.rows, sets=len(arg_sets))
+      record.update(shape=name, variant=variant.replace("PWL-16", args.fit), rows=shape.rows,
+                    sets=len(arg_sets), fit=args.fit)
       results.append(record)
       print(json.dumps(record)[:2000], flush=True)
       write_report(results, args.out, command, args.tag,

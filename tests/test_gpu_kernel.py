@@ -315,8 +315,8 @@ def test_pwl_lookup_table_gives_the_pwl(rng):
 
 def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   """``with_pwl_lookup``: a uniform fit (evenly spaced by construction, traced or not) and
-  concrete evenly spaced knots get the lookup on the epilogue path, and the dgrad kernel takes it
-  too; an optimal fit, traced knots without the promise, segment residuals and other paths keep
+  concrete evenly spaced knots get the lookup on the epilogue path, and the dgrad kernel and the
+  segment sums take it too; an optimal fit, traced knots without the promise, segment residuals and other paths keep
   the hinges."""
   plan = dispatch.PINGPONG_MLP_F16
   uniform, optimal = (to_kernel_activation(ff.fit("gelu", 64, method)) for method in
@@ -344,7 +344,7 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   asked = dataclasses.replace(plan, pwl_lookup=True, dgrad_lookup=True, segment_lookup=True)
   cleared = dispatch.with_pwl_lookup(asked, optimal)  # a caller's plan cannot force them
   assert not (cleared.pwl_lookup or cleared.dgrad_lookup or cleared.segment_lookup)
-  assert dispatch.with_pwl_lookup(asked, uniform).segment_lookup
+  assert dispatch.with_pwl_lookup(plan, uniform).segment_lookup
   assert plan.backward == "epilogue" and dispatch.with_pwl_lookup(plan, uniform).dgrad_lookup
   xla_backward = dataclasses.replace(plan, backward="xla")
   assert not dispatch.with_pwl_lookup(xla_backward, uniform).dgrad_lookup

