@@ -113,26 +113,56 @@ def segment_bands(x: jax.Array, thresholds) -> list[jax.Array]:
           + [at_or_above[-1]])
 
 
-def pwl_segment_sums(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.Array]:
+def pwl_segment_sums(x: jax.Array, g: jax.Array, knots,
+                     evenly_spaced: bool = False) -> tuple[jax.Array, jax.Array]:
   """Gradients of sum(g * pwl(x)) w.r.t. the per-segment slopes and intercepts.
 
   d/ds_j = Σ_{seg(x)=j} g·x,   d/dc_j = Σ_{seg(x)=j} g     (j = 0..K), each of shape [K+1].
 
-  One reduction per segment and value over the segment's band t_{j-1} <= x < t_j (t_{-1} = -inf,
-  t_K = +inf). An empty segment sums only zeros, so its gradient is exactly 0 (Adam would turn a
-  rounding residue into full-size steps of an unused segment), and no sum is a difference of two
-  others. NaN x compares false everywhere, so it lands in segment 0 (``~(x >= t_0)``), which is NaN.
-  x and g pass an optimization barrier first, so XLA materialises them once; without it the
-  training step below was 1.5x slower (likely XLA recomputing their producers, the backward's
-  pre-activation and cotangent arithmetic, inside the 2(K+1)-output reduction fusion).
-  H200, SmolLM2's FFN at M = 4096 (benchmarks/results/pwl-grads-2026-12-01-passes.json): the
-  training step with PWL gradients 0.45 ms with the barrier, 0.69 without, 0.58 for the previous
-  form (cumulative sums with integer counts); x and weight gradients alone 0.23 (XLA exact 0.24).
+  An empty segment sums only zeros, so its gradient is exactly 0 (Adam would turn a rounding
+  residue into full-size steps of an unused segment), and no sum is a difference of two others.
+  NaN x lands in segment 0, which is NaN. x and g pass an optimization barrier first, so XLA
+  materialises them once; without it the H200's training step was 1.5x slower (likely XLA
+  recomputing their producers inside the 2(K+1)-output reduction fusion; SmolLM2's FFN at M =
+  4096, benchmarks/results/pwl-grads-2026-12-01-passes.json: 0.45 vs 0.69 ms).
+  On CPU each element's segment index and a scatter-add (``segment_sums_by_index``), elsewhere
+  one reduction per band (``segment_sums_by_bands``; a scatter into K+1 bins serialises on a
+  GPU's atomics). CPU (2 cores), 2048 x 1536: PWL-16 157 -> 22 ms, uniform PWL-64 629 -> 24 ms.
   """
   x, g = jax.lax.optimization_barrier((x, g))
-  bands = segment_bands(x, jnp.asarray(knots, x.dtype))
+  knots = jnp.asarray(knots, x.dtype)
+  return jax.lax.platform_dependent(
+      x, g, cpu=lambda x, g: segment_sums_by_index(x, g, knots, evenly_spaced),
+      default=lambda x, g: segment_sums_by_bands(x, g, knots))
+
+
+def segment_sums_by_bands(x: jax.Array, g: jax.Array, knots) -> tuple[jax.Array, jax.Array]:
+  """``pwl_segment_sums`` as one masked reduction per segment band t_{j-1} <= x < t_j (NaN x
+  compares false everywhere: band 0). O(K) per element, no scatter."""
+  bands = segment_bands(x, knots)
   per_segment = lambda v: jnp.stack([jnp.sum(jnp.where(band, v, 0.0)) for band in bands])
   return per_segment(g * x), per_segment(g)
+
+
+def segment_sums_by_index(x: jax.Array, g: jax.Array, knots,
+                          evenly_spaced: bool) -> tuple[jax.Array, jax.Array]:
+  """``pwl_segment_sums`` by each element's segment (``segment_index``) and a scatter-add into
+  K+1 bins (an empty bin stays exactly 0)."""
+  segment = segment_index(x, knots, evenly_spaced).ravel()
+  per_segment = lambda v: jax.ops.segment_sum(v.ravel(), segment, num_segments=knots.shape[0] + 1)
+  return per_segment(g * x), per_segment(g)
+
+
+def segment_index(x: jax.Array, knots: jax.Array, evenly_spaced: bool) -> jax.Array:
+  """seg(x) (t_{j-1} <= x < t_j: a knot starts its segment; NaN: 0), int32. Evenly spaced knots
+  by ``lookup_segment`` (O(1)); otherwise the number of knots at or below x, by K fused compares
+  up to 32 knots, by binary search beyond (CPU, 2048 x 1536, 65 knots: 271 vs 92 ms; 9 or 17
+  knots: the compares 19-26 ms, the search 64-69)."""
+  if evenly_spaced:
+    return lookup_segment(x, *lookup_header(knots), knots.shape[0])
+  if knots.shape[0] <= 32:
+    return jnp.sum(x[..., None] >= knots, axis=-1, dtype=jnp.int32)
+  return jnp.where(jnp.isnan(x), 0, jnp.searchsorted(knots, x, side="right")).astype(jnp.int32)
 
 
 def lookup_header(knots: jax.Array) -> jax.Array:
@@ -185,7 +215,7 @@ def _pwl_apply_bwd(evenly_spaced, residuals, g):
   x, knots, slopes, intercepts = residuals
   x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
   slope, _ = segment_lines(x32, knots, slopes, intercepts, evenly_spaced)
-  d_slopes, d_intercepts = pwl_segment_sums(x32, g32, knots)
+  d_slopes, d_intercepts = pwl_segment_sums(x32, g32, knots, evenly_spaced)
   return ((g32 * slope).astype(x.dtype), jnp.zeros_like(knots), d_slopes.astype(slopes.dtype),
           d_intercepts.astype(intercepts.dtype))
 

@@ -8,7 +8,7 @@ import pytest
 from flashffn_jax import activations
 from pallas_kernels.activation import (EXACT_ACTIVATIONS, exact_activation,
                                        exact_activation_and_derivative, pwl_segment_sums,
-                                       pwl_select)
+                                       pwl_select, segment_sums_by_bands, segment_sums_by_index)
 
 
 @pytest.mark.parametrize("name", EXACT_ACTIVATIONS)
@@ -33,24 +33,43 @@ def test_pwl_select_picks_segment(rng):
   np.testing.assert_array_equal(intercept, intercepts[segment])
 
 
-def test_pwl_segment_sums_match_float64_with_empty_segments_and_nan(rng):
-  """Σ g·x and Σ g per segment (cumulative-sum form) vs float64 bincount; segments 0, 3 and K hold
-  no inputs and must come out exactly 0; a NaN input counts in segment 0: Σ g·x there is NaN,
-  every other sum stays finite."""
-  knots = np.array([-3.0, -2.0, -1.0, 0.5, 1.0, 2.5], np.float32)
+SEGMENT_SUMS_FORMS = {
+    "library": pwl_segment_sums,  # on CPU: by index
+    "bands": lambda x, g, knots, evenly_spaced: segment_sums_by_bands(x, g, jnp.asarray(knots)),
+    "index": lambda x, g, knots, evenly_spaced: segment_sums_by_index(x, g, jnp.asarray(knots),
+                                                                      evenly_spaced),
+}
+KNOT_SETS = {  # (knots, evenly spaced): K fused compares, a binary search, the lookup
+    "6-knots": (np.array([-3.0, -2.0, -1.0, 0.5, 1.0, 2.5], np.float32), False),
+    "40-knots": (np.concatenate([[-3.0, -2.0, -1.0, 0.5], np.linspace(1.0, 2.5, 36)]), False),
+    "evenly-spaced": (np.linspace(-3.0, 2.5, 12), True),
+}
+
+
+@pytest.mark.parametrize("form", SEGMENT_SUMS_FORMS)
+@pytest.mark.parametrize("knot_set", KNOT_SETS)
+def test_pwl_segment_sums_match_float64_with_empty_segments_and_nan(rng, form, knot_set):
+  """Σ g·x and Σ g per segment vs float64 bincount, each form of the sums; no input in [-1, 0.5)
+  and outside [-2.9, 2.4], so those segments (0, K and the ones in between) must come out exactly
+  0; a NaN input counts in segment 0: Σ g·x there is NaN, every other sum stays finite."""
+  knots, evenly_spaced = KNOT_SETS[knot_set]
+  knots = knots.astype(np.float32)
+  segments_of = SEGMENT_SUMS_FORMS[form]
   x = rng.uniform(-2.9, 2.4, (37, 53)).astype(np.float32)
-  x = np.where((x >= -1.0) & (x < 0.5), 0.7, x).astype(np.float32)  # empty segment 3
+  x = np.where((x >= -1.0) & (x < 0.5), 0.7, x).astype(np.float32)
+  x[0, :2] = knots[[1, -2]]  # on a knot: the segment above it
   g = rng.normal(size=x.shape).astype(np.float32)
-  d_slopes, d_intercepts = pwl_segment_sums(jnp.asarray(x), jnp.asarray(g), knots)
+  d_slopes, d_intercepts = segments_of(jnp.asarray(x), jnp.asarray(g), knots, evenly_spaced)
   segment = np.searchsorted(knots, x, side="right").ravel()
   x64, g64 = x.astype(np.float64).ravel(), g.astype(np.float64).ravel()
-  want_slopes = np.bincount(segment, g64 * x64, minlength=7)
-  want_intercepts = np.bincount(segment, g64, minlength=7)
+  want_slopes = np.bincount(segment, g64 * x64, minlength=len(knots) + 1)
+  want_intercepts = np.bincount(segment, g64, minlength=len(knots) + 1)
   np.testing.assert_allclose(d_slopes, want_slopes, rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(d_intercepts, want_intercepts, rtol=1e-4, atol=1e-3)
-  for empty in (0, 3, 6):
-    assert d_slopes[empty] == 0 and d_intercepts[empty] == 0, empty
-  poisoned_slopes, poisoned_intercepts = pwl_segment_sums(jnp.asarray(x).at[4, 4].set(jnp.nan),
-                                                          jnp.asarray(g), knots)
+  empty = np.flatnonzero(want_intercepts == 0)
+  assert {0, len(knots)} <= set(empty) and len(empty) >= 3
+  assert np.all(np.asarray(d_slopes)[empty] == 0) and np.all(np.asarray(d_intercepts)[empty] == 0)
+  poisoned_slopes, poisoned_intercepts = segments_of(jnp.asarray(x).at[4, 4].set(jnp.nan),
+                                                     jnp.asarray(g), knots, evenly_spaced)
   assert np.isnan(poisoned_slopes[0]) and np.all(np.isfinite(np.asarray(poisoned_slopes[1:])))
   assert np.all(np.isfinite(np.asarray(poisoned_intercepts)))
