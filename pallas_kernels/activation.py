@@ -126,8 +126,9 @@ def pwl_segment_sums(x: jax.Array, g: jax.Array, knots,
   recomputing their producers inside the 2(K+1)-output reduction fusion; SmolLM2's FFN at M =
   4096, benchmarks/results/pwl-grads-2026-12-01-passes.json: 0.45 vs 0.69 ms).
   On CPU each element's segment index and a scatter-add (``segment_sums_by_index``), elsewhere
-  one reduction per band (``segment_sums_by_bands``; a scatter into K+1 bins serialises on a
-  GPU's atomics). CPU (2 cores), 2048 x 1536: PWL-16 157 -> 22 ms, uniform PWL-64 629 -> 24 ms.
+  one reduction per band (``segment_sums_by_bands``, measured on the H200; the scatter was not:
+  K+1 bins would make a GPU's atomics contend). CPU (2 cores), 2048 x 1536: PWL-16 157 -> 22 ms,
+  uniform PWL-64 629 -> 24 ms.
   """
   x, g = jax.lax.optimization_barrier((x, g))
   knots = jnp.asarray(knots, x.dtype)

@@ -316,8 +316,8 @@ def test_pwl_lookup_table_gives_the_pwl(rng):
 def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   """``with_pwl_lookup``: a uniform fit (evenly spaced by construction, traced or not) and
   concrete evenly spaced knots get the lookup on the epilogue path, and the dgrad kernel and the
-  segment sums take it too; an optimal fit, traced knots without the promise, segment residuals and other paths keep
-  the hinges."""
+  segment sums take it too; an optimal fit, traced knots without the promise, segment residuals
+  and other paths keep the hinges."""
   plan = dispatch.PINGPONG_MLP_F16
   uniform, optimal = (to_kernel_activation(ff.fit("gelu", 64, method)) for method in
                       ("uniform", "optimal"))
