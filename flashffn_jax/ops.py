@@ -60,7 +60,9 @@ def to_kernel_activation(activation: ActivationLike) -> Activation:
 def _matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
   """x @ w accumulated and returned in float32. Its VJP rounds the float32 cotangent to x's
   dtype first, so a bfloat16 FFN's backward runs bfloat16 GEMMs (f32 accumulation), like the
-  kernels' — plain autodiff would run every backward GEMM in float32."""
+  kernels' — plain autodiff would run every backward GEMM in float32 — and has them write dx and
+  dw in x's and w's dtypes (one rounding; an f32 product cast after cost XLA a convert pass per
+  weight on the H200)."""
   return jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
 
 
@@ -71,8 +73,8 @@ def _matmul_fwd(x, w, precision):
 def _matmul_bwd(precision, residuals, g):
   x, w = residuals
   g = g.astype(x.dtype)
-  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32, precision=precision).astype(x.dtype)
-  dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32, precision=precision).astype(w.dtype)
+  dx = jnp.dot(g, w.T, preferred_element_type=x.dtype, precision=precision)
+  dw = jnp.dot(x.T, g, preferred_element_type=w.dtype, precision=precision)
   return dx, dw
 
 
