@@ -166,25 +166,27 @@ def xla_segment_sums(p_parts: tuple, g: jax.Array, knots) -> tuple[jax.Array, ja
   return pwl_segment_sums(join_saved(p_parts, knots), g, knots)
 
 
-def column_gradients(x, dy, w_up, w_gate, w_down_dtype, hidden, d_up, d_gate,
-                     precision=None) -> tuple:
+def column_gradients(x, dy, w_up, w_gate, w_down_dtype, hidden, d_up, d_gate, precision=None,
+                     dx_dtype=jnp.float32) -> tuple:
   """The GEMM gradients of hidden columns c from h_c and the pre-activation cotangents d_u (, d_g):
   (dx part, dW_up[:, c], dW_down[c, :], dW_gate[:, c], Σ_rows d_u, Σ_rows d_g), with
 
       dx part = d_u W_up[:, c]^T (+ d_g W_gate[:, c]^T),  dW_up = x^T d_u,  dW_down = h^T dy,
       dW_gate = x^T d_g
 
-  (the gate entries None without d_g). dx and the sums in f32; each dW in its weight's dtype
-  (``w_down_dtype`` for W_down) straight from its GEMM, f32 accumulation and one rounding as an
-  f32 product cast after (which, on the H200, XLA ran as a convert pass of its own: 8 us of
-  gpt2-small's step, backward-profile-2026-12-02-sixteenth-packed.md). Shared by ``ffn_backward``
-  (per chunk) and the dgrad kernel's backward (``dispatch``, all columns at once)."""
+  (the gate entries None without d_g). The sums in f32, dx in ``dx_dtype`` (f32 for a chunk's
+  part), each dW in its weight's dtype (``w_down_dtype`` for W_down) straight from its GEMM: f32
+  accumulation and one rounding, as an f32 product cast after (which, on the H200, XLA ran as a
+  convert pass of its own: 8 us of gpt2-small's step for the two dW,
+  backward-profile-2026-12-02-sixteenth-packed.md). Shared by ``ffn_backward`` (per chunk) and
+  the dgrad kernel's backward (``dispatch``, all columns at once)."""
   f32 = jnp.float32
   dot = lambda a, b, contract, dtype=f32: lax.dot_general(
       a, b, (contract, ((), ())), precision=precision, preferred_element_type=dtype)
-  dx = dot(d_up, w_up, ((1,), (1,)))
-  if d_gate is not None:
-    dx = dx + dot(d_gate, w_gate, ((1,), (1,)))
+  if d_gate is None:
+    dx = dot(d_up, w_up, ((1,), (1,)), dx_dtype)
+  else:  # the two products summed in f32, then rounded
+    dx = (dot(d_up, w_up, ((1,), (1,))) + dot(d_gate, w_gate, ((1,), (1,)))).astype(dx_dtype)
   gate = lambda value: None if d_gate is None else value()
   return (dx, dot(x, d_up, ((0,), (0,)), w_up.dtype), dot(hidden, dy, ((0,), (0,)), w_down_dtype),
           gate(lambda: dot(x, d_gate, ((0,), (0,)), w_gate.dtype)),

@@ -533,10 +533,10 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
       num_knots=0 if activation.knots is None else activation.knots.shape[0],
       config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)))
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
-      x, dy, w_up, w_gate, w_down.dtype, h, d_u, d_g, precision)
+      x, dy, w_up, w_gate, w_down.dtype, h, d_u, d_g, precision, dx_dtype=x.dtype)
   cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
-  return (dx.astype(x.dtype), d_w_up, d_w_down, d_w_gate, cast(d_b_up, b_up),
+  return (dx, d_w_up, d_w_down, d_w_gate, cast(d_b_up, b_up),
           cast(d_b_gate, b_gate), d_b_down, None, None)
 
 
