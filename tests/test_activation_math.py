@@ -73,3 +73,18 @@ def test_pwl_segment_sums_match_float64_with_empty_segments_and_nan(rng, form, k
                                                      jnp.asarray(g), knots, evenly_spaced)
   assert np.isnan(poisoned_slopes[0]) and np.all(np.isfinite(np.asarray(poisoned_slopes[1:])))
   assert np.all(np.isfinite(np.asarray(poisoned_intercepts)))
+
+
+@pytest.mark.parametrize("form", SEGMENT_SUMS_FORMS)
+def test_pwl_segment_sums_stay_accurate_over_many_elements(rng, form):
+  """512 x 1024 elements into 9 segments: each form within 1e-6 (norm) of the float64 sums - a
+  single f32 scatter-add chain over all of them was 5x that (CPU, 2048 x 1536: 1.6e-5)."""
+  knots = np.array([-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], np.float32)
+  x = (rng.normal(size=(512, 1024)) * 2).astype(np.float32)
+  g = rng.normal(size=x.shape).astype(np.float32)
+  d_slopes, d_intercepts = SEGMENT_SUMS_FORMS[form](jnp.asarray(x), jnp.asarray(g), knots, False)
+  segment = np.searchsorted(knots, x, side="right").ravel()
+  x64, g64 = x.astype(np.float64).ravel(), g.astype(np.float64).ravel()
+  for got, want in ((d_slopes, np.bincount(segment, g64 * x64, minlength=9)),
+                    (d_intercepts, np.bincount(segment, g64, minlength=9))):
+    assert np.linalg.norm(np.asarray(got, np.float64) - want) < 1e-6 * np.linalg.norm(want)
