@@ -88,3 +88,18 @@ def test_pwl_segment_sums_stay_accurate_over_many_elements(rng, form):
   for got, want in ((d_slopes, np.bincount(segment, g64 * x64, minlength=9)),
                     (d_intercepts, np.bincount(segment, g64, minlength=9))):
     assert np.linalg.norm(np.asarray(got, np.float64) - want) < 1e-6 * np.linalg.norm(want)
+
+
+def test_pwl_segment_sums_of_a_scalar_and_under_vmap(rng):
+  """A 0-d x (what ``vmap(grad(pwl))`` hands the VJP per element) and a batch under ``vmap``
+  give the per-element sums: g x and g in that element's segment, zeros elsewhere."""
+  knots = np.array([-1.0, 0.0, 1.0], np.float32)
+  x = rng.normal(size=16).astype(np.float32)
+  g = rng.normal(size=16).astype(np.float32)
+  d_slopes, d_intercepts = jax.vmap(lambda a, b: pwl_segment_sums(a, b, knots))(x, g)
+  segment = np.searchsorted(knots, x, side="right")
+  one_hot = np.eye(4, dtype=np.float32)[segment]
+  np.testing.assert_allclose(d_slopes, one_hot * (g * x)[:, None], rtol=1e-6)
+  np.testing.assert_allclose(d_intercepts, one_hot * g[:, None], rtol=1e-6)
+  scalar = pwl_segment_sums(jnp.float32(x[0]), jnp.float32(g[0]), knots)
+  np.testing.assert_allclose(scalar[1], one_hot[0] * g[0], rtol=1e-6)
