@@ -92,7 +92,8 @@ def test_pwl_segment_sums_stay_accurate_over_many_elements(rng, form):
 
 def test_pwl_segment_sums_of_a_scalar_and_under_vmap(rng):
   """A 0-d x (what ``vmap(grad(pwl))`` hands the VJP per element) and a batch under ``vmap``
-  give the per-element sums: g x and g in that element's segment, zeros elsewhere."""
+  give the per-element sums: g x and g in that element's segment, zeros elsewhere; an empty x
+  gives zeros."""
   knots = np.array([-1.0, 0.0, 1.0], np.float32)
   x = rng.normal(size=16).astype(np.float32)
   g = rng.normal(size=16).astype(np.float32)
@@ -103,3 +104,6 @@ def test_pwl_segment_sums_of_a_scalar_and_under_vmap(rng):
   np.testing.assert_allclose(d_intercepts, one_hot * g[:, None], rtol=1e-6)
   scalar = pwl_segment_sums(jnp.float32(x[0]), jnp.float32(g[0]), knots)
   np.testing.assert_allclose(scalar[1], one_hot[0] * g[0], rtol=1e-6)
+  for empty in (np.zeros((0,), np.float32), np.zeros((3, 0), np.float32)):
+    sums = pwl_segment_sums(jnp.asarray(empty), jnp.asarray(empty), knots)
+    assert all(np.array_equal(s, np.zeros(4)) for s in sums)
