@@ -21,12 +21,21 @@ os.environ.setdefault("XLA_FLAGS",
 os.environ.setdefault("PJRT_NPROC", "4")
 
 
-# Fresh inputs every run; FLASHFFN_TEST_SEED=<n> replays a run (the seed is in pytest's header).
-SESSION_SEED = int(os.environ.get("FLASHFFN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+# Fresh inputs every run; FLASHFFN_TEST_SEED=<n> replays a run (the seed is in pytest's header
+# and, after a failure, in its summary). The controller imports this file before it starts the
+# xdist workers, which inherit its environment: exporting the seed gives every worker the same one
+# (each drew its own before, and the header's seed replayed none of them).
+os.environ.setdefault("FLASHFFN_TEST_SEED", str(np.random.SeedSequence().entropy % 2**31))
+SESSION_SEED = int(os.environ["FLASHFFN_TEST_SEED"])
 
 
 def pytest_report_header(config):
   return f"FLASHFFN_TEST_SEED={SESSION_SEED}"
+
+
+def pytest_terminal_summary(terminalreporter):
+  if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+    terminalreporter.write_line(f"replay with FLASHFFN_TEST_SEED={SESSION_SEED}")
 
 
 @pytest.fixture

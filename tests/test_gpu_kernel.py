@@ -32,6 +32,7 @@ from pallas_kernels.gpu import (backward, decode_sm90, dgrad_sm90, dispatch, hin
                                 packed_pwl, pwl_lookup, fused_ffn_sm90 as kernels,
                                 segment_sums_sm90)
 from tests.conftest import relative_error
+from tests.preactivations import f32_preactivations, knots_clear_of
 
 ON_HOPPER = (jax.default_backend() == "gpu"
              and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
@@ -106,58 +107,11 @@ def loss_and_grads(fn, problem, activation, dy, pwl_gradients=True):
   return jax.value_and_grad(loss, argnums=tuple(range(len(flat))), has_aux=True)(*flat)
 
 
-def f32_preactivations(problem) -> list:
-  """[g, u] (GLU) or [u] (MLP): x W + b of the problem in float32, the saved residuals' target."""
-  f32 = lambda name: problem[name].astype(jnp.float32)
-  weights = (("w_gate", "b_gate"),) * (problem["w_gate"] is not None) + (("w_up", "b_up"),)
-  return [jnp.dot(f32("x"), f32(w), precision="highest") + (0 if problem[b] is None else f32(b))
-          for w, b in weights]
-
-
 def reference_in_float32(*args):
   """The XLA reference with every array upcast to float32 (the bf16 kernels' target)."""
   *arrays, activation = args
   up = [None if a is None else a.astype(jnp.float32) for a in arrays]
   return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
-
-
-def knots_clear_of(activation: Activation, problem, margin_fraction=1e-5, step=2.0**-14,
-                   steps=256) -> Activation:
-  """The PWL ``activation`` with each knot moved (by a multiple of ``step``, at most ``steps``
-  of them; a knot on the floor-bits grid stays on it) to the nearest point with the fewest f32
-  pre-activations p of ``problem`` within ``margin_fraction`` max|p| of it: none, at the
-  interpret tests' sizes. An element of p within f32 accumulation noise of a knot takes either
-  segment in the kernel and in the reference, which moves its term dh p from one slope's gradient
-  to the next (1.3% of ‖d slopes‖ at M = 70, H = 200 in one CI run); at GPU sizes such terms are
-  a negligible share of the norm. Evenly spaced knots move together (as far, by multiples of
-  16 steps: on the floor-bits grid for |t| < 32), so the lookup still applies. Other activations
-  come back unchanged."""
-  if activation.kind != "pwl":
-    return activation
-  p = np.asarray(f32_preactivations(problem)[0]).ravel()
-  p = np.sort(p[np.isfinite(p)])
-  margin = margin_fraction * float(np.max(np.abs(p)))
-  crowd = lambda at: np.searchsorted(p, at + margin) - np.searchsorted(p, at - margin)
-  knots = np.asarray(activation.knots, np.float32)
-  on_grid = bool(np.all(np.asarray(backward.snap_knots(knots)) == knots))
-  offsets = step * np.asarray(sorted(range(-steps, steps + 1), key=abs), np.float32)
-  if evenly_spaced(knots):
-    shifted = knots[None, :] + 16 * offsets[:2 * (steps // 16) + 1, None]
-    moved = shifted[np.argmin(crowd(shifted).sum(axis=1))]
-  else:
-    moved = []
-    for knot in knots:
-      candidates = knot + offsets
-      if on_grid:
-        candidates = np.asarray(backward.snap_knots(jnp.asarray(candidates)))
-      moved.append(candidates[np.argmin(crowd(candidates))])  # the first minimum: the smallest
-    moved = np.asarray(moved, np.float32)
-  assert np.all(np.diff(moved) > 0), "knots closer than the moves"
-  # the PWL through the old one's values at the moved knots: continuous, as the kernels assume
-  # (keeping the old segment lines would open jumps of Δs_k x (the move) at the knots)
-  moved = jnp.asarray(moved, jnp.float32)
-  return to_kernel_activation(ff.PiecewiseLinear.create(
-      moved, activation(moved), activation.slopes[0], activation.slopes[-1]))
 
 
 def check_against_reference(problem, activation, plan, pwl_gradients=True):

@@ -25,6 +25,7 @@ from pallas_kernels.tpu import fused_ffn as tpu_ffn
 from pallas_kernels.tpu import tiling
 from pallas_kernels.tpu.tiling import Blocks, Tiling
 from tests.conftest import assert_pwl_grads_close, relative_error
+from tests.preactivations import knots_clear_of
 
 INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
 # Small blocks so that every kernel takes several steps along both grid axes; the two backward
@@ -73,7 +74,9 @@ def as_call(fn, problem: dict, activation: Activation, **kwargs):
 
 def vjp_both(problem: dict, activation: Activation, rng, **kernel_kwargs):
   """(kernel output, kernel gradients, reference output, reference gradients) for one random
-  cotangent; the reference sees the same values in float32 at HIGHEST precision."""
+  cotangent; the reference sees the same values in float32 at HIGHEST precision. A PWL's knots
+  are first moved clear of the pre-activations (``knots_clear_of``)."""
+  activation = knots_clear_of(activation, problem)
   tables = (activation.slopes, activation.intercepts, activation.knots)
   kernel = as_call(tpu_ffn.fused_ffn, problem, activation, **kernel_kwargs)
   reference = as_call(ops.reference_ffn, problem, activation, precision=jax.lax.Precision.HIGHEST)
@@ -206,8 +209,8 @@ def test_public_op_with_auto_tiling_and_pwl_parameters(rng):
   """ff.ffn(implementation="pallas_tpu_interpret") on batched input with the tiling it chooses
   itself, gradients w.r.t. x, weights and the PiecewiseLinear's own parameters."""
   problem = make_problem(rng, (300, 200, 400, 200), glu=True, bias=True, dtype=jnp.float32)
+  pwl = knots_clear_of(ff.fit("silu", 8, "curvature"), problem)
   x = problem.pop("x").reshape(3, 100, 200)
-  pwl = ff.fit("silu", 8, "curvature")
 
   def loss(x, problem, pwl, implementation):
     y = ff.ffn(x, **problem, activation=pwl, implementation=implementation,
