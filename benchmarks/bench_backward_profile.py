@@ -130,7 +130,8 @@ def main(argv=None) -> int:
                            "pingpong-segments-n64, exact, per-output, dh16, dgrad, dgrad-floor-bits, "
                            "dgrad-pingpong, other-hinges (max <-> relu), xla-down (GEMM2 by "
                            "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
-                           "pwl-grads, "
+                           "no-lookup-residuals (an MLP's uniform PWL saves floor bits, not h "
+                           "and its segments), pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   parser.add_argument("--fit", default="pwl16",
                       help="the PWL as a spec: pwl16, pwl64-uniform (evenly spaced: the plans "
@@ -242,7 +243,12 @@ def main(argv=None) -> int:
                                    "(backward='epilogue'), floor bits, PWL-16",
                                    forward_on(pwl, dataclasses.replace(
                                        dispatch.with_residuals(plan, shape.glu, "floor-bits"),
-                                       backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)))}
+                                       backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG))),
+                "no-lookup-residuals": ("library plan saving its residuals' kind where it would "
+                                        "save h and the lookup's segments (lookup_residuals="
+                                        "False), PWL-16",
+                                        forward_on(pwl, dataclasses.replace(
+                                            plan, lookup_residuals=False)))}
     if args.forward_only:  # the forward alone; dy stays an argument, unused
       as_step = lambda forward: lambda x, wu, wd, wg, dy: forward(x, wu, wd, wg)
     else:

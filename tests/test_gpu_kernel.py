@@ -257,7 +257,7 @@ def test_pwl_lookup_table_gives_the_pwl(rng):
     table = pwl_lookup.lookup_table(activation)
     h = jnp.concatenate([jnp.asarray(rng.standard_normal(4000) * 6, jnp.float32),
                          activation.knots, jnp.asarray([1e30, -1e30, np.nan], jnp.float32)])
-    value, slope = pwl_lookup.lookup_in_jnp(h, table, activation.knots.shape[0])
+    value, slope, segment_taken = pwl_lookup.lookup_in_jnp(h, table, activation.knots.shape[0])
     np.testing.assert_allclose(np.asarray(value[:-1]), np.asarray(activation(h)[:-1]), rtol=1e-6,
                                atol=1e-6, err_msg=name)
     assert np.isnan(np.asarray(value[-1]))
@@ -265,6 +265,8 @@ def test_pwl_lookup_table_gives_the_pwl(rng):
     segment = np.searchsorted(np.asarray(activation.knots), np.asarray(h[:-1]), side="right")
     np.testing.assert_array_equal(np.asarray(slope[:-1]),
                                   np.asarray(activation.slopes)[segment], err_msg=name)
+    np.testing.assert_array_equal(np.asarray(segment_taken[:-1]), segment, err_msg=name)
+    assert int(segment_taken[-1]) == 0  # NaN: segment 0, whose line keeps it NaN
 
 
 def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
@@ -316,11 +318,15 @@ def test_pwl_lookup_lowers_into_the_forward_kernel():
   assert "cvt.rmi.u32.f32" in module and f"ld.shared.f32 c, [j+{intercepts}]" in module
 
 
-def test_pwl_lookup_lowers_into_the_dgrad_kernel():
+@pytest.mark.parametrize("lookup_residuals", [False, True])
+def test_pwl_lookup_lowers_into_the_dgrad_kernel(lookup_residuals):
   """With ``dgrad_lookup`` the dgrad kernel's PTX takes value and slope from one lookup (the
-  slope straight into the asm's second output), at gpt2-small's training step."""
+  slope straight into the asm's second output), at gpt2-small's training step; with
+  ``lookup_residuals`` the forward's lookup also writes its segment (the asm's second output)
+  and the dgrad kernel loads the slope by it."""
   activation = kernel_activation("pwl64u", glu=False)
-  plan = dataclasses.replace(dispatch.PINGPONG_MLP_F16, pwl_lookup=True, dgrad_lookup=True)
+  plan = dataclasses.replace(dispatch.PINGPONG_MLP_F16, pwl_lookup=True, dgrad_lookup=True,
+                             lookup_residuals=lookup_residuals)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
   def step(x, w_up, w_down, dy):
@@ -330,7 +336,11 @@ def test_pwl_lookup_lowers_into_the_dgrad_kernel():
     return vjp(dy)
 
   module = cuda_module(step, spec(8192, 768), spec(768, 3072), spec(3072, 768), spec(8192, 768))
-  assert "ld.shared.f32 $1, [j]" in module
+  if lookup_residuals:
+    assert "mov.u32 $1, j" in module and "ld.shared.f32 $0, [a]" in module
+    assert "ld.shared.f32 $1, [j]" not in module
+  else:
+    assert "ld.shared.f32 $1, [j]" in module and "mov.u32 $1, j" not in module
 
 
 @on_cpu_only
@@ -762,20 +772,33 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
     (True, "silu", "preactivations", "cooperative"), (False, "gelu", "preactivations",
                                                       "cooperative"),
     (True, "pwl15", "floor-bits", "pingpong"), (False, "pwl15", "floor-bits", "pingpong"),
-    (True, "pwl64u-lookup", "floor-bits", "pingpong")])
-def test_interpret_backward_epilogue_plan(rng, glu, name, residuals, schedule):
+    (True, "pwl64u-lookup", "floor-bits", "pingpong"),
+    (False, "pwl64u-lookup-segments", "floor-bits", "pingpong"),
+    (True, "pwl64u-lookup-segments", "floor-bits", "pingpong")])
+def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals, schedule):
   """Plan(backward="epilogue"): forward and every gradient (weights, biases; not a PWL's
   parameters, which would hand the backward to the chunked form) against the float32 reference,
   odd M, H and D_out (H and D_out padded to 64 for the kernel); "-lookup": a uniform PWL-64 by
-  table lookup in the forward and the dgrad kernel (``pwl_lookup`` / ``dgrad_lookup``)."""
+  table lookup in the forward and the dgrad kernel (``pwl_lookup`` / ``dgrad_lookup``);
+  "-segments": with ``lookup_residuals``, which an MLP's forward takes (it saves h and the
+  lookup's segments, and the dgrad kernel reads those) and a GLU's ignores (``residuals``)."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  segments = name.endswith("-segments")
+  name = name.removesuffix("-segments")
   name, lookup = name.removesuffix("-lookup"), name.endswith("-lookup")
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals=residuals, backward="epilogue",
                        dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
-                       pwl_lookup=lookup, dgrad_lookup=lookup)
+                       pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=segments)
+  saves = []
+  real = dispatch._forward
+  monkeypatch.setattr(dispatch, "_forward",
+                      lambda *a, **k: saves.append(k.get("saves")) or real(*a, **k))
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
+  trained = [s for s in saves if s is not None]
+  assert trained and set(trained) == {
+      kernels.LOOKUP_SEGMENTS if segments and not glu else residuals}, saves
 
 
 @pytest.mark.parametrize("name", ["silu", "pwl"])
@@ -1267,6 +1290,11 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                               dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(
         dispatch.PINGPONG_MLP_F16, down=kernels.EpilogueConfig(128, 128, 4, schedule="pingpong"))),
+    # an MLP's uniform PWL saves h and the lookup's segments (lookup_residuals, the plan's)
+    "dgrad-pp-mlp-pwl-lookup-segments-odd": (513, 768, 3000, 700, False, True, "pwl64u",
+                                             dataclasses.replace(dispatch.PINGPONG_MLP_F16,
+                                                                 pwl_lookup=True,
+                                                                 dgrad_lookup=True)),
     "dgrad-pp-mlp-pwl-dgrad-lookup-gpt2-small": (8192, 768, 3072, 768, False, False, "pwl64u",
                                                  dataclasses.replace(dispatch.PINGPONG_MLP_F16,
                                                                      pwl_lookup=True,

@@ -139,8 +139,13 @@ class Plan:
   (``segment_sums_sm90.segment_sums_lookup``, O(1) per element for any K) instead of
   ``segment_sums``, set with ``pwl_lookup`` by ``with_pwl_lookup`` (H200, SmolLM2's FFN at M =
   4096 with a uniform PWL-64: sums 0.133 -> 0.050 ms, training step with PWL gradients 0.339 ->
-  0.254 ms, benchmarks/results/pwl-grads-2026-12-03-twentysecond-*.json). ``with_pwl_lookup``
-  clears all three for a PWL whose knots are not evenly spaced."""
+  0.254 ms, benchmarks/results/pwl-grads-2026-12-03-twentysecond-*.json); ``lookup_residuals``:
+  with ``dgrad_lookup``, an MLP whose PWL is not trained saves its output h and each element's
+  lookup segment j (uint8, ``kernels.LOOKUP_SEGMENTS``) instead of ``residuals``' floor bits -
+  the same 3 bytes per hidden element - and the dgrad kernel reads j alone (d_u = d_hidden s_j)
+  and writes d_u alone (h is the forward's); a GLU's backward needs act(g) and u, so a GLU keeps
+  ``residuals``, as does any plan without ``dgrad_lookup``. ``with_pwl_lookup`` clears the
+  other three for a PWL whose knots are not evenly spaced."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -157,6 +162,7 @@ class Plan:
   pwl_lookup: bool = False
   dgrad_lookup: bool = False
   segment_lookup: bool = False
+  lookup_residuals: bool = False
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -251,7 +257,7 @@ PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     backward="epilogue", dgrad=DGRAD_PINGPONG)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
-    backward="epilogue", dgrad=DGRAD_PINGPONG)
+    backward="epilogue", dgrad=DGRAD_PINGPONG, lookup_residuals=True)
 # gpt2-xl's and llama-1B's plans write the f16 hinges as relu(h - t_k) (``kernels.HINGES``). H200,
 # eighteenth session (benchmarks/NOTES.md), max -> relu hinges: the forward kernel alone (GPU
 # time, ping-pong, M = 8192) saving floor bits SmolLM2 65.0 -> 63.7 us, llama-1B 845 -> 793,
@@ -431,7 +437,7 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   """The kernel path of ``plan``. Pads D, H, D_out to multiples of 64 and M to a multiple of 8
   (zero rows/columns change nothing: padded hidden units meet zero rows of W_down). With
   ``saves`` (a ``Plan.residuals`` kind other than "recompute"; epilogue path) it returns
-  ``(out, preactivations)``, each part [M, H]."""
+  ``(out, preactivations)``, each part [M, H] (``kernels.LOOKUP_SEGMENTS``: ((h, j),))."""
   rows, d_model = x.shape
   hidden, d_out = w_down.shape
   dp, hp, op, mp = (_round_up(d_model, 64), _round_up(hidden, 64), _round_up(d_out, 64),
@@ -466,6 +472,8 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
     hidden_act, preactivations = hidden_act
   down = plan.biased_down if b_down is not None and plan.biased_down else plan.down
   out = down_projection(hidden_act, w_down, b_down, rows, down)
+  if saves == kernels.LOOKUP_SEGMENTS:  # h is the other residual
+    preactivations = ((hidden_act, *preactivations[0]),)
   if saves:
     return out, tuple(tuple(part[:rows, :hidden] for part in parts) for parts in preactivations)
   return out
@@ -498,33 +506,44 @@ def _ffn(plan, kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down, k
 
 
 def _ffn_fwd(plan, kind, precision, *primals):
-  """Residuals (inputs, saved pre-activations or None, {backward: ()}) where backward is
-  "epilogue" (the dgrad kernel) or "xla" (chunked): the plan's, except that a PWL whose slopes or
-  intercepts are differentiated (``perturbed``, from ``symbolic_zeros``) needs the chunked
-  backward's segment sums. The choice travels as a dict key: tree structure, not a JAX value."""
+  """Residuals (inputs, saved parts or None, {(backward, saves): ()}) where backward is
+  "epilogue" (the dgrad kernel) or "xla" (chunked) and saves what the forward kernel wrote: the
+  plan's, except that a PWL whose slopes or intercepts are differentiated (``perturbed``, from
+  ``symbolic_zeros``) needs the chunked backward's segment sums, and that an MLP's dgrad backward
+  with ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS``. The choice travels as a dict key:
+  tree structure, not a JAX value."""
   args = tuple(None if primal is None else primal.value for primal in primals)  # None: absent
   pwl_trained = kind == "pwl" and (primals[-2].perturbed or primals[-1].perturbed)
-  backward_kind = {"xla" if pwl_trained else plan.backward: ()}
-  if plan.residuals == "recompute":
-    return _ffn(plan, kind, precision, *args), (args, None, backward_kind)
+  backward_kind = "xla" if pwl_trained else plan.backward
+  glu = args[3] is not None
+  saves = (kernels.LOOKUP_SEGMENTS if backward_kind == "epilogue" and plan.lookup_residuals
+           and plan.dgrad_lookup and not glu else plan.saves)
+  marker = {(backward_kind, saves): ()}
+  if saves is None:
+    return _ffn(plan, kind, precision, *args), (args, None, marker)
   *arrays, knots, slopes, intercepts = args
-  if plan.residuals == "segments" and kind != "pwl":
+  if saves == "segments" and kind != "pwl":
     raise ValueError(f"residuals='segments' saves PWL segment indices, the activation is {kind!r}")
   out, preactivations = _forward(plan, *arrays, Activation(kind, knots, slopes, intercepts),
-                                 saves=plan.residuals)
-  return out, (args, preactivations, backward_kind)
+                                 saves=saves)
+  return out, (args, preactivations, marker)
 
 
 def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down, dy,
-                    preactivations, precision):
+                    preactivations, saves, precision):
   """The cotangents of ``backward.ffn_backward`` with its first GEMM and elementwise work in
   ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g). No
-  PWL-parameter gradients (None)."""
+  PWL-parameter gradients (None). ``saves``: what the forward kernel wrote (with
+  ``kernels.LOOKUP_SEGMENTS`` h is the forward's output)."""
   f32 = jnp.float32
   rows, hidden = x.shape[0], w_up.shape[1]
   # TMA's swizzled [M, H] boxes need M a multiple of 8 (the H200 refused 513 rows)
   mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
+  forward_hidden = None
+  if saves == kernels.LOOKUP_SEGMENTS:  # ((h, j),): the kernel reads j
+    (forward_hidden, segment), = preactivations
+    preactivations = ((segment,),)
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
   table, kind = _kernel_table(activation, plan.dgrad_lookup)
   h, d_u, d_g = (None if out is None else out[:rows, :hidden]
@@ -532,6 +551,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
       _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, table, kind=kind,
       num_knots=0 if activation.knots is None else activation.knots.shape[0],
       config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)))
+  h = forward_hidden if h is None else h
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
       x, dy, w_up, w_gate, w_down.dtype, h, d_u, d_g, precision, dx_dtype=x.dtype)
   cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
@@ -543,13 +563,13 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
 def _ffn_bwd(plan, kind, precision, residuals, dy):
   (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved, marker = (
       residuals)
-  (backward_kind,) = marker
+  ((backward_kind, saves),) = marker
   activation = Activation(kind, knots, slopes, intercepts, evenly_spaced=plan.pwl_lookup)
   if isinstance(dy, SymbolicZero):  # the output's cotangent is zero: so is every gradient
     dy = jnp.zeros(dy.shape, dy.dtype)
   if backward_kind == "epilogue":
     grads = _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
-                            dy.astype(x.dtype), saved, precision)
+                            dy.astype(x.dtype), saved, saves, precision)
   else:
     chunk = backward.chunk_columns(x.shape[0], w_up.shape[1], plan.backward_chunk_elements)
     grads = backward.ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation,

@@ -47,25 +47,30 @@ def lookup_table(activation: Activation) -> jax.Array:
   return jnp.pad(table, (0, -table.shape[0] % TABLE_ALIGN))
 
 
-def lookup_in_jnp(h: jax.Array, table: jax.Array, num_knots: int) -> tuple[jax.Array, jax.Array]:
-  """(pwl(h), pwl'(h)) by the lookup in jnp on f32 ``h`` (interpret mode; what the PTX
-  computes)."""
+def lookup_in_jnp(h: jax.Array, table: jax.Array, num_knots: int):
+  """(pwl(h), pwl'(h), segment j as int32) by the lookup in jnp on f32 ``h`` (interpret mode;
+  what the PTX computes)."""
   segment = lookup_segment(h, table[0], table[1], num_knots)
   lines = table[HEADER:HEADER + 2 * (num_knots + 1)].reshape(2, -1)
-  return lines[0, segment] * h + lines[1, segment], lines[0, segment]
+  return lines[0, segment] * h + lines[1, segment], lines[0, segment], segment
 
 
-def _lookup_ptx(num_knots: int, with_slope: bool) -> str:
-  """$0 = pwl(x) (and $1 = pwl'(x) = s_j) from the next operands: x, 1 / δ, 1 - t_0 / δ, the
-  shared address of s_0, K."""
-  x, scale, offset, slopes, last = (f"${i + 1 + with_slope}" for i in range(5))
-  slope = "$1" if with_slope else "s"
+# what ``_lookup_ptx`` writes besides pwl(x): nothing, the slope s_j (f32) or the segment j (u32)
+SECOND_OUTPUTS = (None, "slope", "segment")
+
+
+def _lookup_ptx(num_knots: int, second: str | None) -> str:
+  """$0 = pwl(x), and $1 = s_j (``second`` "slope") or j ("segment"), from the next operands:
+  x, 1 / δ, 1 - t_0 / δ, the shared address of s_0, K."""
+  x, scale, offset, slopes, last = (f"${i + 1 + bool(second)}" for i in range(5))
+  slope = "$1" if second == "slope" else "s"
   return f"""{{
-.reg .f32 u{"" if with_slope else ", s"}, c;
+.reg .f32 u{"" if second == "slope" else ", s"}, c;
 .reg .u32 j;
 fma.rn.f32 u, {x}, {scale}, {offset};
 cvt.rmi.u32.f32 j, u;
-min.u32 j, j, {last};
+min.u32 j, j, {last};{"""
+mov.u32 $1, j;""" if second == "segment" else ""}
 mad.lo.u32 j, j, 4, {slopes};
 ld.shared.f32 {slope}, [j];
 ld.shared.f32 c, [j+{4 * (num_knots + 1)}];
@@ -73,17 +78,37 @@ fma.rn.f32 $0, {slope}, {x}, c;
 }}"""
 
 
-def _lookup_tiles(h: jax.Array, table_ref, num_knots: int, with_slope: bool):
-  """pwl(h) (and pwl'(h)) for an f32 WGMMA-layout tile in a kernel, ``table_ref`` holding
-  ``lookup_table`` in SMEM: ``_lookup_ptx`` per element, or ``lookup_in_jnp`` in interpret mode
-  (no inline PTX there)."""
+def _per_element(register, line, num_outputs: int) -> list:
+  """``line`` (one scalar in, ``num_outputs`` scalars out) over a register: a scalar or a vector
+  of them."""
+  if not isinstance(register.type, ir.VectorType):
+    return line(register)
+  outs = None
+  for i in range(ir.VectorType(register.type).shape[0]):
+    at = dict(dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+    scalars = line(vector.extract(register, **at))
+    if outs is None:
+      outs = [llvm.mlir_undef(ir.VectorType.get(ir.VectorType(register.type).shape, v.type))
+              for v in scalars]
+    outs = [vector.insert(new, out, **at) for new, out in zip(scalars, outs)]
+  return outs
+
+
+def _lookup_tiles(h: jax.Array, table_ref, num_knots: int, second: str | None):
+  """pwl(h) (and ``second``: its slope s_j, f32, or segment j, int32) for an f32 WGMMA-layout
+  tile in a kernel, ``table_ref`` holding ``lookup_table`` in SMEM: ``_lookup_ptx`` per element,
+  or ``lookup_in_jnp`` in interpret mode (no inline PTX there)."""
+  if second not in SECOND_OUTPUTS:
+    raise ValueError(f"second={second!r}: expected one of {SECOND_OUTPUTS}")
   if packed_pwl.interpreting():
-    value, slope = lookup_in_jnp(h, table_ref[...], num_knots)
-    return (value, slope) if with_slope else value
-  tile = plgpu.ShapeDtypeStruct(h.shape, jnp.float32, layout=plgpu.Layout.WGMMA)
+    value, slope, segment = lookup_in_jnp(h, table_ref[...], num_knots)
+    return value if second is None else (value, slope if second == "slope" else segment)
+  tile = lambda dtype: plgpu.ShapeDtypeStruct(h.shape, dtype, layout=plgpu.Layout.WGMMA)
+  second_dtype = jnp.float32 if second == "slope" else jnp.int32
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
-                     return_type=(tile, tile) if with_slope else tile)
+                     return_type=(tile(jnp.float32), tile(second_dtype)) if second
+                     else tile(jnp.float32))
   def run(_, x, table):
     f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
     entry = lambda i: memref.load(table, [arith.constant(ir.IndexType.get(), i)])
@@ -91,44 +116,62 @@ def _lookup_tiles(h: jax.Array, table_ref, num_knots: int, with_slope: bool):
     slopes = arith.addi(llvm.ptrtoint(i32, utils.memref_ptr(table)),
                         arith.constant(i32, 4 * HEADER))
     last = arith.constant(i32, num_knots)
-    num_outputs = 2 if with_slope else 1
-    asm, operands = _lookup_ptx(num_knots, with_slope), [scale, offset, slopes, last]
-    constraints = ",".join(["=f"] * num_outputs + ["f"] * 3 + ["r"] * 2)
+    asm, operands = _lookup_ptx(num_knots, second), [scale, offset, slopes, last]
+    outputs = [("=f", f32)] + ([("=f", f32)] if second == "slope" else
+                               [("=r", i32)] if second == "segment" else [])
+    constraints = ",".join([c for c, _ in outputs] + ["f"] * 3 + ["r"] * 2)
 
-    def line(v):  # [value (, slope)] of one f32
-      if not with_slope:
+    def line(v):  # [value (, second)] of one f32
+      if not second:
         return [llvm.inline_asm(f32, [v, *operands], asm, constraints)]
-      out = llvm.inline_asm(llvm.StructType.get_literal([f32, f32]), [v, *operands], asm,
-                            constraints)
-      return [llvm.extractvalue(f32, out, [i]) for i in range(2)]
+      out = llvm.inline_asm(llvm.StructType.get_literal([t for _, t in outputs]),
+                            [v, *operands], asm, constraints)
+      return [llvm.extractvalue(t, out, [i]) for i, (_, t) in enumerate(outputs)]
 
-    def per_register(register):  # an f32 or a vector of them
-      if register.type == f32:
-        return line(register)
-      outs = [llvm.mlir_undef(register.type)] * num_outputs
-      for i in range(ir.VectorType(register.type).shape[0]):
-        at = dict(dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
-        outs = [vector.insert(new, out, **at)
-                for new, out in zip(line(vector.extract(register, **at)), outs)]
-      return outs
-
-    if not with_slope:  # the forward: one output, what _pointwise maps over the registers
-      return x._pointwise(lambda register: per_register(register)[0])
-    lines = [per_register(register) for register in x.registers.flat]
+    if not second:  # the forward: one output, what _pointwise maps over the registers
+      return x._pointwise(lambda register: _per_element(register, line, 1)[0])
+    lines = [_per_element(register, line, 2) for register in x.registers.flat]
     return tuple(mgpu.FragmentedArray(
         _registers=np.asarray([line[i] for line in lines], dtype=object).reshape(
-            x.registers.shape), _layout=x.layout, _is_signed=None) for i in range(2))
+            x.registers.shape), _layout=x.layout, _is_signed=signed)
+        for i, signed in enumerate((None, None if second == "slope" else True)))
 
   return run(h, table_ref)
 
 
 def lookup(h: jax.Array, table_ref, num_knots: int) -> jax.Array:
   """pwl(h) for an f32 WGMMA-layout tile in a kernel (the forward epilogue)."""
-  return _lookup_tiles(h, table_ref, num_knots, with_slope=False)
+  return _lookup_tiles(h, table_ref, num_knots, None)
 
 
 def value_and_slope(h: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array, jax.Array]:
   """(pwl(h), pwl'(h)) for an f32 WGMMA-layout tile in a kernel (the dgrad epilogue): one lookup
   gives both, the slope of h's segment (a point on a knot takes the segment above it, as
   ``pwl_select``, up to f32 rounding of h / δ)."""
-  return _lookup_tiles(h, table_ref, num_knots, with_slope=True)
+  return _lookup_tiles(h, table_ref, num_knots, "slope")
+
+
+def value_and_segment(h: jax.Array, table_ref, num_knots: int) -> tuple[jax.Array, jax.Array]:
+  """(pwl(h), j) for an f32 WGMMA-layout tile in a kernel, j (int32, 0..K) the segment the
+  lookup took: the forward epilogue that saves it for the dgrad kernel
+  (``slope_of_segment``), one mov more than ``lookup``."""
+  return _lookup_tiles(h, table_ref, num_knots, "segment")
+
+
+def slope_of_segment(segment: jax.Array, table_ref) -> jax.Array:
+  """s_j (f32) for an int32 WGMMA-layout tile of segments j (``value_and_segment``'s), from
+  ``lookup_table`` in SMEM: one mad for the address and one shared load per element."""
+  if packed_pwl.interpreting():
+    return table_ref[...][HEADER + segment]
+  tile = plgpu.ShapeDtypeStruct(segment.shape, jnp.float32, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=tile)
+  def run(_, j, table):
+    f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+    slopes = arith.addi(llvm.ptrtoint(i32, utils.memref_ptr(table)),
+                        arith.constant(i32, 4 * HEADER))
+    asm = "{\n.reg .u32 a;\nmad.lo.u32 a, $1, 4, $2;\nld.shared.f32 $0, [a];\n}"
+    line = lambda v: [llvm.inline_asm(f32, [v, slopes], asm, "=f,r,r")]
+    return j._pointwise(lambda register: _per_element(register, line, 1)[0])
+
+  return run(segment, table_ref)
