@@ -65,6 +65,11 @@ elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one o
                         inputs save "segments" (a GLU's PWL) or "preactivations" instead
                         (``float16_residuals``): hi is a bf16, and the kernel's two-byte
                         staging slot holds x's dtype.
+
+An MLP whose PWL is evaluated by lookup and not trained, on the dgrad backward, saves instead its
+output h and the segment each element's lookup took (uint8; ``Plan.lookup_residuals``, the MLP
+ping-pong plans'): the same 3 bytes, and the dgrad kernel reads 1 byte per element and writes
+d_u alone, where from floor bits it decodes p, evaluates act and act' and writes h and d_u.
 """
 
 from __future__ import annotations
@@ -251,7 +256,12 @@ EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES
 # gpt2-small 498.0 -> 473.2 us (XLA exact 460.2), gpt2-xl 1818 -> 1782 (XLA 1726), SmolLM2
 # 336.2 -> 338.9 (then kept chunked); sixteenth session (``packed_pwl``'s chain) gpt2-small
 # 456.5 (XLA 461.3), SmolLM2 339.7 -> 327.1 (XLA 381.5), gpt2-xl 1743 (XLA 1708)
-# (benchmarks/results/backward-profile-2026-12-02-sixteenth-packed.md).
+# (benchmarks/results/backward-profile-2026-12-02-sixteenth-packed.md). The MLP plans' uniform
+# PWLs save h and the lookup's segments (``lookup_residuals``). H200, 2026-12-03 (twenty-third
+# session), gpt2-small uniform PWL-64 training step GPU-busy 402.8 -> 374.6 us (forward kernel
+# 78.2 -> 63.0, dgrad kernel 102.1 -> 87.5; XLA exact 427.4;
+# backward-profile-2026-12-03-twentythird-lookup-residuals.md); bench_gpu fwd+bwd 0.419 vs XLA
+# exact 0.480 ms (1.15x), gpt2-xl 1.725 vs 1.797 (1.04x; h200-2026-12-03-twentythird-gpt2.md).
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
     backward="epilogue", dgrad=DGRAD_PINGPONG)
