@@ -14,6 +14,10 @@ for segments 32 apart; an 8-byte (s_j, c_j) load, measured first, conflicts in h
 segments 16 apart (H200, gpt2-small's forward kernel: 64.9 us at 65 segments, 60.4 at 17,
 against 71.7 for PWL-16's hinges and 56.3 with no activation; benchmarks/NOTES.md).
 
+An MLP's training forward may also write each element's segment j (``value_and_segment``, one mov
+more), from which the dgrad kernel takes the slope s_j alone (``slope_of_segment``: one mad and
+one shared load per element; ``dispatch.Plan.lookup_residuals``).
+
 The dispatcher takes this form (forward, and the dgrad kernel's ``value_and_slope``) where a PWL's
 knots are evenly spaced: by construction (``Activation.evenly_spaced``: ``fit(...,
 method="uniform")``, a layer's uniform parametrisation, traced or not) or found so in concrete
