@@ -306,6 +306,28 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   assert not dispatch.with_pwl_lookup(xla_backward, uniform).dgrad_lookup
 
 
+def test_lookup_segments_need_an_mlp_and_the_lookup():
+  """The lookup segments (``kernels.LOOKUP_SEGMENTS``) are an MLP's, taken by the lookup: the
+  forward kernel refuses them for a GLU or hinges, the dgrad kernel for a table that is not the
+  lookup's, each naming what it needs."""
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  activation = kernel_activation("pwl64u", glu=False)
+  lookup_table = pwl_lookup.lookup_table(activation)
+  config = kernels.EpilogueConfig(64, 64, 2)
+  forward = lambda w_gate, kind: jax.eval_shape(lambda x, w, g, t: kernels.gemm1_activation(
+      x, w, g, None, None, t, kind=kind, num_knots=65, config=config,
+      saves=kernels.LOOKUP_SEGMENTS), spec(128, 128), spec(128, 128), w_gate, lookup_table)
+  with pytest.raises(ValueError, match="needs an MLP with a PWL by lookup.*and a GLU"):
+    forward(spec(128, 128), "pwl_lookup")
+  with pytest.raises(ValueError, match="got kind 'pwl'"):
+    forward(None, "pwl")
+  with pytest.raises(ValueError, match="saved lookup segments need the lookup table"):
+    dgrad_sm90.dgrad_activation(
+        spec(128, 128), spec(128, 128), ((jnp.zeros((128, 128), jnp.uint8),),),
+        hinge_table.activation_table(activation), kind="pwl", num_knots=65,
+        config=dispatch.DGRAD_PINGPONG)
+
+
 def test_pwl_lookup_lowers_into_the_forward_kernel():
   """The lookup's PTX (shared loads of slope and intercept) is in the forward kernel for cuda."""
   activation = kernel_activation("pwl64u", glu=False)
