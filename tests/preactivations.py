@@ -40,7 +40,7 @@ def knots_clear_of(activation, problem, margin_fraction=1e-5, step=2.0**-14, ste
   if isinstance(given, ff.PiecewiseLinear):
     activation = to_kernel_activation(given)
   if activation.kind != "pwl":
-    return activation
+    return given
   p = np.asarray(f32_preactivations(problem)[0]).ravel()
   p = np.sort(p[np.isfinite(p)])
   margin = margin_fraction * float(np.max(np.abs(p)))
