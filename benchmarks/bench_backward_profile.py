@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                            "dgrad-pingpong, other-hinges (max <-> relu), xla-down (GEMM2 by "
                            "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
                            "no-lookup-residuals (an MLP's uniform PWL saves floor bits, not h "
-                           "and its segments), pwl-grads, "
+                           "and its segments), lookup-residuals (the opt-in GLU form), "
+                           "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   parser.add_argument("--fit", default="pwl16",
                       help="the PWL as a spec: pwl16, pwl64-uniform (evenly spaced: the plans "
@@ -248,7 +249,11 @@ def main(argv=None) -> int:
                                         "save h and the lookup's segments (lookup_residuals="
                                         "False), PWL-16",
                                         forward_on(pwl, dataclasses.replace(
-                                            plan, lookup_residuals=False)))}
+                                            plan, lookup_residuals=False))),
+                "lookup-residuals": ("library plan saving h and the lookup's segments (a GLU also "
+                                     "act(g) and u; lookup_residuals=True), PWL-16",
+                                     forward_on(pwl, dataclasses.replace(
+                                         plan, lookup_residuals=True)))}
     if args.forward_only:  # the forward alone; dy stays an argument, unused
       as_step = lambda forward: lambda x, wu, wd, wg, dy: forward(x, wu, wd, wg)
     else:

@@ -307,26 +307,22 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   assert not dispatch.with_pwl_lookup(xla_backward, uniform).dgrad_lookup
 
 
-def test_lookup_segments_need_an_mlp_and_the_lookup():
-  """The lookup segments (``kernels.LOOKUP_SEGMENTS``) are an MLP's, taken by the lookup: the
-  forward kernel refuses them for a GLU or hinges, the dgrad kernel for a table that is not the
-  lookup's, each naming what it needs."""
+def test_lookup_segments_need_the_lookup():
+  """The lookup segments (``kernels.LOOKUP_SEGMENTS``) are the lookup's: the forward kernel
+  refuses them for hinges, the dgrad kernel for a table that is not the lookup's, each naming
+  what it needs."""
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   activation = kernel_activation("pwl64u", glu=False)
-  lookup_table = pwl_lookup.lookup_table(activation)
-  config = kernels.EpilogueConfig(64, 64, 2)
-  forward = lambda w_gate, kind: jax.eval_shape(lambda x, w, g, t: kernels.gemm1_activation(
-      x, w, g, None, None, t, kind=kind, num_knots=65, config=config,
-      saves=kernels.LOOKUP_SEGMENTS), spec(128, 128), spec(128, 128), w_gate, lookup_table)
-  with pytest.raises(ValueError, match="needs an MLP with a PWL by lookup.*and a GLU"):
-    forward(spec(128, 128), "pwl_lookup")
-  with pytest.raises(ValueError, match="got kind 'pwl'"):
-    forward(None, "pwl")
+  with pytest.raises(ValueError, match="needs a PWL by lookup.*got kind 'pwl'"):
+    jax.eval_shape(lambda x, w, t: kernels.gemm1_activation(
+        x, w, None, None, None, t, kind="pwl", num_knots=65,
+        config=kernels.EpilogueConfig(64, 64, 2), saves=kernels.LOOKUP_SEGMENTS),
+        spec(128, 128), spec(128, 128), hinge_table.activation_table(activation))
   with pytest.raises(ValueError, match="saved lookup segments need the lookup table"):
     dgrad_sm90.dgrad_activation(
         spec(128, 128), spec(128, 128), ((jnp.zeros((128, 128), jnp.uint8),),),
         hinge_table.activation_table(activation), kind="pwl", num_knots=65,
-        config=dispatch.DGRAD_PINGPONG)
+        config=dispatch.DGRAD_PINGPONG, segments=True)
 
 
 def test_pwl_lookup_lowers_into_the_forward_kernel():
@@ -341,24 +337,29 @@ def test_pwl_lookup_lowers_into_the_forward_kernel():
   assert "cvt.rmi.u32.f32" in module and f"ld.shared.f32 c, [j+{intercepts}]" in module
 
 
-@pytest.mark.parametrize("lookup_residuals", [False, True])
-def test_pwl_lookup_lowers_into_the_dgrad_kernel(lookup_residuals):
+@pytest.mark.parametrize("glu, lookup_residuals", [(False, False), (False, True), (True, True)],
+                         ids=["gpt2-small", "gpt2-small-segments", "smollm2-segments"])
+def test_pwl_lookup_lowers_into_the_dgrad_kernel(glu, lookup_residuals):
   """With ``dgrad_lookup`` the dgrad kernel's PTX takes value and slope from one lookup (the
   slope straight into the asm's second output), at gpt2-small's training step; with
   ``lookup_residuals`` the forward's lookup also writes its segment (the asm's second output)
-  and the dgrad kernel loads the slope by it."""
-  activation = kernel_activation("pwl64u", glu=False)
-  plan = dataclasses.replace(dispatch.PINGPONG_MLP_F16, pwl_lookup=True, dgrad_lookup=True,
+  and the dgrad kernel loads the slope by it (gpt2-small's plan, and SmolLM2's GLU plan with
+  it)."""
+  activation = kernel_activation("pwl64u", glu=glu)
+  base = dispatch.SMOLLM2_GLU_F16 if glu else dispatch.PINGPONG_MLP_F16
+  plan = dataclasses.replace(base, pwl_lookup=True, dgrad_lookup=True,
                              lookup_residuals=lookup_residuals)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  d_model, hidden = (576, 1536) if glu else (768, 3072)
 
-  def step(x, w_up, w_down, dy):
-    out, vjp = jax.vjp(lambda *w: dispatch._ffn(plan, "pwl", None, x, *w, None, None, None, None,
-                                                activation.knots, activation.slopes,
-                                                activation.intercepts), w_up, w_down)
+  def step(x, w_up, w_down, w_gate, dy):
+    out, vjp = jax.vjp(lambda *w: dispatch._ffn(
+        plan, "pwl", None, x, w[0], w[1], w[2] if glu else None, None, None, None,
+        activation.knots, activation.slopes, activation.intercepts), w_up, w_down, w_gate)
     return vjp(dy)
 
-  module = cuda_module(step, spec(8192, 768), spec(768, 3072), spec(3072, 768), spec(8192, 768))
+  module = cuda_module(step, spec(8192, d_model), spec(d_model, hidden), spec(hidden, d_model),
+                       spec(d_model, hidden), spec(8192, d_model))
   if lookup_residuals:
     assert "mov.u32 $1, j" in module and "ld.shared.f32 $0, [a]" in module
     assert "ld.shared.f32 $1, [j]" not in module
@@ -812,8 +813,8 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
   parameters, which would hand the backward to the chunked form) against the float32 reference,
   odd M, H and D_out (H and D_out padded to 64 for the kernel); "-lookup": a uniform PWL-64 by
   table lookup in the forward and the dgrad kernel (``pwl_lookup`` / ``dgrad_lookup``);
-  "-segments": with ``lookup_residuals``, which an MLP's forward takes (it saves h and the
-  lookup's segments, and the dgrad kernel reads those) and a GLU's ignores (``residuals``)."""
+  "-segments": with ``lookup_residuals`` (the forward saves h and the lookup's segments, a GLU
+  also act(g) and u, and the dgrad kernel reads those)."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   segments = name.endswith("-segments")
   name = name.removesuffix("-segments")
@@ -829,8 +830,7 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
   trained = [s for s in saves if s is not None]
-  assert trained and set(trained) == {
-      kernels.LOOKUP_SEGMENTS if segments and not glu else residuals}, saves
+  assert trained and set(trained) == {kernels.LOOKUP_SEGMENTS if segments else residuals}, saves
 
 
 @pytest.mark.parametrize("name", ["silu", "pwl"])
@@ -1334,6 +1334,12 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
     "dgrad-pp-glu-pwl-dgrad-lookup-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
                                           dataclasses.replace(dispatch.PINGPONG_GLU_F16,
                                                               pwl_lookup=True, dgrad_lookup=True)),
+    # the opt-in GLU lookup residuals: act(g), u and the lookup's segments saved
+    "dgrad-pp-glu-pwl-lookup-segments-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
+                                             dataclasses.replace(dispatch.PINGPONG_GLU_F16,
+                                                                 pwl_lookup=True,
+                                                                 dgrad_lookup=True,
+                                                                 lookup_residuals=True)),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),

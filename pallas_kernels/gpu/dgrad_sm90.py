@@ -7,9 +7,10 @@ For the forward's saved pre-activations p = g (GLU) or u (MLP) (``backward.save_
     MLP:  h = act(u),        d_u = d_hidden act'(u)
     GLU:  a = act(g), h = a u,  d_u = d_hidden a,  d_g = d_hidden u act'(g)
 
-written in dy's dtype. An MLP whose forward looked its PWL up and saved each element's segment j
-(``fused_ffn_sm90.LOOKUP_SEGMENTS``) reads only j: d_u = d_hidden s_j (one shared load), and h is
-the forward's output, not written again. XLA then runs dW_down = h^T dy, dW_up = x^T d_u,
+written in dy's dtype. A forward that looked its PWL up and saved each element's segment j
+(``fused_ffn_sm90.LOOKUP_SEGMENTS``: j for an MLP, (a, u, j) for a GLU) gives the slope as s_j
+(one shared load) and nothing to decode or evaluate: MLP d_u = d_hidden s_j, GLU d_u = d_hidden a,
+d_g = d_hidden u s_j; h is the forward's output, not written again. XLA then runs dW_down = h^T dy, dW_up = x^T d_u,
 dx = d_u W_up^T (+ the gate terms). Against the chunked XLA backward this removes the f32
 d_hidden round trip through HBM and one elementwise pass (benchmarks/NOTES.md, fifth 12-01
 session: ~57 us of gpt2-small's 500 us step). A PWL's parameter gradients need d_act = d_hidden (u) summed per segment in f32:
@@ -96,14 +97,14 @@ def smem_bytes(config: EpilogueConfig, part_dtypes: list, itemsize: int) -> int:
 
 
 def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots: int,
-                     config: EpilogueConfig):
+                     config: EpilogueConfig, segments: bool = False):
   """(h, d_u, d_g or None), each [M, H] in dy's dtype (see the module docstring).
 
   dy [M, D_out]; w_down [H, D_out]; ``preactivations``: the forward's saved (g, u) (GLU) or (u,)
   (MLP), [M, H] each, in ``backward.save_preactivations``' "preactivations" ((hi, lo) pairs) or
-  "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form, or an MLP's
-  ((j,),), the uint8 segments of ``LOOKUP_SEGMENTS`` (kind "pwl_lookup"; then h is None: the
-  forward's output is h); ``table``: the
+  "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form, or with
+  ``segments`` ``LOOKUP_SEGMENTS``' ((j,),) (MLP) or ((a, u, j),) (GLU), j uint8 (kind
+  "pwl_lookup"; then h is None: the forward's output is h); ``table``: the
   hinge table (``hinge_table.activation_table``, ``kind`` "pwl"), the lookup table
   (``pwl_lookup.lookup_table``, "pwl_lookup") or None. D_out and H must be multiples of 64
   (the caller pads).
@@ -114,16 +115,15 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   m, d_out = dy.shape
   hidden = w_down.shape[0]
   dtype = dy.dtype
-  glu = len(preactivations) == 2
   parts = [part for entry in preactivations for part in entry]
+  glu = len(parts) == 3 if segments else len(preactivations) == 2
   part_dtypes = [part.dtype for part in parts]
   if jnp.dtype(jnp.int8) in part_dtypes:
     raise NotImplementedError("dgrad_activation reads pairs or floor bits, not int8 segments")
-  segments_only = part_dtypes == [jnp.dtype(jnp.uint8)]  # LOOKUP_SEGMENTS' j
-  if segments_only and kind != "pwl_lookup":
+  if segments and kind != "pwl_lookup":
     raise ValueError(f"dgrad_activation: saved lookup segments need the lookup table (kind "
                      f"'pwl_lookup'), got kind {kind!r}")
-  num_outputs = 1 if segments_only else 3 if glu else 2
+  num_outputs = (1 + glu) if segments else 3 if glu else 2
   config.check(1, dtype)
   needed = smem_bytes(config, part_dtypes, jnp.dtype(dtype).itemsize)
   if needed > SMEM_BYTES:
@@ -162,9 +162,12 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
         loaded = iter([plgpu.load(smem.at[wg, epi % buffers], layout=plgpu.Layout.WGMMA)
                        for smem in part_smems])
         dh = d_hidden[r * rows:(r + 1) * rows, c * EPILOGUE_N:(c + 1) * EPILOGUE_N]
-        if segments_only:
-          slope = pwl_lookup.slope_of_segment(next(loaded).astype(jnp.int32), table_smem)
-          store_slice([dh * slope], out_gmems, [out_smem], wg, epi,
+        if segments:  # (j,) or (a, u, j)
+          *au, segment = (part.astype(jnp.float32) if part.dtype != jnp.uint8 else part
+                          for part in loaded)
+          slope = pwl_lookup.slope_of_segment(segment.astype(jnp.int32), table_smem)
+          values = [dh * au[0], dh * au[1] * slope] if glu else [dh * slope]
+          store_slice(values, out_gmems, [out_smem], wg, epi,
                       lambda gmem: window_of(region(gmem), epi))
           continue
         pre = [join_saved(tuple(next(loaded) for _ in entry)) for entry in preactivations]
@@ -202,8 +205,8 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
     scratch += pingpong_ring(config, 1, dtype, b_transposed=True)
   outputs = launch_persistent(kernel, [jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
                               iters[0] * iters[1], scratch, inputs)
-  if segments_only:
-    return None, outputs[0], None
+  if segments:
+    return None, outputs[0], (outputs[1] if glu else None)
   h, d_u, *rest = outputs
   return h, d_u, (rest[0] if glu else None)
 

@@ -69,7 +69,8 @@ elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one o
 An MLP whose PWL is evaluated by lookup and not trained, on the dgrad backward, saves instead its
 output h and the segment each element's lookup took (uint8; ``Plan.lookup_residuals``, the MLP
 ping-pong plans'): the same 3 bytes, and the dgrad kernel reads 1 byte per element and writes
-d_u alone, where from floor bits it decodes p, evaluates act and act' and writes h and d_u.
+d_u alone, where from floor bits it decodes p, evaluates act and act' and writes h and d_u. A
+GLU may do the same with a = act(g), u and j (5 bytes, opt-in: not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -145,12 +146,13 @@ class Plan:
   ``segment_sums``, set with ``pwl_lookup`` by ``with_pwl_lookup`` (H200, SmolLM2's FFN at M =
   4096 with a uniform PWL-64: sums 0.133 -> 0.050 ms, training step with PWL gradients 0.339 ->
   0.254 ms, benchmarks/results/pwl-grads-2026-12-03-twentysecond-*.json); ``lookup_residuals``:
-  with ``dgrad_lookup``, an MLP whose PWL is not trained saves its output h and each element's
-  lookup segment j (uint8, ``kernels.LOOKUP_SEGMENTS``) instead of ``residuals``' floor bits -
-  the same 3 bytes per hidden element - and the dgrad kernel reads j alone (d_u = d_hidden s_j)
-  and writes d_u alone (h is the forward's); a GLU's backward needs act(g) and u, so a GLU keeps
-  ``residuals``, as does any plan without ``dgrad_lookup``. ``with_pwl_lookup`` clears the
-  other three for a PWL whose knots are not evenly spaced."""
+  with ``dgrad_lookup`` (a PWL that is not trained), the forward saves its output h and each
+  element's lookup segment j (uint8, ``kernels.LOOKUP_SEGMENTS``; a GLU also a = act(g) and u)
+  instead of ``residuals``' floor bits - the same 3 (MLP) / 5 (GLU) bytes per hidden element -
+  and the dgrad kernel reads those, finds the slope as s_j and writes d_u (, d_g) alone (h is
+  the forward's): on in the MLP ping-pong plans (gpt2-small's step 402.8 -> 374.6 us), opt-in
+  for GLUs (not yet run on a GPU); plans without ``dgrad_lookup`` keep ``residuals``.
+  ``with_pwl_lookup`` clears the other three for a PWL whose knots are not evenly spaced."""
 
   path: str
   fused: kernels.FusedConfig | None = None
@@ -447,7 +449,8 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   """The kernel path of ``plan``. Pads D, H, D_out to multiples of 64 and M to a multiple of 8
   (zero rows/columns change nothing: padded hidden units meet zero rows of W_down). With
   ``saves`` (a ``Plan.residuals`` kind other than "recompute"; epilogue path) it returns
-  ``(out, preactivations)``, each part [M, H] (``kernels.LOOKUP_SEGMENTS``: ((h, j),))."""
+  ``(out, preactivations)``, each part [M, H] (``kernels.LOOKUP_SEGMENTS``: ((h, j),) or
+  ((h, a, u, j),))."""
   rows, d_model = x.shape
   hidden, d_out = w_down.shape
   dp, hp, op, mp = (_round_up(d_model, 64), _round_up(hidden, 64), _round_up(d_out, 64),
@@ -519,15 +522,14 @@ def _ffn_fwd(plan, kind, precision, *primals):
   """Residuals (inputs, saved parts or None, {(backward, saves): ()}) where backward is
   "epilogue" (the dgrad kernel) or "xla" (chunked) and saves what the forward kernel wrote: the
   plan's, except that a PWL whose slopes or intercepts are differentiated (``perturbed``, from
-  ``symbolic_zeros``) needs the chunked backward's segment sums, and that an MLP's dgrad backward
-  with ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS``. The choice travels as a dict key:
+  ``symbolic_zeros``) needs the chunked backward's segment sums, and that a dgrad backward with
+  ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS``. The choice travels as a dict key:
   tree structure, not a JAX value."""
   args = tuple(None if primal is None else primal.value for primal in primals)  # None: absent
   pwl_trained = kind == "pwl" and (primals[-2].perturbed or primals[-1].perturbed)
   backward_kind = "xla" if pwl_trained else plan.backward
-  glu = args[3] is not None
   saves = (kernels.LOOKUP_SEGMENTS if backward_kind == "epilogue" and plan.lookup_residuals
-           and plan.dgrad_lookup and not glu else plan.saves)
+           and plan.dgrad_lookup else plan.saves)
   marker = {(backward_kind, saves): ()}
   if saves is None:
     return _ffn(plan, kind, precision, *args), (args, None, marker)
@@ -550,17 +552,17 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   # TMA's swizzled [M, H] boxes need M a multiple of 8 (the H200 refused 513 rows)
   mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
-  forward_hidden = None
-  if saves == kernels.LOOKUP_SEGMENTS:  # ((h, j),): the kernel reads j
-    (forward_hidden, segment), = preactivations
-    preactivations = ((segment,),)
+  forward_hidden, segments = None, saves == kernels.LOOKUP_SEGMENTS
+  if segments:  # ((h, j),) or ((h, a, u, j),): the kernel reads the rest
+    (forward_hidden, *parts), = preactivations
+    preactivations = (tuple(parts),)
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
   table, kind = _kernel_table(activation, plan.dgrad_lookup)
   h, d_u, d_g = (None if out is None else out[:rows, :hidden]
                  for out in dgrad_sm90.dgrad_activation(
       _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, table, kind=kind,
       num_knots=0 if activation.knots is None else activation.knots.shape[0],
-      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)))
+      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), segments=segments))
   h = forward_hidden if h is None else h
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
       x, dy, w_up, w_gate, w_down.dtype, h, d_u, d_g, precision, dx_dtype=x.dtype)

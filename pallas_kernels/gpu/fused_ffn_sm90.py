@@ -425,20 +425,21 @@ SCHEDULES = ("cooperative", "pingpong")
 STAGINGS = ("shared", "per_output")
 
 
-# ``gemm1_activation``'s saves= for an MLP whose PWL is looked up (kind "pwl_lookup"): the
-# segment j each element's lookup took, as uint8 - with the output a (= h, which the dgrad kernel
-# then need not recompute) all the backward reads (``dispatch.Plan.lookup_residuals``)
+# ``gemm1_activation``'s saves= for a PWL that is looked up (kind "pwl_lookup"): the segment j
+# each element's lookup took, as uint8 (a GLU also a = act(g) and u in x's dtype) - with the
+# output h, which the dgrad kernel then need not recompute, all the backward reads
+# (``dispatch.Plan.lookup_residuals``)
 LOOKUP_SEGMENTS = "lookup-segments"
 
 
 def saved_part_dtypes(saves: str | None, num_weights: int, dtype) -> list[tuple]:
   """The dtypes of each pre-activation's saved parts in ``backward.save_preactivations``' form
-  (e.g. GLU "segments": [(bf16, int8), (bf16,)]), or [(uint8,)] for ``LOOKUP_SEGMENTS``; []
-  without ``saves``."""
+  (e.g. GLU "segments": [(bf16, int8), (bf16,)]), or ``LOOKUP_SEGMENTS``' [(uint8,)] (MLP) /
+  [(x's dtype, x's dtype, uint8)] (GLU: a, u, j); [] without ``saves``."""
   if not saves:
     return []
   if saves == LOOKUP_SEGMENTS:
-    return [(jnp.dtype(jnp.uint8),)]
+    return [(jnp.dtype(dtype),) * (num_weights - 1) * 2 + (jnp.dtype(jnp.uint8),)]
   window = jax.ShapeDtypeStruct((WGMMA_ROWS, EPILOGUE_N), jnp.float32)
   parts = jax.eval_shape(lambda pre, knots: save_preactivations(pre, dtype, saves, knots, 1),
                          [window] * num_weights, jax.ShapeDtypeStruct((1,), jnp.float32))
@@ -458,8 +459,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   from the same epilogue: the residuals a backward needs instead of recomputing GEMM1, each a
   tuple of [M, H] arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype;
   or (hi, int8 segment) / (hi, uint8 floor bits) for the activation's input and (hi,) for u),
-  staged for their TMA stores as ``config.staging`` says. ``LOOKUP_SEGMENTS`` (an MLP, kind
-  "pwl_lookup"): ``(a, ((j,),))``, j the uint8 segment of each element's lookup.
+  staged for their TMA stores as ``config.staging`` says. ``LOOKUP_SEGMENTS`` (kind
+  "pwl_lookup"): ``(a, ((j,),))`` (MLP) or ``(a, ((act(g), u, j),))`` (GLU), j the uint8
+  segment of each element's lookup.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -471,10 +473,9 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   if saves == "segments" and kind != "pwl":
     raise ValueError(f"gemm1_activation: saves='segments' needs the hinge table of a PWL (kind "
                      f"'pwl'), got kind {kind!r}")
-  if saves == LOOKUP_SEGMENTS and (kind != "pwl_lookup" or w_gate is not None):
-    raise ValueError(f"gemm1_activation: saves={LOOKUP_SEGMENTS!r} needs an MLP with a PWL by "
-                     f"lookup (kind 'pwl_lookup'), got kind {kind!r}"
-                     f"{' and a GLU' if w_gate is not None else ''}")
+  if saves == LOOKUP_SEGMENTS and kind != "pwl_lookup":
+    raise ValueError(f"gemm1_activation: saves={LOOKUP_SEGMENTS!r} needs a PWL by lookup (kind "
+                     f"'pwl_lookup'), got kind {kind!r}")
   saved_parts = saved_part_dtypes(saves, len(weights), dtype)
   saved_dtypes = tuple(part for parts in saved_parts for part in parts)
   out_dtypes = [jnp.dtype(dtype), *saved_dtypes]
@@ -498,7 +499,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
         pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
       if saves == LOOKUP_SEGMENTS:
         out, segment = pwl_lookup.value_and_segment(pre[0], table_smem, num_knots)
-        values = [out, segment.astype(jnp.uint8)]
+        glu_parts = [out, pre[1]] if len(pre) == 2 else []
+        values = [out * pre[1] if glu_parts else out, *glu_parts, segment.astype(jnp.uint8)]
       else:
         out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype,
                                config.hinges)
