@@ -9,11 +9,12 @@ For the forward's saved pre-activations p = g (GLU) or u (MLP) (``backward.save_
 
 written in dy's dtype. A forward that looked its PWL up and saved each element's segment j
 (``fused_ffn_sm90.LOOKUP_SEGMENTS``: j for an MLP, (a, u, j) for a GLU) gives the slope as s_j
-(one shared load) and nothing to decode or evaluate: MLP d_u = d_hidden s_j, GLU d_u = d_hidden a,
-d_g = d_hidden u s_j; h is the forward's output, not written again. XLA then runs dW_down = h^T dy, dW_up = x^T d_u,
-dx = d_u W_up^T (+ the gate terms). Against the chunked XLA backward this removes the f32
-d_hidden round trip through HBM and one elementwise pass (benchmarks/NOTES.md, fifth 12-01
-session: ~57 us of gpt2-small's 500 us step). A PWL's parameter gradients need d_act = d_hidden (u) summed per segment in f32:
+(one shared load) and nothing to decode or evaluate: MLP d_u = d_hidden s_j, GLU
+d_u = d_hidden a, d_g = d_hidden u s_j; h is the forward's output, not written again. XLA then
+runs dW_down = h^T dy, dW_up = x^T d_u, dx = d_u W_up^T (+ the gate terms). Against the chunked
+XLA backward this removes the f32 d_hidden round trip through HBM and one elementwise pass
+(benchmarks/NOTES.md, fifth 12-01 session: ~57 us of gpt2-small's 500 us step). A PWL's
+parameter gradients need d_act = d_hidden (u) summed per segment in f32:
 ``dispatch`` runs this kernel only when they are not asked for.
 
 W_down [H, D_out] is read in [tile_n, 64] blocks and used transposed as wgmma's B operand, in a
