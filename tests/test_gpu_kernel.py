@@ -87,6 +87,16 @@ def kernel_activation(name: str, glu: bool) -> Activation:
 ARG_NAMES = ("x", "w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")
 
 
+def record_saves(monkeypatch) -> list:
+  """A list that collects the ``saves`` (what the forward kernel writes for the backward) of
+  every ``dispatch._forward`` call from here on (None: an inference forward)."""
+  saves = []
+  real = dispatch._forward
+  monkeypatch.setattr(dispatch, "_forward",
+                      lambda *a, **k: saves.append(k.get("saves")) or real(*a, **k))
+  return saves
+
+
 def loss_and_grads(fn, problem, activation, dy, pwl_gradients=True):
   """(⟨fn(...), dy⟩, fn(...)) and the gradient of the first w.r.t. every array argument and
   (``pwl_gradients``) the PWL slopes and intercepts; fn(...) is the output of the differentiated
@@ -823,10 +833,7 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
                        residuals=residuals, backward="epilogue",
                        dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
                        pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=segments)
-  saves = []
-  real = dispatch._forward
-  monkeypatch.setattr(dispatch, "_forward",
-                      lambda *a, **k: saves.append(k.get("saves")) or real(*a, **k))
+  saves = record_saves(monkeypatch)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
   trained = [s for s in saves if s is not None]
@@ -839,10 +846,7 @@ def test_float16_inputs_on_a_floor_bits_plan(rng, monkeypatch, name):
   (floor bits, for the exact SiLU too) save a GLU PWL's segments and the exact SiLU's (hi, lo)
   pairs ("segments" holds PWL segment indices; the pairs do not fit the dgrad kernel's SMEM, so
   the backward is the chunked one). Traced, not run."""
-  saves = []
-  real = dispatch._forward
-  monkeypatch.setattr(dispatch, "_forward",
-                      lambda *a, **k: saves.append(k["saves"]) or real(*a, **k))
+  saves = record_saves(monkeypatch)
   monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
   rows, d_model, hidden = 128, 576, 1536
   assert dispatch.choose_plan(rows, d_model, hidden, d_model, True,
@@ -1473,10 +1477,7 @@ def test_gpu_float16_inputs_on_smollm2_plans(rng, monkeypatch, name):
   GLU PWL saves segments and the exact SiLU (hi, lo) pairs (which
   ``test_float16_inputs_on_a_floor_bits_plan`` traces on CPU); here they run, forward and
   gradients against the f32 reference, M = 1000 (partial tiles)."""
-  saves = []
-  real = dispatch._forward
-  monkeypatch.setattr(dispatch, "_forward",
-                      lambda *a, **k: saves.append(k.get("saves")) or real(*a, **k))
+  saves = record_saves(monkeypatch)
   problem = make_problem(rng, 1000, 576, 1536, 576, glu=True, bias=False, dtype=jnp.float16)
   check_against_reference(problem, kernel_activation(name, glu=True), None, pwl_gradients=False)
   assert ("segments" if name == "pwl" else "preactivations") in saves, saves
