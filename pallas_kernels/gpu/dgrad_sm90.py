@@ -164,10 +164,10 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
                        for smem in part_smems])
         dh = d_hidden[r * rows:(r + 1) * rows, c * EPILOGUE_N:(c + 1) * EPILOGUE_N]
         if segments:  # (j,) or (a, u, j)
-          *au, segment = (part.astype(jnp.float32) if part.dtype != jnp.uint8 else part
-                          for part in loaded)
+          *au, segment = loaded
           slope = pwl_lookup.slope_of_segment(segment.astype(jnp.int32), table_smem)
-          values = [dh * au[0], dh * au[1] * slope] if glu else [dh * slope]
+          f32 = lambda part: part.astype(jnp.float32)
+          values = [dh * f32(au[0]), dh * f32(au[1]) * slope] if glu else [dh * slope]
           store_slice(values, out_gmems, [out_smem], wg, epi,
                       lambda gmem: window_of(region(gmem), epi))
           continue

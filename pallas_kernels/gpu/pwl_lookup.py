@@ -82,9 +82,9 @@ fma.rn.f32 $0, {slope}, {x}, c;
 }}"""
 
 
-def _per_element(register, line, num_outputs: int) -> list:
-  """``line`` (one scalar in, ``num_outputs`` scalars out) over a register: a scalar or a vector
-  of them."""
+def _per_element(register, line) -> list:
+  """``line`` (one scalar in, a list of scalars out) over a register: a scalar or a vector of
+  them."""
   if not isinstance(register.type, ir.VectorType):
     return line(register)
   outs = None
@@ -133,8 +133,8 @@ def _lookup_tiles(h: jax.Array, table_ref, num_knots: int, second: str | None):
       return [llvm.extractvalue(t, out, [i]) for i, (_, t) in enumerate(outputs)]
 
     if not second:  # the forward: one output, what _pointwise maps over the registers
-      return x._pointwise(lambda register: _per_element(register, line, 1)[0])
-    lines = [_per_element(register, line, 2) for register in x.registers.flat]
+      return x._pointwise(lambda register: _per_element(register, line)[0])
+    lines = [_per_element(register, line) for register in x.registers.flat]
     return tuple(mgpu.FragmentedArray(
         _registers=np.asarray([line[i] for line in lines], dtype=object).reshape(
             x.registers.shape), _layout=x.layout, _is_signed=signed)
@@ -176,6 +176,6 @@ def slope_of_segment(segment: jax.Array, table_ref) -> jax.Array:
                         arith.constant(i32, 4 * HEADER))
     asm = "{\n.reg .u32 a;\nmad.lo.u32 a, $1, 4, $2;\nld.shared.f32 $0, [a];\n}"
     line = lambda v: [llvm.inline_asm(f32, [v, slopes], asm, "=f,r,r")]
-    return j._pointwise(lambda register: _per_element(register, line, 1)[0])
+    return j._pointwise(lambda register: _per_element(register, line)[0])
 
   return run(segment, table_ref)
