@@ -179,18 +179,28 @@ def column_gradients(x, dy, w_up, w_gate, w_down_dtype, hidden, d_up, d_gate, pr
   accumulation and one rounding, as an f32 product cast after (which, on the H200, XLA ran as a
   convert pass of its own: 8 us of gpt2-small's step for the two dW,
   backward-profile-2026-12-02-sixteenth-packed.md). Shared by ``ffn_backward`` (per chunk) and
-  the dgrad kernel's backward (``dispatch``, all columns at once)."""
+  the dgrad kernel's backward (``dispatch``, all columns at once).
+
+  A GLU's dW_up waits for dW_gate (an optimization barrier): XLA's dot merger otherwise joins the
+  two x^T products into one GEMM on [d_g | d_u], which it ran as a Triton fusion. H200, SmolLM2's
+  training step (2026-12-03, twenty-fourth session, backward-profile-2026-12-03-twentyfourth-dw-
+  *.md): that fusion 63.4 us + 4.7 us slicing its [D, 2H] result -> two cuBLAS GEMMs 24.2 + 23.7
+  us + 2 x 2.5 us split-K sums; the step 296.0 -> 280.5 us GPU-busy (llama-1B: the same kernels
+  either way)."""
   f32 = jnp.float32
   dot = lambda a, b, contract, dtype=f32: lax.dot_general(
       a, b, (contract, ((), ())), precision=precision, preferred_element_type=dtype)
+  d_w_gate = None
+  if d_gate is not None:
+    d_w_gate = dot(x, d_gate, ((0,), (0,)), w_gate.dtype)
+    d_up, d_w_gate = lax.optimization_barrier((d_up, d_w_gate))
   if d_gate is None:
     dx = dot(d_up, w_up, ((1,), (1,)), dx_dtype)
   else:  # the two products summed in f32, then rounded
     dx = (dot(d_up, w_up, ((1,), (1,))) + dot(d_gate, w_gate, ((1,), (1,)))).astype(dx_dtype)
-  gate = lambda value: None if d_gate is None else value()
   return (dx, dot(x, d_up, ((0,), (0,)), w_up.dtype), dot(hidden, dy, ((0,), (0,)), w_down_dtype),
-          gate(lambda: dot(x, d_gate, ((0,), (0,)), w_gate.dtype)),
-          jnp.sum(d_up.astype(f32), 0), gate(lambda: jnp.sum(d_gate.astype(f32), 0)))
+          d_w_gate, jnp.sum(d_up.astype(f32), 0),
+          None if d_gate is None else jnp.sum(d_gate.astype(f32), 0))
 
 
 def _activation_and_derivative(activation: Activation, pre: jax.Array):
