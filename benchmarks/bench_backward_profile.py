@@ -121,6 +121,9 @@ def main(argv=None) -> int:
                       help="profile the forward alone (inference) instead of loss + gradients")
   parser.add_argument("--down", default="128x128x4:pingpong",
                       help="GEMM2 tiles of the kernel-down variant (bench_down_projection's form)")
+  parser.add_argument("--dgrad", default=None,
+                      help="the dgrad-lookup-residuals variant's dgrad kernel tiles, e.g. "
+                           "128x128x3:pingpong (default: the plan's, or the ping-pong plans')")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="also write each variant's compiled HLO module (which fusion computes "
                            "what, e.g. whether a GEMM fusion applies an activation to its operand)")
@@ -132,6 +135,7 @@ def main(argv=None) -> int:
                            "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
                            "no-lookup-residuals (an MLP's uniform PWL saves floor bits, not h "
                            "and its segments), lookup-residuals (the opt-in GLU form), "
+                           "dgrad-lookup-residuals (the same on the dgrad kernel), "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   parser.add_argument("--fit", default="pwl16",
@@ -165,6 +169,17 @@ def main(argv=None) -> int:
     # 128 x 128 forward with segments stalls on instruction fetch, benchmarks/NOTES.md)
     narrow = dataclasses.replace(pingpong, tile_n=64)
     other_hinges = {"max": "relu", "relu": "max"}[plan.epilogue.hinges]
+    dgrad_plan = dataclasses.replace(dispatch.with_residuals(plan, shape.glu, "floor-bits"),
+                                     backward="epilogue", lookup_residuals=True)
+    if args.dgrad is not None:  # these tiles whatever the residuals
+      dgrad = dataclasses.replace(dispatch.DGRAD_PINGPONG, **{
+          field: getattr(parse_config(args.dgrad), field)
+          for field in ("tile_m", "tile_n", "stages", "schedule")})
+      dgrad_plan = dataclasses.replace(dgrad_plan, dgrad=dgrad, segments_dgrad=dgrad)
+    elif dgrad_plan.dgrad is None:  # the plan's chunked backward: the ping-pong plans' tiles
+      dgrad_plan = dataclasses.replace(dgrad_plan, dgrad=dispatch.DGRAD_PINGPONG,
+                                       segments_dgrad=dispatch.DGRAD_PINGPONG_WIDE)
+    dgrad_tiles = lambda c: f"{c.tile_m}x{c.tile_n}x{c.stages} {c.schedule}"
     dependent = not args.independent_cotangent
     trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
         lambda act: forward_on(act, dataclasses.replace(
@@ -253,7 +268,13 @@ def main(argv=None) -> int:
                 "lookup-residuals": ("library plan saving h and the lookup's segments (a GLU also "
                                      "act(g) and u; lookup_residuals=True), PWL-16",
                                      forward_on(pwl, dataclasses.replace(
-                                         plan, lookup_residuals=True)))}
+                                         plan, lookup_residuals=True))),
+                "dgrad-lookup-residuals": (
+                    f"library plan with the dgrad kernel (backward='epilogue', "
+                    f"{dgrad_tiles(dgrad_plan.dgrad)} tiles decoding floor bits, "
+                    f"{dgrad_tiles(dgrad_plan.segments_dgrad or dgrad_plan.dgrad)} reading h and "
+                    "the lookup's segments, a GLU also act(g) and u), PWL-16",
+                    forward_on(pwl, dgrad_plan))}
     if args.forward_only:  # the forward alone; dy stays an argument, unused
       as_step = lambda forward: lambda x, wu, wd, wg, dy: forward(x, wu, wd, wg)
     else:

@@ -349,12 +349,16 @@ def test_pwl_lookup_lowers_into_the_forward_kernel():
 
 @pytest.mark.parametrize("glu, lookup_residuals", [(False, False), (False, True), (True, True)],
                          ids=["gpt2-small", "gpt2-small-segments", "smollm2-segments"])
-def test_pwl_lookup_lowers_into_the_dgrad_kernel(glu, lookup_residuals):
+def test_pwl_lookup_lowers_into_the_dgrad_kernel(monkeypatch, glu, lookup_residuals):
   """With ``dgrad_lookup`` the dgrad kernel's PTX takes value and slope from one lookup (the
   slope straight into the asm's second output), at gpt2-small's training step; with
   ``lookup_residuals`` the forward's lookup also writes its segment (the asm's second output)
-  and the dgrad kernel loads the slope by it (gpt2-small's plan, and SmolLM2's GLU plan with
-  it)."""
+  and the dgrad kernel loads the slope by it on the plan's ``segments_dgrad`` tiles
+  (gpt2-small's plan, and SmolLM2's GLU plan with it)."""
+  configs = []
+  dgrad_activation = dgrad_sm90.dgrad_activation
+  monkeypatch.setattr(dgrad_sm90, "dgrad_activation", lambda *args, config, **kwargs: (
+      configs.append(config) or dgrad_activation(*args, config=config, **kwargs)))
   activation = kernel_activation("pwl64u", glu=glu)
   base = dispatch.SMOLLM2_GLU_F16 if glu else dispatch.PINGPONG_MLP_F16
   plan = dataclasses.replace(base, pwl_lookup=True, dgrad_lookup=True,
@@ -373,8 +377,10 @@ def test_pwl_lookup_lowers_into_the_dgrad_kernel(glu, lookup_residuals):
   if lookup_residuals:
     assert "mov.u32 $1, j" in module and "ld.shared.f32 $0, [a]" in module
     assert "ld.shared.f32 $1, [j]" not in module
+    assert configs == [dispatch.DGRAD_PINGPONG_WIDE] == [plan.segments_dgrad]
   else:
     assert "ld.shared.f32 $1, [j]" in module and "mov.u32 $1, j" not in module
+    assert configs == [dispatch.DGRAD_PINGPONG] == [plan.dgrad]
 
 
 @on_cpu_only
@@ -824,7 +830,7 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
   odd M, H and D_out (H and D_out padded to 64 for the kernel); "-lookup": a uniform PWL-64 by
   table lookup in the forward and the dgrad kernel (``pwl_lookup`` / ``dgrad_lookup``);
   "-segments": with ``lookup_residuals`` (the forward saves h and the lookup's segments, a GLU
-  also act(g) and u, and the dgrad kernel reads those)."""
+  also act(g) and u, and the dgrad kernel reads those on ``segments_dgrad``'s tiles)."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   segments = name.endswith("-segments")
   name = name.removesuffix("-segments")
@@ -832,7 +838,8 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
                        residuals=residuals, backward="epilogue",
                        dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
-                       pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=segments)
+                       pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=segments,
+                       segments_dgrad=kernels.EpilogueConfig(64, 128, 3, schedule=schedule))
   saves = record_saves(monkeypatch)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
@@ -1123,6 +1130,8 @@ def test_plan_table():
   assert dispatch.choose_plan(8192, 768, 3072, 768, False, True).epilogue.hinges == "max"
   assert dispatch.choose_plan(4096, 768, 3072, 768, False, False) == dispatch.GPT2_SMALL_MLP_F16
   assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).down is None
+  assert dispatch.choose_plan(8192, 1600, 6400, 1600, False, True).dgrad == (
+      dispatch.DGRAD_PINGPONG_WIDE)
   assert dispatch.choose_plan(4096, 1600, 6400, 1600, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
@@ -1320,8 +1329,9 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                      dispatch.choose_plan(8192, 768, 3072, 768, False, False)),
     "dgrad-pp-glu-silu-floor-bits-odd": (1000, 576, 1000, 576, True, True, "silu",
                                          dispatch.PINGPONG_GLU_F16),
-    "dgrad-pp-mlp-pwl-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15",
-                                         dispatch.PINGPONG_MLP_F16_RELU),
+    # gpt2-xl's plan: relu hinges, floor bits decoded on the wide dgrad tiles
+    "dgrad-pp-mlp-pwl-gpt2-xl-plan-odd": (513, 768, 3000, 700, False, True, "pwl15",
+                                          dispatch.GPT2_XL_MLP_F16),
     "dgrad-pp-mlp-pwl-tanh-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15-tanh",
                                               dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(

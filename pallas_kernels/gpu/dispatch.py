@@ -66,11 +66,12 @@ elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one o
                         (``float16_residuals``): hi is a bf16, and the kernel's two-byte
                         staging slot holds x's dtype.
 
-An MLP whose PWL is evaluated by lookup and not trained, on the dgrad backward, saves instead its
-output h and the segment each element's lookup took (uint8; ``Plan.lookup_residuals``, the MLP
-ping-pong plans'): the same 3 bytes, and the dgrad kernel reads 1 byte per element and writes
-d_u alone, where from floor bits it decodes p, evaluates act and act' and writes h and d_u. A
-GLU may do the same with a = act(g), u and j (5 bytes, opt-in: not yet run on a GPU).
+A PWL evaluated by lookup and not trained, on the dgrad backward, may save instead the segment
+each element's lookup took (uint8; ``Plan.lookup_residuals``) beside the forward's output h (MLP:
+the same 3 bytes as floor bits) and a = act(g), u (GLU: 7 bytes, h included, for floor bits' 5);
+the dgrad kernel reads them and writes d_u (, d_g) alone, where from floor bits it decodes p,
+evaluates act and act' and writes h as well. On in the MLP ping-pong plans; opt-in for GLUs
+(H200, SmolLM2: fwd+bwd 0.312 -> 0.299 ms, activation memory 23% -> 32% of XLA autodiff's).
 """
 
 from __future__ import annotations
@@ -148,10 +149,14 @@ class Plan:
   0.254 ms, benchmarks/results/pwl-grads-2026-12-03-twentysecond-*.json); ``lookup_residuals``:
   with ``dgrad_lookup`` (a PWL that is not trained), the forward saves its output h and each
   element's lookup segment j (uint8, ``kernels.LOOKUP_SEGMENTS``; a GLU also a = act(g) and u)
-  instead of ``residuals``' floor bits - the same 3 (MLP) / 5 (GLU) bytes per hidden element -
-  and the dgrad kernel reads those, finds the slope as s_j and writes d_u (, d_g) alone (h is
-  the forward's): on in the MLP ping-pong plans (gpt2-small's step 402.8 -> 374.6 us), opt-in
-  for GLUs (not yet run on a GPU); plans without ``dgrad_lookup`` keep ``residuals``.
+  instead of ``residuals``' floor bits - an MLP's 3 bytes per hidden element as before, a GLU's
+  7 for 5 (h, the forward's output, is kept) - and the dgrad kernel reads those, finds the
+  slope as s_j and writes d_u (, d_g) alone: on in the MLP ping-pong plans
+  (gpt2-small's step with a uniform PWL-64 402.8 -> 374.6 us), opt-in for GLUs (SmolLM2's
+  301.9 -> 294.0 us for 23% -> 32% of XLA's activation memory); plans without ``dgrad_lookup``
+  keep ``residuals``;
+  ``segments_dgrad``: the dgrad kernel's tiles when it reads those (None: ``dgrad``'s) - with
+  no select chain in its epilogue it affords wider ones (``DGRAD_PINGPONG_WIDE``).
   ``with_pwl_lookup`` clears the other three for a PWL whose knots are not evenly spaced."""
 
   path: str
@@ -170,6 +175,7 @@ class Plan:
   dgrad_lookup: bool = False
   segment_lookup: bool = False
   lookup_residuals: bool = False
+  segments_dgrad: kernels.EpilogueConfig | None = None
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -220,6 +226,12 @@ DGRAD_MLP = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=3)
 # 94 us (cooperative 64 x 64: 117).
 DGRAD_PINGPONG = kernels.EpilogueConfig(tile_m=64, tile_n=128, stages=4, pwl_dtype="float16",
                                         schedule="pingpong")
+# 128 x 128 x 3 ping-pong dgrad tiles. H200, 2026-12-03 (twenty-fourth session, training step
+# GPU-busy, two rounds, backward-profile-2026-12-03-twentyfourth-dgrad-tiles.md), vs 64 x 128 x 4:
+# reading the lookup residuals (uniform PWL-64) gpt2-small 377 -> 364 us, SmolLM2 280 -> 277,
+# gpt2-xl 1533 -> 1451; decoding floor bits (PWL-16) gpt2-xl 1612 / 1621 -> 1571 / 1584, but
+# gpt2-small 437 -> 450 and SmolLM2 307 -> 330 (the select chain's registers).
+DGRAD_PINGPONG_WIDE = dataclasses.replace(DGRAD_PINGPONG, tile_m=128, stages=3)
 _GLU_TILES = dict(tile_m=64, tile_n=128, stages=3)
 _MLP_TILES = dict(tile_m=128, tile_n=128, stages=3)
 # schedule="pingpong" tiles, one per warpgroup (a GLU's two accumulators or an MLP's one take
@@ -264,12 +276,18 @@ EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES
 # 78.2 -> 63.0, dgrad kernel 102.1 -> 87.5; XLA exact 427.4;
 # backward-profile-2026-12-03-twentythird-lookup-residuals.md); bench_gpu fwd+bwd 0.419 vs XLA
 # exact 0.480 ms (1.15x), gpt2-xl 1.725 vs 1.797 (1.04x; h200-2026-12-03-twentythird-gpt2.md).
+# A GLU's (a = act(g), u and the segments, 7 bytes per hidden element with h: the forward's
+# output, kept for dW_down) stay opt-in: 2026-12-03 (twenty-fourth), SmolLM2 uniform PWL-64 step
+# 301.9 -> 294.0 us (dgrad kernel 56.2 -> 49.2; backward-profile-2026-12-03-twentyfourth-glu-
+# segments.md), bench_gpu fwd+bwd 0.312 -> 0.299 ms (1.20x -> 1.26x of XLA exact, two runs), but
+# memory kept 60 -> 84 MB (23% -> 32% of XLA autodiff's 264; h200-2026-12-03-twentyfourth-*.md).
+_DGRAD_PINGPONG_PLAN = dict(**_FLOOR_BITS, backward="epilogue", dgrad=DGRAD_PINGPONG,
+                           segments_dgrad=DGRAD_PINGPONG_WIDE)
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
-    backward="epilogue", dgrad=DGRAD_PINGPONG)
+    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_FLOOR_BITS,
-    backward="epilogue", dgrad=DGRAD_PINGPONG, lookup_residuals=True)
+    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN,
+    lookup_residuals=True)
 # gpt2-xl's and llama-1B's plans write the f16 hinges as relu(h - t_k) (``kernels.HINGES``). H200,
 # eighteenth session (benchmarks/NOTES.md), max -> relu hinges: the forward kernel alone (GPU
 # time, ping-pong, M = 8192) saving floor bits SmolLM2 65.0 -> 63.7 us, llama-1B 845 -> 793,
@@ -280,6 +298,8 @@ PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
 # ALU pipe with the max hinges, and at gpt2-xl; SmolLM2 and gpt2-small keep max(h, t_k).
 PINGPONG_MLP_F16_RELU = dataclasses.replace(PINGPONG_MLP_F16, epilogue=dataclasses.replace(
     PINGPONG_MLP_F16.epilogue, hinges="relu"))
+# gpt2-xl decodes floor bits on the wide dgrad tiles as well (DGRAD_PINGPONG_WIDE's measurements)
+GPT2_XL_MLP_F16 = dataclasses.replace(PINGPONG_MLP_F16_RELU, dgrad=DGRAD_PINGPONG_WIDE)
 # llama-1B: the ping-pong relu forward (793 us saving floor bits vs the cooperative tiles' 811)
 # with the chunked backward, which its training step measured faster than the dgrad kernel
 # (3780.8 vs 3813.5 us GPU-busy, sixteenth session)
@@ -325,7 +345,7 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (False, 768, 3072, 768, False, False): GPT2_SMALL_MLP_F16,
     # ping-pong forward 0.5582 (cooperative 0.5515); its training step saving floor bits:
     # GPU-busy 1664.8 us vs 1683.6 for cooperative tiles saving pairs (2026-12-02)
-    (False, 1600, 6400, 1600, False, True): PINGPONG_MLP_F16_RELU,  # 0.5407 vs 0.6116 (12-03)
+    (False, 1600, 6400, 1600, False, True): GPT2_XL_MLP_F16,  # 0.5407 vs 0.6116 (12-03)
     (False, 1600, 6400, 1600, False, False): EPILOGUE_MLP,  # 0.5768 vs 0.5961
     # ping-pong forward 1.2693 vs 1.3350 (12-02, max hinges; relu: kernel alone 820 vs 826 us)
     (True, 2048, 8192, 2048, False, True): LLAMA_1B_GLU_F16,  # 1.2629 vs 1.3955 (12-03)
@@ -558,11 +578,12 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
     preactivations = (tuple(parts),)
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
   table, kind = _kernel_table(activation, plan.dgrad_lookup)
+  config = (segments and plan.segments_dgrad) or plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)
   h, d_u, d_g = (None if out is None else out[:rows, :hidden]
                  for out in dgrad_sm90.dgrad_activation(
       _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, table, kind=kind,
-      num_knots=0 if activation.knots is None else activation.knots.shape[0],
-      config=plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP), segments=segments))
+      num_knots=0 if activation.knots is None else activation.knots.shape[0], config=config,
+      segments=segments))
   h = forward_hidden if h is None else h
   dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
       x, dy, w_up, w_gate, w_down.dtype, h, d_u, d_g, precision, dx_dtype=x.dtype)
