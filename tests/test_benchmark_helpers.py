@@ -21,6 +21,7 @@ from gpu_profile import idle_ns_before, ns_per_launch, union_ns  # noqa: E402
 import gpu_clocks  # noqa: E402
 from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
 import bench_down_projection  # noqa: E402
+import bench_glu_input_grads  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
 
@@ -179,3 +180,17 @@ def test_down_projection_bench_compares_like_with_like(rng):
   assert got.shape == want.shape == (100, 136)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=2e-2, atol=2e-2)
+
+
+def test_glu_input_grads_bench_variants_compute_the_same_gradients(rng):
+  """``bench_glu_input_grads``: the joint forms (one [M, 2H] array [d_g | d_u]) give the
+  library's dx, dW_up, dW_down, dW_gate and bias sums, in the library's order."""
+  draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  x, dy, h, d_up, d_gate, w_up, w_gate = (draw(40, 24), draw(40, 24), draw(40, 56), draw(40, 56),
+                                          draw(40, 56), draw(24, 56), draw(24, 56))
+  want = bench_glu_input_grads.separate(x, dy, w_up, w_gate, h, d_up, d_gate)
+  got = bench_glu_input_grads.joint(x, dy, w_up, w_gate, h, jnp.concatenate([d_gate, d_up], 1))
+  assert [g.shape for g in got] == [w.shape for w in want]
+  for g, w in zip(got, want):  # one bf16 rounding of the same f32 sums
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(w.astype(jnp.float32)))))
