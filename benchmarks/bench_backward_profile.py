@@ -14,8 +14,9 @@ loss needs the forward's output before the backward, ``--independent-cotangent``
 ``pwl-grads*`` variants also w.r.t. the PWL's parameters, ``bench_gpu.with_pwl_gradients``) and
 lists each kernel's GPU time per step, costliest first, with the GPU-busy total, the wall clock
 of the same steps run back to back untraced, and the GPU's idle time before each launch
-(``gpu_profile.profile``). ``--sets 3`` runs three input sets per jit, as bench_gpu's timing
-does; ``--forward-only`` profiles the forward alone (the pwl-grads variants still train);
+(``gpu_profile.profile``). ``--rounds N`` profiles every variant N times in turn and ends the
+report with their GPU-busy times per round and median. ``--sets 3`` runs three input sets per
+jit, as bench_gpu's timing does; ``--forward-only`` profiles the forward alone (the pwl-grads variants still train);
 ``--biases`` adds fixed b_up (b_gate) and b_down to every FFN; ``--fit pwl64-uniform`` profiles
 another PWL than PWL-16 (evenly spaced knots take the table lookup).
 The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
@@ -74,6 +75,24 @@ def gemm_signatures(hlo_text: str) -> dict[str, str]:
   return fusion_signatures(hlo_text, dict.fromkeys(names))
 
 
+def rounds_table(results: list[dict]) -> list[str]:
+  """Markdown lines: each (shape, variant)'s GPU-busy us per round and their median, where some
+  variant ran in more than one round (``--rounds``); none otherwise."""
+  by_variant = {}
+  for r in results:
+    by_variant.setdefault((r["shape"], r["variant"]), []).append(r.get("device_us"))
+  if all(len(times) < 2 for times in by_variant.values()):
+    return []
+  lines = ["## GPU busy per step, us, by round", "", "| shape | variant | rounds | median |",
+           "|---|---|---|---:|"]
+  for (shape, variant), times in by_variant.items():
+    measured = [t for t in times if t is not None]
+    cells = " / ".join("failed" if t is None else f"{t:.1f}" for t in times)
+    median = f"{float(np.median(measured)):.1f}" if measured else "—"
+    lines.append(f"| {shape} | {variant} | {cells} | {median} |")
+  return lines + [""]
+
+
 def write_report(results: list[dict], out: str, command: str, tag: str = "",
                  what: str = "fwd+bwd") -> None:
   stem = os.path.join(out, f"backward-profile-{datetime.date.today().isoformat()}{tag}")
@@ -83,7 +102,8 @@ def write_report(results: list[dict], out: str, command: str, tag: str = "",
   lines = [f"# {what} kernels on {jax.devices()[0].device_kind}", "", f"Command: `{command}`", ""]
   for r in results:
     sets = f" ({r['sets']} input sets per jit, times per set)" if r.get("sets", 1) > 1 else ""
-    lines += [f"## {r['shape']} — {r['variant']}{sets}", ""]
+    round_ = f" (round {r['round']})" if r.get("round", 1) > 1 else ""
+    lines += [f"## {r['shape']} — {r['variant']}{sets}{round_}", ""]
     if "error" in r:
       lines += [f"failed: {r['error']}", ""]
       continue
@@ -98,6 +118,7 @@ def write_report(results: list[dict], out: str, command: str, tag: str = "",
     lines += ["", "GEMMs in the compiled step:", ""]
     lines += [f"- `{name}`: `{signature}`" for name, signature in r["gemms"].items()]
     lines.append("")
+  lines += rounds_table(results)
   with open(stem + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -110,6 +131,10 @@ def main(argv=None) -> int:
   parser.add_argument("--sets", type=int, default=1,
                       help="input sets (distinct x and dy) one jitted step runs, as bench_gpu's "
                            "timing does (3 at M = 8192); times are per set")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="profile every variant this many times, in turn (llama-1B's step "
+                           "moved ~8%% between rounds on the H200); the report ends with each "
+                           "variant's GPU-busy time per round and their median")
   parser.add_argument("--tag", default="", help="suffix of the report's file names")
   parser.add_argument("--independent-cotangent", action="store_true",
                       help="loss <y, dy> alone (``bench_gpu.training_loss``): XLA may then run the "
@@ -280,25 +305,30 @@ def main(argv=None) -> int:
     else:
       as_step = lambda forward: with_gradients(forward, dependent)
     steps.update({key: (label, as_step(forward)) for key, (label, forward) in variants.items()})
-    for key in args.variants.split(","):
-      variant, step = steps[key]
-      step = jax.jit(lambda sets, step=step: [step(*set_args) for set_args in sets])
-      try:
-        record = profile(step, (arg_sets,), args.calls, len(arg_sets), top=40)
-        hlo_text = step.lower(arg_sets).compile().as_text()
-        record["hlo"] = fusion_signatures(hlo_text, record["by_kernel_us"])
-        record["gemms"] = gemm_signatures(hlo_text)
-        if args.dump_hlo:
-          with open(os.path.join(args.out, f"{name}-{key}{args.tag}.hlo.txt"), "w") as f:
-            f.write(hlo_text)
-      except Exception as error:  # noqa: BLE001 -- a failed variant is a result
-        record = {"error": f"{type(error).__name__}: {error}"[:300]}
-      record.update(shape=name, variant=variant.replace("PWL-16", args.fit), rows=shape.rows,
-                    sets=len(arg_sets), fit=args.fit)
-      results.append(record)
-      print(json.dumps(record)[:2000], flush=True)
-      write_report(results, args.out, command, args.tag,
-                   "forward" if args.forward_only else "fwd+bwd")
+    keys = args.variants.split(",")
+    jitted = {key: jax.jit(lambda sets, step=steps[key][1]: [step(*set_args) for set_args in sets])
+              for key in keys}
+    hlo_texts = {}
+    for round_ in range(args.rounds):  # every variant once per round, in turn
+      for key in keys:
+        step = jitted[key]
+        try:
+          record = profile(step, (arg_sets,), args.calls, len(arg_sets), top=40)
+          if key not in hlo_texts:
+            hlo_texts[key] = step.lower(arg_sets).compile().as_text()
+            if args.dump_hlo:
+              with open(os.path.join(args.out, f"{name}-{key}{args.tag}.hlo.txt"), "w") as f:
+                f.write(hlo_texts[key])
+          record["hlo"] = fusion_signatures(hlo_texts[key], record["by_kernel_us"])
+          record["gemms"] = gemm_signatures(hlo_texts[key])
+        except Exception as error:  # noqa: BLE001 -- a failed variant is a result
+          record = {"error": f"{type(error).__name__}: {error}"[:300]}
+        record.update(shape=name, variant=steps[key][0].replace("PWL-16", args.fit),
+                      rows=shape.rows, sets=len(arg_sets), fit=args.fit, round=round_ + 1)
+        results.append(record)
+        print(json.dumps(record)[:2000], flush=True)
+        write_report(results, args.out, command, args.tag,
+                     "forward" if args.forward_only else "fwd+bwd")
   return 0
 
 

@@ -20,6 +20,7 @@ from bench_gpu import (SHAPES, Recorder, Shape, bench_shape, candidates,  # noqa
 from gpu_profile import idle_ns_before, ns_per_launch, union_ns  # noqa: E402
 import gpu_clocks  # noqa: E402
 from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
+import bench_backward_profile  # noqa: E402
 import bench_down_projection  # noqa: E402
 import bench_glu_input_grads  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
@@ -194,3 +195,16 @@ def test_glu_input_grads_bench_variants_compute_the_same_gradients(rng):
   for g, w in zip(got, want):  # one bf16 rounding of the same f32 sums
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(w.astype(jnp.float32)))))
+
+
+def test_backward_profile_rounds_table_takes_each_variants_median():
+  """``bench_backward_profile --rounds``: one row per (shape, variant) with its times in round
+  order and their median, a failed round shown and left out of the median; no table when every
+  variant ran once."""
+  runs = [dict(shape="s", variant="a", device_us=30.0), dict(shape="s", variant="b", device_us=5.0),
+          dict(shape="s", variant="a", device_us=10.0), dict(shape="s", variant="b"),
+          dict(shape="s", variant="a", device_us=20.0), dict(shape="s", variant="b", device_us=7.0)]
+  table = bench_backward_profile.rounds_table(runs)
+  assert "| s | a | 30.0 / 10.0 / 20.0 | 20.0 |" in table
+  assert "| s | b | 5.0 / failed / 7.0 | 6.0 |" in table
+  assert bench_backward_profile.rounds_table(runs[:2]) == []
