@@ -16,9 +16,9 @@ lists each kernel's GPU time per step, costliest first, with the GPU-busy total,
 of the same steps run back to back untraced, and the GPU's idle time before each launch
 (``gpu_profile.profile``). ``--rounds N`` profiles every variant N times in turn and ends the
 report with their GPU-busy times per round and median. ``--sets 3`` runs three input sets per
-jit, as bench_gpu's timing does; ``--forward-only`` profiles the forward alone (the pwl-grads variants still train);
-``--biases`` adds fixed b_up (b_gate) and b_down to every FFN; ``--fit pwl64-uniform`` profiles
-another PWL than PWL-16 (evenly spaced knots take the table lookup).
+jit, as bench_gpu's timing does; ``--forward-only`` profiles the forward alone (the pwl-grads
+variants still train); ``--biases`` adds fixed b_up (b_gate) and b_down to every FFN; ``--fit
+pwl64-uniform`` profiles another PWL than PWL-16 (evenly spaced knots take the table lookup).
 The floors to compare against: ``flops`` (9 GEMM units GLU, 6 MLP) at the measured matmul
 peak. Writes ``backward-profile-<date><--tag>.json`` / ``.md`` after every variant
 (``--dump-hlo``: and ``<shape>-<variant><--tag>.hlo.txt``, the compiled step).

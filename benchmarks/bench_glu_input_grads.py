@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     if not shape.glu:
       raise ValueError(f"--shapes: {name} is not a GLU")
     m, d, hidden = shape.rows, shape.d_model, shape.hidden
-    x, dy, h, d_up, d_gate = draw(m, d), draw(m, d), draw(m, hidden), draw(m, hidden), draw(m, hidden)
+    x, dy = draw(m, d), draw(m, d)
+    h, d_up, d_gate = draw(m, hidden), draw(m, hidden), draw(m, hidden)
     w_up, w_gate = draw(d, hidden), draw(d, hidden)
     d_gate_up = jnp.concatenate([d_gate, d_up], axis=1)
     variants = {

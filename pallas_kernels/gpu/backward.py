@@ -190,13 +190,13 @@ def column_gradients(x, dy, w_up, w_gate, w_down_dtype, hidden, d_up, d_gate, pr
   f32 = jnp.float32
   dot = lambda a, b, contract, dtype=f32: lax.dot_general(
       a, b, (contract, ((), ())), precision=precision, preferred_element_type=dtype)
-  d_w_gate = None
-  if d_gate is not None:
+  if d_gate is None:
+    d_w_gate = None
+    dx = dot(d_up, w_up, ((1,), (1,)), dx_dtype)
+  else:
     d_w_gate = dot(x, d_gate, ((0,), (0,)), w_gate.dtype)
     d_up, d_w_gate = lax.optimization_barrier((d_up, d_w_gate))
-  if d_gate is None:
-    dx = dot(d_up, w_up, ((1,), (1,)), dx_dtype)
-  else:  # the two products summed in f32, then rounded
+    # the two products summed in f32, then rounded
     dx = (dot(d_up, w_up, ((1,), (1,))) + dot(d_gate, w_gate, ((1,), (1,)))).astype(dx_dtype)
   return (dx, dot(x, d_up, ((0,), (0,)), w_up.dtype), dot(hidden, dy, ((0,), (0,)), w_down_dtype),
           d_w_gate, jnp.sum(d_up.astype(f32), 0),

@@ -499,8 +499,10 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
         pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
       if saves == LOOKUP_SEGMENTS:
         out, segment = pwl_lookup.value_and_segment(pre[0], table_smem, num_knots)
-        glu_parts = [out, pre[1]] if len(pre) == 2 else []
-        values = [out * pre[1] if glu_parts else out, *glu_parts, segment.astype(jnp.uint8)]
+        if len(pre) == 2:  # GLU: the output h = a u, then a and u for the dgrad kernel
+          values = [out * pre[1], out, pre[1], segment.astype(jnp.uint8)]
+        else:
+          values = [out, segment.astype(jnp.uint8)]
       else:
         out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype,
                                config.hinges)
