@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                            "pingpong-segments-n64, exact, per-output, dh16, dgrad, dgrad-floor-bits, "
                            "dgrad-pingpong, other-hinges (max <-> relu), xla-down (GEMM2 by "
                            "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
-                           "no-lookup-residuals (an MLP's uniform PWL saves floor bits, not h "
+                           "no-lookup-residuals (an MLP's PWL saves floor bits, not h "
                            "and its segments), lookup-residuals (the opt-in GLU form), "
                            "dgrad-lookup-residuals (the same on the dgrad kernel), "
                            "pwl-grads, "
@@ -286,11 +286,11 @@ def main(argv=None) -> int:
                                        dispatch.with_residuals(plan, shape.glu, "floor-bits"),
                                        backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG))),
                 "no-lookup-residuals": ("library plan saving its residuals' kind where it would "
-                                        "save h and the lookup's segments (lookup_residuals="
+                                        "save h and the segments (lookup_residuals="
                                         "False), PWL-16",
                                         forward_on(pwl, dataclasses.replace(
                                             plan, lookup_residuals=False))),
-                "lookup-residuals": ("library plan saving h and the lookup's segments (a GLU also "
+                "lookup-residuals": ("library plan saving h and the segments (a GLU also "
                                      "act(g) and u; lookup_residuals=True), PWL-16",
                                      forward_on(pwl, dataclasses.replace(
                                          plan, lookup_residuals=True))),
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
                     f"library plan with the dgrad kernel (backward='epilogue', "
                     f"{dgrad_tiles(dgrad_plan.dgrad)} tiles decoding floor bits, "
                     f"{dgrad_tiles(dgrad_plan.segments_dgrad or dgrad_plan.dgrad)} reading h and "
-                    "the lookup's segments, a GLU also act(g) and u), PWL-16",
+                    "the segments, a GLU also act(g) and u), PWL-16",
                     forward_on(pwl, dgrad_plan))}
     if args.forward_only:  # the forward alone; dy stays an argument, unused
       as_step = lambda forward: lambda x, wu, wd, wg, dy: forward(x, wu, wd, wg)

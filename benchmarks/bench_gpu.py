@@ -500,7 +500,9 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
               backward.chunk_columns(shape.rows, shape.hidden, chunk_mi * 2**20), d_hidden)
           if program not in seen:
             seen.add(program)
-            variants.append((f"{kept_name}-{kept[:5]}-{backward_name(plan)}",
+            # "-segments": the forward saves h and each element's segment (lookup_residuals)
+            segments = "-segments" * (plan.backward == "epilogue" and plan.lookup_residuals)
+            variants.append((f"{kept_name}-{kept[:5]}-{backward_name(plan)}{segments}",
                              kernel_forward(act_pwl, plan)))
     if "preactivations" in residuals:  # the backward's first GEMM with its epilogue kernel
       dgrad_plan = dataclasses.replace(train_plan, residuals="preactivations", backward="epilogue")
@@ -513,6 +515,10 @@ def bench_shape(rec: Recorder, shape: Shape, rng, peak_tflops: float, with_tokam
       label = "chunked" if other.backward == "xla" else "dgrad-pp"
       variants.append((f"{epilogue_name(other.epilogue)}-floor-{label}",
                        kernel_forward(act_pwl, other)))
+      if floor.backward == "epilogue" and floor.lookup_residuals:  # the dgrad kernel on floor bits
+        variants.append((f"{epilogue_name(floor.epilogue)}-floor-dgrad",
+                         kernel_forward(act_pwl, dataclasses.replace(floor,
+                                                                     lookup_residuals=False))))
     exact_kept = "preactivations" if residuals[0] == "segments" else residuals[0]  # PWL only
     exact_plan = dataclasses.replace(train_plan, residuals=exact_kept,
                                      backward_chunk_elements=backward_chunks_mi[0] * 2**20)

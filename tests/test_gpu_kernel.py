@@ -280,6 +280,39 @@ def test_pwl_lookup_table_gives_the_pwl(rng):
     assert int(segment_taken[-1]) == 0  # NaN: segment 0, whose line keeps it NaN
 
 
+@pytest.mark.parametrize("pwl_dtype", ["float32", "float16"])
+def test_counted_segments_give_the_pwl(rng, pwl_dtype):
+  """``pwl_lookup.counted_value_and_segment`` (its interpret forms: the count, then the line
+  from ``counted_table``) on optimal PWL-16 fits: the segment is the number of knots at or below
+  h (in f16 for "float16": of f16(t_k) at or below f16(h)), the value the PWL's (f16: within the
+  slope change times f16's rounding of h next to a knot); both tails, the knots, NaN."""
+  f16 = lambda v: np.asarray(jnp.asarray(v).astype(jnp.float16).astype(jnp.float32))
+  for name in ("gelu", "silu"):
+    activation = to_kernel_activation(ff.fit(name, 16, "optimal"))
+    knots, num_knots = np.asarray(activation.knots), activation.knots.shape[0]
+    table = pwl_lookup.counted_table(activation)
+    assert table.shape[0] % hinge_table.TABLE_ALIGN == 0
+    np.testing.assert_array_equal(  # slope_of_segment reads the slopes where lookup_table has them
+        table[pwl_lookup.HEADER:pwl_lookup.HEADER + num_knots + 1], activation.slopes)
+    first = pwl_lookup.first_counted_knot(num_knots)
+    np.testing.assert_array_equal(table[first:first + num_knots], knots)
+    h = jnp.concatenate([jnp.asarray(rng.standard_normal(4000) * 4, jnp.float32),
+                         activation.knots, jnp.asarray([1e30, -1e30, np.nan], jnp.float32)])
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+      value, segment = pwl_lookup.counted_value_and_segment(h, table, num_knots, pwl_dtype)
+    seen = f16 if pwl_dtype == "float16" else np.asarray
+    want = np.searchsorted(seen(knots), seen(h[:-1]), side="right")
+    np.testing.assert_array_equal(np.asarray(segment[:-1]), want, err_msg=name)
+    assert int(segment[-1]) == 0 and np.isnan(np.asarray(value[-1]))  # NaN stays NaN
+    finite = np.abs(np.asarray(h[:-1])) < 1e29
+    error = np.abs(np.asarray(value[:-1]) - np.asarray(activation(h[:-1])))[finite]
+    bound = 1e-6 if pwl_dtype == "float32" else float(
+        np.max(np.abs(np.diff(activation.slopes))) * 2.0**-10 * np.max(np.abs(knots)))
+    assert np.max(error) <= bound * (1 + np.max(np.abs(np.asarray(h[:-1])[finite]))), name
+    with pytest.raises(ValueError, match="at most 84 knots"):
+      pwl_lookup.counted_table(to_kernel_activation(ff.fit(name, 90, "optimal")))
+
+
 def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
   """``with_pwl_lookup``: a uniform fit (evenly spaced by construction, traced or not) and
   concrete evenly spaced knots get the lookup on the epilogue path, and the dgrad kernel and the
@@ -318,17 +351,22 @@ def test_pwl_lookup_only_for_concrete_evenly_spaced_knots():
 
 
 def test_lookup_segments_need_the_lookup():
-  """The lookup segments (``kernels.LOOKUP_SEGMENTS``) are the lookup's: the forward kernel
-  refuses them for hinges, the dgrad kernel for a table that is not the lookup's, each naming
-  what it needs."""
+  """The saved segments (``kernels.LOOKUP_SEGMENTS``) come from the segments' lines (a lookup
+  or a count): the forward kernel refuses them for hinges and the counted kind without them, the
+  dgrad kernel a hinge table, each naming what it needs."""
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   activation = kernel_activation("pwl64u", glu=False)
-  with pytest.raises(ValueError, match="needs a PWL by lookup.*got kind 'pwl'"):
+  with pytest.raises(ValueError, match="needs a PWL by its segments' lines.*got kind 'pwl'"):
     jax.eval_shape(lambda x, w, t: kernels.gemm1_activation(
         x, w, None, None, None, t, kind="pwl", num_knots=65,
         config=kernels.EpilogueConfig(64, 64, 2), saves=kernels.LOOKUP_SEGMENTS),
         spec(128, 128), spec(128, 128), hinge_table.activation_table(activation))
-  with pytest.raises(ValueError, match="saved lookup segments need the lookup table"):
+  with pytest.raises(ValueError, match="kind 'pwl_counted' is the forward that saves"):
+    jax.eval_shape(lambda x, w, t: kernels.gemm1_activation(
+        x, w, None, None, None, t, kind="pwl_counted", num_knots=65,
+        config=kernels.EpilogueConfig(64, 64, 2), saves="floor-bits"),
+        spec(128, 128), spec(128, 128), pwl_lookup.counted_table(activation))
+  with pytest.raises(ValueError, match="saved segments need a table of the segments' lines"):
     dgrad_sm90.dgrad_activation(
         spec(128, 128), spec(128, 128), ((jnp.zeros((128, 128), jnp.uint8),),),
         hinge_table.activation_table(activation), kind="pwl", num_knots=65,
@@ -347,21 +385,25 @@ def test_pwl_lookup_lowers_into_the_forward_kernel():
   assert "cvt.rmi.u32.f32" in module and f"ld.shared.f32 c, [j+{intercepts}]" in module
 
 
-@pytest.mark.parametrize("glu, lookup_residuals", [(False, False), (False, True), (True, True)],
-                         ids=["gpt2-small", "gpt2-small-segments", "smollm2-segments"])
-def test_pwl_lookup_lowers_into_the_dgrad_kernel(monkeypatch, glu, lookup_residuals):
+@pytest.mark.parametrize("glu, lookup_residuals, fit", [
+    (False, False, "pwl64u"), (False, True, "pwl64u"), (True, True, "pwl64u"),
+    (False, True, "pwl15")],
+    ids=["gpt2-small", "gpt2-small-segments", "smollm2-segments", "gpt2-small-counted"])
+def test_pwl_lookup_lowers_into_the_dgrad_kernel(monkeypatch, glu, lookup_residuals, fit):
   """With ``dgrad_lookup`` the dgrad kernel's PTX takes value and slope from one lookup (the
   slope straight into the asm's second output), at gpt2-small's training step; with
   ``lookup_residuals`` the forward's lookup also writes its segment (the asm's second output)
   and the dgrad kernel loads the slope by it on the plan's ``segments_dgrad`` tiles
-  (gpt2-small's plan, and SmolLM2's GLU plan with it)."""
+  (gpt2-small's plan, and SmolLM2's GLU plan with it); for the optimal PWL-16 the forward
+  counts its knots on f16 pairs and converts the count (the asm's operand) to the segment."""
   configs = []
   dgrad_activation = dgrad_sm90.dgrad_activation
   monkeypatch.setattr(dgrad_sm90, "dgrad_activation", lambda *args, config, **kwargs: (
       configs.append(config) or dgrad_activation(*args, config=config, **kwargs)))
-  activation = kernel_activation("pwl64u", glu=glu)
+  activation = kernel_activation(fit, glu=glu)
   base = dispatch.SMOLLM2_GLU_F16 if glu else dispatch.PINGPONG_MLP_F16
-  plan = dataclasses.replace(base, pwl_lookup=True, dgrad_lookup=True,
+  lookup = fit == "pwl64u"
+  plan = dataclasses.replace(base, pwl_lookup=lookup, dgrad_lookup=lookup,
                              lookup_residuals=lookup_residuals)
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   d_model, hidden = (576, 1536) if glu else (768, 3072)
@@ -378,6 +420,9 @@ def test_pwl_lookup_lowers_into_the_dgrad_kernel(monkeypatch, glu, lookup_residu
     assert "mov.u32 $1, j" in module and "ld.shared.f32 $0, [a]" in module
     assert "ld.shared.f32 $1, [j]" not in module
     assert configs == [dispatch.DGRAD_PINGPONG_WIDE] == [plan.segments_dgrad]
+    counted = ("set.ge.f16x2.f16x2" in module, "cvt.rzi.u32.f32" in module,
+               "cvt.rmi.u32.f32" in module)
+    assert counted == ((True, True, False) if fit == "pwl15" else (False, False, True))
   else:
     assert "ld.shared.f32 $1, [j]" in module and "mov.u32 $1, j" not in module
     assert configs == [dispatch.DGRAD_PINGPONG] == [plan.dgrad]
@@ -823,14 +868,17 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
     (True, "pwl15", "floor-bits", "pingpong"), (False, "pwl15", "floor-bits", "pingpong"),
     (True, "pwl64u-lookup", "floor-bits", "pingpong"),
     (False, "pwl64u-lookup-segments", "floor-bits", "pingpong"),
-    (True, "pwl64u-lookup-segments", "floor-bits", "pingpong")])
+    (True, "pwl64u-lookup-segments", "floor-bits", "pingpong"),
+    (False, "pwl15-segments", "floor-bits", "pingpong"),
+    (True, "pwl15-segments", "floor-bits", "cooperative")])
 def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals, schedule):
   """Plan(backward="epilogue"): forward and every gradient (weights, biases; not a PWL's
   parameters, which would hand the backward to the chunked form) against the float32 reference,
   odd M, H and D_out (H and D_out padded to 64 for the kernel); "-lookup": a uniform PWL-64 by
   table lookup in the forward and the dgrad kernel (``pwl_lookup`` / ``dgrad_lookup``);
-  "-segments": with ``lookup_residuals`` (the forward saves h and the lookup's segments, a GLU
-  also act(g) and u, and the dgrad kernel reads those on ``segments_dgrad``'s tiles)."""
+  "-segments": with ``lookup_residuals`` (the forward saves h and the lookup's segments - for
+  the optimal PWL-16 "pwl15", the count of knots at or below p - a GLU also act(g) and u, and the
+  dgrad kernel reads those on ``segments_dgrad``'s tiles)."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
   segments = name.endswith("-segments")
   name = name.removesuffix("-segments")
@@ -865,6 +913,26 @@ def test_float16_inputs_on_a_floor_bits_plan(rng, monkeypatch, name):
                                           pwl_gradients=False))(
       jnp.ones((rows, d_model), jnp.float16))
   assert saves and set(saves) == {"segments" if name == "pwl" else "preactivations"}
+
+
+@pytest.mark.parametrize("segments, saved", [(16, kernels.LOOKUP_SEGMENTS), (90, "floor-bits")])
+def test_mlp_plan_counts_knots_up_to_the_table_limit(rng, monkeypatch, segments, saved):
+  """gpt2-small's plan trains a frozen optimal PWL on the dgrad kernel from h and each element's
+  count of knots (kind "pwl_counted" in the forward); a PWL with more knots than
+  ``counted_table`` holds keeps floor bits (and the hinges). Traced, not run."""
+  saves, kinds = record_saves(monkeypatch), []
+  real = kernels.gemm1_activation
+  monkeypatch.setattr(kernels, "gemm1_activation",
+                      lambda *a, **k: kinds.append(k["kind"]) or real(*a, **k))
+  monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
+  problem = make_problem(rng, 128, 768, 3072, 768, glu=False, bias=True)
+  activation = to_kernel_activation(ff.fit("gelu", segments, "optimal"))
+  jax.make_jaxpr(lambda d: loss_and_grads(lambda *a: dispatch.ffn_mosaic_gpu(*a), problem,
+                                          activation, d, pwl_gradients=False))(
+      jnp.ones((128, 768), jnp.bfloat16))
+  assert saves == [saved]
+  # GEMM2 (with b_down) on the kernel too
+  assert kinds == ["pwl_counted" if saved == kernels.LOOKUP_SEGMENTS else "pwl", "identity"]
 
 
 @pytest.mark.parametrize("pwl_gradients", [False, True])
@@ -1329,9 +1397,15 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                      dispatch.choose_plan(8192, 768, 3072, 768, False, False)),
     "dgrad-pp-glu-silu-floor-bits-odd": (1000, 576, 1000, 576, True, True, "silu",
                                          dispatch.PINGPONG_GLU_F16),
-    # gpt2-xl's plan: relu hinges, floor bits decoded on the wide dgrad tiles
+    # gpt2-xl's plan: relu hinges (inference), the counted segments read on the wide dgrad tiles
     "dgrad-pp-mlp-pwl-gpt2-xl-plan-odd": (513, 768, 3000, 700, False, True, "pwl15",
                                           dispatch.GPT2_XL_MLP_F16),
+    # the MLP plans' optimal PWL-16 saves h and its knots' count (lookup_residuals), as a GLU may
+    "dgrad-pp-mlp-pwl-counted-segments-odd": (513, 768, 3000, 700, False, True, "pwl15",
+                                              dispatch.PINGPONG_MLP_F16),
+    "dgrad-pp-glu-pwl-counted-segments-odd": (1000, 576, 1000, 700, True, True, "pwl15",
+                                              dataclasses.replace(dispatch.PINGPONG_GLU_F16,
+                                                                  lookup_residuals=True)),
     "dgrad-pp-mlp-pwl-tanh-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15-tanh",
                                               dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(

@@ -7,8 +7,9 @@ For the forward's saved pre-activations p = g (GLU) or u (MLP) (``backward.save_
     MLP:  h = act(u),        d_u = d_hidden act'(u)
     GLU:  a = act(g), h = a u,  d_u = d_hidden a,  d_g = d_hidden u act'(g)
 
-written in dy's dtype. A forward that looked its PWL up and saved each element's segment j
-(``fused_ffn_sm90.LOOKUP_SEGMENTS``: j for an MLP, (a, u, j) for a GLU) gives the slope as s_j
+written in dy's dtype. A forward that evaluated its PWL by the segments' lines (a lookup, or a
+count of the knots) and saved each element's segment j (``fused_ffn_sm90.LOOKUP_SEGMENTS``: j
+for an MLP, (a, u, j) for a GLU) gives the slope as s_j
 (one shared load) and nothing to decode or evaluate: MLP d_u = d_hidden s_j, GLU
 d_u = d_hidden a, d_g = d_hidden u s_j; h is the forward's output, not written again. XLA then
 runs dW_down = h^T dy, dW_up = x^T d_u, dx = d_u W_up^T (+ the gate terms). Against the chunked
@@ -42,11 +43,11 @@ from jax import lax
 from pallas_kernels.activation import exact_activation_and_derivative
 from pallas_kernels.gpu import packed_pwl, pwl_lookup
 from pallas_kernels.gpu.backward import join_saved
-from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SMEM_BYTES, TILE_K,
-                                               EpilogueConfig, _split_refs, _swizzled,
-                                               apply_activation, for_each_tile, launch_persistent,
-                                               load_table, pingpong_mainloop, pingpong_ring,
-                                               store_slice)
+from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SEGMENT_KINDS,
+                                               SMEM_BYTES, TILE_K, EpilogueConfig, _split_refs,
+                                               _swizzled, apply_activation, for_each_tile,
+                                               launch_persistent, load_table, pingpong_mainloop,
+                                               pingpong_ring, store_slice)
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN, HingeTable
 
 
@@ -104,10 +105,11 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   dy [M, D_out]; w_down [H, D_out]; ``preactivations``: the forward's saved (g, u) (GLU) or (u,)
   (MLP), [M, H] each, in ``backward.save_preactivations``' "preactivations" ((hi, lo) pairs) or
   "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form, or with
-  ``segments`` ``LOOKUP_SEGMENTS``' ((j,),) (MLP) or ((a, u, j),) (GLU), j uint8 (kind
-  "pwl_lookup"; then h is None: the forward's output is h); ``table``: the
+  ``segments`` ``LOOKUP_SEGMENTS``' ((j,),) (MLP) or ((a, u, j),) (GLU), j uint8 (a kind in
+  ``SEGMENT_KINDS``; then h is None: the forward's output is h); ``table``: the
   hinge table (``hinge_table.activation_table``, ``kind`` "pwl"), the lookup table
-  (``pwl_lookup.lookup_table``, "pwl_lookup") or None. D_out and H must be multiples of 64
+  (``pwl_lookup.lookup_table``, "pwl_lookup"), the counted one (``pwl_lookup.counted_table``,
+  "pwl_counted": with ``segments`` only) or None. D_out and H must be multiples of 64
   (the caller pads).
   ``config.schedule``: "cooperative" (both warpgroups on one [2 tile_m, tile_n] tile) or
   "pingpong" (whole tiles in turn, ``pingpong_mainloop``: one warpgroup's epilogue overlaps the
@@ -121,9 +123,9 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   part_dtypes = [part.dtype for part in parts]
   if jnp.dtype(jnp.int8) in part_dtypes:
     raise NotImplementedError("dgrad_activation reads pairs or floor bits, not int8 segments")
-  if segments and kind != "pwl_lookup":
-    raise ValueError(f"dgrad_activation: saved lookup segments need the lookup table (kind "
-                     f"'pwl_lookup'), got kind {kind!r}")
+  if segments and kind not in SEGMENT_KINDS:
+    raise ValueError(f"dgrad_activation: saved segments need a table of the segments' lines "
+                     f"(kind in {tuple(SEGMENT_KINDS)}), got kind {kind!r}")
   num_outputs = (1 + glu) if segments else 3 if glu else 2
   config.check(1, dtype)
   needed = smem_bytes(config, part_dtypes, jnp.dtype(dtype).itemsize)

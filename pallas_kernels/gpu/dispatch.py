@@ -66,12 +66,15 @@ elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one o
                         (``float16_residuals``): hi is a bf16, and the kernel's two-byte
                         staging slot holds x's dtype.
 
-A PWL evaluated by lookup and not trained, on the dgrad backward, may save instead the segment
-each element's lookup took (uint8; ``Plan.lookup_residuals``) beside the forward's output h (MLP:
-the same 3 bytes as floor bits) and a = act(g), u (GLU: 7 bytes, h included, for floor bits' 5);
-the dgrad kernel reads them and writes d_u (, d_g) alone, where from floor bits it decodes p,
-evaluates act and act' and writes h as well. On in the MLP ping-pong plans; opt-in for GLUs
-(H200, SmolLM2: fwd+bwd 0.312 -> 0.299 ms, activation memory 23% -> 32% of XLA autodiff's).
+A PWL that is not trained, on the dgrad backward, may save instead each element's segment
+(uint8; ``Plan.lookup_residuals``) beside the forward's output h (MLP: the same 3 bytes as floor
+bits) and a = act(g), u (GLU: 7 bytes, h included, for floor bits' 5); the dgrad kernel reads
+them and writes d_u (, d_g) alone, where from floor bits it decodes p, evaluates act and act' and
+writes h as well. The forward finds the segment by the lookup (evenly spaced knots) or by
+counting the knots at or below p (others, up to ``pwl_lookup.MAX_COUNTED_KNOTS``; kind
+"pwl_counted": its value is then that segment's line, not the hinges). On in the MLP ping-pong
+plans; opt-in for GLUs (H200, SmolLM2: fwd+bwd 0.312 -> 0.299 ms, activation memory 23% -> 32%
+of XLA autodiff's).
 """
 
 from __future__ import annotations
@@ -147,14 +150,15 @@ class Plan:
   ``segment_sums``, set with ``pwl_lookup`` by ``with_pwl_lookup`` (H200, SmolLM2's FFN at M =
   4096 with a uniform PWL-64: sums 0.133 -> 0.050 ms, training step with PWL gradients 0.339 ->
   0.254 ms, benchmarks/results/pwl-grads-2026-12-03-twentysecond-*.json); ``lookup_residuals``:
-  with ``dgrad_lookup`` (a PWL that is not trained), the forward saves its output h and each
-  element's lookup segment j (uint8, ``kernels.LOOKUP_SEGMENTS``; a GLU also a = act(g) and u)
-  instead of ``residuals``' floor bits - an MLP's 3 bytes per hidden element as before, a GLU's
-  7 for 5 (h, the forward's output, is kept) - and the dgrad kernel reads those, finds the
-  slope as s_j and writes d_u (, d_g) alone: on in the MLP ping-pong plans
-  (gpt2-small's step with a uniform PWL-64 402.8 -> 374.6 us), opt-in for GLUs (SmolLM2's
-  301.9 -> 294.0 us for 23% -> 32% of XLA's activation memory); plans without ``dgrad_lookup``
-  keep ``residuals``;
+  for a PWL that is not trained, on the dgrad backward, the forward saves its output h and each
+  element's segment j (uint8, ``kernels.LOOKUP_SEGMENTS``; a GLU also a = act(g) and u) instead
+  of ``residuals``' floor bits - an MLP's 3 bytes per hidden element as before, a GLU's 7 for 5
+  (h, the forward's output, is kept) - and the dgrad kernel reads those, finds the slope as s_j
+  and writes d_u (, d_g) alone; j comes from the lookup (``dgrad_lookup``) or, for other knots
+  (at most ``pwl_lookup.MAX_COUNTED_KNOTS``), from a count of the knots at or below p: on in the
+  MLP ping-pong plans (gpt2-small's step with a uniform PWL-64 402.8 -> 374.6 us), opt-in for
+  GLUs (SmolLM2's 301.9 -> 294.0 us for 23% -> 32% of XLA's activation memory); other PWLs and
+  exact activations keep ``residuals``;
   ``segments_dgrad``: the dgrad kernel's tiles when it reads those (None: ``dgrad``'s) - with
   no select chain in its epilogue it affords wider ones (``DGRAD_PINGPONG_WIDE``).
   ``with_pwl_lookup`` clears the other three for a PWL whose knots are not evenly spaced."""
@@ -445,11 +449,15 @@ def unsupported_reason(x, activation: Activation) -> str | None:
   return None
 
 
-def _kernel_table(activation: Activation, lookup: bool) -> tuple:
-  """(table, kernel kind) a kernel reads: ``pwl_lookup``'s table and kind "pwl_lookup", or the
-  hinge table (None for exact activations) and the activation's kind."""
+def _kernel_table(activation: Activation, lookup: bool, counted: bool = False) -> tuple:
+  """(table, kernel kind) a kernel reads: ``pwl_lookup``'s table and kind "pwl_lookup"; with
+  ``counted`` (a forward saving, or a dgrad kernel reading, ``kernels.LOOKUP_SEGMENTS`` of other
+  knots) the counted table and "pwl_counted"; or the hinge table (None for exact activations)
+  and the activation's kind."""
   if lookup:
     return pwl_lookup.lookup_table(activation), "pwl_lookup"
+  if counted:
+    return pwl_lookup.counted_table(activation), "pwl_counted"
   return hinge_table.activation_table(activation), activation.kind
 
 
@@ -481,7 +489,9 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   x_p = _pad(x, (mp, dp))
   w_up_p, w_gate_p = _pad(w_up, (dp, hp)), _pad(w_gate, (dp, hp))
   b_up_p, b_gate_p = _pad(b_up, (hp,)), _pad(b_gate, (hp,))
-  table, kind = _kernel_table(activation, plan.pwl_lookup)  # pwl_lookup: epilogue path only
+  # pwl_lookup: epilogue path only; other knots count when the backward reads their segments
+  table, kind = _kernel_table(activation, plan.pwl_lookup,
+                              counted=saves == kernels.LOOKUP_SEGMENTS)
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
   kernel_args = dict(kind=kind, num_knots=num_knots)
   def sum_partials(partials):  # [splits, ≥ M, ≥ D_out] f32 -> y [M, D_out] with b_down
@@ -543,13 +553,16 @@ def _ffn_fwd(plan, kind, precision, *primals):
   "epilogue" (the dgrad kernel) or "xla" (chunked) and saves what the forward kernel wrote: the
   plan's, except that a PWL whose slopes or intercepts are differentiated (``perturbed``, from
   ``symbolic_zeros``) needs the chunked backward's segment sums, and that a dgrad backward with
-  ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS``. The choice travels as a dict key:
+  ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS`` (a PWL's: looked up, or of at most
+  ``pwl_lookup.MAX_COUNTED_KNOTS`` other knots counted). The choice travels as a dict key:
   tree structure, not a JAX value."""
   args = tuple(None if primal is None else primal.value for primal in primals)  # None: absent
   pwl_trained = kind == "pwl" and (primals[-2].perturbed or primals[-1].perturbed)
   backward_kind = "xla" if pwl_trained else plan.backward
+  segments_fit = kind == "pwl" and (plan.dgrad_lookup or
+                                    args[-3].shape[0] <= pwl_lookup.MAX_COUNTED_KNOTS)
   saves = (kernels.LOOKUP_SEGMENTS if backward_kind == "epilogue" and plan.lookup_residuals
-           and plan.dgrad_lookup else plan.saves)
+           and segments_fit else plan.saves)
   marker = {(backward_kind, saves): ()}
   if saves is None:
     return _ffn(plan, kind, precision, *args), (args, None, marker)
@@ -577,7 +590,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
     (forward_hidden, *parts), = preactivations
     preactivations = (tuple(parts),)
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
-  table, kind = _kernel_table(activation, plan.dgrad_lookup)
+  table, kind = _kernel_table(activation, plan.dgrad_lookup, counted=segments)
   config = (segments and plan.segments_dgrad) or plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)
   h, d_u, d_g = (None if out is None else out[:rows, :hidden]
                  for out in dgrad_sm90.dgrad_activation(

@@ -40,7 +40,9 @@ costed in benchmarks/NOTES.md ("Design for large D"); at most it saves the [M, H
 
 PWL activations are evaluated as hinges (``hinge_table``), 2 instructions per knot, in f32
 or in packed f16x2, as max(h, t_k) or relu(h - t_k) (``HINGES``); in ``gemm1_activation``, a PWL
-with evenly spaced knots also by one table lookup per element (kind "pwl_lookup", ``pwl_lookup``).
+with evenly spaced knots also by one table lookup per element (kind "pwl_lookup", ``pwl_lookup``);
+a training forward that saves segments for the dgrad kernel counts other knots and looks up the
+segment's line (kind "pwl_counted").
 """
 
 from __future__ import annotations
@@ -425,11 +427,18 @@ SCHEDULES = ("cooperative", "pingpong")
 STAGINGS = ("shared", "per_output")
 
 
-# ``gemm1_activation``'s saves= for a PWL that is looked up (kind "pwl_lookup"): the segment j
-# each element's lookup took, as uint8 (a GLU also a = act(g) and u in x's dtype) - with the
-# output h, which the dgrad kernel then need not recompute, all the backward reads
-# (``dispatch.Plan.lookup_residuals``)
+# ``gemm1_activation``'s saves= for a PWL evaluated by its segment's line (kinds
+# ``SEGMENT_KINDS``): the segment j each element took, as uint8 (a GLU also a = act(g) and u in
+# x's dtype) - with the output h, which the dgrad kernel then need not recompute, all the
+# backward reads (``dispatch.Plan.lookup_residuals``)
 LOOKUP_SEGMENTS = "lookup-segments"
+# kind -> (pwl(h), j) on an f32 tile (table, K, pwl_dtype): the lookup of evenly spaced knots
+# ("pwl_lookup", ``pwl_lookup.lookup_table``), or a count of any knots ("pwl_counted",
+# ``pwl_lookup.counted_table``; a forward that saves ``LOOKUP_SEGMENTS`` only)
+SEGMENT_KINDS = {
+    "pwl_lookup": lambda h, table, num_knots, _: pwl_lookup.value_and_segment(h, table, num_knots),
+    "pwl_counted": pwl_lookup.counted_value_and_segment,
+}
 
 
 def saved_part_dtypes(saves: str | None, num_weights: int, dtype) -> list[tuple]:
@@ -452,16 +461,17 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
 
   Args: x [M, D]; w_up / w_gate [D, H]; biases [H] or None (both or neither when GLU); ``table``
   from ``hinge_table.activation_table`` (``kind`` "pwl"), ``pwl_lookup.lookup_table``
-  ("pwl_lookup") or None. D and H must be multiples of 64.
+  ("pwl_lookup"), ``pwl_lookup.counted_table`` ("pwl_counted", with ``LOOKUP_SEGMENTS``) or
+  None. D and H must be multiples of 64.
 
   With ``saves`` ("preactivations", "segments" (a PWL's) or "floor-bits") it returns
   ``(a, (g, u))`` (GLU: g = x W_gate + b_gate, u = x W_up + b_up) or ``(a, (u,))`` (MLP), written
   from the same epilogue: the residuals a backward needs instead of recomputing GEMM1, each a
   tuple of [M, H] arrays in ``backward.save_preactivations``' form ((hi, lo) pairs in x's dtype;
   or (hi, int8 segment) / (hi, uint8 floor bits) for the activation's input and (hi,) for u),
-  staged for their TMA stores as ``config.staging`` says. ``LOOKUP_SEGMENTS`` (kind
-  "pwl_lookup"): ``(a, ((j,),))`` (MLP) or ``(a, ((act(g), u, j),))`` (GLU), j the uint8
-  segment of each element's lookup.
+  staged for their TMA stores as ``config.staging`` says. ``LOOKUP_SEGMENTS`` (a kind in
+  ``SEGMENT_KINDS``): ``(a, ((j,),))`` (MLP) or ``(a, ((act(g), u, j),))`` (GLU), j the uint8
+  segment of each element.
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -473,9 +483,13 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   if saves == "segments" and kind != "pwl":
     raise ValueError(f"gemm1_activation: saves='segments' needs the hinge table of a PWL (kind "
                      f"'pwl'), got kind {kind!r}")
-  if saves == LOOKUP_SEGMENTS and kind != "pwl_lookup":
-    raise ValueError(f"gemm1_activation: saves={LOOKUP_SEGMENTS!r} needs a PWL by lookup (kind "
-                     f"'pwl_lookup'), got kind {kind!r}")
+  if saves == LOOKUP_SEGMENTS and kind not in SEGMENT_KINDS:
+    raise ValueError(f"gemm1_activation: saves={LOOKUP_SEGMENTS!r} needs a PWL by its segments' "
+                     f"lines (kind in {tuple(SEGMENT_KINDS)}), got kind {kind!r}")
+  if kind == "pwl_counted" and saves != LOOKUP_SEGMENTS:
+    raise ValueError(f"gemm1_activation: kind 'pwl_counted' is the forward that saves "
+                     f"{LOOKUP_SEGMENTS!r} (an inference forward takes the hinges), got "
+                     f"saves={saves!r}")
   saved_parts = saved_part_dtypes(saves, len(weights), dtype)
   saved_dtypes = tuple(part for parts in saved_parts for part in parts)
   out_dtypes = [jnp.dtype(dtype), *saved_dtypes]
@@ -498,7 +512,7 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       if bias_smem is not None:
         pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
       if saves == LOOKUP_SEGMENTS:
-        out, segment = pwl_lookup.value_and_segment(pre[0], table_smem, num_knots)
+        out, segment = SEGMENT_KINDS[kind](pre[0], table_smem, num_knots, config.pwl_dtype)
         if len(pre) == 2:  # GLU: the output h = a u, then a and u for the dgrad kernel
           values = [out * pre[1], out, pre[1], segment.astype(jnp.uint8)]
         else:

@@ -1,6 +1,7 @@
 """A PWL in PTX on packed f16 pairs (Hopper epilogues): its value and slope in one select chain
-(``value_and_slope``, the dgrad kernel), and its value as relu hinges (``relu_hinges``, the
-forward kernel's ``hinges="relu"``).
+(``value_and_slope``, the dgrad kernel), its value as relu hinges (``relu_hinges``, the
+forward kernel's ``hinges="relu"``), and each element's segment as a count of the knots at or
+below it (``knots_at_or_below``, the forward that saves segments: ``pwl_lookup``).
 
 For ascending knots t_k, slope steps ds_k, leftmost slope s_0 and leftmost intercept c_0
 (``hinge_table``), segment j (t_{j-1} <= p < t_j) has
@@ -55,6 +56,8 @@ def ptx_on_pairs(asm: str):
 
 
 _AT_LEAST_MASK = ptx_on_pairs("set.ge.u32.f16x2 $0, $1, $2;")  # 0xFFFF per half where x >= t
+_AT_LEAST_ONE = ptx_on_pairs("set.ge.f16x2.f16x2 $0, $1, $2;")  # 1.0 per half where x >= t
+_ADD = ptx_on_pairs("add.rn.f16x2 $0, $1, $2;")
 _BITWISE_SELECT = ptx_on_pairs("lop3.b32 $0, $1, $2, $3, 0xCA;")  # mask ? a : b
 FMA = ptx_on_pairs("fma.rn.f16x2 $0, $1, $2, $3;")  # a b + c
 _RELU_FMA = ptx_on_pairs("fma.rn.relu.f16x2 $0, $1, $2, $3;")  # max(a b + c, 0), NaN kept
@@ -92,6 +95,25 @@ def relu_hinges(p: jax.Array, table_ref, num_knots: int) -> jax.Array:
       hinge = x._pointwise(_RELU_FMA, one, pairs(arith.negf(entry(at.knot(k)))))
       out = hinge._pointwise(FMA, pairs(entry(at.step(k))), out)
     return out
+
+  return _on_f16_pairs(p, table_ref, 1, body)
+
+
+def knots_at_or_below(p: jax.Array, table_ref, first_knot: int, num_knots: int) -> jax.Array:
+  """#{k : f16(t_k) <= f16(p)} as f32 for an f32 WGMMA-layout tile p, the knots t_k at entries
+  ``first_knot + k`` of the SMEM table: per pair of elements and knot one ``set.ge.f16x2`` (1.0
+  where p >= t_k; NaN counts 0) and one ``add.rn.f16x2`` (exact up to 2048 knots)."""
+  if interpreting():
+    x = p.astype(jnp.float16)
+    return sum((x >= table_ref[first_knot + k].astype(jnp.float16)).astype(jnp.float32)
+               for k in range(num_knots))
+
+  def body(x, entry, pairs):
+    at_least = lambda k: x._pointwise(_AT_LEAST_ONE, pairs(entry(first_knot + k)))
+    count = at_least(0)
+    for k in range(1, num_knots):
+      count = count._pointwise(_ADD, at_least(k))
+    return count
 
   return _on_f16_pairs(p, table_ref, 1, body)
 
