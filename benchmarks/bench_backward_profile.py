@@ -160,7 +160,10 @@ def main(argv=None) -> int:
                            "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
                            "no-lookup-residuals (an MLP's PWL saves floor bits, not h "
                            "and its segments), lookup-residuals (the opt-in GLU form), "
-                           "dgrad-lookup-residuals (the same on the dgrad kernel), "
+                           "dgrad-lookup-residuals (the same on the dgrad kernel), joint, "
+                           "lookup-residuals-joint, dgrad-lookup-residuals-joint (a GLU's dgrad "
+                           "kernel writes [d_g | d_u] as one array), chunked (the plan's "
+                           "residuals, chunked backward), "
                            "pwl-grads, "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   parser.add_argument("--fit", default="pwl16",
@@ -299,13 +302,32 @@ def main(argv=None) -> int:
                     f"{dgrad_tiles(dgrad_plan.dgrad)} tiles decoding floor bits, "
                     f"{dgrad_tiles(dgrad_plan.segments_dgrad or dgrad_plan.dgrad)} reading h and "
                     "the segments, a GLU also act(g) and u), PWL-16",
-                    forward_on(pwl, dgrad_plan))}
+                    forward_on(pwl, dgrad_plan)),
+                "chunked": ("library plan with the chunked backward on its residuals' kind "
+                            "(backward='xla'), PWL-16", forward_on(pwl, dataclasses.replace(
+                                plan, backward="xla"))),
+                "dgrad-lookup-residuals-joint": (
+                    "the dgrad-lookup-residuals plan with [d_g | d_u] as one array, PWL-16",
+                    forward_on(pwl, dataclasses.replace(dgrad_plan, joint_glu_gradients=True)))}
+    if plan.backward == "epilogue":  # a GLU's dgrad kernel writing [d_g | d_u] as one array
+      variants.update({  # (what a chunked backward ignores)
+          "joint": ("library plan with a GLU's [d_g | d_u] as one array "
+                    "(joint_glu_gradients=True), PWL-16",
+                    forward_on(pwl, dataclasses.replace(plan, joint_glu_gradients=True))),
+          "lookup-residuals-joint": (
+              "library plan saving act(g), u and the segments, [d_g | d_u] as one array, PWL-16",
+              forward_on(pwl, dataclasses.replace(plan, lookup_residuals=True,
+                                                  joint_glu_gradients=True)))})
     if args.forward_only:  # the forward alone; dy stays an argument, unused
       as_step = lambda forward: lambda x, wu, wd, wg, dy: forward(x, wu, wd, wg)
     else:
       as_step = lambda forward: with_gradients(forward, dependent)
     steps.update({key: (label, as_step(forward)) for key, (label, forward) in variants.items()})
     keys = args.variants.split(",")
+    missing = [key for key in keys if key not in steps]
+    if missing:
+      raise ValueError(f"--variants: {missing} do not apply to {name}'s plan (joint and "
+                       f"lookup-residuals-joint need its dgrad backward) or are unknown")
     jitted = {key: jax.jit(lambda sets, step=steps[key][1]: [step(*set_args) for set_args in sets])
               for key in keys}
     hlo_texts = {}

@@ -29,7 +29,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from pallas_kernels.gpu import backward
 
@@ -46,14 +45,8 @@ def separate(x, dy, w_up, w_gate, h, d_up, d_gate):
 
 def joint_stacked(x, dy, w_gate_up, h, d_gate_up):
   """The same from d_gu = [d_g | d_u] and [W_gate | W_up], each one array."""
-  f32, hidden = jnp.float32, d_gate_up.shape[1] // 2
-  dot = lambda a, b, contract, dtype: lax.dot_general(a, b, (contract, ((), ())),
-                                                      preferred_element_type=dtype)
-  dx = dot(d_gate_up, w_gate_up, ((1,), (1,)), x.dtype)
-  d_w = dot(x, d_gate_up, ((0,), (0,)), w_gate_up.dtype)
-  sums = jnp.sum(d_gate_up.astype(f32), 0)
-  return (dx, d_w[:, hidden:], dot(h, dy, ((0,), (0,)), w_gate_up.dtype), d_w[:, :hidden],
-          sums[hidden:], sums[:hidden])
+  return backward.joint_column_gradients(x, dy, w_gate_up, w_gate_up.dtype, h, d_gate_up,
+                                         dx_dtype=x.dtype)
 
 
 def joint(x, dy, w_up, w_gate, h, d_gate_up):

@@ -366,6 +366,11 @@ def test_lookup_segments_need_the_lookup():
         x, w, None, None, None, t, kind="pwl_counted", num_knots=65,
         config=kernels.EpilogueConfig(64, 64, 2), saves="floor-bits"),
         spec(128, 128), spec(128, 128), pwl_lookup.counted_table(activation))
+  with pytest.raises(ValueError, match="joint=True writes a GLU's d_g and d_u as one array"):
+    dgrad_sm90.dgrad_activation(
+        spec(128, 128), spec(128, 128), ((jnp.zeros((128, 128), jnp.uint8),),),
+        pwl_lookup.lookup_table(activation), kind="pwl_lookup", num_knots=65,
+        config=dispatch.DGRAD_PINGPONG, segments=True, joint=True)
   with pytest.raises(ValueError, match="saved segments need a table of the segments' lines"):
     dgrad_sm90.dgrad_activation(
         spec(128, 128), spec(128, 128), ((jnp.zeros((128, 128), jnp.uint8),),),
@@ -870,16 +875,21 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
     (False, "pwl64u-lookup-segments", "floor-bits", "pingpong"),
     (True, "pwl64u-lookup-segments", "floor-bits", "pingpong"),
     (False, "pwl15-segments", "floor-bits", "pingpong"),
-    (True, "pwl15-segments", "floor-bits", "cooperative")])
+    (True, "pwl15-segments", "floor-bits", "cooperative"),
+    (True, "pwl15-joint", "floor-bits", "pingpong"),
+    (True, "pwl15-segments-joint", "floor-bits", "pingpong")])
 def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals, schedule):
   """Plan(backward="epilogue"): forward and every gradient (weights, biases; not a PWL's
   parameters, which would hand the backward to the chunked form) against the float32 reference,
   odd M, H and D_out (H and D_out padded to 64 for the kernel); "-lookup": a uniform PWL-64 by
   table lookup in the forward and the dgrad kernel (``pwl_lookup`` / ``dgrad_lookup``);
   "-segments": with ``lookup_residuals`` (the forward saves h and the lookup's segments - for
-  the optimal PWL-16 "pwl15", the count of knots at or below p - a GLU also act(g) and u, and the
-  dgrad kernel reads those on ``segments_dgrad``'s tiles)."""
+  the optimal PWL-16 "pwl15", the count of knots at or below p; a GLU saves act(g), u and them,
+  and its h comes from the dgrad kernel - which reads those on ``segments_dgrad``'s tiles);
+  "-joint": a GLU's dgrad kernel writes [d_g | d_u] as one array (``joint_glu_gradients``)."""
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  joint = name.endswith("-joint")
+  name = name.removesuffix("-joint")
   segments = name.endswith("-segments")
   name = name.removesuffix("-segments")
   name, lookup = name.removesuffix("-lookup"), name.endswith("-lookup")
@@ -887,7 +897,8 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
                        residuals=residuals, backward="epilogue",
                        dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
                        pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=segments,
-                       segments_dgrad=kernels.EpilogueConfig(64, 128, 3, schedule=schedule))
+                       segments_dgrad=kernels.EpilogueConfig(64, 128, 3, schedule=schedule),
+                       joint_glu_gradients=joint)
   saves = record_saves(monkeypatch)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
@@ -955,18 +966,20 @@ def test_dgrad_plan_leaves_trained_pwls_to_the_chunked_backward(rng, monkeypatch
   assert calls == ([] if pwl_gradients else ["pwl"])
 
 
-@pytest.mark.parametrize("glu, name, schedule", [(True, "pwl", "pingpong"),
-                                                 (False, "pwl", "pingpong"),
-                                                 (False, "gelu", "cooperative")])
-def test_backward_epilogue_lowers_for_cuda(glu, name, schedule):
+@pytest.mark.parametrize("glu, name, schedule, joint", [(True, "pwl", "pingpong", False),
+                                                        (True, "pwl", "pingpong", True),
+                                                        (False, "pwl", "pingpong", False),
+                                                        (False, "gelu", "cooperative", False)])
+def test_backward_epilogue_lowers_for_cuda(glu, name, schedule, joint):
   """The training step with Plan(backward="epilogue") lowers for CUDA at SmolLM2 / gpt2-small
-  widths, with an M that is not a multiple of 8 (TMA's swizzled boxes refuse such gmem rows)."""
+  widths, with an M that is not a multiple of 8 (TMA's swizzled boxes refuse such gmem rows);
+  ``joint``: the GLU's d_g and d_u stored into the two halves of one array."""
   rows, d_model, hidden = (8191, 576, 1536) if glu else (8191, 768, 3072)
   activation = kernel_activation(name, glu)
   plan = dataclasses.replace(dispatch.choose_plan(rows, d_model, hidden, d_model, glu, True),
                              backward="epilogue", dgrad=(
                                  dispatch.DGRAD_PINGPONG if schedule == "pingpong"
-                                 else dispatch.DGRAD_MLP))
+                                 else dispatch.DGRAD_MLP), joint_glu_gradients=joint)
   if name != "pwl":
     plan = dataclasses.replace(plan, residuals="preactivations")
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -1207,6 +1220,8 @@ def test_plan_table():
   llama_1b = dispatch.choose_plan(8192, 2048, 8192, 2048, True, True)  # ping-pong relu, chunked
   assert (llama_1b.epilogue.hinges, llama_1b.backward, llama_1b.down) == (
       "relu", "xla", dispatch.DOWN_WIDE)
+  smollm2 = dispatch.SMOLLM2_GLU_F16  # 5-byte segments, [d_g | d_u]
+  assert smollm2.lookup_residuals and smollm2.joint_glu_gradients
   assert dispatch.choose_plan(8192, 4096, 14336, 4096, True, True) == dispatch.LLAMA_8B_GLU_F16
   assert dispatch.LLAMA_8B_GLU_F16.down == dispatch.DOWN_WIDE
   assert dispatch.choose_plan(300, 512, 2048, 512, False, True) == dispatch.PINGPONG_MLP_F16
@@ -1406,6 +1421,19 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
     "dgrad-pp-glu-pwl-counted-segments-odd": (1000, 576, 1000, 700, True, True, "pwl15",
                                               dataclasses.replace(dispatch.PINGPONG_GLU_F16,
                                                                   lookup_residuals=True)),
+    # llama-1B's forward (relu hinges in inference) with the dgrad backward it may take
+    # (segments and [d_g | d_u]; undecided on the H200, see dispatch.PINGPONG_GLU_F16_RELU_CHUNKED)
+    "dgrad-pp-glu-pwl-llama-plan-odd": (1000, 576, 1000, 700, True, True, "pwl15",
+                                        dataclasses.replace(dispatch.SMOLLM2_GLU_F16, epilogue=(
+                                            dispatch.LLAMA_1B_GLU_F16.epilogue),
+                                                            down=dispatch.DOWN_WIDE)),
+    # a GLU's dgrad kernel writing [d_g | d_u] as one array (joint_glu_gradients)
+    "dgrad-pp-glu-pwl-joint-odd": (1000, 576, 1000, 700, True, True, "pwl15", dataclasses.replace(
+        dispatch.SMOLLM2_GLU_F16, joint_glu_gradients=True)),
+    "dgrad-pp-glu-pwl-segments-joint-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
+                                            dataclasses.replace(dispatch.SMOLLM2_GLU_F16,
+                                                                lookup_residuals=True,
+                                                                joint_glu_gradients=True)),
     "dgrad-pp-mlp-pwl-tanh-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15-tanh",
                                               dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(

@@ -203,6 +203,24 @@ def column_gradients(x, dy, w_up, w_gate, w_down_dtype, hidden, d_up, d_gate, pr
           None if d_gate is None else jnp.sum(d_gate.astype(f32), 0))
 
 
+def joint_column_gradients(x, dy, w_gate_up, w_down_dtype, hidden, d_gate_up, precision=None,
+                           dx_dtype=jnp.float32) -> tuple:
+  """``column_gradients`` of a GLU from d_gu = [d_g | d_u] [M, 2H] and W_gu = [W_gate | W_up]
+  [D, 2H], each one array: dx = d_gu W_gu^T (one GEMM with K = 2H, in ``dx_dtype``; no f32 sum
+  of two products and its rounding pass), [dW_gate | dW_up] = x^T d_gu (one GEMM, split after).
+  Same tuple: (dx, dW_up, dW_down, dW_gate, Σ_rows d_u, Σ_rows d_g). H200, SmolLM2 at M = 8192
+  (benchmarks/bench_glu_input_grads.py, twenty-fifth session): 155.1 -> 133.5 us of GEMMs with
+  W_gu concatenated per call; llama-1B 1809.5 -> 1846.7 (XLA's kernels for K = 2H lose there)."""
+  f32, half = jnp.float32, d_gate_up.shape[1] // 2
+  dot = lambda a, b, contract, dtype: lax.dot_general(
+      a, b, (contract, ((), ())), precision=precision, preferred_element_type=dtype)
+  dx = dot(d_gate_up, w_gate_up, ((1,), (1,)), dx_dtype)
+  d_w = dot(x, d_gate_up, ((0,), (0,)), w_gate_up.dtype)
+  sums = jnp.sum(d_gate_up.astype(f32), 0)
+  return (dx, d_w[:, half:], dot(hidden, dy, ((0,), (0,)), w_down_dtype), d_w[:, :half],
+          sums[half:], sums[:half])
+
+
 def _activation_and_derivative(activation: Activation, pre: jax.Array):
   if activation.kind == "pwl":
     slope, intercept = segment_lines(pre, activation.knots, activation.slopes,

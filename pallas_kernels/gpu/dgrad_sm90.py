@@ -10,8 +10,8 @@ For the forward's saved pre-activations p = g (GLU) or u (MLP) (``backward.save_
 written in dy's dtype. A forward that evaluated its PWL by the segments' lines (a lookup, or a
 count of the knots) and saved each element's segment j (``fused_ffn_sm90.LOOKUP_SEGMENTS``: j
 for an MLP, (a, u, j) for a GLU) gives the slope as s_j
-(one shared load) and nothing to decode or evaluate: MLP d_u = d_hidden s_j, GLU
-d_u = d_hidden a, d_g = d_hidden u s_j; h is the forward's output, not written again. XLA then
+(one shared load) and nothing to decode or evaluate: MLP d_u = d_hidden s_j (h is the forward's
+output, not written again), GLU h = a u, d_u = d_hidden a, d_g = d_hidden u s_j. XLA then
 runs dW_down = h^T dy, dW_up = x^T d_u, dx = d_u W_up^T (+ the gate terms). Against the chunked
 XLA backward this removes the f32 d_hidden round trip through HBM and one elementwise pass
 (benchmarks/NOTES.md, fifth 12-01 session: ~57 us of gpt2-small's 500 us step). A PWL's
@@ -99,14 +99,16 @@ def smem_bytes(config: EpilogueConfig, part_dtypes: list, itemsize: int) -> int:
 
 
 def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots: int,
-                     config: EpilogueConfig, segments: bool = False):
-  """(h, d_u, d_g or None), each [M, H] in dy's dtype (see the module docstring).
+                     config: EpilogueConfig, segments: bool = False, joint: bool = False):
+  """(h, d_u, d_g or None), each [M, H] in dy's dtype (see the module docstring); a GLU's with
+  ``joint``: (h, [d_g | d_u] as one [M, 2H] array, None), so that XLA's dx is one GEMM with
+  K = 2H (``backward.joint_column_gradients``).
 
   dy [M, D_out]; w_down [H, D_out]; ``preactivations``: the forward's saved (g, u) (GLU) or (u,)
   (MLP), [M, H] each, in ``backward.save_preactivations``' "preactivations" ((hi, lo) pairs) or
   "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form, or with
-  ``segments`` ``LOOKUP_SEGMENTS``' ((j,),) (MLP) or ((a, u, j),) (GLU), j uint8 (a kind in
-  ``SEGMENT_KINDS``; then h is None: the forward's output is h); ``table``: the
+  ``segments`` ``LOOKUP_SEGMENTS``' ((j,),) (MLP; then h is None: the forward's output is h) or
+  ((a, u, j),) (GLU: h = a u), j uint8 (a kind in ``SEGMENT_KINDS``); ``table``: the
   hinge table (``hinge_table.activation_table``, ``kind`` "pwl"), the lookup table
   (``pwl_lookup.lookup_table``, "pwl_lookup"), the counted one (``pwl_lookup.counted_table``,
   "pwl_counted": with ``segments`` only) or None. D_out and H must be multiples of 64
@@ -120,13 +122,15 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   dtype = dy.dtype
   parts = [part for entry in preactivations for part in entry]
   glu = len(parts) == 3 if segments else len(preactivations) == 2
+  if joint and not glu:
+    raise ValueError("dgrad_activation: joint=True writes a GLU's d_g and d_u as one array")
   part_dtypes = [part.dtype for part in parts]
   if jnp.dtype(jnp.int8) in part_dtypes:
     raise NotImplementedError("dgrad_activation reads pairs or floor bits, not int8 segments")
   if segments and kind not in SEGMENT_KINDS:
     raise ValueError(f"dgrad_activation: saved segments need a table of the segments' lines "
                      f"(kind in {tuple(SEGMENT_KINDS)}), got kind {kind!r}")
-  num_outputs = (1 + glu) if segments else 3 if glu else 2
+  num_outputs = 3 if glu else 1 if segments else 2  # h (not an MLP's from segments), d_u, d_g
   config.check(1, dtype)
   needed = smem_bytes(config, part_dtypes, jnp.dtype(dtype).itemsize)
   if needed > SMEM_BYTES:
@@ -140,8 +144,12 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   def kernel(*refs):
     (dy_gmem, w_gmem), part_gmems, table_gmem, out_gmems, part_smems, (
         out_smem, table_smem, part_barrier, table_barrier, *ring) = _split_refs(
-            refs, (2, len(parts), int(table is not None), num_outputs, len(parts),
+            refs, (2, len(parts), int(table is not None), len(out_types), len(parts),
                    len(scratch) - len(parts)))
+    if joint:  # d_u into the right half of [d_g | d_u], d_g into the left
+      h_gmem, gate_up_gmem = out_gmems
+      out_gmems = [h_gmem, gate_up_gmem.at[:, pl.ds(hidden, hidden)],
+                   gate_up_gmem.at[:, pl.ds(0, hidden)]]
     wg = lax.axis_index("wg")
     if table is not None:
       load_table(table_gmem[0], table_smem, table_barrier.at[0], wg)
@@ -168,8 +176,8 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
         if segments:  # (j,) or (a, u, j)
           *au, segment = loaded
           slope = pwl_lookup.slope_of_segment(segment.astype(jnp.int32), table_smem)
-          f32 = lambda part: part.astype(jnp.float32)
-          values = [dh * f32(au[0]), dh * f32(au[1]) * slope] if glu else [dh * slope]
+          a, u = (part.astype(jnp.float32) for part in au) if glu else (None, None)
+          values = [a * u, dh * a, dh * u * slope] if glu else [dh * slope]
           store_slice(values, out_gmems, [out_smem], wg, epi,
                       lambda gmem: window_of(region(gmem), epi))
           continue
@@ -206,12 +214,14 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   ]
   if config.schedule == "pingpong":
     scratch += pingpong_ring(config, 1, dtype, b_transposed=True)
-  outputs = launch_persistent(kernel, [jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs,
-                              iters[0] * iters[1], scratch, inputs)
-  if segments:
-    return None, outputs[0], (outputs[1] if glu else None)
+  out_types = [jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs
+  if joint:
+    out_types = [out_types[0], jax.ShapeDtypeStruct((m, 2 * hidden), dtype)]
+  outputs = launch_persistent(kernel, out_types, iters[0] * iters[1], scratch, inputs)
+  if segments and not glu:
+    return None, outputs[0], None
   h, d_u, *rest = outputs
-  return h, d_u, (rest[0] if glu else None)
+  return h, d_u, (rest[0] if glu and not joint else None)
 
 
 def cooperative(config: EpilogueConfig, iters, dy_gmem, w_gmem, wg, fetch_parts, epilogue):

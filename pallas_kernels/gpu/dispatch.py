@@ -68,13 +68,12 @@ elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one o
 
 A PWL that is not trained, on the dgrad backward, may save instead each element's segment
 (uint8; ``Plan.lookup_residuals``) beside the forward's output h (MLP: the same 3 bytes as floor
-bits) and a = act(g), u (GLU: 7 bytes, h included, for floor bits' 5); the dgrad kernel reads
-them and writes d_u (, d_g) alone, where from floor bits it decodes p, evaluates act and act' and
-writes h as well. The forward finds the segment by the lookup (evenly spaced knots) or by
-counting the knots at or below p (others, up to ``pwl_lookup.MAX_COUNTED_KNOTS``; kind
-"pwl_counted": its value is then that segment's line, not the hinges). On in the MLP ping-pong
-plans; opt-in for GLUs (H200, SmolLM2: fwd+bwd 0.312 -> 0.299 ms, activation memory 23% -> 32%
-of XLA autodiff's).
+bits) or beside a = act(g) and u (GLU: 5 bytes, as floor bits); the dgrad kernel reads them and
+writes d_u (, h = a u and d_g) alone, where from floor bits it decodes p and evaluates act and
+act'. The forward finds the segment by the lookup (evenly spaced knots) or by counting the knots
+at or below p (others, up to ``pwl_lookup.MAX_COUNTED_KNOTS``; kind "pwl_counted": its value is
+then that segment's line, not the hinges). On in the ping-pong plans. Their GLU dgrad kernel
+also writes [d_g | d_u] as one array (``Plan.joint_glu_gradients``), so XLA's dx is one GEMM.
 """
 
 from __future__ import annotations
@@ -151,14 +150,16 @@ class Plan:
   4096 with a uniform PWL-64: sums 0.133 -> 0.050 ms, training step with PWL gradients 0.339 ->
   0.254 ms, benchmarks/results/pwl-grads-2026-12-03-twentysecond-*.json); ``lookup_residuals``:
   for a PWL that is not trained, on the dgrad backward, the forward saves its output h and each
-  element's segment j (uint8, ``kernels.LOOKUP_SEGMENTS``; a GLU also a = act(g) and u) instead
-  of ``residuals``' floor bits - an MLP's 3 bytes per hidden element as before, a GLU's 7 for 5
-  (h, the forward's output, is kept) - and the dgrad kernel reads those, finds the slope as s_j
-  and writes d_u (, d_g) alone; j comes from the lookup (``dgrad_lookup``) or, for other knots
-  (at most ``pwl_lookup.MAX_COUNTED_KNOTS``), from a count of the knots at or below p: on in the
-  MLP ping-pong plans (gpt2-small's step with a uniform PWL-64 402.8 -> 374.6 us), opt-in for
-  GLUs (SmolLM2's 301.9 -> 294.0 us for 23% -> 32% of XLA's activation memory); other PWLs and
-  exact activations keep ``residuals``;
+  element's segment j (uint8, ``kernels.LOOKUP_SEGMENTS``; a GLU a = act(g), u and j, not h)
+  instead of ``residuals``' floor bits - the same 3 (MLP) or 5 (GLU) bytes per hidden element -
+  and the dgrad kernel reads those, finds the slope as s_j and writes d_u (, h = a u, d_g)
+  alone; j comes from the lookup (``dgrad_lookup``) or, for other knots (at most
+  ``pwl_lookup.MAX_COUNTED_KNOTS``), from a count of the knots at or below p: on in the
+  ping-pong plans (gpt2-small's step with a uniform PWL-64 402.8 -> 374.6 us, with PWL-16 431.3
+  -> 374.7; SmolLM2's PWL-16 306.9 -> 288.6); other PWLs and exact activations keep
+  ``residuals``; ``joint_glu_gradients``: a GLU's dgrad kernel writes [d_g | d_u] as one
+  [M, 2H] array and XLA's dx is one GEMM with K = 2H (``backward.joint_column_gradients``; SmolLM2
+  with both 306.9 -> 272.2 us; the chunked backward ignores it);
   ``segments_dgrad``: the dgrad kernel's tiles when it reads those (None: ``dgrad``'s) - with
   no select chain in its epilogue it affords wider ones (``DGRAD_PINGPONG_WIDE``).
   ``with_pwl_lookup`` clears the other three for a PWL whose knots are not evenly spaced."""
@@ -180,6 +181,7 @@ class Plan:
   segment_lookup: bool = False
   lookup_residuals: bool = False
   segments_dgrad: kernels.EpilogueConfig | None = None
+  joint_glu_gradients: bool = False
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -280,18 +282,23 @@ EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES
 # 78.2 -> 63.0, dgrad kernel 102.1 -> 87.5; XLA exact 427.4;
 # backward-profile-2026-12-03-twentythird-lookup-residuals.md); bench_gpu fwd+bwd 0.419 vs XLA
 # exact 0.480 ms (1.15x), gpt2-xl 1.725 vs 1.797 (1.04x; h200-2026-12-03-twentythird-gpt2.md).
-# A GLU's (a = act(g), u and the segments, 7 bytes per hidden element with h: the forward's
-# output, kept for dW_down) stay opt-in: 2026-12-03 (twenty-fourth), SmolLM2 uniform PWL-64 step
-# 301.9 -> 294.0 us (dgrad kernel 56.2 -> 49.2; backward-profile-2026-12-03-twentyfourth-glu-
-# segments.md), bench_gpu fwd+bwd 0.312 -> 0.299 ms (1.20x -> 1.26x of XLA exact, two runs), but
-# memory kept 60 -> 84 MB (23% -> 32% of XLA autodiff's 264; h200-2026-12-03-twentyfourth-*.md).
+# 2026-12-03 (twenty-fifth session), other knots counted (kind "pwl_counted"): gpt2-small's
+# PWL-16 step 431.3 -> 374.7 us (forward kernel 93.8 -> 81.1, dgrad kernel 116.8 -> 72.1; XLA
+# exact 427.0), gpt2-xl 1538.3 -> 1450.6 (XLA 1518.8; backward-profile-2026-12-03-twentyfifth-
+# counted.md); bench_gpu fwd+bwd gpt2-small 0.498 -> 0.431 ms vs XLA exact 0.488 (1.13x), gpt2-xl
+# 1.834 -> 1.715 vs 1.815 (1.06x; h200-2026-12-03-twentyfifth-gpt2.md).
+# A GLU's segments, act(g) and u (5 bytes per hidden element, as floor bits; the dgrad kernel
+# writes h = act(g) u) and its [d_g | d_u] as one array (``joint_glu_gradients``): SmolLM2's
+# PWL-16 step 306.9 -> 288.6 (segments) / 291.7 (joint) / 272.2 us (both), uniform PWL-64 285.0
+# -> 267.8 (both; backward-profile-2026-12-03-twentyfifth-glu-*.md, twenty-fifth session). (The
+# twenty-fourth session's form kept h too, 7 bytes: 32% of XLA's memory, so it stayed opt-in.)
 _DGRAD_PINGPONG_PLAN = dict(**_FLOOR_BITS, backward="epilogue", dgrad=DGRAD_PINGPONG,
-                           segments_dgrad=DGRAD_PINGPONG_WIDE)
+                           segments_dgrad=DGRAD_PINGPONG_WIDE, lookup_residuals=True)
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN)
+    **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN,
+    joint_glu_gradients=True)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN,
-    lookup_residuals=True)
+    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN)
 # gpt2-xl's and llama-1B's plans write the f16 hinges as relu(h - t_k) (``kernels.HINGES``). H200,
 # eighteenth session (benchmarks/NOTES.md), max -> relu hinges: the forward kernel alone (GPU
 # time, ping-pong, M = 8192) saving floor bits SmolLM2 65.0 -> 63.7 us, llama-1B 845 -> 793,
@@ -305,8 +312,13 @@ PINGPONG_MLP_F16_RELU = dataclasses.replace(PINGPONG_MLP_F16, epilogue=dataclass
 # gpt2-xl decodes floor bits on the wide dgrad tiles as well (DGRAD_PINGPONG_WIDE's measurements)
 GPT2_XL_MLP_F16 = dataclasses.replace(PINGPONG_MLP_F16_RELU, dgrad=DGRAD_PINGPONG_WIDE)
 # llama-1B: the ping-pong relu forward (793 us saving floor bits vs the cooperative tiles' 811)
-# with the chunked backward, which its training step measured faster than the dgrad kernel
-# (3780.8 vs 3813.5 us GPU-busy, sixteenth session)
+# with the chunked backward, which its training step measured faster than the dgrad kernel on
+# floor bits (3780.8 vs 3813.5 us GPU-busy, sixteenth session). The dgrad kernel on the GLU's
+# segments with [d_g | d_u] as one array (the SmolLM2 plan's backward) is undecided: 3604 vs 3708
+# us in one call (twenty-fifth session, backward-profile-2026-12-03-twentyfifth-llama1b.md), 3951
+# vs 3657 in the next (-llama1b-plan.md), where every kernel of that step ran ~9% slower, the
+# forward kernel common to both steps too (886-906 vs 816-823 us): clocks, not the plan, moved
+# most - so it keeps the chunked backward until a run with the clocks logged decides.
 PINGPONG_GLU_F16_RELU_CHUNKED = Plan("epilogue", epilogue=dataclasses.replace(
     PINGPONG_GLU_F16.epilogue, hinges="relu"), **_FLOOR_BITS)
 
@@ -515,7 +527,7 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
     hidden_act, preactivations = hidden_act
   down = plan.biased_down if b_down is not None and plan.biased_down else plan.down
   out = down_projection(hidden_act, w_down, b_down, rows, down)
-  if saves == kernels.LOOKUP_SEGMENTS:  # h is the other residual
+  if saves == kernels.LOOKUP_SEGMENTS and w_gate is None:  # an MLP's h is the other residual
     preactivations = ((hidden_act, *preactivations[0]),)
   if saves:
     return out, tuple(tuple(part[:rows, :hidden] for part in parts) for parts in preactivations)
@@ -578,28 +590,38 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
                     preactivations, saves, precision):
   """The cotangents of ``backward.ffn_backward`` with its first GEMM and elementwise work in
   ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g). No
-  PWL-parameter gradients (None). ``saves``: what the forward kernel wrote (with
-  ``kernels.LOOKUP_SEGMENTS`` h is the forward's output)."""
+  PWL-parameter gradients (None). ``saves``: what the forward kernel wrote (with an MLP's
+  ``kernels.LOOKUP_SEGMENTS`` h is the forward's output). With ``Plan.joint_glu_gradients`` the
+  kernel writes a GLU's [d_g | d_u] as one array and XLA's dx is one GEMM on it
+  (``backward.joint_column_gradients``, [W_gate | W_up] concatenated here)."""
   f32 = jnp.float32
-  rows, hidden = x.shape[0], w_up.shape[1]
+  rows, (d_model, hidden) = x.shape[0], w_up.shape
   # TMA's swizzled [M, H] boxes need M a multiple of 8 (the H200 refused 513 rows)
   mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
+  joint = glu and plan.joint_glu_gradients
   forward_hidden, segments = None, saves == kernels.LOOKUP_SEGMENTS
-  if segments:  # ((h, j),) or ((h, a, u, j),): the kernel reads the rest
+  if segments and not glu:  # ((h, j),): the kernel reads j
     (forward_hidden, *parts), = preactivations
     preactivations = (tuple(parts),)
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
   table, kind = _kernel_table(activation, plan.dgrad_lookup, counted=segments)
   config = (segments and plan.segments_dgrad) or plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)
-  h, d_u, d_g = (None if out is None else out[:rows, :hidden]
-                 for out in dgrad_sm90.dgrad_activation(
+  h, d_u, d_g = dgrad_sm90.dgrad_activation(
       _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, table, kind=kind,
       num_knots=0 if activation.knots is None else activation.knots.shape[0], config=config,
-      segments=segments))
-  h = forward_hidden if h is None else h
-  dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
-      x, dy, w_up, w_gate, w_down.dtype, h, d_u, d_g, precision, dx_dtype=x.dtype)
+      segments=segments, joint=joint)
+  h = forward_hidden if h is None else h[:rows, :hidden]
+  if joint:  # d_u is [d_g | d_u], [M', 2 H'] (zero in padded columns)
+    w_gate_up = jnp.concatenate([_pad(w, (d_model, hp)) for w in (w_gate, w_up)], axis=1)
+    dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.joint_column_gradients(
+        x, dy, w_gate_up, w_down.dtype, h, d_u[:rows], precision, dx_dtype=x.dtype)
+    d_w_up, d_w_gate, d_b_up, d_b_gate = (grad[..., :hidden] for grad in (
+        d_w_up, d_w_gate, d_b_up, d_b_gate))
+  else:
+    d_u, d_g = (None if out is None else out[:rows, :hidden] for out in (d_u, d_g))
+    dx, d_w_up, d_w_down, d_w_gate, d_b_up, d_b_gate = backward.column_gradients(
+        x, dy, w_up, w_gate, w_down.dtype, h, d_u, d_g, precision, dx_dtype=x.dtype)
   cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
   return (dx, d_w_up, d_w_down, d_w_gate, cast(d_b_up, b_up),
