@@ -1415,25 +1415,25 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
     # gpt2-xl's plan: relu hinges (inference), the counted segments read on the wide dgrad tiles
     "dgrad-pp-mlp-pwl-gpt2-xl-plan-odd": (513, 768, 3000, 700, False, True, "pwl15",
                                           dispatch.GPT2_XL_MLP_F16),
-    # the MLP plans' optimal PWL-16 saves h and its knots' count (lookup_residuals), as a GLU may
+    # the ping-pong plans' optimal PWL-16 saves its knots' count (lookup_residuals) and h (MLP)
+    # or act(g) and u (GLU; here with d_g and d_u as two arrays)
     "dgrad-pp-mlp-pwl-counted-segments-odd": (513, 768, 3000, 700, False, True, "pwl15",
                                               dispatch.PINGPONG_MLP_F16),
     "dgrad-pp-glu-pwl-counted-segments-odd": (1000, 576, 1000, 700, True, True, "pwl15",
                                               dataclasses.replace(dispatch.PINGPONG_GLU_F16,
-                                                                  lookup_residuals=True)),
+                                                                  joint_glu_gradients=False)),
     # llama-1B's forward (relu hinges in inference) with the dgrad backward it may take
     # (segments and [d_g | d_u]; undecided on the H200, see dispatch.PINGPONG_GLU_F16_RELU_CHUNKED)
     "dgrad-pp-glu-pwl-llama-plan-odd": (1000, 576, 1000, 700, True, True, "pwl15",
                                         dataclasses.replace(dispatch.SMOLLM2_GLU_F16, epilogue=(
                                             dispatch.LLAMA_1B_GLU_F16.epilogue),
                                                             down=dispatch.DOWN_WIDE)),
-    # a GLU's dgrad kernel writing [d_g | d_u] as one array (joint_glu_gradients)
+    # a GLU's dgrad kernel writing [d_g | d_u] as one array (joint_glu_gradients) from floor bits,
+    # and from the segments (SmolLM2's plan; the uniform PWL's counted, as no pwl_lookup here)
     "dgrad-pp-glu-pwl-joint-odd": (1000, 576, 1000, 700, True, True, "pwl15", dataclasses.replace(
-        dispatch.SMOLLM2_GLU_F16, joint_glu_gradients=True)),
+        dispatch.SMOLLM2_GLU_F16, lookup_residuals=False)),
     "dgrad-pp-glu-pwl-segments-joint-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
-                                            dataclasses.replace(dispatch.SMOLLM2_GLU_F16,
-                                                                lookup_residuals=True,
-                                                                joint_glu_gradients=True)),
+                                            dispatch.SMOLLM2_GLU_F16),
     "dgrad-pp-mlp-pwl-tanh-relu-hinges-odd": (513, 768, 3000, 700, False, True, "pwl15-tanh",
                                               dispatch.PINGPONG_MLP_F16_RELU),
     "dgrad-pp-mlp-pwl-down-odd": (513, 768, 3000, 700, False, True, "pwl15", dataclasses.replace(
@@ -1447,15 +1447,18 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                                  dataclasses.replace(dispatch.PINGPONG_MLP_F16,
                                                                      pwl_lookup=True,
                                                                      dgrad_lookup=True)),
+    # a GLU's uniform PWL by lookup in the dgrad kernel, from floor bits
     "dgrad-pp-glu-pwl-dgrad-lookup-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
                                           dataclasses.replace(dispatch.PINGPONG_GLU_F16,
-                                                              pwl_lookup=True, dgrad_lookup=True)),
-    # the opt-in GLU lookup residuals: act(g), u and the lookup's segments saved
+                                                              pwl_lookup=True, dgrad_lookup=True,
+                                                              lookup_residuals=False,
+                                                              joint_glu_gradients=False)),
+    # a GLU's lookup residuals: act(g), u and the lookup's segments saved
     "dgrad-pp-glu-pwl-lookup-segments-odd": (1000, 576, 1000, 700, True, True, "pwl64u",
                                              dataclasses.replace(dispatch.PINGPONG_GLU_F16,
                                                                  pwl_lookup=True,
                                                                  dgrad_lookup=True,
-                                                                 lookup_residuals=True)),
+                                                                 joint_glu_gradients=False)),
     "dgrad-pp-mlp-gelu-pairs": (1000, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=dispatch.EPILOGUE_MLP.epilogue, residuals="preactivations",
         backward="epilogue", dgrad=dispatch.DGRAD_PINGPONG)),

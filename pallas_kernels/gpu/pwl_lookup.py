@@ -23,7 +23,7 @@ knots are evenly spaced: by construction (``Activation.evenly_spaced``: ``fit(..
 method="uniform")``, a layer's uniform parametrisation, traced or not) or found so in concrete
 knots (``pallas_kernels.activation.evenly_spaced``); other PWLs keep the hinges.
 
-Other knots ("pwl_counted", ``counted_value_and_segment``): an MLP's training forward that saves
+Other knots ("pwl_counted", ``counted_value_and_segment``): a training forward that saves
 segments for the dgrad kernel finds j = #{k : t_k <= h} by counting - on f16 pairs, one
 ``set.ge.f16x2`` and one ``add.rn.f16x2`` per pair and knot (``packed_pwl.knots_at_or_below``),
 the hinges' instruction count - then takes the line (s_j, c_j) from ``counted_table`` as the
@@ -215,8 +215,8 @@ def counted_value_and_segment(h: jax.Array, table_ref, num_knots: int,
   stays NaN) counted in ``pwl_dtype`` - "float16": on packed pairs
   (``packed_pwl.knots_at_or_below``), so h within ~2^-11 |t_k| of a knot may take either side;
   "float32": by f32 compares, twice the instructions - then pwl(h) = s_j h + c_j in f32. The
-  MLP training forward that saves j for the dgrad kernel (``slope_of_segment``) where the knots
-  are not evenly spaced."""
+  training forward that saves j for the dgrad kernel (``slope_of_segment``) where the knots are
+  not evenly spaced."""
   first = first_counted_knot(num_knots)
   if jnp.dtype(pwl_dtype) == jnp.float16:
     counts = packed_pwl.knots_at_or_below(h, table_ref, first, num_knots)
