@@ -926,21 +926,24 @@ def test_float16_inputs_on_a_floor_bits_plan(rng, monkeypatch, name):
   assert saves and set(saves) == {"segments" if name == "pwl" else "preactivations"}
 
 
-@pytest.mark.parametrize("segments, saved", [(16, kernels.LOOKUP_SEGMENTS), (90, "floor-bits")])
-def test_mlp_plan_counts_knots_up_to_the_table_limit(rng, monkeypatch, segments, saved):
+@pytest.mark.parametrize("segments, saved, dtype", [
+    (16, kernels.LOOKUP_SEGMENTS, jnp.bfloat16), (90, "floor-bits", jnp.bfloat16),
+    (16, kernels.LOOKUP_SEGMENTS, jnp.float16), (90, "preactivations", jnp.float16)])
+def test_mlp_plan_counts_knots_up_to_the_table_limit(rng, monkeypatch, segments, saved, dtype):
   """gpt2-small's plan trains a frozen optimal PWL on the dgrad kernel from h and each element's
-  count of knots (kind "pwl_counted" in the forward); a PWL with more knots than
-  ``counted_table`` holds keeps floor bits (and the hinges). Traced, not run."""
+  count of knots (kind "pwl_counted" in the forward), for float16 inputs too; a PWL with more
+  knots than ``counted_table`` holds keeps floor bits (float16: (hi, lo) pairs) and the hinges.
+  Traced, not run."""
   saves, kinds = record_saves(monkeypatch), []
   real = kernels.gemm1_activation
   monkeypatch.setattr(kernels, "gemm1_activation",
                       lambda *a, **k: kinds.append(k["kind"]) or real(*a, **k))
   monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
-  problem = make_problem(rng, 128, 768, 3072, 768, glu=False, bias=True)
+  problem = make_problem(rng, 128, 768, 3072, 768, glu=False, bias=True, dtype=dtype)
   activation = to_kernel_activation(ff.fit("gelu", segments, "optimal"))
   jax.make_jaxpr(lambda d: loss_and_grads(lambda *a: dispatch.ffn_mosaic_gpu(*a), problem,
                                           activation, d, pwl_gradients=False))(
-      jnp.ones((128, 768), jnp.bfloat16))
+      jnp.ones((128, 768), dtype))
   assert saves == [saved]
   # GEMM2 (with b_down) on the kernel too
   assert kinds == ["pwl_counted" if saved == kernels.LOOKUP_SEGMENTS else "pwl", "identity"]
