@@ -166,6 +166,12 @@ def xla_segment_sums(p_parts: tuple, g: jax.Array, knots) -> tuple[jax.Array, ja
   return pwl_segment_sums(join_saved(p_parts, knots), g, knots)
 
 
+def _dot(a, b, contract, dtype, precision):
+  """a . b over the ``contract`` dimension pair, no batch dimensions, accumulated in ``dtype``."""
+  return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                         preferred_element_type=dtype)
+
+
 def column_gradients(x, dy, w_up, w_gate, w_down_dtype, hidden, d_up, d_gate, precision=None,
                      dx_dtype=jnp.float32) -> tuple:
   """The GEMM gradients of hidden columns c from h_c and the pre-activation cotangents d_u (, d_g):
@@ -188,8 +194,7 @@ def column_gradients(x, dy, w_up, w_gate, w_down_dtype, hidden, d_up, d_gate, pr
   us + 2 x 2.5 us split-K sums; the step 296.0 -> 280.5 us GPU-busy (llama-1B: the same kernels
   either way)."""
   f32 = jnp.float32
-  dot = lambda a, b, contract, dtype=f32: lax.dot_general(
-      a, b, (contract, ((), ())), precision=precision, preferred_element_type=dtype)
+  dot = lambda a, b, contract, dtype=f32: _dot(a, b, contract, dtype, precision)
   if d_gate is None:
     d_w_gate = None
     dx = dot(d_up, w_up, ((1,), (1,)), dx_dtype)
@@ -212,8 +217,7 @@ def joint_column_gradients(x, dy, w_gate_up, w_down_dtype, hidden, d_gate_up, pr
   (benchmarks/bench_glu_input_grads.py, twenty-fifth session): 155.1 -> 133.5 us of GEMMs with
   W_gu concatenated per call; llama-1B 1809.5 -> 1846.7 (XLA's kernels for K = 2H lose there)."""
   f32, half = jnp.float32, d_gate_up.shape[1] // 2
-  dot = lambda a, b, contract, dtype: lax.dot_general(
-      a, b, (contract, ((), ())), precision=precision, preferred_element_type=dtype)
+  dot = lambda a, b, contract, dtype: _dot(a, b, contract, dtype, precision)
   dx = dot(d_gate_up, w_gate_up, ((1,), (1,)), dx_dtype)
   d_w = dot(x, d_gate_up, ((0,), (0,)), w_gate_up.dtype)
   sums = jnp.sum(d_gate_up.astype(f32), 0)
@@ -267,9 +271,7 @@ def ffn_backward(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Acti
   is_pwl = activation.kind == "pwl"
   num_segments = activation.slopes.shape[0] if is_pwl else 0
 
-  def dot(a, b, contract, dtype=f32):
-    return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                           preferred_element_type=dtype)
+  dot = lambda a, b, contract, dtype=f32: _dot(a, b, contract, dtype, precision)
 
   def columns(array, index, axis):
     return None if array is None else lax.dynamic_slice_in_dim(array, index * chunk, chunk, axis)

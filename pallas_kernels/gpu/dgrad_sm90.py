@@ -9,9 +9,9 @@ For the forward's saved pre-activations p = g (GLU) or u (MLP) (``backward.save_
 
 written in dy's dtype. A forward that evaluated its PWL by the segments' lines (a lookup, or a
 count of the knots) and saved each element's segment j (``fused_ffn_sm90.LOOKUP_SEGMENTS``: j
-for an MLP, (a, u, j) for a GLU) gives the slope as s_j
-(one shared load) and nothing to decode or evaluate: MLP d_u = d_hidden s_j (h is the forward's
-output, not written again), GLU h = a u, d_u = d_hidden a, d_g = d_hidden u s_j. XLA then
+for an MLP, (a, u, j) for a GLU) gives the slope as s_j (one shared load) and nothing to decode
+or evaluate: MLP d_u = d_hidden s_j (h is the forward's output, not written again), GLU
+h = a u, d_u = d_hidden a, d_g = d_hidden u s_j. XLA then
 runs dW_down = h^T dy, dW_up = x^T d_u, dx = d_u W_up^T (+ the gate terms). Against the chunked
 XLA backward this removes the f32 d_hidden round trip through HBM and one elementwise pass
 (benchmarks/NOTES.md, fifth 12-01 session: ~57 us of gpt2-small's 500 us step). A PWL's

@@ -309,7 +309,8 @@ PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
 # ALU pipe with the max hinges, and at gpt2-xl; SmolLM2 and gpt2-small keep max(h, t_k).
 PINGPONG_MLP_F16_RELU = dataclasses.replace(PINGPONG_MLP_F16, epilogue=dataclasses.replace(
     PINGPONG_MLP_F16.epilogue, hinges="relu"))
-# gpt2-xl decodes floor bits on the wide dgrad tiles as well (DGRAD_PINGPONG_WIDE's measurements)
+# gpt2-xl decodes floor bits on the wide dgrad tiles as well (DGRAD_PINGPONG_WIDE's measurements;
+# since its PWLs save segments, only those of more than pwl_lookup.MAX_COUNTED_KNOTS knots do)
 GPT2_XL_MLP_F16 = dataclasses.replace(PINGPONG_MLP_F16_RELU, dgrad=DGRAD_PINGPONG_WIDE)
 # llama-1B: the ping-pong relu forward (793 us saving floor bits vs the cooperative tiles' 811)
 # with the chunked backward, which its training step measured faster than the dgrad kernel on

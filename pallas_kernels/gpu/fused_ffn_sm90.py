@@ -429,8 +429,8 @@ STAGINGS = ("shared", "per_output")
 
 # ``gemm1_activation``'s saves= for a PWL evaluated by its segment's line (kinds
 # ``SEGMENT_KINDS``): the segment j each element took, as uint8 (a GLU also a = act(g) and u in
-# x's dtype) - with the output h, which the dgrad kernel then need not recompute, all the
-# backward reads (``dispatch.Plan.lookup_residuals``)
+# x's dtype) - with an MLP's output h, which its dgrad kernel then need not recompute, all the
+# backward reads (a GLU's dgrad kernel writes h = a u; ``dispatch.Plan.lookup_residuals``)
 LOOKUP_SEGMENTS = "lookup-segments"
 # kind -> (pwl(h), j) on an f32 tile (table, K, pwl_dtype): the lookup of evenly spaced knots
 # ("pwl_lookup", ``pwl_lookup.lookup_table``), or a count of any knots ("pwl_counted",

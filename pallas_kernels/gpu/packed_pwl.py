@@ -103,10 +103,6 @@ def knots_at_or_below(p: jax.Array, table_ref, first_knot: int, num_knots: int) 
   """#{k : f16(t_k) <= f16(p)} as f32 for an f32 WGMMA-layout tile p, the knots t_k at entries
   ``first_knot + k`` of the SMEM table: per pair of elements and knot one ``set.ge.f16x2`` (1.0
   where p >= t_k; NaN counts 0) and one ``add.rn.f16x2`` (exact up to 2048 knots)."""
-  if interpreting():
-    x = p.astype(jnp.float16)
-    return sum((x >= table_ref[first_knot + k].astype(jnp.float16)).astype(jnp.float32)
-               for k in range(num_knots))
 
   def body(x, entry, pairs):
     at_least = lambda k: x._pointwise(_AT_LEAST_ONE, pairs(entry(first_knot + k)))

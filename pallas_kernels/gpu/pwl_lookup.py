@@ -218,10 +218,12 @@ def counted_value_and_segment(h: jax.Array, table_ref, num_knots: int,
   training forward that saves j for the dgrad kernel (``slope_of_segment``) where the knots are
   not evenly spaced."""
   first = first_counted_knot(num_knots)
-  if jnp.dtype(pwl_dtype) == jnp.float16:
+  if jnp.dtype(pwl_dtype) == jnp.float16 and not packed_pwl.interpreting():
     counts = packed_pwl.knots_at_or_below(h, table_ref, first, num_knots)
-  else:
-    counts = sum((h >= table_ref[first + k]).astype(jnp.float32) for k in range(num_knots))
+  else:  # compares in pwl_dtype (in interpret mode the PTX's f16 roundings)
+    x = h.astype(pwl_dtype)
+    counts = sum((x >= table_ref[first + k].astype(pwl_dtype)).astype(jnp.float32)
+                 for k in range(num_knots))
   return _lookup_tiles(h, table_ref, num_knots, "segment", counts=counts)
 
 
