@@ -33,6 +33,7 @@ import json
 import os
 import re
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import (NO_BIASES, SHAPES, as_args, kernel_forward, make_sets,  # noqa: E402
                        with_cotangents, with_gradients, with_pwl_gradients, xla_forward)
 from bench_down_projection import parse_config  # noqa: E402
+from gpu_clocks import busy_clocks, sample  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
 
@@ -80,14 +82,18 @@ def rounds_table(results: list[dict]) -> list[str]:
   variant ran in more than one round (``--rounds``); none otherwise."""
   by_variant = {}
   for r in results:
-    by_variant.setdefault((r["shape"], r["variant"]), []).append(r.get("device_us"))
-  if all(len(times) < 2 for times in by_variant.values()):
+    by_variant.setdefault((r["shape"], r["variant"]), []).append(r)
+  if all(len(rounds) < 2 for rounds in by_variant.values()):
     return []
-  lines = ["## GPU busy per step, us, by round", "", "| shape | variant | rounds | median |",
-           "|---|---|---|---:|"]
-  for (shape, variant), times in by_variant.items():
+  clocks = any("sm_clock_mhz" in r for r in results)
+  lines = ["## GPU busy per step, us, by round" + (" (@ median SM clock, MHz)" if clocks else ""),
+           "", "| shape | variant | rounds | median |", "|---|---|---|---:|"]
+  at_clock = lambda r: f" @{r['sm_clock_mhz']:.0f}" if r.get("sm_clock_mhz") else ""
+  for (shape, variant), rounds in by_variant.items():
+    times = [r.get("device_us") for r in rounds]
     measured = [t for t in times if t is not None]
-    cells = " / ".join("failed" if t is None else f"{t:.1f}" for t in times)
+    cells = " / ".join("failed" if r.get("device_us") is None else
+                       f"{r['device_us']:.1f}{at_clock(r)}" for r in rounds)
     median = f"{float(np.median(measured)):.1f}" if measured else "—"
     lines.append(f"| {shape} | {variant} | {cells} | {median} |")
   return lines + [""]
@@ -136,6 +142,9 @@ def main(argv=None) -> int:
                            "moved ~8%% between rounds on the H200); the report ends with each "
                            "variant's GPU-busy time per round and their median")
   parser.add_argument("--tag", default="", help="suffix of the report's file names")
+  parser.add_argument("--log-clocks", action="store_true",
+                      help="sample nvidia-smi's SM clock while each variant runs and report its "
+                           "median (busy samples): rounds at different clocks are not comparable")
   parser.add_argument("--independent-cotangent", action="store_true",
                       help="loss <y, dy> alone (``bench_gpu.training_loss``): XLA may then run the "
                            "forward's GEMM2 after the backward; the default adds 1/2 |y|^2")
@@ -331,11 +340,18 @@ def main(argv=None) -> int:
     jitted = {key: jax.jit(lambda sets, step=steps[key][1]: [step(*set_args) for set_args in sets])
               for key in keys}
     hlo_texts = {}
+    clock_rows, stop_clocks = [], threading.Event()
+    if args.log_clocks:
+      threading.Thread(target=sample, args=(stop_clocks, clock_rows), daemon=True).start()
     for round_ in range(args.rounds):  # every variant once per round, in turn
       for key in keys:
         step = jitted[key]
         try:
+          first_clock_row = len(clock_rows)
           record = profile(step, (arg_sets,), args.calls, len(arg_sets), top=40)
+          if args.log_clocks:
+            clocks = busy_clocks(clock_rows[first_clock_row:])
+            record["sm_clock_mhz"] = float(np.median(clocks)) if clocks else None
           if key not in hlo_texts:
             hlo_texts[key] = step.lower(arg_sets).compile().as_text()
             if args.dump_hlo:
@@ -351,6 +367,7 @@ def main(argv=None) -> int:
         print(json.dumps(record)[:2000], flush=True)
         write_report(results, args.out, command, args.tag,
                      "forward" if args.forward_only else "fwd+bwd")
+    stop_clocks.set()
   return 0
 
 

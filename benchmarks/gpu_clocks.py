@@ -19,23 +19,32 @@ import threading
 FIELDS = "clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active"
 
 
-def sample(stop: threading.Event, rows: list, period_ms: int = 50) -> None:
-  """Append nvidia-smi's FIELDS for GPU 0 to ``rows`` every ``period_ms`` until ``stop``."""
-  smi = subprocess.Popen(["nvidia-smi", "-i", "0", f"--query-gpu={FIELDS}",
-                          "--format=csv,noheader,nounits", f"-lms={period_ms}"],
-                         stdout=subprocess.PIPE, text=True)
-  for line in smi.stdout:
-    rows.append([v.strip() for v in line.split(",")])
-    if stop.is_set():
-      break
-  smi.terminate()
+def sample(stop: threading.Event, rows: list, period_s: float = 0.05) -> None:
+  """Append nvidia-smi's FIELDS for GPU 0 to ``rows`` about every ``period_s`` until ``stop``.
+  One query per sample: ``nvidia-smi -lms`` into a pipe buffers its lines, so a reader would
+  see them seconds late and attribute them to the wrong interval."""
+  while not stop.is_set():
+    query = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={FIELDS}",
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    rows += [[v.strip() for v in line.split(",")] for line in query.stdout.splitlines()]
+    stop.wait(period_s)
 
 
-def summary(rows: list, busy_percent: int = 90) -> str:
-  busy = [r for r in rows if len(r) == 4 and r[2].isdigit() and int(r[2]) >= busy_percent]
+def busy_rows(rows: list, busy_percent: int = 90) -> list:
+  """The samples taken while the GPU was busy (compiles and teardown drop out)."""
+  return [r for r in rows if len(r) == 4 and r[2].isdigit() and int(r[2]) >= busy_percent]
+
+
+def busy_clocks(rows: list) -> list[float]:
+  """SM clocks (MHz) of the busy samples among ``rows``."""
+  return [float(r[0]) for r in busy_rows(rows)]
+
+
+def summary(rows: list) -> str:
+  busy = busy_rows(rows)
   if not busy:
     return f"no busy samples among {len(rows)}"
-  clocks, power = [float(r[0]) for r in busy], [float(r[1]) for r in busy]
+  clocks, power = busy_clocks(busy), [float(r[1]) for r in busy]
   reasons = sorted({r[3] for r in busy})
   return (f"SM clock median {statistics.median(clocks):.0f} MHz (min {min(clocks):.0f}), "
           f"power median {statistics.median(power):.0f} W, clock-event reasons {reasons}, "

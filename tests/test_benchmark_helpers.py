@@ -155,6 +155,7 @@ def test_gpu_clocks_summarise_the_busy_samples_only():
       "SM clock median 1600 MHz (min 1500), power median 690 W, clock-event reasons "
       "['0x0', '0x4'], 3 busy samples")
   assert gpu_clocks.summary(rows[:1]) == "no busy samples among 1"
+  assert gpu_clocks.busy_clocks(rows) == [1600.0, 1500.0, 1700.0]
 
 
 def test_pwl_lookup_variants_compute_the_same_pass():
@@ -209,3 +210,7 @@ def test_backward_profile_rounds_table_takes_each_variants_median():
   assert "| s | a | 30.0 / 10.0 / 20.0 | 20.0 |" in table
   assert "| s | b | 5.0 / failed / 7.0 | 6.0 |" in table
   assert bench_backward_profile.rounds_table(runs[:2]) == []
+  runs[0]["sm_clock_mhz"], runs[2]["sm_clock_mhz"] = 1755.0, 1590.0  # --log-clocks
+  table = bench_backward_profile.rounds_table(runs)
+  assert table[0].endswith("(@ median SM clock, MHz)")
+  assert "| s | a | 30.0 @1755 / 10.0 @1590 / 20.0 | 20.0 |" in table
