@@ -141,8 +141,12 @@ def main(argv=None) -> int:
   parser.add_argument("--throughput-steps", type=int, default=30,
                       help="steps of the exact-XLA throughput run (0: skip)")
   parser.add_argument("--trace-steps", type=int, default=0,
-                      help="also trace this many steps of the first activation's loop and of the "
-                           "exact-XLA loop (GPU-busy ms per step, costliest kernels; 0: skip)")
+                      help="also trace this many steps of the --trace-loops (GPU-busy ms per "
+                           "step, costliest kernels; 0: skip)")
+  parser.add_argument("--trace-loops", default="trained,exact-xla",
+                      help="which loops --trace-steps traces: trained (each activation, PWL "
+                           "learnable), frozen (each activation, linearize(..., learnable=False): "
+                           "with --trainable ffn the weights alone train), exact-xla")
   parser.add_argument("--trace-only", action="store_true",
                       help="skip the recovery and throughput runs: only the --trace-steps loops "
                            "(each compiles its own step, ~1-2 min on the H200)")
@@ -150,6 +154,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.trace_only and not args.trace_steps:
     parser.error("--trace-only traces the loops: give --trace-steps > 0")
+  unknown = set(args.trace_loops.split(",")) - {"trained", "frozen", "exact-xla"}
+  if unknown:
+    parser.error(f"--trace-loops: expected trained, frozen or exact-xla, got {sorted(unknown)}")
   out = pathlib.Path(args.out)
   if args.render:
     text = render([json.loads(pathlib.Path(p).read_text()) for p in args.render])
@@ -198,9 +205,14 @@ def main(argv=None) -> int:
       finetune(exact, progress=False, built=(base, linearize(base, "exact", implementation="xla"), tokenizer))
       summary["exact_xla_tokens_per_s"] = median_tokens_per_s(pathlib.Path(exact.out))
   if args.trace_steps:
-    first = args.activations.split(",")[0]
-    loops = {first: (first, linearize(base, first, learnable=True)),
-             "exact-xla": ("exact", linearize(base, "exact", implementation="xla"))}
+    loops = {}  # in --trace-loops order
+    for kind in args.trace_loops.split(","):
+      if kind == "exact-xla":
+        loops[kind] = ("exact", linearize(base, "exact", implementation="xla"))
+      for name in args.activations.split(",") if kind != "exact-xla" else ():
+        # frozen: the PWL a constant, the weights alone train (the dgrad kernel's backward)
+        loops[name + ("-frozen" if kind == "frozen" else "")] = (
+            name, linearize(base, name, learnable=kind == "trained"))
     summary["traces"] = {}
     for name, (activation, model) in loops.items():
       config = speed_config(args, out / f"trace-{name}", activation,

@@ -1426,7 +1426,8 @@ DGRAD_GPU_CASES = {  # name: as GPU_CASES; gradients w.r.t. the arrays only (the
                                               dataclasses.replace(dispatch.PINGPONG_GLU_F16,
                                                                   joint_glu_gradients=False)),
     # llama-1B's forward (relu hinges in inference) with the dgrad backward it may take
-    # (segments and [d_g | d_u]; undecided on the H200, see dispatch.PINGPONG_GLU_F16_RELU_CHUNKED)
+    # (segments and [d_g | d_u]; a tie with its chunked one on the H200, see
+    # dispatch.PINGPONG_GLU_F16_RELU_CHUNKED)
     "dgrad-pp-glu-pwl-llama-plan-odd": (1000, 576, 1000, 700, True, True, "pwl15",
                                         dataclasses.replace(dispatch.SMOLLM2_GLU_F16, epilogue=(
                                             dispatch.LLAMA_1B_GLU_F16.epilogue),

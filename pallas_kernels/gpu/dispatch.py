@@ -315,11 +315,10 @@ GPT2_XL_MLP_F16 = dataclasses.replace(PINGPONG_MLP_F16_RELU, dgrad=DGRAD_PINGPON
 # llama-1B: the ping-pong relu forward (793 us saving floor bits vs the cooperative tiles' 811)
 # with the chunked backward, which its training step measured faster than the dgrad kernel on
 # floor bits (3780.8 vs 3813.5 us GPU-busy, sixteenth session). The dgrad kernel on the GLU's
-# segments with [d_g | d_u] as one array (the SmolLM2 plan's backward) is undecided: 3604 vs 3708
-# us in one call (twenty-fifth session, backward-profile-2026-12-03-twentyfifth-llama1b.md), 3951
-# vs 3657 in the next (-llama1b-plan.md), where every kernel of that step ran ~9% slower, the
-# forward kernel common to both steps too (886-906 vs 816-823 us): clocks, not the plan, moved
-# most - so it keeps the chunked backward until a run with the clocks logged decides.
+# segments with [d_g | d_u] as one array (the SmolLM2 plan's backward) ties it: median of four
+# rounds 3725 vs 3736 us (twenty-sixth session, backward-profile-2026-12-04-twentysixth-llama1b.md;
+# the twenty-fifth's two calls disagreed by 9% with the clocks); at llama-8B (LLAMA_8B_GLU_F16's
+# chunked backward) it loses, 13382 vs 13096 us (-llama8b.md). Both keep the chunked backward.
 PINGPONG_GLU_F16_RELU_CHUNKED = Plan("epilogue", epilogue=dataclasses.replace(
     PINGPONG_GLU_F16.epilogue, hinges="relu"), **_FLOOR_BITS)
 
