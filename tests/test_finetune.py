@@ -95,6 +95,9 @@ def test_trainable_modes_select_the_right_parameters(tiny):
   assert pwl.trained and all(".pwl_" in k for k in pwl.trained)
   ffn = split_params(student, "ffn")
   assert set(pwl.trained) < set(ffn.trained) and all(".mlp." in k for k in ffn.trained)
+  weights = split_params(student, "ffn-weights")  # the PWLs held: frozen, passed into the step
+  assert set(weights.trained) == set(ffn.trained) - set(pwl.trained) and weights.trained
+  assert set(pwl.trained) <= set(weights.frozen)
   assert "embed.embedding" in split_params(student, "all").trained
   lora = split_params(student, "lora", lora_rank=3)
   assert {k for k in lora.trained if k.endswith(".lora_a")} == {k + ".lora_a" for k in lora.adapted}

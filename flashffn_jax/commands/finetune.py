@@ -19,7 +19,7 @@ _HELP = {
     "model": "model name (smollm2)",
     "model_path": "explicit weights file instead of the installed package",
     "activation": "what replaces each MLP activation: pwl16, pwl8-uniform, ...",
-    "trainable": "what trains: all weights, FFN weights (+PWL), PWL only, or LoRA adapters (+PWL)",
+    "trainable": "what trains: all weights, FFN weights (+PWL), FFN weights (PWL held), PWL only, or LoRA adapters (+PWL)",
     "batch_size": "sequences per optimizer step",
     "grad_accum": "micro-batches per step (gradient accumulation)",
     "seq_len": "tokens per training window",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-TRAINABLE = ("all", "ffn", "pwl", "lora")
+TRAINABLE = ("all", "ffn", "ffn-weights", "pwl", "lora")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SHARDING = ("data", "fsdp")
 
@@ -28,7 +28,7 @@ class FinetuneConfig:
   model: str = "smollm2"
   model_path: str | None = None  # explicit weights file instead of the installed package
   activation: str = "pwl8"  # what linearize() puts in every FFN
-  trainable: str = "pwl"  # all | ffn | pwl | lora
+  trainable: str = "pwl"  # all | ffn | ffn-weights | pwl | lora
   lora_rank: int = 8
   lora_alpha: float = 16.0
   steps: int = 80
