@@ -90,8 +90,7 @@ def rounds_table(results: list[dict]) -> list[str]:
            "", "| shape | variant | rounds | median |", "|---|---|---|---:|"]
   at_clock = lambda r: f" @{r['sm_clock_mhz']:.0f}" if r.get("sm_clock_mhz") else ""
   for (shape, variant), rounds in by_variant.items():
-    times = [r.get("device_us") for r in rounds]
-    measured = [t for t in times if t is not None]
+    measured = [r["device_us"] for r in rounds if r.get("device_us") is not None]
     cells = " / ".join("failed" if r.get("device_us") is None else
                        f"{r['device_us']:.1f}{at_clock(r)}" for r in rounds)
     median = f"{float(np.median(measured)):.1f}" if measured else "—"

@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     for kind in args.trace_loops.split(","):
       if kind == "exact-xla":
         loops[kind] = ("exact", linearize(base, "exact", implementation="xla"))
-      for name in args.activations.split(",") if kind != "exact-xla" else ():
+        continue
+      for name in args.activations.split(","):
         # frozen: the PWL a constant, the weights alone train (the dgrad kernel's backward)
         loops[name + ("-frozen" if kind == "frozen" else "")] = (
             name, linearize(base, name, learnable=kind == "trained"))

@@ -59,8 +59,10 @@ def trained_paths(model: nnx.Module, mode: str) -> set[Path]:
   paths = {tuple(path) for path, _ in params}
   if mode == "all":
     return paths
-  if mode in ("ffn", "ffn-weights"):
-    return {p for p in paths if _under(p, ffn_paths) and not (mode == "ffn-weights" and _is_pwl(p))}
+  if mode == "ffn":
+    return {p for p in paths if _under(p, ffn_paths)}
+  if mode == "ffn-weights":
+    return {p for p in trained_paths(model, "ffn") if not _is_pwl(p)}
   folds = _fused_ffn_paths(model, (FoldedFFN,))
   chosen = {p for p in paths if _under(p, ffn_paths) and _is_pwl(p)
             or _under(p, folds) and str(p[-1]) in FoldedFFN.FOLD_PARAM_NAMES}
