@@ -172,7 +172,8 @@ def main(argv=None) -> int:
                            "lookup-residuals-joint, dgrad-lookup-residuals-joint (a GLU's dgrad "
                            "kernel writes [d_g | d_u] as one array), chunked (the plan's "
                            "residuals, chunked backward), "
-                           "pwl-grads, "
+                           "pwl-grads (the dgrad kernel's bins where the plan has them), "
+                           "pwl-grads-chunked, pwl-grads-wide (bins on 128 x 128 x 2 tiles), "
                            "pwl-grads-kres, pwl-grads-floor-bits, pwl-grads-floor-bits-kres")
   parser.add_argument("--fit", default="pwl16",
                       help="the PWL as a spec: pwl16, pwl64-uniform (evenly spaced: the plans "
@@ -217,13 +218,21 @@ def main(argv=None) -> int:
                                        segments_dgrad=dispatch.DGRAD_PINGPONG_WIDE)
     dgrad_tiles = lambda c: f"{c.tile_m}x{c.tile_n}x{c.stages} {c.schedule}"
     dependent = not args.independent_cotangent
-    trainable = lambda segment_sums, residuals=plan.residuals: with_pwl_gradients(
+    trainable = lambda segment_sums, residuals=plan.residuals, **changes: with_pwl_gradients(
         lambda act: forward_on(act, dataclasses.replace(
-            dispatch.with_residuals(plan, shape.glu, residuals), segment_sums=segment_sums)),
-        pwl, dependent)
+            dispatch.with_residuals(plan, shape.glu, residuals), segment_sums=segment_sums,
+            **changes)), pwl, dependent)
     steps = {"pwl-grads": ("library default plan, also differentiated w.r.t. the PWL's slopes "
-                           "and intercepts (trainable PWLs; segment_sums='kernel')",
+                           "and intercepts (trainable PWLs; the dgrad kernel's bins where "
+                           "pwl_gradients_dgrad allows, else segment_sums='kernel')",
                            trainable("kernel")),
+             "pwl-grads-chunked": ("same with the chunked backward's segment sums "
+                                   "(pwl_gradients_dgrad=None)",
+                                   trainable("kernel", pwl_gradients_dgrad=None)),
+             "pwl-grads-wide": ("same with the dgrad kernel's bins on 128 x 128 x 2 ping-pong "
+                                "tiles", trainable("kernel", pwl_gradients_dgrad=(
+                                    dataclasses.replace(dispatch.DGRAD_PINGPONG_WIDE,
+                                                        stages=2)))),
              "pwl-grads-kres": ("same with the segment sums reading the saved residuals "
                                 "(segment_sums='kernel-residuals')", trainable("kernel-residuals")),
              "pwl-grads-floor-bits": ("same saving residuals='floor-bits' (segment sums on the "
