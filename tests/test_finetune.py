@@ -194,18 +194,20 @@ def test_mixed_precision_lora_with_accumulation(tiny, tmp_path):
   assert np.isfinite(result.finetuned_ppl)
 
 
-@pytest.mark.parametrize("mode, dgrad_kernel_runs", [("ffn-weights", True), ("ffn", False)])
-def test_held_pwls_let_the_gpu_backward_run_its_dgrad_kernel(monkeypatch, mode, dgrad_kernel_runs):
-  """``trainable="ffn-weights"``: the learnable PWLs are frozen arguments, undifferentiated, so
-  the Hopper op's backward starts with the dgrad kernel (``symbolic_zeros``) in every layer;
-  ``"ffn"`` differentiates them, which needs the chunked backward's segment sums. The loop's
-  gradient (w.r.t. the trained split, frozen passed in) traced for CUDA's kernels on CPU, a
-  2-layer bf16 SmolLM2 with PWL-16 at 4 x 64 tokens."""
+@pytest.mark.parametrize("mode, pwl_gradients", [("ffn-weights", False), ("ffn", True)])
+def test_the_gpu_backward_runs_its_dgrad_kernel_with_pwls_trained_or_held(monkeypatch, mode,
+                                                                          pwl_gradients):
+  """The Hopper op's backward starts with the dgrad kernel in every layer either way:
+  ``trainable="ffn"`` differentiates the learnable PWLs, and the kernel also sums their
+  gradients (``pwl_gradients``); ``"ffn-weights"`` passes them frozen, undifferentiated
+  (``symbolic_zeros``), and it does not. The loop's gradient (w.r.t. the trained split, frozen
+  passed in) traced for CUDA's kernels on CPU, a 2-layer bf16 SmolLM2 with PWL-16 at 4 x 64
+  tokens."""
   from pallas_kernels.gpu import dgrad_sm90, dispatch  # noqa: PLC0415 -- this test only
   calls = []
   real = dgrad_sm90.dgrad_activation
-  monkeypatch.setattr(dgrad_sm90, "dgrad_activation",
-                      lambda *a, **k: calls.append(k["kind"]) or real(*a, **k))
+  monkeypatch.setattr(dgrad_sm90, "dgrad_activation", lambda *a, **k: calls.append(
+      (k["kind"], k.get("pwl_gradients", False))) or real(*a, **k))
   monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
   teacher, _ = smollm2.load(num_layers=2, dtype=jnp.bfloat16)
   student = linearize(teacher, "pwl16", learnable=True, implementation="pallas_mosaic_gpu")
@@ -214,4 +216,4 @@ def test_held_pwls_let_the_gpu_backward_run_its_dgrad_kernel(monkeypatch, mode, 
   loss = lambda trained, frozen: jnp.sum(split.merge(trained, frozen)(tokens).astype(jnp.float32))
   jax.make_jaxpr(jax.grad(loss))(split.trained, split.frozen)
   # SmolLM2's plan: the dgrad kernel reads each element's segment, counted by the forward
-  assert calls == (["pwl_counted"] * 2 if dgrad_kernel_runs else [])
+  assert calls == [("pwl_counted", pwl_gradients)] * 2

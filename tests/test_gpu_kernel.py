@@ -15,6 +15,7 @@ before the CPU backend starts (see there).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -71,12 +72,14 @@ def kernel_activation(name: str, glu: bool) -> Activation:
   exact; the op rounds other knots so, and the f32 reference would not); "pwl-tanh" /
   "pwl15-tanh": the same of tanh, whose tails' intercepts differ (-1, 1), so the hinge table's
   two constants do too (c = 1 for max hinges, c_0 = -1 for relu hinges; both 0 for the SiLU and
-  GELU fits, which cannot tell them apart); "pwl64u": a 64-segment fit with evenly spaced knots
-  (dyadic: on the floor-bits grid too), which the epilogue may evaluate by lookup."""
+  GELU fits, which cannot tell them apart); "pwl64u" / "pwl16u": a 64- / 16-segment fit with
+  evenly spaced knots (dyadic: on the floor-bits grid too), which the epilogue may evaluate by
+  lookup."""
   base, _, fitted = name.partition("-")
-  if base not in ("pwl", "pwl15", "pwl64u"):
+  if base not in ("pwl", "pwl15", "pwl64u", "pwl16u"):
     return to_kernel_activation(name)
-  segments, method = (64, "uniform") if base == "pwl64u" else (16, "optimal")
+  segments, method = {"pwl64u": (64, "uniform"), "pwl16u": (16, "uniform")}.get(
+      base, (16, "optimal"))
   pwl = ff.fit(fitted or ("silu" if glu else "gelu"), segments, method)
   if base == "pwl15":
     pwl = ff.PiecewiseLinear.create(backward.snap_knots(pwl.knots), pwl.values, pwl.left_slope,
@@ -118,20 +121,49 @@ def loss_and_grads(fn, problem, activation, dy, pwl_gradients=True):
   return jax.value_and_grad(loss, argnums=tuple(range(len(flat))), has_aux=True)(*flat)
 
 
-def reference_in_float32(*args):
-  """The XLA reference with every array upcast to float32 (the bf16 kernels' target)."""
+def reference_in_float32(*args, segments_in=jnp.float32):
+  """The XLA reference with every array upcast to float32 (the bf16 kernels' target); a PWL's
+  segment found by comparing p and the knots rounded to ``segments_in`` (float16: what a forward
+  counting knots on f16 pairs sees, so p within ~2^-11 |t_k| of a knot may take the
+  neighbouring line, with that line's gradients)."""
   *arrays, activation = args
   up = [None if a is None else a.astype(jnp.float32) for a in arrays]
+  if activation.kind == "pwl" and jnp.dtype(segments_in) != jnp.float32:
+    # the compares on rounded values, the lines (and their gradients' sums) in f32
+    rounded = lambda v: v.astype(segments_in).astype(jnp.float32)
+    pwl = activation
+    lines = lambda p: pwl_select(rounded(p), rounded(pwl.knots), pwl.slopes, pwl.intercepts)
+    activation = Activation("callable", fn=lambda p: lines(p)[0] * p + lines(p)[1])
   return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
+
+
+def segments_seen(problem, activation, plan) -> jnp.dtype:
+  """Where the op's training step with ``activation`` trained finds the segments whose lines'
+  gradients it sums: float16 where the forward counts the knots on f16 pairs for the dgrad
+  kernel's bins (``dispatch.training_choice``: ``LOOKUP_SEGMENT_INPUTS`` on f16 PWL math), else
+  float32. ``plan`` None: the public op's (``dispatch.resolve_plan``)."""
+  x, glu = problem["x"], problem["w_gate"] is not None
+  if activation.kind != "pwl":
+    return jnp.dtype(jnp.float32)
+  if plan is None:
+    plan = dispatch.resolve_plan(x, problem["w_up"], problem["w_down"], problem["w_gate"],
+                                 activation, None)
+  _, saves = dispatch.training_choice(plan, "pwl", activation.knots.shape[0], glu, x.dtype,
+                                      pwl_trained=True)
+  counted_f16 = (saves == kernels.LOOKUP_SEGMENT_INPUTS and not plan.dgrad_lookup
+                 and jnp.dtype(plan.epilogue.pwl_dtype) == jnp.float16)
+  return jnp.dtype(jnp.float16 if counted_f16 else jnp.float32)
 
 
 def check_against_reference(problem, activation, plan, pwl_gradients=True):
   """Forward output (inference, and the training forward that saves residuals) and all gradients
   of the kernel path vs the float32 XLA reference (a PWL's parameters' only with
-  ``pwl_gradients``: without, a dgrad plan runs its kernel); ``plan`` None: the public op's own
+  ``pwl_gradients``: without, a dgrad plan runs its kernel), its PWL segments found as the
+  kernels find them (``segments_seen``); ``plan`` None: the public op's own
   choice (``ffn_mosaic_gpu``). A PWL's knots are first moved clear of the pre-activations
   (``knots_clear_of``)."""
   activation = knots_clear_of(activation, problem)
+  segments_in = segments_seen(problem, activation, plan) if pwl_gradients else jnp.float32
   rows, d_out = problem["x"].shape[0], problem["w_down"].shape[1]
   dy = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d_out)), jnp.bfloat16)
   if plan is None:
@@ -140,14 +172,15 @@ def check_against_reference(problem, activation, plan, pwl_gradients=True):
     ours = lambda *args: dispatch._ffn(plan, args[-1].kind, None, *args[:-1], args[-1].knots,
                                        args[-1].slopes, args[-1].intercepts)
   out = jax.jit(lambda *a: ours(*a, activation))(*[problem[n] for n in ARG_NAMES])
-  expected = jax.jit(lambda *a: reference_in_float32(*a, activation))(
+  reference = functools.partial(reference_in_float32, segments_in=segments_in)
+  expected = jax.jit(lambda *a: reference(*a, activation))(
       *[problem[n] for n in ARG_NAMES])
   assert out.dtype == problem["x"].dtype and out.shape == expected.shape
   assert relative_error(out, expected) < BF16_TOLERANCE
   (_, trained_out), grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d,
                                                              pwl_gradients))(dy)
   assert relative_error(trained_out, expected) < BF16_TOLERANCE  # the forward a VJP runs
-  _, expected_grads = jax.jit(lambda d: loss_and_grads(reference_in_float32, problem, activation,
+  _, expected_grads = jax.jit(lambda d: loss_and_grads(reference, problem, activation,
                                                        d, pwl_gradients))(dy)
   assert len(grads) == len(expected_grads)
   for index, (got, want) in enumerate(zip(grads, expected_grads)):
@@ -786,13 +819,15 @@ def test_interpret_segment_sums_lookup_matches_float64(rng, form):
 
 
 def test_segment_sums_lookup_lowers_for_cuda():
-  """The lookup's bin updates (inline PTX: segment, this thread's column, two read-modify-writes)
-  are in the kernel for cuda, reading floor bits at SmolLM2's training width."""
+  """The lookup's bin updates (inline PTX: this thread's column, then per element the segment
+  and two read-modify-writes) are in the kernel for cuda, reading floor bits at SmolLM2's
+  training width."""
   knots = kernel_activation("pwl64u", glu=True).knots
   specs = [jax.ShapeDtypeStruct((4096, 1536), dtype) for dtype in ("bfloat16", "uint8", "float32")]
   module = cuda_module(lambda hi, bits, g: segment_sums_sm90.segment_sums_lookup(
       (hi, bits), g, knots), *specs)
-  assert "cvt.rmi.u32.f32" in module and "mad.lo.u32 a, j, 128, t" in module
+  assert "cvt.rmi.u32.f32" in module and "mad.lo.u32 a, j, 512, $2" in module
+  assert "shr.u32 w, t, 7" in module
 
 
 def test_segment_sums_slices_shrink_with_the_knot_count():
@@ -904,6 +939,72 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
   trained = [s for s in saves if s is not None]
   assert trained and set(trained) == {kernels.LOOKUP_SEGMENTS if segments else residuals}, saves
+
+
+def record_dgrad_calls(monkeypatch) -> list:
+  """A list that collects (kind, pwl_gradients) of every ``dgrad_sm90.dgrad_activation`` call
+  from here on."""
+  calls = []
+  real = dgrad_sm90.dgrad_activation
+  monkeypatch.setattr(dgrad_sm90, "dgrad_activation", lambda *a, **k: calls.append(
+      (k["kind"], k.get("pwl_gradients", False))) or real(*a, **k))
+  return calls
+
+
+@on_cpu_only
+@needs_interpret_threads
+@pytest.mark.parametrize("glu, name, schedule, counting", [
+    (True, "pwl15", "pingpong", "float32"), (False, "pwl15", "pingpong", "float32"),
+    (True, "pwl16u", "cooperative", "float32"), (False, "pwl16u-tanh", "pingpong", "float32"),
+    (True, "pwl15", "pingpong", "float16")])
+def test_interpret_dgrad_kernel_gives_trained_pwl_gradients(rng, monkeypatch, glu, name,
+                                                            schedule, counting):
+  """``Plan.pwl_gradients_dgrad``: with the PWL's slopes and intercepts differentiated, the
+  forward saves the PWL's input and segments (``kernels.LOOKUP_SEGMENT_INPUTS``) and the dgrad
+  kernel sums their gradients in its bins; forward and every gradient, the PWL's included,
+  against the float32 reference, odd M, H and D_out. The optimal PWL-16 counts its knots, the
+  uniform one ("pwl16u") looks its segments up; tanh's tails have nonzero intercepts. Knots
+  counted on float16 (the GPU plans' ``pwl_dtype``) put p within ~2^-11 |t_k| of a knot in
+  either segment, with that line's gradients: that case's reference finds its segments so
+  (``segments_seen``)."""
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  lookup = name.startswith("pwl16u")
+  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=counting),
+                       residuals="floor-bits", backward="epilogue",
+                       dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
+                       pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=True,
+                       pwl_gradients_dgrad=kernels.EpilogueConfig(64, 128, 2, schedule=schedule),
+                       joint_glu_gradients=glu)
+  saves, calls = record_saves(monkeypatch), record_dgrad_calls(monkeypatch)
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    check_against_reference(problem, kernel_activation(name, glu), plan)
+  assert {s for s in saves if s is not None} == {kernels.LOOKUP_SEGMENT_INPUTS}, saves
+  assert calls == [("pwl_lookup" if lookup else "pwl_counted", True)]
+
+
+@pytest.mark.parametrize("glu, fit, dgrad_sums", [(True, "pwl15", True), (False, "pwl16u", True),
+                                                  (False, "pwl64u", False)])
+def test_trained_pwl_gradients_lower_into_the_dgrad_kernel(monkeypatch, glu, fit, dgrad_sums):
+  """The training step with a trained PWL on the tuned plans (SmolLM2 / gpt2-small widths, M =
+  8191) lowers for CUDA with the dgrad kernel's bins (``segment_sums_sm90.zero_bins``' and
+  ``add_to_bins``' PTX) on ``pwl_gradients_dgrad``'s tiles; a uniform PWL-64's bins (130 KiB) do
+  not fit beside them, so it keeps the chunked backward (and the lookup's segment sums)."""
+  calls = record_dgrad_calls(monkeypatch)
+  activation = kernel_activation(fit, glu)
+  rows, d_model, hidden = (8191, 576, 1536) if glu else (8191, 768, 3072)
+  plan = dispatch.with_pwl_lookup(dispatch.choose_plan(rows, d_model, hidden, d_model, glu, True),
+                                  activation)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda x, wu, wd, wg, s, c: jnp.sum(dispatch._ffn(
+      plan, "pwl", None, x, wu, wd, wg, None, None, None, activation.knots, s,
+      c).astype(jnp.float32))
+  step = jax.grad(loss, argnums=(0, 1, 2, 4, 5) + ((3,) if glu else ()))
+  module = cuda_module(step, spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_model),
+                       spec(d_model, hidden) if glu else None, activation.slopes,
+                       activation.intercepts)
+  assert ("mov.u32 j, $3;" in module and "st.shared.f32 [a+" in module) == dgrad_sums
+  assert ("st.shared.f32 [$0+0], 0f00000000;" in module) == dgrad_sums
+  assert [pwl_gradients for _, pwl_gradients in calls] == ([True] if dgrad_sums else [])
 
 
 @pytest.mark.parametrize("name", ["silu", "pwl"])
@@ -1374,7 +1475,20 @@ GPU_CASES = {
                                                     schedule="pingpong"),
         residuals="floor-bits")),
     "epilogue-pp-glu-pwl-floor-bits": (1000, 576, 1000, 576, True, True, "pwl15",
-                                       dispatch.PINGPONG_GLU_F16),
+                                       dataclasses.replace(dispatch.PINGPONG_GLU_F16,
+                                                           pwl_gradients_dgrad=None)),
+    # a trained PWL's gradients from the dgrad kernel's bins (Plan.pwl_gradients_dgrad): the
+    # lookup's segments, and the counted ones (on f16 pairs: p within ~2^-11 |t_k| of a knot
+    # may take the neighbouring line, 4.4% of ||d slopes|| at 1000 x 1000 against f32 segments
+    # on the H200, so the reference finds them on f16 too, ``segments_seen``)
+    "dgrad-sums-mlp-pwl16u-odd": (513, 768, 3000, 700, False, True, "pwl16u", dataclasses.replace(
+        dispatch.PINGPONG_MLP_F16, pwl_lookup=True, dgrad_lookup=True)),
+    "dgrad-sums-glu-pwl-smollm2-plan": (8192, 576, 1536, 576, True, False, "pwl15",
+                                        dispatch.SMOLLM2_GLU_F16),
+    "dgrad-sums-glu-pwl-tanh-odd": (1000, 576, 1000, 700, True, True, "pwl15-tanh",
+                                    dispatch.PINGPONG_GLU_F16),
+    "dgrad-sums-mlp-pwl-odd": (513, 768, 3000, 700, False, True, "pwl15",
+                               dispatch.GPT2_SMALL_MLP_F16),
     "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",

@@ -14,9 +14,20 @@ or evaluate: MLP d_u = d_hidden s_j (h is the forward's output, not written agai
 h = a u, d_u = d_hidden a, d_g = d_hidden u s_j. XLA then
 runs dW_down = h^T dy, dW_up = x^T d_u, dx = d_u W_up^T (+ the gate terms). Against the chunked
 XLA backward this removes the f32 d_hidden round trip through HBM and one elementwise pass
-(benchmarks/NOTES.md, fifth 12-01 session: ~57 us of gpt2-small's 500 us step). A PWL's
-parameter gradients need d_act = d_hidden (u) summed per segment in f32:
-``dispatch`` runs this kernel only when they are not asked for.
+(benchmarks/NOTES.md, fifth 12-01 session: ~57 us of gpt2-small's 500 us step).
+
+A trained PWL's parameter gradients are sums per segment j of d_a = d_hidden (u) (GLU) or
+d_hidden (MLP):
+
+    d s_j = Σ_{seg(p) = j} d_a p,      d c_j = Σ_{seg(p) = j} d_a
+
+``pwl_gradients`` reads the forward's ``LOOKUP_SEGMENT_INPUTS``, the PWL's input p in place of
+a GLU's a ((g, u, j): a = s_j g + c_j, one more shared load and fma) or of an MLP's h ((p, j):
+the kernel writes h = s_j p + c_j, so the residuals stay 3 bytes an element), and adds d_a p
+and d_a into per-thread f32 bins in SMEM keyed by j (``segment_sums_sm90.add_to_bins``:
+[2 (K+1), 128] a warpgroup, 34 KiB for both at K = 16). Each CTA stores its bins; XLA sums
+them. p is the bf16 the forward saved: each term within 2^-9 |p|.
+Other saved forms give no PWL gradients (``dispatch`` then runs the chunked backward).
 
 W_down [H, D_out] is read in [tile_n, 64] blocks and used transposed as wgmma's B operand, in a
 persistent grid with two compute warpgroups, on either schedule of ``EpilogueConfig``:
@@ -41,14 +52,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.activation import exact_activation_and_derivative
-from pallas_kernels.gpu import packed_pwl, pwl_lookup
+from pallas_kernels.gpu import packed_pwl, pwl_lookup, segment_sums_sm90
 from pallas_kernels.gpu.backward import join_saved
 from pallas_kernels.gpu.fused_ffn_sm90 import (EPILOGUE_N, MEMORY_REGISTERS, SEGMENT_KINDS,
                                                SMEM_BYTES, TILE_K, EpilogueConfig, _split_refs,
                                                _swizzled, apply_activation, for_each_tile,
-                                               launch_persistent, load_table, pingpong_mainloop,
-                                               pingpong_ring, store_slice)
+                                               launch_persistent, load_table, num_sms,
+                                               pingpong_mainloop, pingpong_ring, store_slice)
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN, HingeTable
+
+BIN_COLUMNS = segment_sums_sm90.TILE_COLS  # one per thread of a warpgroup
 
 
 def _pwl_derivative(p: jax.Array, table_ref, num_knots: int, pwl_dtype: str) -> jax.Array:
@@ -90,25 +103,32 @@ def _num_windows(config: EpilogueConfig) -> int:
   return config.tile_m // config.window_rows * (config.tile_n // EPILOGUE_N)
 
 
-def smem_bytes(config: EpilogueConfig, part_dtypes: list, itemsize: int) -> int:
-  """K-pipeline stages + per compute warpgroup two output staging slots and the part buffers."""
+def smem_bytes(config: EpilogueConfig, part_dtypes: list, itemsize: int,
+               bin_segments: int = 0) -> int:
+  """K-pipeline stages + per compute warpgroup two output staging slots, the part buffers and
+  (``bin_segments`` K + 1 > 0: a PWL's gradients) its [2 (K+1), 128] f32 segment bins."""
   stage = (config.cta_rows + config.tile_n) * TILE_K * itemsize
   window = config.window_rows * EPILOGUE_N
   parts = part_buffers(config) * sum(jnp.dtype(t).itemsize for t in part_dtypes)
-  return config.stages * stage + 2 * (2 * itemsize + parts) * window + 1024
+  bins = 2 * 2 * bin_segments * BIN_COLUMNS * 4
+  return config.stages * stage + 2 * (2 * itemsize + parts) * window + bins + 1024
 
 
 def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots: int,
-                     config: EpilogueConfig, segments: bool = False, joint: bool = False):
-  """(h, d_u, d_g or None), each [M, H] in dy's dtype (see the module docstring); a GLU's with
-  ``joint``: (h, [d_g | d_u] as one [M, 2H] array, None), so that XLA's dx is one GEMM with
-  K = 2H (``backward.joint_column_gradients``).
+                     config: EpilogueConfig, segments: bool = False, joint: bool = False,
+                     pwl_gradients: bool = False):
+  """(h, d_u, d_g or None, None), each [M, H] in dy's dtype (see the module docstring); a GLU's
+  with ``joint``: (h, [d_g | d_u] as one [M, 2H] array, None, None), so that XLA's dx is one
+  GEMM with K = 2H (``backward.joint_column_gradients``). With ``pwl_gradients`` the last entry
+  is the PWL's (d_slopes, d_intercepts), each [K+1] f32 (see the module docstring).
 
   dy [M, D_out]; w_down [H, D_out]; ``preactivations``: the forward's saved (g, u) (GLU) or (u,)
   (MLP), [M, H] each, in ``backward.save_preactivations``' "preactivations" ((hi, lo) pairs) or
   "floor-bits" ((hi, uint8 bits) for the activation's input, (hi,) for u) form, or with
   ``segments`` ``LOOKUP_SEGMENTS``' ((j,),) (MLP; then h is None: the forward's output is h) or
-  ((a, u, j),) (GLU: h = a u), j uint8 (a kind in ``SEGMENT_KINDS``); ``table``: the
+  ((a, u, j),) (GLU: h = a u), j uint8 (a kind in ``SEGMENT_KINDS``), or with
+  ``pwl_gradients`` ``LOOKUP_SEGMENT_INPUTS``' ((p, j),) (MLP: h = s_j p + c_j is written) /
+  ((g, u, j),); ``table``: the
   hinge table (``hinge_table.activation_table``, ``kind`` "pwl"), the lookup table
   (``pwl_lookup.lookup_table``, "pwl_lookup"), the counted one (``pwl_lookup.counted_table``,
   "pwl_counted": with ``segments`` only) or None. D_out and H must be multiples of 64
@@ -130,9 +150,15 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   if segments and kind not in SEGMENT_KINDS:
     raise ValueError(f"dgrad_activation: saved segments need a table of the segments' lines "
                      f"(kind in {tuple(SEGMENT_KINDS)}), got kind {kind!r}")
-  num_outputs = 3 if glu else 1 if segments else 2  # h (not an MLP's from segments), d_u, d_g
+  if pwl_gradients and not (segments and len(parts) == 2 + glu):
+    raise ValueError("dgrad_activation: pwl_gradients=True reads the saved segments and the "
+                     "PWL's input (LOOKUP_SEGMENT_INPUTS: (p, j) or (g, u, j)), got parts of "
+                     f"dtypes {[t.name for t in part_dtypes]} with segments={segments}")
+  # h (not an MLP's from its segments alone), d_u, d_g
+  num_outputs = 3 if glu else 1 if segments and not pwl_gradients else 2
+  bin_segments = (num_knots + 1) * pwl_gradients
   config.check(1, dtype)
-  needed = smem_bytes(config, part_dtypes, jnp.dtype(dtype).itemsize)
+  needed = smem_bytes(config, part_dtypes, jnp.dtype(dtype).itemsize, bin_segments)
   if needed > SMEM_BYTES:
     raise NotImplementedError(f"{config} needs {needed} bytes of SMEM > {SMEM_BYTES}")
   tile_m, tile_n, rows = config.tile_m, config.tile_n, config.window_rows
@@ -140,12 +166,16 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
   windows = [(r, c) for r in range(tile_m // rows) for c in range(tile_n // EPILOGUE_N)]
   iters = (pl.cdiv(m, config.cta_rows), pl.cdiv(hidden, tile_n), pl.cdiv(d_out, TILE_K))
   inputs = [dy, w_down, *parts] + ([table] if table is not None else [])
+  bins_shape = (2, 2 * bin_segments, BIN_COLUMNS)  # per compute warpgroup: S_j, then C_j
 
   def kernel(*refs):
     (dy_gmem, w_gmem), part_gmems, table_gmem, out_gmems, part_smems, (
         out_smem, table_smem, part_barrier, table_barrier, *ring) = _split_refs(
             refs, (2, len(parts), int(table is not None), len(out_types), len(parts),
                    len(scratch) - len(parts)))
+    if pwl_gradients:  # the bins' partial sums are the last output, the bins the next scratch
+      *out_gmems, sums_gmem = out_gmems
+      bins_smem, *ring = ring
     if joint:  # d_u into the right half of [d_g | d_u], d_g into the left
       h_gmem, gate_up_gmem = out_gmems
       out_gmems = [h_gmem, gate_up_gmem.at[:, pl.ds(hidden, hidden)],
@@ -153,6 +183,10 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
     wg = lax.axis_index("wg")
     if table is not None:
       load_table(table_gmem[0], table_smem, table_barrier.at[0], wg)
+    if pwl_gradients:  # each compute thread zeroes its bins before its epilogues add to them
+      @pl.when(wg < 2)
+      def _():
+        segment_sums_sm90.zero_bins(bins_smem, wg)
 
     def window_of(region, epi):  # epilogue window epi of a warpgroup's [tile_m, tile_n] region
       r, c = windows[epi]
@@ -173,11 +207,21 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
         loaded = iter([plgpu.load(smem.at[wg, epi % buffers], layout=plgpu.Layout.WGMMA)
                        for smem in part_smems])
         dh = d_hidden[r * rows:(r + 1) * rows, c * EPILOGUE_N:(c + 1) * EPILOGUE_N]
-        if segments:  # (j,) or (a, u, j)
-          *au, segment = loaded
-          slope = pwl_lookup.slope_of_segment(segment.astype(jnp.int32), table_smem)
-          a, u = (part.astype(jnp.float32) for part in au) if glu else (None, None)
-          values = [a * u, dh * a, dh * u * slope] if glu else [dh * slope]
+        if segments:  # (j,) or (a, u, j); with pwl_gradients (p, j) or (g, u, j)
+          *floats, segment = loaded
+          floats = [part.astype(jnp.float32) for part in floats]
+          segment = segment.astype(jnp.int32)
+          if pwl_gradients:  # a = s_j p + c_j; Σ_j d_a p and Σ_j d_a into the bins
+            p = floats[0]
+            a, slope = pwl_lookup.line_of_segment(p, segment, table_smem, num_knots)
+            d_act = dh * floats[1] if glu else dh
+            segment_sums_sm90.add_to_bins(p, d_act, bins_smem, plgpu.Layout.WGMMA,
+                                          segment=segment, wg=wg)
+          else:
+            slope = pwl_lookup.slope_of_segment(segment, table_smem)
+            a = floats[0] if glu else None
+          values = ([a * floats[-1], dh * a, dh * floats[-1] * slope] if glu
+                    else [a, dh * slope] if pwl_gradients else [dh * slope])
           store_slice(values, out_gmems, [out_smem], wg, epi,
                       lambda gmem: window_of(region(gmem), epi))
           continue
@@ -203,6 +247,11 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
               accumulators[0], tile_region(m_slice, n_slice)))
     else:
       cooperative(config, iters, dy_gmem, w_gmem, wg, fetch_parts, epilogue)
+    if pwl_gradients:
+      @pl.when(wg < 2)
+      def _():
+        plgpu.commit_smem()  # every thread's bin writes, before the TMA store reads them
+        plgpu.copy_smem_to_gmem(bins_smem.at[wg], sums_gmem.at[lax.axis_index("sm"), wg])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   scratch = [plgpu.SMEM((2, buffers, rows, EPILOGUE_N), t, transforms=_swizzled(EPILOGUE_N, t))
@@ -212,16 +261,25 @@ def dgrad_activation(dy, w_down, preactivations, table, *, kind: str, num_knots:
       plgpu.Barrier(num_arrivals=len(parts), num_barriers=2 * buffers),
       plgpu.Barrier(num_barriers=1),
   ]
+  if pwl_gradients:
+    scratch.append(plgpu.SMEM(bins_shape, jnp.float32))
   if config.schedule == "pingpong":
     scratch += pingpong_ring(config, 1, dtype, b_transposed=True)
   out_types = [jax.ShapeDtypeStruct((m, hidden), dtype)] * num_outputs
   if joint:
     out_types = [out_types[0], jax.ShapeDtypeStruct((m, 2 * hidden), dtype)]
+  if pwl_gradients:  # one partial per CTA of the persistent grid
+    ctas = min(num_sms(), iters[0] * iters[1])
+    out_types.append(jax.ShapeDtypeStruct((ctas, *bins_shape), jnp.float32))
   outputs = launch_persistent(kernel, out_types, iters[0] * iters[1], scratch, inputs)
-  if segments and not glu:
-    return None, outputs[0], None
+  pwl_sums = None
+  if pwl_gradients:  # the CTAs' and warpgroups' bins: [ctas, 2, 2 (K+1), 128] -> S, C
+    *outputs, partials = outputs
+    pwl_sums = tuple(partials.sum(axis=(0, 1, 3)).reshape(2, bin_segments))
+  if segments and not glu and not pwl_gradients:
+    return None, outputs[0], None, pwl_sums
   h, d_u, *rest = outputs
-  return h, d_u, (rest[0] if glu and not joint else None)
+  return h, d_u, (rest[0] if glu and not joint else None), pwl_sums
 
 
 def cooperative(config: EpilogueConfig, iters, dy_gmem, w_gmem, wg, fetch_parts, epilogue):

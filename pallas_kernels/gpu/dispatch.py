@@ -37,9 +37,10 @@ or, with ``Plan(backward="epilogue")`` (the ping-pong plans ``PINGPONG_MLP_F16``
 ``PINGPONG_GLU_F16``: the PWL and exact plans of SmolLM2 and gpt2-small, the PWL plans of
 gpt2-xl and unmeasured MLPs), starts with ``dgrad_sm90.dgrad_activation``: dy W_down^T with the
 activation's derivative in its epilogue, so the f32 [M, H] d_hidden never reaches HBM.
-That kernel cannot give a PWL's parameter gradients; the forward rule sees which inputs are
-differentiated (``symbolic_zeros``), and where the PWL's slopes or intercepts are, such a plan
-runs the chunked backward instead. The cooperative dgrad kernel with exact activations was slower
+The forward rule sees which inputs are differentiated (``symbolic_zeros``); where a PWL's slopes
+or intercepts are, the dgrad kernel gives their gradients too when it reads the saved segments
+and its bins fit (``Plan.pwl_gradients_dgrad``, below), and otherwise such a plan runs the
+chunked backward. The cooperative dgrad kernel with exact activations was slower
 than the chunked backward on the H200 (2026-12-01, sixth session: fwd+bwd 0.90x vs 1.01x of XLA
 at SmolLM2, 0.83x vs 0.86x at gpt2-small; the kernel ~135 / ~205 us where the XLA GEMM +
 elementwise pass it replaces take ~85 / ~155). It gets the pre-activations one of these ways,
@@ -74,6 +75,16 @@ act'. The forward finds the segment by the lookup (evenly spaced knots) or by co
 at or below p (others, up to ``pwl_lookup.MAX_COUNTED_KNOTS``; kind "pwl_counted": its value is
 then that segment's line, not the hinges). On in the ping-pong plans. Their GLU dgrad kernel
 also writes [d_g | d_u] as one array (``Plan.joint_glu_gradients``), so XLA's dx is one GEMM.
+A PWL that is trained saves its input p in place of a (GLU: g, u, j) or of h (MLP: p, j; the
+dgrad kernel writes h), the same bytes, and the dgrad kernel also sums d_a p and d_a per
+segment in SMEM bins
+(``kernels.LOOKUP_SEGMENT_INPUTS``, ``Plan.pwl_gradients_dgrad``: PWLs of up to 18 (GLU) / 22
+(MLP) knots). H200, training step with the PWL's gradients, GPU-busy, twenty-seventh session
+(backward-profile-2026-12-04-twentyseventh-sums*.md): chunked -> dgrad kernel SmolLM2 413.6 ->
+298.5 us (frozen PWL 270.6, XLA exact 347.3: 1.16x), gpt2-small 633.2 -> 429.6 us (frozen
+377.9, XLA 429.5: 1.00x; keeping the forward's h as well, 5 bytes an element, 409.5: the dgrad
+kernel's h store costs ~22 us); SmolLM2's fine-tune loop 104.0k -> 119.0k tokens/s (exact XLA
+120.1k on the same machine).
 """
 
 from __future__ import annotations
@@ -161,7 +172,11 @@ class Plan:
   [M, 2H] array and XLA's dx is one GEMM with K = 2H (``backward.joint_column_gradients``; SmolLM2
   with both 306.9 -> 272.2 us; the chunked backward ignores it);
   ``segments_dgrad``: the dgrad kernel's tiles when it reads those (None: ``dgrad``'s) - with
-  no select chain in its epilogue it affords wider ones (``DGRAD_PINGPONG_WIDE``).
+  no select chain in its epilogue it affords wider ones (``DGRAD_PINGPONG_WIDE``);
+  ``pwl_gradients_dgrad``: with ``lookup_residuals``, the tiles on which the dgrad kernel also
+  gives a trained PWL's gradients (``dgrad_sm90``'s ``pwl_gradients``: the forward saves the
+  PWL's input, ``kernels.LOOKUP_SEGMENT_INPUTS``) where its bins fit in SMEM beside them (up to
+  ``pwl_gradient_knots``); None, or more knots: a trained PWL runs the chunked backward.
   ``with_pwl_lookup`` clears the other three for a PWL whose knots are not evenly spaced."""
 
   path: str
@@ -182,6 +197,7 @@ class Plan:
   lookup_residuals: bool = False
   segments_dgrad: kernels.EpilogueConfig | None = None
   joint_glu_gradients: bool = False
+  pwl_gradients_dgrad: kernels.EpilogueConfig | None = None
 
   def __post_init__(self):
     if self.residuals not in RESIDUALS:
@@ -208,6 +224,20 @@ class Plan:
     if self.backward == "epilogue" and self.residuals not in DGRAD_RESIDUALS:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
                        f"residuals in {DGRAD_RESIDUALS}, got {self.residuals!r}")
+
+  def pwl_gradient_knots(self, glu: bool, dtype) -> int:
+    """The most knots of a trained PWL whose gradients the dgrad kernel gives
+    (``pwl_gradients_dgrad``: its bins, 2 KiB per segment, fit in SMEM beside the tiles' and
+    the saved parts' buffers); 0 without those tiles, or without the dgrad backward reading
+    the saved segments (``lookup_residuals``)."""
+    if self.pwl_gradients_dgrad is None or not self.lookup_residuals or self.backward != "epilogue":
+      return 0
+    parts = [t for entry in kernels.saved_part_dtypes(kernels.LOOKUP_SEGMENT_INPUTS, 1 + glu,
+                                                      dtype) for t in entry]
+    fits = lambda knots: dgrad_sm90.smem_bytes(self.pwl_gradients_dgrad, parts,
+                                               jnp.dtype(dtype).itemsize,
+                                               knots + 1) <= kernels.SMEM_BYTES
+    return max((k for k in range(pwl_lookup.MAX_COUNTED_KNOTS + 1) if fits(k)), default=0)
 
   @property
   def takes_lookup(self) -> bool:
@@ -292,13 +322,18 @@ EPILOGUE_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(**_MLP_TILES
 # PWL-16 step 306.9 -> 288.6 (segments) / 291.7 (joint) / 272.2 us (both), uniform PWL-64 285.0
 # -> 267.8 (both; backward-profile-2026-12-03-twentyfifth-glu-*.md, twenty-fifth session). (The
 # twenty-fourth session's form kept h too, 7 bytes: 32% of XLA's memory, so it stayed opt-in.)
+# A trained PWL's gradients from the dgrad kernel's bins (``pwl_gradients_dgrad``): the GLU's
+# three saved parts and PWL-16's bins (34 KiB) leave SMEM for 64 x 128 x 3 tiles (up to 18
+# knots), an MLP's two for DGRAD_PINGPONG_WIDE's (up to 22).
+DGRAD_PINGPONG_SUMS_GLU = dataclasses.replace(DGRAD_PINGPONG, stages=3)
 _DGRAD_PINGPONG_PLAN = dict(**_FLOOR_BITS, backward="epilogue", dgrad=DGRAD_PINGPONG,
                            segments_dgrad=DGRAD_PINGPONG_WIDE, lookup_residuals=True)
 PINGPONG_GLU_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
     **PINGPONG_GLU_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN,
-    joint_glu_gradients=True)
+    joint_glu_gradients=True, pwl_gradients_dgrad=DGRAD_PINGPONG_SUMS_GLU)
 PINGPONG_MLP_F16 = Plan("epilogue", epilogue=kernels.EpilogueConfig(
-    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN)
+    **PINGPONG_MLP_TILES, pwl_dtype="float16", schedule="pingpong"), **_DGRAD_PINGPONG_PLAN,
+    pwl_gradients_dgrad=DGRAD_PINGPONG_WIDE)
 # gpt2-xl's and llama-1B's plans write the f16 hinges as relu(h - t_k) (``kernels.HINGES``). H200,
 # eighteenth session (benchmarks/NOTES.md), max -> relu hinges: the forward kernel alone (GPU
 # time, ping-pong, M = 8192) saving floor bits SmolLM2 65.0 -> 63.7 us, llama-1B 845 -> 793,
@@ -490,7 +525,7 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   (zero rows/columns change nothing: padded hidden units meet zero rows of W_down). With
   ``saves`` (a ``Plan.residuals`` kind other than "recompute"; epilogue path) it returns
   ``(out, preactivations)``, each part [M, H] (``kernels.LOOKUP_SEGMENTS``: ((h, j),) or
-  ((h, a, u, j),))."""
+  ((a, u, j),); ``kernels.LOOKUP_SEGMENT_INPUTS``: ((p, j),) or ((g, u, j),))."""
   rows, d_model = x.shape
   hidden, d_out = w_down.shape
   dp, hp, op, mp = (_round_up(d_model, 64), _round_up(hidden, 64), _round_up(d_out, 64),
@@ -503,7 +538,7 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
   b_up_p, b_gate_p = _pad(b_up, (hp,)), _pad(b_gate, (hp,))
   # pwl_lookup: epilogue path only; other knots count when the backward reads their segments
   table, kind = _kernel_table(activation, plan.pwl_lookup,
-                              counted=saves == kernels.LOOKUP_SEGMENTS)
+                              counted=saves in kernels.SEGMENT_SAVES)
   num_knots = 0 if activation.knots is None else activation.knots.shape[0]
   kernel_args = dict(kind=kind, num_knots=num_knots)
   def sum_partials(partials):  # [splits, ≥ M, ≥ D_out] f32 -> y [M, D_out] with b_down
@@ -560,21 +595,32 @@ def _ffn(plan, kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down, k
   return _forward(plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation)
 
 
+def training_choice(plan: Plan, kind: str, num_knots: int, glu: bool, dtype,
+                    pwl_trained: bool) -> tuple[str, str | None]:
+  """(backward, saves) of a training step: backward "epilogue" (the dgrad kernel) or "xla"
+  (chunked), saves what the forward kernel writes - the plan's, except that a dgrad backward
+  with ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS`` (a PWL's: looked up, or of at most
+  ``pwl_lookup.MAX_COUNTED_KNOTS`` other knots counted), and that a PWL whose slopes or
+  intercepts are differentiated (``pwl_trained``) needs its segment sums: from the dgrad kernel
+  reading ``kernels.LOOKUP_SEGMENT_INPUTS`` where ``Plan.pwl_gradient_knots`` allows, else from
+  the chunked backward."""
+  segments_fit = (kind == "pwl" and plan.backward == "epilogue" and plan.lookup_residuals and
+                  (plan.dgrad_lookup or num_knots <= pwl_lookup.MAX_COUNTED_KNOTS))
+  if pwl_trained:
+    if segments_fit and num_knots <= plan.pwl_gradient_knots(glu, dtype):
+      return "epilogue", kernels.LOOKUP_SEGMENT_INPUTS
+    return "xla", plan.saves
+  return plan.backward, kernels.LOOKUP_SEGMENTS if segments_fit else plan.saves
+
+
 def _ffn_fwd(plan, kind, precision, *primals):
-  """Residuals (inputs, saved parts or None, {(backward, saves): ()}) where backward is
-  "epilogue" (the dgrad kernel) or "xla" (chunked) and saves what the forward kernel wrote: the
-  plan's, except that a PWL whose slopes or intercepts are differentiated (``perturbed``, from
-  ``symbolic_zeros``) needs the chunked backward's segment sums, and that a dgrad backward with
-  ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS`` (a PWL's: looked up, or of at most
-  ``pwl_lookup.MAX_COUNTED_KNOTS`` other knots counted). The choice travels as a dict key:
-  tree structure, not a JAX value."""
+  """Residuals (inputs, saved parts or None, {(backward, saves): ()}): ``training_choice``'s,
+  with the PWL trained where its slopes or intercepts are differentiated (``perturbed``, from
+  ``symbolic_zeros``). The choice travels as a dict key: tree structure, not a JAX value."""
   args = tuple(None if primal is None else primal.value for primal in primals)  # None: absent
-  pwl_trained = kind == "pwl" and (primals[-2].perturbed or primals[-1].perturbed)
-  backward_kind = "xla" if pwl_trained else plan.backward
-  segments_fit = kind == "pwl" and (plan.dgrad_lookup or
-                                    args[-3].shape[0] <= pwl_lookup.MAX_COUNTED_KNOTS)
-  saves = (kernels.LOOKUP_SEGMENTS if backward_kind == "epilogue" and plan.lookup_residuals
-           and segments_fit else plan.saves)
+  backward_kind, saves = training_choice(
+      plan, kind, args[-3].shape[0] if kind == "pwl" else 0, args[3] is not None, args[0].dtype,
+      kind == "pwl" and (primals[-2].perturbed or primals[-1].perturbed))
   marker = {(backward_kind, saves): ()}
   if saves is None:
     return _ffn(plan, kind, precision, *args), (args, None, marker)
@@ -589,9 +635,10 @@ def _ffn_fwd(plan, kind, precision, *primals):
 def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_down, dy,
                     preactivations, saves, precision):
   """The cotangents of ``backward.ffn_backward`` with its first GEMM and elementwise work in
-  ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g). No
-  PWL-parameter gradients (None). ``saves``: what the forward kernel wrote (with an MLP's
-  ``kernels.LOOKUP_SEGMENTS`` h is the forward's output). With ``Plan.joint_glu_gradients`` the
+  ``dgrad_sm90.dgrad_activation``; XLA runs the weight and input GEMMs on h, d_u (, d_g).
+  ``saves``: what the forward kernel wrote (with an MLP's ``kernels.LOOKUP_SEGMENTS`` h is the
+  forward's output); the PWL-parameter gradients come from the kernel's bins where it wrote
+  ``kernels.LOOKUP_SEGMENT_INPUTS``, else they are None. With ``Plan.joint_glu_gradients`` the
   kernel writes a GLU's [d_g | d_u] as one array and XLA's dx is one GEMM on it
   (``backward.joint_column_gradients``, [W_gate | W_up] concatenated here)."""
   f32 = jnp.float32
@@ -600,17 +647,19 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   mp, hp, op = _round_up(rows, 8), _round_up(hidden, 64), _round_up(w_down.shape[1], 64)
   glu = w_gate is not None
   joint = glu and plan.joint_glu_gradients
-  forward_hidden, segments = None, saves == kernels.LOOKUP_SEGMENTS
-  if segments and not glu:  # ((h, j),): the kernel reads j
+  forward_hidden, segments = None, saves in kernels.SEGMENT_SAVES
+  pwl_gradients = saves == kernels.LOOKUP_SEGMENT_INPUTS
+  if saves == kernels.LOOKUP_SEGMENTS and not glu:  # ((h, j),): the kernel reads j
     (forward_hidden, *parts), = preactivations
     preactivations = (tuple(parts),)
   saved = tuple(tuple(_pad(part, (mp, hp)) for part in parts) for parts in preactivations)
   table, kind = _kernel_table(activation, plan.dgrad_lookup, counted=segments)
-  config = (segments and plan.segments_dgrad) or plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP)
-  h, d_u, d_g = dgrad_sm90.dgrad_activation(
+  config = ((pwl_gradients and plan.pwl_gradients_dgrad) or (segments and plan.segments_dgrad)
+            or plan.dgrad or (DGRAD_GLU if glu else DGRAD_MLP))
+  h, d_u, d_g, pwl_sums = dgrad_sm90.dgrad_activation(
       _pad(dy, (mp, op)), _pad(w_down, (hp, op)), saved, table, kind=kind,
       num_knots=0 if activation.knots is None else activation.knots.shape[0], config=config,
-      segments=segments, joint=joint)
+      segments=segments, joint=joint, pwl_gradients=pwl_gradients)
   h = forward_hidden if h is None else h[:rows, :hidden]
   if joint:  # d_u is [d_g | d_u], [M', 2 H'] (zero in padded columns)
     w_gate_up = jnp.concatenate([_pad(w, (d_model, hp)) for w in (w_gate, w_up)], axis=1)
@@ -625,7 +674,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
   cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
   d_b_down = None if b_down is None else jnp.sum(dy.astype(f32), 0).astype(b_down.dtype)
   return (dx, d_w_up, d_w_down, d_w_gate, cast(d_b_up, b_up),
-          cast(d_b_gate, b_gate), d_b_down, None, None)
+          cast(d_b_gate, b_gate), d_b_down, *(pwl_sums or (None, None)))
 
 
 def _ffn_bwd(plan, kind, precision, residuals, dy):
@@ -655,6 +704,22 @@ def _ffn_bwd(plan, kind, precision, residuals, dy):
 _ffn.defvjp(_ffn_fwd, _ffn_bwd, symbolic_zeros=True)
 
 
+def resolve_plan(x, w_up, w_down, w_gate, activation: Activation, plan: Plan | None) -> Plan:
+  """The plan ``ffn_mosaic_gpu`` runs: ``plan``, or the tuned choice (``choose_plan``; float16
+  inputs on a floor-bits plan save ``float16_residuals``), with ``with_pwl_lookup`` applied.
+  NotImplementedError where the tuned table says XLA, or a given plan needs bf16 inputs."""
+  glu, given = w_gate is not None, plan is not None
+  plan = plan or choose_plan(x.shape[0], x.shape[1], w_up.shape[1], w_down.shape[1], glu,
+                             activation.kind == "pwl")
+  if plan.path == "xla":
+    raise NotImplementedError("the tuned table records XLA as fastest at this shape")
+  if plan.residuals == "floor-bits" and x.dtype != jnp.bfloat16:
+    if given:
+      raise NotImplementedError(f"residuals='floor-bits' needs bfloat16 inputs, got {x.dtype}")
+    plan = with_residuals(plan, glu, float16_residuals(glu, activation.kind))
+  return with_pwl_lookup(plan, activation)
+
+
 def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Activation,
                    precision=None, plan: Plan | None = None) -> jax.Array:
   """FFN on [M, D] with the Hopper kernels (signature of ``flashffn_jax.ops.reference_ffn``).
@@ -665,16 +730,7 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
   reason = unsupported_reason(x, activation)
   if reason:
     raise NotImplementedError(reason)
-  glu, given = w_gate is not None, plan is not None
-  plan = plan or choose_plan(x.shape[0], x.shape[1], w_up.shape[1], w_down.shape[1], glu,
-                             activation.kind == "pwl")
-  if plan.path == "xla":
-    raise NotImplementedError("the tuned table records XLA as fastest at this shape")
-  if plan.residuals == "floor-bits" and x.dtype != jnp.bfloat16:
-    if given:
-      raise NotImplementedError(f"residuals='floor-bits' needs bfloat16 inputs, got {x.dtype}")
-    plan = with_residuals(plan, glu, float16_residuals(glu, activation.kind))
-  plan = with_pwl_lookup(plan, activation)
+  plan = resolve_plan(x, w_up, w_down, w_gate, activation, plan)
   knots = activation.knots
   if plan.residuals == "floor-bits" and knots is not None:
     knots = backward.snap_knots(knots)  # forward and backward see the 15-bit knots it keeps

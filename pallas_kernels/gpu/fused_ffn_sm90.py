@@ -432,6 +432,11 @@ STAGINGS = ("shared", "per_output")
 # x's dtype) - with an MLP's output h, which its dgrad kernel then need not recompute, all the
 # backward reads (a GLU's dgrad kernel writes h = a u; ``dispatch.Plan.lookup_residuals``)
 LOOKUP_SEGMENTS = "lookup-segments"
+# the same for a PWL whose slopes and intercepts are trained: the activation's input p in x's
+# dtype - an MLP's (p, j), a GLU's (g, u, j) - from which the dgrad kernel writes h
+# (h = (s_j p + c_j) u) and also sums the PWL's gradients per segment (``dgrad_sm90``)
+LOOKUP_SEGMENT_INPUTS = "lookup-segment-inputs"
+SEGMENT_SAVES = (LOOKUP_SEGMENTS, LOOKUP_SEGMENT_INPUTS)
 # kind -> (pwl(h), j) on an f32 tile (table, K, pwl_dtype): the lookup of evenly spaced knots
 # ("pwl_lookup", ``pwl_lookup.lookup_table``), or a count of any knots ("pwl_counted",
 # ``pwl_lookup.counted_table``; a forward that saves ``LOOKUP_SEGMENTS`` only)
@@ -444,11 +449,13 @@ SEGMENT_KINDS = {
 def saved_part_dtypes(saves: str | None, num_weights: int, dtype) -> list[tuple]:
   """The dtypes of each pre-activation's saved parts in ``backward.save_preactivations``' form
   (e.g. GLU "segments": [(bf16, int8), (bf16,)]), or ``LOOKUP_SEGMENTS``' [(uint8,)] (MLP) /
-  [(x's dtype, x's dtype, uint8)] (GLU: a, u, j); [] without ``saves``."""
+  [(x's dtype, x's dtype, uint8)] (GLU: a, u, j), ``LOOKUP_SEGMENT_INPUTS``' [(x's dtype,
+  uint8)] (MLP: p, j) / the GLU's (g, u, j); [] without ``saves``."""
   if not saves:
     return []
-  if saves == LOOKUP_SEGMENTS:
-    return [(jnp.dtype(dtype),) * (num_weights - 1) * 2 + (jnp.dtype(jnp.uint8),)]
+  if saves in SEGMENT_SAVES:
+    wide = 2 if num_weights == 2 else int(saves == LOOKUP_SEGMENT_INPUTS)
+    return [(jnp.dtype(dtype),) * wide + (jnp.dtype(jnp.uint8),)]
   window = jax.ShapeDtypeStruct((WGMMA_ROWS, EPILOGUE_N), jnp.float32)
   parts = jax.eval_shape(lambda pre, knots: save_preactivations(pre, dtype, saves, knots, 1),
                          [window] * num_weights, jax.ShapeDtypeStruct((1,), jnp.float32))
@@ -471,7 +478,8 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   or (hi, int8 segment) / (hi, uint8 floor bits) for the activation's input and (hi,) for u),
   staged for their TMA stores as ``config.staging`` says. ``LOOKUP_SEGMENTS`` (a kind in
   ``SEGMENT_KINDS``): ``(a, ((j,),))`` (MLP) or ``(a, ((act(g), u, j),))`` (GLU), j the uint8
-  segment of each element.
+  segment of each element; ``LOOKUP_SEGMENT_INPUTS``: ``(a, ((u, j),))`` (MLP) or
+  ``(a, ((g, u, j),))`` (GLU).
   """
   m, d = x.shape
   hidden = w_up.shape[1]
@@ -483,12 +491,12 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
   if saves == "segments" and kind != "pwl":
     raise ValueError(f"gemm1_activation: saves='segments' needs the hinge table of a PWL (kind "
                      f"'pwl'), got kind {kind!r}")
-  if saves == LOOKUP_SEGMENTS and kind not in SEGMENT_KINDS:
-    raise ValueError(f"gemm1_activation: saves={LOOKUP_SEGMENTS!r} needs a PWL by its segments' "
+  if saves in SEGMENT_SAVES and kind not in SEGMENT_KINDS:
+    raise ValueError(f"gemm1_activation: saves={saves!r} needs a PWL by its segments' "
                      f"lines (kind in {tuple(SEGMENT_KINDS)}), got kind {kind!r}")
-  if kind == "pwl_counted" and saves != LOOKUP_SEGMENTS:
-    raise ValueError(f"gemm1_activation: kind 'pwl_counted' is the forward that saves "
-                     f"{LOOKUP_SEGMENTS!r} (an inference forward takes the hinges), got "
+  if kind == "pwl_counted" and saves not in SEGMENT_SAVES:
+    raise ValueError(f"gemm1_activation: kind 'pwl_counted' is the forward that saves one of "
+                     f"{SEGMENT_SAVES} (an inference forward takes the hinges), got "
                      f"saves={saves!r}")
   saved_parts = saved_part_dtypes(saves, len(weights), dtype)
   saved_dtypes = tuple(part for parts in saved_parts for part in parts)
@@ -511,12 +519,14 @@ def gemm1_activation(x, w_up, w_gate, b_up, b_gate, table, *, kind: str, num_kno
       pre = [acc[window] for acc in accumulators]
       if bias_smem is not None:
         pre = [_add_bias(p, bias_smem.at[i, window[1]]) for i, p in enumerate(pre)]
-      if saves == LOOKUP_SEGMENTS:
+      if saves in SEGMENT_SAVES:
         out, segment = SEGMENT_KINDS[kind](pre[0], table_smem, num_knots, config.pwl_dtype)
-        if len(pre) == 2:  # GLU: the output h = a u, then a and u for the dgrad kernel
-          values = [out * pre[1], out, pre[1], segment.astype(jnp.uint8)]
+        inputs = saves == LOOKUP_SEGMENT_INPUTS  # p where LOOKUP_SEGMENTS has a = act(p)
+        if len(pre) == 2:  # GLU: the output h = a u, then a (or g) and u for the dgrad kernel
+          values = [out * pre[1], pre[0] if inputs else out, pre[1]]
         else:
-          values = [out, segment.astype(jnp.uint8)]
+          values = [out] + [pre[0]] * inputs
+        values.append(segment.astype(jnp.uint8))
       else:
         out = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype,
                                config.hinges)

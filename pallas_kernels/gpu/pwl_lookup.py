@@ -227,6 +227,14 @@ def counted_value_and_segment(h: jax.Array, table_ref, num_knots: int,
   return _lookup_tiles(h, table_ref, num_knots, "segment", counts=counts)
 
 
+def line_of_segment(h: jax.Array, segment: jax.Array, table_ref,
+                    num_knots: int) -> tuple[jax.Array, jax.Array]:
+  """(s_j h + c_j, s_j) for f32 WGMMA-layout tiles of h and of its segments j (any integer
+  dtype; ``value_and_segment``'s or ``counted_value_and_segment``'s), from ``lookup_table`` or
+  ``counted_table`` in SMEM: the dgrad kernel that has the saved input p and j, not pwl(p)."""
+  return _lookup_tiles(h, table_ref, num_knots, "slope", counts=segment.astype(jnp.float32))
+
+
 def slope_of_segment(segment: jax.Array, table_ref) -> jax.Array:
   """s_j (f32) for an int32 WGMMA-layout tile of segments j (``value_and_segment``'s or
   ``counted_value_and_segment``'s), from ``lookup_table`` or ``counted_table`` in SMEM (their

@@ -183,80 +183,128 @@ def segment_sums(x, g: jax.Array, knots: jax.Array, *,
   return sums[0], sums[1]
 
 
-def _bin_add_ptx(segments: int) -> str:
-  """Add g p and g into the bins of p's segment j = min(floor(p / δ + 1 - t_0 / δ), K) (the
-  lookup's rule, ``pwl_lookup``) in this thread's column: S_j at bins + 4 (128 j + t), C_j
-  ``segments`` rows further. Operands: $0 p, $1 g, $2 1 / δ, $3 1 - t_0 / δ, $4 the bins'
-  shared address, $5 K."""
+def _bin_add_ptx(segments: int, lookup: bool) -> str:
+  """Add g p into bin S_j of this thread (shared address $2 + 4 (128 j)) and g into C_j,
+  ``segments`` rows further: both loads first, so their latencies overlap. Operands: $0 p,
+  $1 g, $2 this thread's bin column (``_bin_column_ptx``), then j (u32), or with ``lookup`` the
+  lookup's rule j = min(floor(p / δ + 1 - t_0 / δ), K) (``pwl_lookup``) from $3 1 / δ,
+  $4 1 - t_0 / δ, $5 K."""
+  segment = ("fma.rn.f32 u, $0, $3, $4;\ncvt.rmi.u32.f32 j, u;\nmin.u32 j, j, $5;" if lookup
+             else "mov.u32 j, $3;")
+  c_offset = 4 * TILE_COLS * segments
   return f"""{{
 .reg .f32 u, s, c;
-.reg .u32 j, t, a;
-fma.rn.f32 u, $0, $2, $3;
-cvt.rmi.u32.f32 j, u;
-min.u32 j, j, $5;
-mov.u32 t, %tid.x;
-and.b32 t, t, {TILE_COLS - 1};
-mad.lo.u32 a, j, {TILE_COLS}, t;
-mad.lo.u32 a, a, 4, $4;
+.reg .u32 j, a;
+{segment}
+mad.lo.u32 a, j, {4 * TILE_COLS}, $2;
 ld.shared.f32 s, [a];
+ld.shared.f32 c, [a+{c_offset}];
 fma.rn.f32 s, $1, $0, s;
-st.shared.f32 [a], s;
-ld.shared.f32 c, [a+{4 * TILE_COLS * segments}];
 add.f32 c, c, $1;
-st.shared.f32 [a+{4 * TILE_COLS * segments}], c;
+st.shared.f32 [a], s;
+st.shared.f32 [a+{c_offset}], c;
 }}"""
 
 
-def _add_to_bins(p, g, header_ref, bins_ref, segments: int) -> None:
-  """Each element's g p and g into its segment's bins (``_bin_add_ptx``; in interpret mode, no
-  inline PTX there, the same sums in jnp, added per column)."""
+def _bin_column_ptx(segments: int) -> str:
+  """$0 = the shared address of this thread's column in bins [warpgroups, 2 (K+1), 128] f32 at
+  $1: warpgroup w = tid / 128 (a kernel's compute warpgroups come first), column tid % 128."""
+  return f"""{{
+.reg .u32 t, w;
+mov.u32 t, %tid.x;
+shr.u32 w, t, 7;
+and.b32 t, t, {TILE_COLS - 1};
+mad.lo.u32 w, w, {2 * segments * TILE_COLS}, t;
+mad.lo.u32 $0, w, 4, $1;
+}}"""
+
+
+def zero_bins(bins_ref, wg) -> None:
+  """Each thread of a warpgroup zeroes its own column of ``bins_ref`` [warpgroups, 2 (K+1), 128]
+  (warpgroup ``wg``'s, as ``add_to_bins`` addresses them): the adds that follow are its own, so
+  no barrier is needed. In interpret mode, warpgroup ``wg``'s bins at once."""
+  segments = bins_ref.shape[1] // 2
   if packed_pwl.interpreting():
-    segment = lookup_segment(p, header_ref[0], header_ref[1], segments - 1)
-    in_segment = segment[None] == jnp.arange(segments)[:, None, None]
-    bins_ref[:segments] += jnp.sum(jnp.where(in_segment, g * p, 0.0), axis=1)
-    bins_ref[segments:] += jnp.sum(jnp.where(in_segment, g, 0.0), axis=1)
+    bins_ref[wg] = jnp.zeros(bins_ref.shape[1:], bins_ref.dtype)
     return
 
-  layout = plgpu.Layout.WG_STRIDED(p.shape, vec_size=1)
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def run(_, bins):
+    i32 = ir.IntegerType.get_signless(32)
+    column = llvm.inline_asm(i32, [llvm.ptrtoint(i32, utils.memref_ptr(bins))],
+                             _bin_column_ptx(segments), "=r,r")
+    stores = "\n".join(f"st.shared.f32 [$0+{4 * TILE_COLS * row}], 0f00000000;"
+                        for row in range(2 * segments))
+    llvm.inline_asm(None, [column], stores, "r", has_side_effects=True)
 
-  @plgpu.inline_mgpu(arg_types=(layout, layout, plgpu.RefType(), plgpu.RefType()))
-  def run(_, p, g, header, bins):
+  run(bins_ref)
+
+
+def add_to_bins(p, g, bins_ref, layout, *, segment=None, header_ref=None, wg=0) -> None:
+  """Each element's g p and g into its segment's bins: S_j at bins_ref[w, j, t], C_j at
+  bins_ref[w, K + 1 + j, t] for the calling thread's warpgroup w and column t (``bins_ref``
+  [warpgroups, 2 (K+1), 128] f32 in SMEM), so no thread's read-modify-writes race another's and
+  a warp's 32 lanes hit 32 banks. j: ``segment`` (an int32 tile) or, with ``header_ref`` (1 / δ,
+  1 - t_0 / δ), the lookup's. p, g (and segment): f32 tiles of ``layout``. In interpret mode
+  (no inline PTX there) the same sums in jnp, added per column into warpgroup ``wg``'s bins."""
+  segments = bins_ref.shape[1] // 2
+  if packed_pwl.interpreting():
+    if segment is None:
+      segment = lookup_segment(p, header_ref[0], header_ref[1], segments - 1)
+    in_segment = segment[None] == jnp.arange(segments)[:, None, None]
+    columns = pl.ds(0, p.shape[1])
+    for offset, value in ((0, g * p), (segments, g)):
+      bins_ref[wg, pl.ds(offset, segments), columns] += jnp.sum(
+          jnp.where(in_segment, value, 0.0), axis=1)
+    return
+
+  tiles = (p, g) if segment is None else (p, g, segment)
+
+  @plgpu.inline_mgpu(arg_types=(layout,) * len(tiles) + (plgpu.RefType(),) * (
+      1 + (header_ref is not None)))
+  def run(_, *args):
     f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
-    entry = lambda i: memref.load(header, [arith.constant(ir.IndexType.get(), i)])
-    operands = [entry(0), entry(1), llvm.ptrtoint(i32, utils.memref_ptr(bins)),
-                arith.constant(i32, segments - 1)]
-    asm = _bin_add_ptx(segments)
+    arrays, (bins, *header) = args[:len(tiles)], args[len(tiles):]
+    column = llvm.inline_asm(i32, [llvm.ptrtoint(i32, utils.memref_ptr(bins))],
+                             _bin_column_ptx(segments), "=r,r")
+    if header:
+      entry = lambda i: memref.load(header[0], [arith.constant(ir.IndexType.get(), i)])
+      operands, constraints = [entry(0), entry(1), arith.constant(i32, segments - 1)], "f,f,r"
+    else:
+      operands, constraints = [], "r"
+    asm = _bin_add_ptx(segments, lookup=bool(header))
 
-    def scalars(register):  # an f32 or a vector of them
-      if register.type == f32:
+    def scalars(register):  # an f32 or i32, or a vector of them
+      if not isinstance(register.type, ir.VectorType):
         return [register]
       return [vector.extract(register, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([i]))
               for i in range(ir.VectorType(register.type).shape[0])]
 
-    for p_register, g_register in zip(p.registers.flat, g.registers.flat):
-      for p_value, g_value in zip(scalars(p_register), scalars(g_register)):
-        llvm.inline_asm(None, [p_value, g_value, *operands], asm, "f,f,f,f,r,r",
-                        has_side_effects=True)
+    for registers in zip(*(array.registers.flat for array in arrays)):
+      for p_value, g_value, *j in zip(*(scalars(register) for register in registers)):
+        llvm.inline_asm(None, [p_value, g_value, column, *j, *operands], asm,
+                        "f,f,r," + constraints, has_side_effects=True)
 
-  run(p, g, header_ref, bins_ref)
+  run(*tiles, bins_ref, *([header_ref] if header_ref is not None else []))
 
 
 def segment_sums_lookup(x, g: jax.Array, knots: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(S, C) as ``segment_sums``, for evenly spaced knots, in O(1) work per element for any K:
   the element's segment by the lookup's fma + cvt (``pwl_lookup``), then g p and g added into
-  that segment's bins in SMEM - bins [2 (K+1), 128], one column per thread, so a thread's
-  read-modify-writes never race another's and a warp's 32 lanes hit 32 banks - where
-  ``segment_sums`` masks 2 (K+1) register sums per element. Each CTA stores its bins as a
-  partial; XLA sums them. x as ``segment_sums`` takes it, except (hi, int8 seg): the lookup
-  plans keep no segment indices. Serves plans with ``dispatch.Plan.segment_lookup`` (every
-  lookup plan). H200, 4096 x 1536, uniform PWL-64: 0.050 ms (``segment_sums`` 0.133)."""
+  that segment's bins in SMEM (``add_to_bins``) - where ``segment_sums`` masks 2 (K+1) register
+  sums per element. Each CTA stores its bins as a partial; XLA sums them. x as ``segment_sums``
+  takes it, except (hi, int8 seg): the lookup plans keep no segment indices. Serves plans with
+  ``dispatch.Plan.segment_lookup`` (every lookup plan). H200, 4096 x 1536, uniform PWL-64:
+  0.039 ms with both bin loads issued before the adds and the thread's column computed once
+  (twenty-seventh session; one load-add-store after the other, 0.050), ``segment_sums`` 0.133
+  (benchmarks/results/pwl-grads-2026-12-04-twentyseventh-pwl64-uniform.json)."""
   parts, g, col_tiles, ctas, per_cta = _tiled(x, g)
   if parts[-1].dtype == jnp.int8:
     raise ValueError("x: the lookup's segment sums read p, not (hi, int8 seg) segment indices")
   segments = knots.shape[0] + 1
   header = jnp.pad(lookup_header(knots), (0, TABLE_ALIGN - 2))
-  zeros = jnp.zeros((2 * segments, TILE_COLS), jnp.float32)
+  zeros = jnp.zeros((1, 2 * segments, TILE_COLS), jnp.float32)
   slice_layout = plgpu.Layout.WG_STRIDED((1, TILE_COLS), vec_size=1)
 
   def segment_sums_kernel(*refs):
@@ -271,7 +319,7 @@ def segment_sums_lookup(x, g: jax.Array, knots: jax.Array) -> tuple[jax.Array, j
       def add_row(r, carry):
         loaded = [plgpu.load(ref.at[pl.ds(r, 1)], layout=slice_layout) for ref in part_smems]
         gs = plgpu.load(g_smem.at[pl.ds(r, 1)], layout=slice_layout)
-        _add_to_bins(join_saved(loaded), gs, header_smem, bins_smem, segments)
+        add_to_bins(join_saved(loaded), gs, bins_smem, slice_layout, header_ref=header_smem)
         return carry
       lax.fori_loop(0, TILE_ROWS, add_row, None)
 
@@ -279,7 +327,7 @@ def segment_sums_lookup(x, g: jax.Array, knots: jax.Array) -> tuple[jax.Array, j
                         in_specs=[_tile_spec(col_tiles, per_cta)] * (len(parts) + 1),
                         max_concurrent_steps=STAGES)(*part_gmems, g_gmem)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(bins_smem, out_gmem.at[lax.axis_index("cta")])
+    plgpu.copy_smem_to_gmem(bins_smem.at[0], out_gmem.at[lax.axis_index("cta")])
     plgpu.wait_smem_to_gmem(0)
 
   partials = _lane_kernel(
