@@ -4,11 +4,11 @@ Modes (``FinetuneConfig.trainable``):
   all   every parameter of the student.
   ffn   every parameter inside a fused-FFN layer (weights, biases, learnable PWLs) or a folded
         FFN (``flashffn_jax.fold.FoldedFFN``: fold, correction rows, kept neurons, lines).
-  ffn-weights  the same without the PWL parameters, which stay at their fit. On Hopper the
-        fused FFN's backward then runs the dgrad kernel (a PWL's parameter gradients need the
-        chunked backward's segment sums): SmolLM2's training loop on the H200, its PWLs built
-        frozen (the same backward), ran 130.1k tokens/s vs 120.6k with exact XLA FFNs and
-        104.0k training the PWLs too. Give the weights a larger learning rate (~1e-4).
+  ffn-weights  the same without the PWL parameters, which stay at their fit: the fused FFN's
+        backward on Hopper then skips the PWL's segment sums. SmolLM2's training loop on the
+        H200: PWLs built frozen (the same backward) 130.1k tokens/s vs exact XLA FFNs 120.6k
+        (twenty-sixth session); PWLs trained, their sums in the dgrad kernel, 119.0k vs 120.1k
+        (twenty-seventh). Give the weights a larger learning rate (~1e-4).
   pwl   only the learnable PWL parameters (tiny and cheap); in a folded FFN, the fold itself
         (W_fold, b_fold: the linear map that replaced the folded neurons).
   lora  low-rank adapters on each fused FFN's weight matrices, W' = W + (α/r) A B, with

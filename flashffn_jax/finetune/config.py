@@ -21,8 +21,8 @@ class FinetuneConfig:
 
   The defaults are the README's CPU demo (about 10 minutes on 2 cores): SmolLM2 with PWL-8,
   the PWL parameters trained, 80 steps of 4 x 64 tokens. On a GPU raise steps, batch_size,
-  seq_len and try trainable="ffn", or "ffn-weights" with learning_rate ~1e-4 for the fused
-  kernels' fastest backward on Hopper (see benchmarks/finetune_recovery.py).
+  seq_len and try trainable="ffn", or "ffn-weights" with learning_rate ~1e-4 to hold the PWLs
+  (on Hopper its backward skips their segment sums; see benchmarks/finetune_recovery.py).
   """
 
   out: str = "runs/finetune"
