@@ -1052,9 +1052,11 @@ def test_mlp_plan_counts_knots_up_to_the_table_limit(rng, monkeypatch, segments,
 
 @pytest.mark.parametrize("pwl_gradients", [False, True])
 def test_dgrad_plan_leaves_trained_pwls_to_the_chunked_backward(rng, monkeypatch, pwl_gradients):
-  """Plan(backward="epilogue") with a PWL: the dgrad kernel runs when only arrays are
-  differentiated; differentiating the PWL's slopes and intercepts too hands the backward to the
-  chunked form, whose segment sums give them (the dgrad kernel cannot). Traced, not run."""
+  """Plan(backward="epilogue") with a PWL, saving floor bits (no ``lookup_residuals``): the
+  dgrad kernel runs when only arrays are differentiated; differentiating the PWL's slopes and
+  intercepts too hands the backward to the chunked form, whose segment sums give them (the
+  dgrad kernel sums them only from saved segments, ``test_interpret_dgrad_kernel_gives_trained_
+  pwl_gradients``). Traced, not run."""
   calls = []
   real = dgrad_sm90.dgrad_activation
   monkeypatch.setattr(dgrad_sm90, "dgrad_activation",
