@@ -953,12 +953,15 @@ def record_dgrad_calls(monkeypatch) -> list:
 
 @on_cpu_only
 @needs_interpret_threads
-@pytest.mark.parametrize("glu, name, schedule, counting", [
-    (True, "pwl15", "pingpong", "float32"), (False, "pwl15", "pingpong", "float32"),
-    (True, "pwl16u", "cooperative", "float32"), (False, "pwl16u-tanh", "pingpong", "float32"),
-    (True, "pwl15", "pingpong", "float16")])
+@pytest.mark.parametrize("glu, name, schedule, counting, dtype", [
+    (True, "pwl15", "pingpong", "float32", jnp.bfloat16),
+    (False, "pwl15", "pingpong", "float32", jnp.bfloat16),
+    (True, "pwl16u", "cooperative", "float32", jnp.bfloat16),
+    (False, "pwl16u-tanh", "pingpong", "float32", jnp.bfloat16),
+    (True, "pwl15", "pingpong", "float16", jnp.bfloat16),
+    (False, "pwl15", "pingpong", "float16", jnp.float16)])
 def test_interpret_dgrad_kernel_gives_trained_pwl_gradients(rng, monkeypatch, glu, name,
-                                                            schedule, counting):
+                                                            schedule, counting, dtype):
   """``Plan.pwl_gradients_dgrad``: with the PWL's slopes and intercepts differentiated, the
   forward saves the PWL's input and segments (``kernels.LOOKUP_SEGMENT_INPUTS``) and the dgrad
   kernel sums their gradients in its bins; forward and every gradient, the PWL's included,
@@ -966,11 +969,14 @@ def test_interpret_dgrad_kernel_gives_trained_pwl_gradients(rng, monkeypatch, gl
   uniform one ("pwl16u") looks its segments up; tanh's tails have nonzero intercepts. Knots
   counted on float16 (the GPU plans' ``pwl_dtype``) put p within ~2^-11 |t_k| of a knot in
   either segment, with that line's gradients: that case's reference finds its segments so
-  (``segments_seen``)."""
-  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True)
+  (``segments_seen``). float16 inputs (gpt2-small's plan given them saves pairs for a frozen
+  PWL) save p as float16."""
+  problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True,
+                         dtype=dtype)
   lookup = name.startswith("pwl16u")
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=counting),
-                       residuals="floor-bits", backward="epilogue",
+                       residuals="floor-bits" if dtype == jnp.bfloat16 else "preactivations",
+                       backward="epilogue",
                        dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
                        pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=True,
                        pwl_gradients_dgrad=kernels.EpilogueConfig(64, 128, 2, schedule=schedule),
