@@ -1488,15 +1488,15 @@ GPU_CASES = {
     # a trained PWL's gradients from the dgrad kernel's bins (Plan.pwl_gradients_dgrad): the
     # lookup's segments, and the counted ones (on f16 pairs: p within ~2^-11 |t_k| of a knot
     # may take the neighbouring line, 4.4% of ||d slopes|| at 1000 x 1000 against f32 segments
-    # on the H200, so the reference finds them on f16 too, ``segments_seen``)
+    # on the H200, so the reference finds them on f16 too, ``segments_seen``; gpt2-small's MLP
+    # plan: epilogue-pp-mlp-pwl-biased-down-gpt2-plan below, the case that passed on the H200
+    # as dgrad-sums-mlp-pwl-odd)
     "dgrad-sums-mlp-pwl16u-odd": (513, 768, 3000, 700, False, True, "pwl16u", dataclasses.replace(
         dispatch.PINGPONG_MLP_F16, pwl_lookup=True, dgrad_lookup=True)),
     "dgrad-sums-glu-pwl-smollm2-plan": (8192, 576, 1536, 576, True, False, "pwl15",
                                         dispatch.SMOLLM2_GLU_F16),
     "dgrad-sums-glu-pwl-tanh-odd": (1000, 576, 1000, 700, True, True, "pwl15-tanh",
                                     dispatch.PINGPONG_GLU_F16),
-    "dgrad-sums-mlp-pwl-odd": (513, 768, 3000, 700, False, True, "pwl15",
-                               dispatch.GPT2_SMALL_MLP_F16),
     "epilogue-mlp-gelu-floor-bits": (513, 768, 3000, 700, False, True, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(64, 256, 3), residuals="floor-bits")),
     "epilogue-pp-mlp-gelu-saved-per-output": (1000, 768, 3000, 700, False, True, "gelu",
