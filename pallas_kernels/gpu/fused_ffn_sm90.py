@@ -434,7 +434,7 @@ STAGINGS = ("shared", "per_output")
 LOOKUP_SEGMENTS = "lookup-segments"
 # the same for a PWL whose slopes and intercepts are trained: the activation's input p in x's
 # dtype - an MLP's (p, j), a GLU's (g, u, j) - from which the dgrad kernel writes h
-# (h = (s_j p + c_j) u) and also sums the PWL's gradients per segment (``dgrad_sm90``)
+# (s_j p + c_j, times u for a GLU) and also sums the PWL's gradients per segment (``dgrad_sm90``)
 LOOKUP_SEGMENT_INPUTS = "lookup-segment-inputs"
 SEGMENT_SAVES = (LOOKUP_SEGMENTS, LOOKUP_SEGMENT_INPUTS)
 # kind -> (pwl(h), j) on an f32 tile (table, K, pwl_dtype): the lookup of evenly spaced knots

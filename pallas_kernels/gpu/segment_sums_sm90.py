@@ -219,6 +219,13 @@ mad.lo.u32 $0, w, 4, $1;
 }}"""
 
 
+def _bin_column(bins) -> ir.Value:
+  """This thread's column address in ``bins`` (a memref inside ``inline_mgpu``)."""
+  i32 = ir.IntegerType.get_signless(32)
+  return llvm.inline_asm(i32, [llvm.ptrtoint(i32, utils.memref_ptr(bins))],
+                         _bin_column_ptx(ir.MemRefType(bins.type).shape[1] // 2), "=r,r")
+
+
 def zero_bins(bins_ref, wg) -> None:
   """Each thread of a warpgroup zeroes its own column of ``bins_ref`` [warpgroups, 2 (K+1), 128]
   (warpgroup ``wg``'s, as ``add_to_bins`` addresses them): the adds that follow are its own, so
@@ -230,12 +237,9 @@ def zero_bins(bins_ref, wg) -> None:
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
   def run(_, bins):
-    i32 = ir.IntegerType.get_signless(32)
-    column = llvm.inline_asm(i32, [llvm.ptrtoint(i32, utils.memref_ptr(bins))],
-                             _bin_column_ptx(segments), "=r,r")
     stores = "\n".join(f"st.shared.f32 [$0+{4 * TILE_COLS * row}], 0f00000000;"
                         for row in range(2 * segments))
-    llvm.inline_asm(None, [column], stores, "r", has_side_effects=True)
+    llvm.inline_asm(None, [_bin_column(bins)], stores, "r", has_side_effects=True)
 
   run(bins_ref)
 
@@ -263,10 +267,9 @@ def add_to_bins(p, g, bins_ref, layout, *, segment=None, header_ref=None, wg=0) 
   @plgpu.inline_mgpu(arg_types=(layout,) * len(tiles) + (plgpu.RefType(),) * (
       1 + (header_ref is not None)))
   def run(_, *args):
-    f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+    i32 = ir.IntegerType.get_signless(32)
     arrays, (bins, *header) = args[:len(tiles)], args[len(tiles):]
-    column = llvm.inline_asm(i32, [llvm.ptrtoint(i32, utils.memref_ptr(bins))],
-                             _bin_column_ptx(segments), "=r,r")
+    column = _bin_column(bins)
     if header:
       entry = lambda i: memref.load(header[0], [arith.constant(ir.IndexType.get(), i)])
       operands, constraints = [entry(0), entry(1), arith.constant(i32, segments - 1)], "f,f,r"
