@@ -175,8 +175,8 @@ class Plan:
   no select chain in its epilogue it affords wider ones (``DGRAD_PINGPONG_WIDE``);
   ``pwl_gradients_dgrad``: with ``lookup_residuals``, the tiles on which the dgrad kernel also
   gives a trained PWL's gradients (``dgrad_sm90``'s ``pwl_gradients``: the forward saves the
-  PWL's input, ``kernels.LOOKUP_SEGMENT_INPUTS``) where its bins fit in SMEM beside them (up to
-  ``pwl_gradient_knots``); None, or more knots: a trained PWL runs the chunked backward.
+  PWL's input, ``kernels.LOOKUP_SEGMENT_INPUTS``) where its bins fit in SMEM beside them
+  (``dgrad_sums_fit``); None, or more knots: a trained PWL runs the chunked backward.
   ``with_pwl_lookup`` clears the other three for a PWL whose knots are not evenly spaced."""
 
   path: str
@@ -225,19 +225,17 @@ class Plan:
       raise ValueError("backward='epilogue' reads the saved pre-activations: it needs "
                        f"residuals in {DGRAD_RESIDUALS}, got {self.residuals!r}")
 
-  def pwl_gradient_knots(self, glu: bool, dtype) -> int:
-    """The most knots of a trained PWL whose gradients the dgrad kernel gives
-    (``pwl_gradients_dgrad``: its bins, 2 KiB per segment, fit in SMEM beside the tiles' and
-    the saved parts' buffers); 0 without those tiles, or without the dgrad backward reading
-    the saved segments (``lookup_residuals``)."""
+  def dgrad_sums_fit(self, glu: bool, dtype, num_knots: int) -> bool:
+    """Whether the dgrad kernel gives a trained PWL of ``num_knots`` knots its gradients: the
+    plan has ``pwl_gradients_dgrad`` tiles and a dgrad backward reading the saved segments
+    (``lookup_residuals``), and the bins (2 KiB per segment) fit in SMEM beside the tiles' and
+    the saved parts' buffers (bf16: up to 18 knots for the GLU plans, 22 for the MLP ones)."""
     if self.pwl_gradients_dgrad is None or not self.lookup_residuals or self.backward != "epilogue":
-      return 0
+      return False
     parts = [t for entry in kernels.saved_part_dtypes(kernels.LOOKUP_SEGMENT_INPUTS, 1 + glu,
                                                       dtype) for t in entry]
-    fits = lambda knots: dgrad_sm90.smem_bytes(self.pwl_gradients_dgrad, parts,
-                                               jnp.dtype(dtype).itemsize,
-                                               knots + 1) <= kernels.SMEM_BYTES
-    return max((k for k in range(pwl_lookup.MAX_COUNTED_KNOTS + 1) if fits(k)), default=0)
+    return dgrad_sm90.smem_bytes(self.pwl_gradients_dgrad, parts, jnp.dtype(dtype).itemsize,
+                                 num_knots + 1) <= kernels.SMEM_BYTES
 
   @property
   def takes_lookup(self) -> bool:
@@ -602,12 +600,12 @@ def training_choice(plan: Plan, kind: str, num_knots: int, glu: bool, dtype,
   with ``lookup_residuals`` reads ``kernels.LOOKUP_SEGMENTS`` (a PWL's: looked up, or of at most
   ``pwl_lookup.MAX_COUNTED_KNOTS`` other knots counted), and that a PWL whose slopes or
   intercepts are differentiated (``pwl_trained``) needs its segment sums: from the dgrad kernel
-  reading ``kernels.LOOKUP_SEGMENT_INPUTS`` where ``Plan.pwl_gradient_knots`` allows, else from
-  the chunked backward."""
+  reading ``kernels.LOOKUP_SEGMENT_INPUTS`` where ``Plan.dgrad_sums_fit``, else from the
+  chunked backward."""
   segments_fit = (kind == "pwl" and plan.backward == "epilogue" and plan.lookup_residuals and
                   (plan.dgrad_lookup or num_knots <= pwl_lookup.MAX_COUNTED_KNOTS))
   if pwl_trained:
-    if segments_fit and num_knots <= plan.pwl_gradient_knots(glu, dtype):
+    if segments_fit and plan.dgrad_sums_fit(glu, dtype, num_knots):
       return "epilogue", kernels.LOOKUP_SEGMENT_INPUTS
     return "xla", plan.saves
   return plan.backward, kernels.LOOKUP_SEGMENTS if segments_fit else plan.saves
