@@ -44,6 +44,18 @@ def rng(request) -> np.random.Generator:
   return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
 
 
+@pytest.fixture
+def dgrad_calls(monkeypatch) -> list:
+  """(kind, pwl_gradients) of every Hopper ``dgrad_sm90.dgrad_activation`` call this test makes
+  (traced or run)."""
+  from pallas_kernels.gpu import dgrad_sm90  # noqa: PLC0415 -- the GPU kernel tests only
+  calls = []
+  real = dgrad_sm90.dgrad_activation
+  monkeypatch.setattr(dgrad_sm90, "dgrad_activation", lambda *a, **k: calls.append(
+      (k["kind"], k.get("pwl_gradients", False))) or real(*a, **k))
+  return calls
+
+
 def relative_error(actual, expected) -> float:
   """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere in `actual` gives inf."""
   actual = np.asarray(actual, np.float64)

@@ -195,19 +195,15 @@ def test_mixed_precision_lora_with_accumulation(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("mode, pwl_gradients", [("ffn-weights", False), ("ffn", True)])
-def test_the_gpu_backward_runs_its_dgrad_kernel_with_pwls_trained_or_held(monkeypatch, mode,
-                                                                          pwl_gradients):
+def test_the_gpu_backward_runs_its_dgrad_kernel_with_pwls_trained_or_held(monkeypatch, dgrad_calls,
+                                                                          mode, pwl_gradients):
   """The Hopper op's backward starts with the dgrad kernel in every layer either way:
   ``trainable="ffn"`` differentiates the learnable PWLs, and the kernel also sums their
   gradients (``pwl_gradients``); ``"ffn-weights"`` passes them frozen, undifferentiated
   (``symbolic_zeros``), and it does not. The loop's gradient (w.r.t. the trained split, frozen
   passed in) traced for CUDA's kernels on CPU, a 2-layer bf16 SmolLM2 with PWL-16 at 4 x 64
   tokens."""
-  from pallas_kernels.gpu import dgrad_sm90, dispatch  # noqa: PLC0415 -- this test only
-  calls = []
-  real = dgrad_sm90.dgrad_activation
-  monkeypatch.setattr(dgrad_sm90, "dgrad_activation", lambda *a, **k: calls.append(
-      (k["kind"], k.get("pwl_gradients", False))) or real(*a, **k))
+  from pallas_kernels.gpu import dispatch  # noqa: PLC0415 -- this test only
   monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
   teacher, _ = smollm2.load(num_layers=2, dtype=jnp.bfloat16)
   student = linearize(teacher, "pwl16", learnable=True, implementation="pallas_mosaic_gpu")
@@ -216,4 +212,4 @@ def test_the_gpu_backward_runs_its_dgrad_kernel_with_pwls_trained_or_held(monkey
   loss = lambda trained, frozen: jnp.sum(split.merge(trained, frozen)(tokens).astype(jnp.float32))
   jax.make_jaxpr(jax.grad(loss))(split.trained, split.frozen)
   # SmolLM2's plan: the dgrad kernel reads each element's segment, counted by the forward
-  assert calls == [("pwl_counted", pwl_gradients)] * 2
+  assert dgrad_calls == [("pwl_counted", pwl_gradients)] * 2

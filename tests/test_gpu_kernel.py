@@ -132,8 +132,11 @@ def reference_in_float32(*args, segments_in=jnp.float32):
     # the compares on rounded values, the lines (and their gradients' sums) in f32
     rounded = lambda v: v.astype(segments_in).astype(jnp.float32)
     pwl = activation
-    lines = lambda p: pwl_select(rounded(p), rounded(pwl.knots), pwl.slopes, pwl.intercepts)
-    activation = Activation("callable", fn=lambda p: lines(p)[0] * p + lines(p)[1])
+
+    def lines_of_rounded_segments(p):
+      slope, intercept = pwl_select(rounded(p), rounded(pwl.knots), pwl.slopes, pwl.intercepts)
+      return slope * p + intercept
+    activation = Activation("callable", fn=lines_of_rounded_segments)
   return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -900,6 +903,15 @@ def test_interpret_dgrad_activation_matches_xla(rng, monkeypatch, glu, name, res
       assert g.dtype == jnp.bfloat16 and relative_error(g, w) < BF16_TOLERANCE / 2, index
 
 
+def interpret_dgrad_plan(schedule: str, lookup: bool, **fields) -> dispatch.Plan:
+  """An epilogue plan with the dgrad backward on interpret-sized 64 x 64 x 2 tiles (forward tiles
+  too unless ``fields`` give ``epilogue``), the PWL by the lookup or not, plus ``fields``."""
+  fields.setdefault("epilogue", kernels.EpilogueConfig(64, 64, 2))
+  return dispatch.Plan("epilogue", backward="epilogue",
+                       dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
+                       pwl_lookup=lookup, dgrad_lookup=lookup, **fields)
+
+
 @on_cpu_only
 @needs_interpret_threads
 @pytest.mark.parametrize("glu, name, residuals, schedule", [
@@ -928,27 +940,14 @@ def test_interpret_backward_epilogue_plan(rng, monkeypatch, glu, name, residuals
   segments = name.endswith("-segments")
   name = name.removesuffix("-segments")
   name, lookup = name.removesuffix("-lookup"), name.endswith("-lookup")
-  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
-                       residuals=residuals, backward="epilogue",
-                       dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
-                       pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=segments,
-                       segments_dgrad=kernels.EpilogueConfig(64, 128, 3, schedule=schedule),
-                       joint_glu_gradients=joint)
+  plan = interpret_dgrad_plan(schedule, lookup, residuals=residuals, lookup_residuals=segments,
+                              segments_dgrad=kernels.EpilogueConfig(64, 128, 3, schedule=schedule),
+                              joint_glu_gradients=joint)
   saves = record_saves(monkeypatch)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan, pwl_gradients=False)
   trained = [s for s in saves if s is not None]
   assert trained and set(trained) == {kernels.LOOKUP_SEGMENTS if segments else residuals}, saves
-
-
-def record_dgrad_calls(monkeypatch) -> list:
-  """A list that collects (kind, pwl_gradients) of every ``dgrad_sm90.dgrad_activation`` call
-  from here on."""
-  calls = []
-  real = dgrad_sm90.dgrad_activation
-  monkeypatch.setattr(dgrad_sm90, "dgrad_activation", lambda *a, **k: calls.append(
-      (k["kind"], k.get("pwl_gradients", False))) or real(*a, **k))
-  return calls
 
 
 @on_cpu_only
@@ -960,8 +959,8 @@ def record_dgrad_calls(monkeypatch) -> list:
     (False, "pwl16u-tanh", "pingpong", "float32", jnp.bfloat16),
     (True, "pwl15", "pingpong", "float16", jnp.bfloat16),
     (False, "pwl15", "pingpong", "float16", jnp.float16)])
-def test_interpret_dgrad_kernel_gives_trained_pwl_gradients(rng, monkeypatch, glu, name,
-                                                            schedule, counting, dtype):
+def test_interpret_dgrad_kernel_gives_trained_pwl_gradients(rng, monkeypatch, dgrad_calls, glu,
+                                                            name, schedule, counting, dtype):
   """``Plan.pwl_gradients_dgrad``: with the PWL's slopes and intercepts differentiated, the
   forward saves the PWL's input and segments (``kernels.LOOKUP_SEGMENT_INPUTS``) and the dgrad
   kernel sums their gradients in its bins; forward and every gradient, the PWL's included,
@@ -974,28 +973,26 @@ def test_interpret_dgrad_kernel_gives_trained_pwl_gradients(rng, monkeypatch, gl
   problem = make_problem(rng, rows=70, d_model=128, hidden=200, d_out=80, glu=glu, bias=True,
                          dtype=dtype)
   lookup = name.startswith("pwl16u")
-  plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=counting),
-                       residuals="floor-bits" if dtype == jnp.bfloat16 else "preactivations",
-                       backward="epilogue",
-                       dgrad=kernels.EpilogueConfig(64, 64, 2, schedule=schedule),
-                       pwl_lookup=lookup, dgrad_lookup=lookup, lookup_residuals=True,
-                       pwl_gradients_dgrad=kernels.EpilogueConfig(64, 128, 2, schedule=schedule),
-                       joint_glu_gradients=glu)
-  saves, calls = record_saves(monkeypatch), record_dgrad_calls(monkeypatch)
+  plan = interpret_dgrad_plan(
+      schedule, lookup, epilogue=kernels.EpilogueConfig(64, 64, 2, pwl_dtype=counting),
+      residuals="floor-bits" if dtype == jnp.bfloat16 else "preactivations",
+      lookup_residuals=True,
+      pwl_gradients_dgrad=kernels.EpilogueConfig(64, 128, 2, schedule=schedule),
+      joint_glu_gradients=glu)
+  saves = record_saves(monkeypatch)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan)
   assert {s for s in saves if s is not None} == {kernels.LOOKUP_SEGMENT_INPUTS}, saves
-  assert calls == [("pwl_lookup" if lookup else "pwl_counted", True)]
+  assert dgrad_calls == [("pwl_lookup" if lookup else "pwl_counted", True)]
 
 
 @pytest.mark.parametrize("glu, fit, dgrad_sums", [(True, "pwl15", True), (False, "pwl16u", True),
                                                   (False, "pwl64u", False)])
-def test_trained_pwl_gradients_lower_into_the_dgrad_kernel(monkeypatch, glu, fit, dgrad_sums):
+def test_trained_pwl_gradients_lower_into_the_dgrad_kernel(dgrad_calls, glu, fit, dgrad_sums):
   """The training step with a trained PWL on the tuned plans (SmolLM2 / gpt2-small widths, M =
   8191) lowers for CUDA with the dgrad kernel's bins (``segment_sums_sm90.zero_bins``' and
   ``add_to_bins``' PTX) on ``pwl_gradients_dgrad``'s tiles; a uniform PWL-64's bins (130 KiB) do
   not fit beside them, so it keeps the chunked backward (and the lookup's segment sums)."""
-  calls = record_dgrad_calls(monkeypatch)
   activation = kernel_activation(fit, glu)
   rows, d_model, hidden = (8191, 576, 1536) if glu else (8191, 768, 3072)
   plan = dispatch.with_pwl_lookup(dispatch.choose_plan(rows, d_model, hidden, d_model, glu, True),
@@ -1010,7 +1007,7 @@ def test_trained_pwl_gradients_lower_into_the_dgrad_kernel(monkeypatch, glu, fit
                        activation.intercepts)
   assert ("mov.u32 j, $3;" in module and "st.shared.f32 [a+" in module) == dgrad_sums
   assert ("st.shared.f32 [$0+0], 0f00000000;" in module) == dgrad_sums
-  assert [pwl_gradients for _, pwl_gradients in calls] == ([True] if dgrad_sums else [])
+  assert [pwl_gradients for _, pwl_gradients in dgrad_calls] == ([True] if dgrad_sums else [])
 
 
 @pytest.mark.parametrize("name", ["silu", "pwl"])
@@ -1057,16 +1054,13 @@ def test_mlp_plan_counts_knots_up_to_the_table_limit(rng, monkeypatch, segments,
 
 
 @pytest.mark.parametrize("pwl_gradients", [False, True])
-def test_dgrad_plan_leaves_trained_pwls_to_the_chunked_backward(rng, monkeypatch, pwl_gradients):
+def test_dgrad_plan_leaves_trained_pwls_to_the_chunked_backward(rng, monkeypatch, dgrad_calls,
+                                                                pwl_gradients):
   """Plan(backward="epilogue") with a PWL, saving floor bits (no ``lookup_residuals``): the
   dgrad kernel runs when only arrays are differentiated; differentiating the PWL's slopes and
   intercepts too hands the backward to the chunked form, whose segment sums give them (the
   dgrad kernel sums them only from saved segments, ``test_interpret_dgrad_kernel_gives_trained_
   pwl_gradients``). Traced, not run."""
-  calls = []
-  real = dgrad_sm90.dgrad_activation
-  monkeypatch.setattr(dgrad_sm90, "dgrad_activation",
-                      lambda *a, **k: calls.append(k["kind"]) or real(*a, **k))
   monkeypatch.setattr(dispatch, "unsupported_reason", lambda x, activation: None)
   problem = make_problem(rng, rows=16, d_model=64, hidden=64, d_out=64, glu=False, bias=False)
   plan = dispatch.Plan("epilogue", epilogue=kernels.EpilogueConfig(64, 64, 2),
@@ -1075,7 +1069,7 @@ def test_dgrad_plan_leaves_trained_pwls_to_the_chunked_backward(rng, monkeypatch
   jax.make_jaxpr(lambda d: loss_and_grads(
       lambda *a: dispatch.ffn_mosaic_gpu(*a, plan=plan), problem, activation, d, pwl_gradients))(
           jnp.ones((16, 64), jnp.bfloat16))
-  assert calls == ([] if pwl_gradients else ["pwl"])
+  assert dgrad_calls == ([] if pwl_gradients else [("pwl", False)])
 
 
 @pytest.mark.parametrize("glu, name, schedule, joint", [(True, "pwl", "pingpong", False),
