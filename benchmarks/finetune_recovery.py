@@ -64,16 +64,21 @@ def speed_config(args, out: pathlib.Path, activation: str, steps: int) -> Finetu
 
 
 def traced_loop(run, steps: int, top: int = 15) -> dict:
-  """GPU time of training steps ``WARMUP_STEPS + 1 .. WARMUP_STEPS + steps`` of ``run(on_metrics)``
-  (a loop of ``WARMUP_STEPS + steps`` steps) under ``jax.profiler``: compilation, warm-up and
-  evaluations stay out of the trace. Returns busy ms per step (union of kernel intervals), kernel
-  launches per step and the ``top`` kernels by total ms per step. Set against the loop's wall
-  clock per step, it says whether a slower loop does more GPU work or leaves the GPU idle."""
+  """GPU time of training steps ``WARMUP_STEPS + 2 .. WARMUP_STEPS + steps + 1`` of
+  ``run(on_metrics)`` (a loop of ``WARMUP_STEPS + steps + 1`` steps) under ``jax.profiler``:
+  compilation, warm-up and evaluations stay out of the trace. The loop logs a step's row once it
+  has dispatched the next one, so the trace starts and stops with no step in flight (the device
+  drained at both ends). Returns busy ms per step (union of kernel intervals), kernel launches
+  per step and the ``top`` kernels by total ms per step. Set against the loop's wall clock per
+  step, it says whether a slower loop does more GPU work or leaves the GPU idle."""
+  drain = lambda: jax.block_until_ready(jax.live_arrays())
   with tempfile.TemporaryDirectory() as trace_dir:
-    def window(row: dict) -> None:  # a train row is logged once its step has finished
+    def window(row: dict) -> None:
       if row["split"] == "train" and row["step"] == WARMUP_STEPS:
+        drain()  # step WARMUP_STEPS + 1, dispatched before this row, stays out
         jax.profiler.start_trace(trace_dir)
       elif row["split"] == "train" and row["step"] == WARMUP_STEPS + steps:
+        drain()  # step WARMUP_STEPS + steps + 1 is the trace's last
         jax.profiler.stop_trace()
     run(window)
     events, _ = kernel_events(trace_dir)
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
     summary["traces"] = {}
     for name, (activation, model) in loops.items():
       config = speed_config(args, out / f"trace-{name}", activation,
-                            WARMUP_STEPS + args.trace_steps)
+                            WARMUP_STEPS + args.trace_steps + 1)
       summary["traces"][name] = traced_loop(
           lambda window: finetune(config, progress=False, built=(base, model, tokenizer),
                                   on_metrics=window), args.trace_steps)

@@ -16,6 +16,9 @@ batch is split over it; parameters are replicated ("data") or also sharded along
 divisible axis ("fsdp"). The same code runs on one CPU, one GPU, several devices and several
 processes (call ``jax.distributed.initialize()`` first; ``flashffn finetune --distributed``).
 
+The host reads a step's metrics (loss, KL, ...) only after it has dispatched the next step, so
+the device never idles while the host logs, evaluates the progress bar or prepares a batch.
+
 Determinism: batch s is a pure function of (seed, s) and the step is jitted once, so a run
 resumed from its step-s checkpoint repeats the uninterrupted run bit for bit.
 """
@@ -327,20 +330,39 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int |
   last = config.steps if stop_after is None else min(stop_after, config.steps)
   bar = log.progress(range(start, last), total=config.steps, initial=start, enabled=progress)
   wall = time.perf_counter()
+  finished = [wall]  # when the last logged step's metrics were read
+  pending = []  # (step, metrics on the device) dispatched but not yet logged
+
+  def log_pending() -> None:
+    """Log the dispatched steps' rows: reading a step's metrics waits for that step only, so the
+    next step, already dispatched, keeps the device busy meanwhile (tokens/s: the time between
+    two steps' ends)."""
+    while pending:
+      done, metrics = pending.pop(0)
+      metrics = {k: float(v) for k, v in metrics.items()}
+      now = time.perf_counter()
+      tokens_per_s = tokens_per_step / (now - finished[0])
+      finished[0] = now
+      log.write({"step": done, "split": "train", **metrics, "tokens_per_s": tokens_per_s})
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+
   step = start
   for step in bar:
-    tic = time.perf_counter()
     trained, opt_state, metrics = train_step(trained, opt_state, frozen, teacher_state,
                                              trainer.put_batch(train_data.batch(step)))
-    metrics = {k: float(v) for k, v in metrics.items()}
-    seconds = time.perf_counter() - tic
+    log_pending()  # the previous step's row, while this one runs
     done = step + 1
-    log.write({"step": done, "split": "train", **metrics, "tokens_per_s": tokens_per_step / seconds})
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{tokens_per_step / seconds:.0f}")
-    if done % config.eval_every == 0 or done == config.steps:
-      log.write({"step": done, "split": "validation", **evaluate(trainer, eval_fn, (trained, frozen, teacher_state), val_batches)})
-    if done % config.checkpoint_every == 0 or done == last:
-      checkpoints.save(done, trained, opt_state, config)
+    pending.append((done, metrics))
+    evaluating = done % config.eval_every == 0 or done == config.steps
+    saving = done % config.checkpoint_every == 0 or done == last
+    if evaluating or saving:  # both wait for this step anyway; its row goes first
+      log_pending()
+      if evaluating:
+        log.write({"step": done, "split": "validation", **evaluate(trainer, eval_fn, (trained, frozen, teacher_state), val_batches)})
+      if saving:
+        checkpoints.save(done, trained, opt_state, config)
+      finished[0] = time.perf_counter()  # the next step's time leaves these out
+  log_pending()
   final_step = last if last > start else start
   final = evaluate(trainer, eval_fn, (trained, frozen, teacher_state), val_batches)
   result = FinetuneResult(exact_ppl=baseline["exact_ppl"], linearized_ppl=baseline["ppl"],
