@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from scipy.special import log_softmax
 
+from flashffn_jax.data import TokenWindows
 from flashffn_jax.finetune import CheckpointError, FinetuneConfig, finetune, objectives
 from flashffn_jax.finetune.adapters import split_params
 from flashffn_jax.finetune.checkpoints import RunCheckpoints
@@ -135,6 +136,26 @@ def test_loss_falls_and_run_writes_its_files(tiny, reference_run):
   trained = trained_params(cfg.out)
   np.testing.assert_array_equal(result.model.layers[0].mlp.pwl_values[...], trained["layers.0.mlp.pwl_values"])
   assert not np.allclose(result.model(tokens), tiny[1](tokens))
+
+
+def test_a_steps_metrics_are_read_after_the_next_step_is_dispatched(tiny, tmp_path, monkeypatch):
+  """The device stays busy while the host logs: when train row s is written, batch s (the next
+  step's) has been built and its step dispatched, except where an evaluation or checkpoint
+  waits for step s anyway (here only the last step)."""
+  built = []
+  batch = TokenWindows.batch
+
+  def recording_batch(self, step):
+    if self.shuffle:  # the training windows (validation's are in order)
+      built.append(step)
+    return batch(self, step)
+
+  monkeypatch.setattr(TokenWindows, "batch", recording_batch)
+  seen = []
+  cfg = config(tmp_path, steps=3, eval_every=10**6, checkpoint_every=3)
+  finetune(cfg, progress=False, built=tiny,
+           on_metrics=lambda row: seen.append((row["step"], list(built))) if row["split"] == "train" else None)
+  assert seen == [(1, [0, 1]), (2, [0, 1, 2]), (3, [0, 1, 2])]
 
 
 def test_resume_after_kill_is_bit_exact(tiny, reference_run, tmp_path):
