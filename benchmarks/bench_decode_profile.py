@@ -9,8 +9,10 @@ chain of ``--sets`` FFNs, each with its own weights (like layers; sets x weights
 so weights stream from HBM), traces ``--calls`` calls with ``jax.profiler`` and reads the GPU's kernel events:
   device_us  -- union of kernel execution intervals per FFN (what the GPU is busy for);
   kernels    -- kernel launches per FFN;
-  host_us    -- wall clock per FFN of the same calls (launch cost included).
-Writes ``decode-profile-<date>.json`` / ``.md``.
+  untraced_wall_us / host_us -- wall clock per FFN of the same calls run untraced / traced
+                (launch cost included).
+XLA's command buffers (CUDA graphs, on by default) change the wall clock, not the GPU time: run
+once per ``XLA_FLAGS`` setting with a ``--tag``. Writes ``decode-profile-<date><tag>.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -74,29 +76,33 @@ def variants(glu: bool, exact: str) -> dict:
 
 
 def write_report(results: list, args, command: str) -> str:
-  """``decode-profile-<date>.json`` / ``.md`` in ``args.out`` (rewritten after every variant, so a
-  run cut short by a time limit keeps what it measured)."""
+  """``decode-profile-<date><tag>.json`` / ``.md`` in ``args.out`` (rewritten after every variant,
+  so a run cut short by a time limit keeps what it measured)."""
   date = datetime.date.today().isoformat()
+  flags = os.environ.get("XLA_FLAGS", "")
   lines = [f"# Decode FFN, GPU time from the profiler ({jax.devices()[0].device_kind}, {date})",
-           "", f"M = {args.rows}, {args.sets} chained FFNs per call, {args.calls} calls "
-           "traced. device us: union of kernel intervals per FFN; host us: wall clock per FFN.",
-           "", "| shape | variant | device us | kernels | host us | device vs XLA exact "
-           "| largest kernels (us per FFN) |", "|---|---|---:|---:|---:|---:|---|"]
+           "", f"M = {args.rows}, {args.sets} chained FFNs per call, {args.calls} calls; "
+           f"XLA_FLAGS=`{flags}`. device us: union of kernel intervals per FFN; wall us: wall "
+           "clock per FFN, untraced (what a caller waits: the host's launches included) and "
+           "traced.", "",
+           "| shape | variant | device us | kernels | wall us untraced | wall us traced "
+           "| device vs XLA exact | largest kernels (us per FFN) |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
   for r in results:
     base = next((b for b in results if b["shape"] == r["shape"] and b["variant"] == "xla-exact"
                  and b.get("device_us")), None)
     if "device_us" not in r:
-      lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} | | | | |")
+      lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:80]} | | | | | |")
       continue
     speedup = f"{base['device_us'] / r['device_us']:.2f}x" if base else "—"
     largest = ", ".join(f"{name} {us:.2f}" for name, us in r["by_kernel_us"].items())
     lines.append(f"| {r['shape']} | {r['variant']} | {r['device_us']:.2f} | {r['kernels']:.1f} "
-                 f"| {r['host_us']:.1f} | {speedup} | {largest} |")
+                 f"| {r['untraced_wall_us']:.1f} | {r['host_us']:.1f} | {speedup} | {largest} |")
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"decode-profile-{date}")
+  stem = os.path.join(args.out, f"decode-profile-{date}{args.tag}")
   with open(stem + ".json", "w") as f:
     json.dump({"command": "python3 benchmarks/bench_decode_profile.py " + command,
-               "results": results}, f, indent=1)
+               "xla_flags": flags, "results": results}, f, indent=1)
   with open(stem + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   return "\n".join(lines)
@@ -110,6 +116,7 @@ def main(argv=None) -> int:
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--variants", help="comma-separated subset of the variant names")
+  parser.add_argument("--tag", default="", help="suffix of the report's file names")
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
   results = []
