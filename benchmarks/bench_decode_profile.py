@@ -4,7 +4,8 @@
 
 At decode the FFN's GPU work is a few microseconds, so a wall-clock harness (bench_gpu.py) mostly
 measures how fast the host issues launches: there a Mosaic GPU kernel that only copies x costs
-~30 us, more than XLA's whole FFN. This script separates the two. For every variant one jit runs a
+~30 us, more than XLA's whole FFN (a jit dispatch per call; inside one jit a Mosaic launch costs
+the host 3-8 us: bench_launch_cost.py). This script separates the two. For every variant one jit runs a
 chain of ``--sets`` FFNs, each with its own weights (like layers; sets x weights > the 50 MB L2,
 so weights stream from HBM), traces ``--calls`` calls with ``jax.profiler`` and reads the GPU's kernel events:
   device_us  -- union of kernel execution intervals per FFN (what the GPU is busy for);
