@@ -6,10 +6,10 @@ Modes (``FinetuneConfig.trainable``):
         FFN (``flashffn_jax.fold.FoldedFFN``: fold, correction rows, kept neurons, lines).
   ffn-weights  the same without the PWL parameters, which stay at their fit: the fused FFN's
         backward on Hopper then skips the PWL's segment sums. SmolLM2's training loop on the
-        H200, GPU busy per step: this mode 24.60 ms, PWLs built frozen (the same backward) 24.61
-        vs exact XLA FFNs 25.67 (twenty-sixth, twenty-eighth sessions); PWLs trained, their sums in the dgrad kernel, 25.51
-        vs 25.68 (twenty-eighth: 158.9k vs 149.5k tokens/s). Give the weights a larger
-        learning rate (~1e-4).
+        H200, GPU busy per step: this mode 24.60 ms (twenty-eighth session), PWLs built frozen
+        (the same backward) 24.61 vs exact XLA FFNs 25.67 (twenty-sixth); PWLs trained, their
+        sums in the dgrad kernel, 25.51 vs 25.68 (twenty-eighth: 158.9k vs 149.5k tokens/s).
+        Give the weights a larger learning rate (~1e-4).
   pwl   only the learnable PWL parameters (tiny and cheap); in a folded FFN, the fold itself
         (W_fold, b_fold: the linear map that replaced the folded neurons).
   lora  low-rank adapters on each fused FFN's weight matrices, W' = W + (α/r) A B, with

@@ -17,7 +17,7 @@ divisible axis ("fsdp"). The same code runs on one CPU, one GPU, several devices
 processes (call ``jax.distributed.initialize()`` first; ``flashffn finetune --distributed``).
 
 The host reads a step's metrics (loss, KL, ...) only after it has dispatched the next step, so
-the device never idles while the host logs, evaluates the progress bar or prepares a batch.
+the device never idles while the host logs, updates the progress bar or prepares a batch.
 
 Determinism: batch s is a pure function of (seed, s) and the step is jitted once, so a run
 resumed from its step-s checkpoint repeats the uninterrupted run bit for bit.
