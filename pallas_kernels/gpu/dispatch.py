@@ -84,7 +84,8 @@ segment in SMEM bins
 298.5 us (frozen PWL 270.6, XLA exact 347.3: 1.16x), gpt2-small 633.2 -> 429.6 us (frozen
 377.9, XLA 429.5: 1.00x; keeping the forward's h as well, 5 bytes an element, 409.5: the dgrad
 kernel's h store costs ~22 us); SmolLM2's fine-tune loop 104.0k -> 119.0k tokens/s (exact XLA
-120.1k on the same machine).
+120.1k on the same machine; 158.9k vs 149.5k once the loop read its metrics a step behind,
+twenty-eighth session).
 """
 
 from __future__ import annotations
