@@ -330,39 +330,39 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, num_devices: int |
   last = config.steps if stop_after is None else min(stop_after, config.steps)
   bar = log.progress(range(start, last), total=config.steps, initial=start, enabled=progress)
   wall = time.perf_counter()
-  finished = [wall]  # when the last logged step's metrics were read
-  pending = []  # (step, metrics on the device) dispatched but not yet logged
+  finished = wall  # when the last logged step ended (its metrics were read)
+  pending = None  # (step, metrics on the device): dispatched, not yet logged
 
-  def log_pending() -> None:
-    """Log the dispatched steps' rows: reading a step's metrics waits for that step only, so the
-    next step, already dispatched, keeps the device busy meanwhile (tokens/s: the time between
-    two steps' ends)."""
-    while pending:
-      done, metrics = pending.pop(0)
-      metrics = {k: float(v) for k, v in metrics.items()}
-      now = time.perf_counter()
-      tokens_per_s = tokens_per_step / (now - finished[0])
-      finished[0] = now
-      log.write({"step": done, "split": "train", **metrics, "tokens_per_s": tokens_per_s})
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+  def log_train_row(done: int, metrics: dict) -> None:
+    """Log step ``done``'s row: reading its metrics waits for that step only, so the next step,
+    already dispatched, keeps the device busy meanwhile (tokens/s: the time between two steps'
+    ends)."""
+    nonlocal finished
+    metrics = {k: float(v) for k, v in metrics.items()}
+    now = time.perf_counter()
+    tokens_per_s = tokens_per_step / (now - finished)
+    finished = now
+    log.write({"step": done, "split": "train", **metrics, "tokens_per_s": tokens_per_s})
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{tokens_per_s:.0f}")
 
   step = start
   for step in bar:
     trained, opt_state, metrics = train_step(trained, opt_state, frozen, teacher_state,
                                              trainer.put_batch(train_data.batch(step)))
-    log_pending()  # the previous step's row, while this one runs
+    if pending is not None:
+      log_train_row(*pending)  # the previous step's row, while this one runs
     done = step + 1
-    pending.append((done, metrics))
+    pending = (done, metrics)
     evaluating = done % config.eval_every == 0 or done == config.steps
-    saving = done % config.checkpoint_every == 0 or done == last
+    saving = done % config.checkpoint_every == 0 or done == last  # the last step's row too
     if evaluating or saving:  # both wait for this step anyway; its row goes first
-      log_pending()
+      log_train_row(*pending)
+      pending = None
       if evaluating:
         log.write({"step": done, "split": "validation", **evaluate(trainer, eval_fn, (trained, frozen, teacher_state), val_batches)})
       if saving:
         checkpoints.save(done, trained, opt_state, config)
-      finished[0] = time.perf_counter()  # the next step's time leaves these out
-  log_pending()
+      finished = time.perf_counter()  # the next step's time leaves these out
   final_step = last if last > start else start
   final = evaluate(trainer, eval_fn, (trained, frozen, teacher_state), val_batches)
   result = FinetuneResult(exact_ppl=baseline["exact_ppl"], linearized_ppl=baseline["ppl"],
