@@ -121,52 +121,88 @@ def loss_and_grads(fn, problem, activation, dy, pwl_gradients=True):
   return jax.value_and_grad(loss, argnums=tuple(range(len(flat))), has_aux=True)(*flat)
 
 
-def reference_in_float32(*args, segments_in=jnp.float32):
+def reference_in_float32(*args, segments_in=jnp.float32, residuals_in=jnp.float32):
   """The XLA reference with every array upcast to float32 (the bf16 kernels' target); a PWL's
   segment found by comparing p and the knots rounded to ``segments_in`` (float16: what a forward
   counting knots on f16 pairs sees, so p within ~2^-11 |t_k| of a knot may take the
-  neighbouring line, with that line's gradients)."""
+  neighbouring line, with that line's gradients); with ``residuals_in`` the PWL's input p and a
+  GLU's up projection u rounded to that dtype before the lines and the product (what a backward
+  reading them saved in that dtype differentiates: the dgrad kernel's bins sum d_a p and d_a
+  with d_a = dh u; their sums cancel, so u's bf16 rounding alone moved ‖d intercepts‖ by 1.0%
+  in one CI run), the segments still found on the unrounded p."""
   *arrays, activation = args
   up = [None if a is None else a.astype(jnp.float32) for a in arrays]
-  if activation.kind == "pwl" and jnp.dtype(segments_in) != jnp.float32:
-    # the compares on rounded values, the lines (and their gradients' sums) in f32
-    rounded = lambda v: v.astype(segments_in).astype(jnp.float32)
-    pwl = activation
+  f32 = jnp.dtype(jnp.float32)
+  if activation.kind != "pwl" or jnp.dtype(segments_in) == jnp.dtype(residuals_in) == f32:
+    return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
+  # the compares on rounded values, the lines (and their gradients' sums) in f32
+  rounded_to = lambda dtype: lambda v: v.astype(dtype).astype(jnp.float32)
+  segment_values, residual = rounded_to(segments_in), rounded_to(residuals_in)
+  pwl = activation
 
-    def lines_of_rounded_segments(p):
-      slope, intercept = pwl_select(rounded(p), rounded(pwl.knots), pwl.slopes, pwl.intercepts)
-      return slope * p + intercept
-    activation = Activation("callable", fn=lines_of_rounded_segments)
-  return reference_ffn(*up, activation, precision=jax.lax.Precision.HIGHEST)
+  def lines(p):
+    slope, intercept = pwl_select(segment_values(p), segment_values(pwl.knots), pwl.slopes,
+                                  pwl.intercepts)
+    return slope * residual(p) + intercept
+
+  x, w_up, w_down, w_gate, b_up, b_gate, b_down = up
+  if jnp.dtype(residuals_in) == f32:
+    return reference_ffn(*up, Activation("callable", fn=lines),
+                         precision=jax.lax.Precision.HIGHEST)
+  highest = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+  linear = lambda w, b: highest(x, w) + (0 if b is None else b)
+  u = linear(w_up, b_up)
+  hidden = lines(u) if w_gate is None else lines(linear(w_gate, b_gate)) * residual(u)
+  return highest(hidden, w_down) + (0 if b_down is None else b_down)
 
 
-def segments_seen(problem, activation, plan) -> jnp.dtype:
-  """Where the op's training step with ``activation`` trained finds the segments whose lines'
-  gradients it sums: float16 where the forward counts the knots on f16 pairs for the dgrad
-  kernel's bins (``dispatch.training_choice``: ``LOOKUP_SEGMENT_INPUTS`` on f16 PWL math), else
-  float32. ``plan`` None: the public op's (``dispatch.resolve_plan``)."""
+def trained_saves(problem, activation, plan):
+  """What the forward of the op's training step with ``activation`` trained saves
+  (``dispatch.training_choice``) and its plan; ``plan`` None: the public op's
+  (``dispatch.resolve_plan``)."""
   x, glu = problem["x"], problem["w_gate"] is not None
-  if activation.kind != "pwl":
-    return jnp.dtype(jnp.float32)
   if plan is None:
     plan = dispatch.resolve_plan(x, problem["w_up"], problem["w_down"], problem["w_gate"],
                                  activation, None)
   _, saves = dispatch.training_choice(plan, "pwl", activation.knots.shape[0], glu, x.dtype,
                                       pwl_trained=True)
+  return plan, saves
+
+
+def segments_seen(problem, activation, plan) -> jnp.dtype:
+  """Where the op's training step with ``activation`` trained finds the segments whose lines'
+  gradients it sums: float16 where the forward counts the knots on f16 pairs for the dgrad
+  kernel's bins (``LOOKUP_SEGMENT_INPUTS`` on f16 PWL math), else float32."""
+  if activation.kind != "pwl":
+    return jnp.dtype(jnp.float32)
+  plan, saves = trained_saves(problem, activation, plan)
   counted_f16 = (saves == kernels.LOOKUP_SEGMENT_INPUTS and not plan.dgrad_lookup
                  and jnp.dtype(plan.epilogue.pwl_dtype) == jnp.float16)
   return jnp.dtype(jnp.float16 if counted_f16 else jnp.float32)
+
+
+def residuals_seen(problem, activation, plan) -> jnp.dtype:
+  """The dtype in which the op's training step with ``activation`` trained hands the dgrad
+  kernel's bins the PWL's input (and a GLU's u): x's where the forward saves
+  ``LOOKUP_SEGMENT_INPUTS``, else float32 (the other backwards read p to >= 15 bits)."""
+  if activation.kind != "pwl":
+    return jnp.dtype(jnp.float32)
+  _, saves = trained_saves(problem, activation, plan)
+  return jnp.dtype(problem["x"].dtype if saves == kernels.LOOKUP_SEGMENT_INPUTS else jnp.float32)
 
 
 def check_against_reference(problem, activation, plan, pwl_gradients=True):
   """Forward output (inference, and the training forward that saves residuals) and all gradients
   of the kernel path vs the float32 XLA reference (a PWL's parameters' only with
   ``pwl_gradients``: without, a dgrad plan runs its kernel), its PWL segments found as the
-  kernels find them (``segments_seen``); ``plan`` None: the public op's own
+  kernels find them (``segments_seen``), the gradients from its residuals as the backward reads
+  them (``residuals_seen``); ``plan`` None: the public op's own
   choice (``ffn_mosaic_gpu``). A PWL's knots are first moved clear of the pre-activations
   (``knots_clear_of``)."""
   activation = knots_clear_of(activation, problem)
-  segments_in = segments_seen(problem, activation, plan) if pwl_gradients else jnp.float32
+  segments_in, residuals_in = ((segments_seen(problem, activation, plan),
+                                residuals_seen(problem, activation, plan))
+                               if pwl_gradients else (jnp.float32, jnp.float32))
   rows, d_out = problem["x"].shape[0], problem["w_down"].shape[1]
   dy = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d_out)), jnp.bfloat16)
   if plan is None:
@@ -183,7 +219,9 @@ def check_against_reference(problem, activation, plan, pwl_gradients=True):
   (_, trained_out), grads = jax.jit(lambda d: loss_and_grads(ours, problem, activation, d,
                                                              pwl_gradients))(dy)
   assert relative_error(trained_out, expected) < BF16_TOLERANCE  # the forward a VJP runs
-  _, expected_grads = jax.jit(lambda d: loss_and_grads(reference, problem, activation,
+  # the gradients of the forward the backward reads: its residuals as saved
+  backward_reference = functools.partial(reference, residuals_in=residuals_in)
+  _, expected_grads = jax.jit(lambda d: loss_and_grads(backward_reference, problem, activation,
                                                        d, pwl_gradients))(dy)
   assert len(grads) == len(expected_grads)
   for index, (got, want) in enumerate(zip(grads, expected_grads)):
