@@ -19,6 +19,7 @@ once per ``XLA_FLAGS`` setting with a ``--tag``. Writes ``decode-profile-<date><
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -60,6 +61,10 @@ def variants(glu: bool, exact: str) -> dict:
           x, wu, wd, wg, None, None, None, Activation(exact)),
       "xla-pwl16": xla(pwl),
       **{f"decode-pwl16-{name}": kernel(dispatch.Plan("decode", decode=config))
+         for name, config in decode.items()},
+      # one launch a FFN: the CTAs sum their partials (semaphores + TMA reduce-add)
+      **{f"decode-pwl16-{name}-summed": kernel(dispatch.Plan(
+          "decode", decode=dataclasses.replace(config, sum_in_kernel=True)))
          for name, config in decode.items()},
       **{f"probe:decode-kernel-only-{name}": decode_partials_only(pwl, config)
          for name, config in decode.items()},

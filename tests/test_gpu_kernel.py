@@ -1194,6 +1194,10 @@ LOWERING_CASES = {
         "decode", decode=decode_sm90.DecodeConfig())),
     "gpt2-decode": (1, 768, 3072, 768, False, "gelu", dispatch.Plan(
         "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16"))),
+    "smollm2-decode-summed": (16, 576, 1536, 576, True, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(sum_in_kernel=True))),
+    "gpt2-decode-b32-summed": (1, 768, 3072, 768, False, "gelu", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(32, pwl_dtype="float16", sum_in_kernel=True))),
     "gpt2-epilogue": (8192, 768, 3072, 768, False, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "llama-glu-epilogue": (4096, 2048, 8192, 2048, True, "silu", dispatch.Plan(
@@ -1244,6 +1248,22 @@ def test_kernels_lower_for_cuda(case):
   forward = lambda x, wu, wd, wg: dispatch._forward(
       plan, x, wu, wd, wg, None, None, None, activation, saves=plan.saves)
   assert "mosaic_gpu" in cuda_module(forward, *args)
+
+
+@pytest.mark.parametrize("sum_in_kernel", [False, True], ids=["xla-sum", "summed"])
+@pytest.mark.parametrize("block_h", decode_sm90.BLOCK_WIDTHS)
+def test_biased_decode_lowers_for_cuda(block_h, sum_in_kernel):
+  """The decode kernel with all three biases lowers for cuda at both CTA widths: bias copies of
+  128 bytes (Pallas' least; a 32-column CTA's own slice is 64 bytes), b_down in 64-element pieces
+  when the kernel sums; odd M, H and D_out (padded by ``dispatch``)."""
+  plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(block_h,
+                                                                 sum_in_kernel=sum_in_kernel))
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  rows, d_model, hidden, d_out = 5, 576, 1000, 700
+  forward = lambda *args: dispatch._forward(plan, *args, kernel_activation("pwl", True))
+  assert "mosaic_gpu" in cuda_module(forward, spec(rows, d_model), spec(d_model, hidden),
+                                     spec(hidden, d_out), spec(d_model, hidden), spec(hidden),
+                                     spec(hidden), spec(d_out))
 
 
 @pytest.mark.parametrize("glu", [True, False])
@@ -1455,6 +1475,11 @@ GPU_CASES = {
         "decode", decode=decode_sm90.DecodeConfig(stages=2))),
     "decode-b32-glu-pwl": (16, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
         "decode", decode=decode_sm90.DecodeConfig(block_h=32, pwl_dtype="float16"))),
+    # the CTAs sum their partials (semaphores + TMA reduce-add): odd M and H, biases, 48 CTAs
+    "decode-summed-glu-pwl-odd": (5, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(sum_in_kernel=True))),
+    "decode-summed-b32-mlp-gelu": (64, 768, 1536, 704, False, True, "gelu", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(32, sum_in_kernel=True))),
     "epilogue-mlp-pwl-odd": (1000, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(
@@ -1806,6 +1831,41 @@ def test_gpu_float16_saves_the_floor_bits_fallback(rng, glu, d_model, hidden):
   assert dispatch.choose_plan(1000, d_model, hidden, d_model, glu, True).residuals == "floor-bits"
   problem = make_problem(rng, 1000, d_model, hidden, d_model, glu, bias=True, dtype=jnp.float16)
   check_against_reference(problem, kernel_activation("pwl", glu), plan=None)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_decode_summed_in_kernel_over_chained_calls(rng):
+  """sum_in_kernel's semaphores are fresh per launch: 12 chained one-launch decode FFNs in one jit
+  (SmolLM2's GLU widths, M = 16, biases), called three times on new inputs. Every layer's output
+  matches the f32 reference on that layer's own input (a stale count would let CTAs convert A
+  before every partial landed, or zero it after some had), and a repeat call gives the same
+  numbers (the f32 sum's order may differ: within a few bf16 units in the last place)."""
+  layers, rows, d_model, hidden = 12, 16, 576, 1536
+  activation = kernel_activation("pwl", True)
+  plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(sum_in_kernel=True))
+  problems = [make_problem(rng, rows, d_model, hidden, d_model, True, bias=True)
+              for _ in range(layers)]
+  weights = [tuple(p[name] for name in ARG_NAMES[1:]) for p in problems]
+
+  @jax.jit
+  def chain(x, weights):
+    outputs = []
+    for w in weights:
+      x = dispatch.ffn_mosaic_gpu(x, *w, activation, plan=plan)
+      outputs.append(x)
+    return outputs
+
+  f32 = lambda a: None if a is None else a.astype(jnp.float32)
+  for call in range(3):
+    x = jnp.asarray(rng.normal(size=(rows, d_model)), jnp.bfloat16)
+    outputs, layer_input = chain(x, weights), x
+    for layer, (w, y) in enumerate(zip(weights, outputs)):
+      expected = reference_ffn(f32(layer_input), *map(f32, w), activation,
+                               precision=jax.lax.Precision.HIGHEST)
+      assert relative_error(y, expected) < BF16_TOLERANCE, (call, layer)
+      layer_input = y
+  assert relative_error(chain(x, weights)[0], outputs[0]) < 1e-3
 
 
 @needs_hopper

@@ -10,6 +10,7 @@ B = 32 or 64 (``DecodeConfig.block_h``):
     h_J = act(x W_up[:, J] + b_up[J])                                   MLP
     P_j = h_J W_down[J, :]                                              [M, D_out] f32 -> HBM
     y   = sum_j P_j + b_down                                            the caller (one XLA fusion)
+                                                                        or the kernel (below)
 
 so H/B CTAs (SmolLM2 at B = 64: 24, gpt2-small 48) stream disjoint weight slices. Each CTA issues
 its W_down[J, :] and the first ``stages`` K-slices of x and W_gate/W_up ([64, B] and [B, B]) at
@@ -19,6 +20,16 @@ past M are zero-filled by TMA up to the wgmma's 64 (no HBM traffic), and the par
 to M rows (TMA stores through two SMEM slots; storing all 64 rows straight from registers
 measured slower: benchmarks/NOTES.md).
 One warpgroup: at decode the wgmma work is tiny and the loads need no producer warpgroup.
+
+With ``DecodeConfig(sum_in_kernel=True)`` the FFN is one launch (XLA's command buffers made the
+kernel + sum pair slower than XLA's own four launches in wall clock: benchmarks/NOTES.md). The
+CTAs then meet twice at global semaphores (all H/B CTAs must be resident at once, so H/B <= the
+SM count and M <= 64):
+  1. each CTA zeroes its 32-column slices of an f32 accumulator A [M, D_out] (TMA stores) while
+     its loads stream; after GEMM1 and the activation it signals and waits for every CTA's;
+  2. P_j goes to A by TMA reduce-add (A += P_j in L2); after its last one each CTA signals and
+     waits for all, then converts its slices: y[:, S] = (A[:, S] + b_down[S]) in x's dtype.
+The reduce-adds land in any order, so y's f32 sum is not bitwise reproducible run to run.
 
 Measured on the H200 (benchmarks/results/decode-profile-h200-2026-12-01-kloop.md, GPU clock,
 M = 16): at SmolLM2 7.9 us for the kernel with 32-column blocks (8.6 with 64) + 1.6 us for the sum
@@ -37,23 +48,28 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
+from jax._src.lib.mlir.dialects import nvvm
 
 from pallas_kernels.gpu.fused_ffn_sm90 import (
-    MAX_WGMMA_N, SMEM_BYTES, WGMMA_ROWS, _add_bias, _split_refs, _swizzled, apply_activation)
+    MAX_WGMMA_N, SMEM_BYTES, WGMMA_ROWS, _add_bias, _split_refs, _swizzled, apply_activation,
+    num_sms)
 from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 
 BLOCK_WIDTHS = (32, 64)  # hidden columns per CTA = K slice width: a 64- or 128-byte swizzle row
+BIAS_BOX = 64  # elements per bias copy: 128 bytes (Pallas copies a multiple of 128 bytes)
 OUT_PIECE = 32  # f32 columns per partial-sum store: one 128-byte swizzle row
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """``block_h``: hidden columns per CTA, also the K-slice width (32: twice the CTAs, each with half
-  the bytes); ``stages``: K-slices of x and W_gate/W_up in flight per CTA (None: all that fit)."""
+  the bytes); ``stages``: K-slices of x and W_gate/W_up in flight per CTA (None: all that fit);
+  ``sum_in_kernel``: the CTAs sum their partials into y themselves (one launch; module doc)."""
 
   block_h: int = 64
   stages: int | None = None
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
+  sum_in_kernel: bool = False
 
   def resolve_stages(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
     """The stage count to run with; NotImplementedError when even one stage does not fit."""
@@ -64,6 +80,8 @@ class DecodeConfig:
                                 f"{self.block_h} and 64")
     k_steps = d_model // self.block_h
     fixed = _fixed_smem_bytes(self.block_h, d_out, num_weights, itemsize)
+    if self.sum_in_kernel:  # y's store slot and b_down
+      fixed += (WGMMA_ROWS * OUT_PIECE + d_out) * itemsize
     stage = (WGMMA_ROWS + num_weights * self.block_h) * self.block_h * itemsize
     fitting = (SMEM_BYTES - fixed) // stage
     stages = min(k_steps, fitting if self.stages is None else self.stages)
@@ -76,7 +94,7 @@ class DecodeConfig:
 
 def _fixed_smem_bytes(block_h: int, d_out: int, num_weights: int, itemsize: int) -> int:
   """W_down slice, h, two f32 store slots, biases, PWL table, barriers."""
-  return ((block_h * d_out + WGMMA_ROWS * block_h + num_weights * block_h) * itemsize
+  return ((block_h * d_out + WGMMA_ROWS * block_h + num_weights * BIAS_BOX) * itemsize
           + 2 * WGMMA_ROWS * OUT_PIECE * 4 + 4 * TABLE_ALIGN * 4 + 1024)
 
 
@@ -85,12 +103,21 @@ def _output_chunk(d_out: int) -> int:
   return max(n for n in range(64, MAX_WGMMA_N + 1, 64) if d_out % n == 0)
 
 
-def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_knots: int,
-               config: DecodeConfig) -> jax.Array:
-  """Partial sums P [ceil(H / block_h), M, D_out] (f32, without b_down): y = P.sum(0) + b_down.
+@plgpu.inline_mgpu()
+def _fence_async_global(_):
+  """Orders this thread's global accesses between the generic proxy (semaphores) and the async
+  proxy (TMA), which the reduce-adds and the accumulator's loads use."""
+  nvvm.fence_proxy(nvvm.ProxyKind.async_global)
+
+
+def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kind: str,
+               num_knots: int, config: DecodeConfig) -> jax.Array:
+  """Partial sums P [ceil(H / block_h), M, D_out] (f32, without b_down): y = P.sum(0) + b_down;
+  with ``config.sum_in_kernel`` y itself [M, D_out] in x's dtype, b_down [D_out] (optional) added.
 
   Args as ``fused_ffn_sm90.gemm1_activation`` plus w_down [H, D_out]; D and D_out multiples of 64.
   Any M works (row blocks of 64 are a second grid axis); the kernel is meant for M <= 64.
+  NotImplementedError where the sum in the kernel cannot run (M > 64, more CTAs than SMs).
   """
   m, d_model = x.shape
   hidden, d_out = w_down.shape
@@ -99,23 +126,48 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
   biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
   if biases and len(biases) != len(weights):
     raise ValueError("decode_ffn: give both GLU biases or neither")
+  summing = config.sum_in_kernel
+  if b_down is not None and not summing:
+    raise ValueError("decode_ffn: b_down is added by the caller unless config.sum_in_kernel")
   stages = config.resolve_stages(d_model, d_out, len(weights), jnp.dtype(dtype).itemsize)
   block_h = tile_k = config.block_h
   k_steps = d_model // tile_k
   chunk = _output_chunk(d_out)
   num_chunks = d_out // chunk
   h_blocks, m_blocks = pl.cdiv(hidden, block_h), pl.cdiv(m, WGMMA_ROWS)
-  has_consts = bool(biases) or table is not None
-  inputs = [x, *weights, *biases, w_down] + ([table] if table is not None else [])
+  if summing and (m_blocks > 1 or h_blocks > num_sms()):
+    raise NotImplementedError(
+        f"sum_in_kernel: M={m} (needs <= {WGMMA_ROWS}) and H/{block_h}={h_blocks} CTAs (needs <= "
+        f"{num_sms()} SMs, all resident at once)")
+  down_biases = [b_down] if b_down is not None else []
+  has_consts = bool(biases or down_biases) or table is not None
+  inputs = ([x, *weights, *biases, w_down] + ([table] if table is not None else [])
+            + down_biases)
+  num_slices = d_out // OUT_PIECE  # of A and y, one CTA's share of the sum each
 
   def decode_ffn_kernel(*refs):  # the name profiles show
-    ((x_gmem,), w_gmems, b_gmems, (w_down_gmem,), table_gmem,
-     (out_gmem, x_smem, w_smem, down_smem, hidden_smem, out_smem, bias_smem, table_smem,
-      k_ready, down_ready, consts_ready)) = _split_refs(
-        refs, (1, len(weights), len(biases), 1, int(table is not None), 11))
+    ((x_gmem,), w_gmems, b_gmems, (w_down_gmem,), table_gmem, b_down_gmems, out_gmems,
+     (x_smem, w_smem, down_smem, hidden_smem, out_smem, bias_smem, table_smem,
+      k_ready, down_ready, consts_ready, *sum_scratch)) = _split_refs(
+        refs, (1, len(weights), len(biases), 1, int(table is not None), len(down_biases),
+               2 if summing else 1, 13 if summing else 10))
     rows = pl.ds(lax.axis_index("m") * WGMMA_ROWS, WGMMA_ROWS)
     block = lax.axis_index("h")
     h_cols = pl.ds(block * block_h, block_h)
+    if summing:
+      (y_gmem, acc_gmem), (y_smem, down_bias_smem, acc_ready) = out_gmems, sum_scratch
+      zeroed, summed = (pl.get_global(plgpu.SemaphoreType.REGULAR) for _ in range(2))
+      own_slices = lambda body: pl.loop(block, num_slices, step=h_blocks)(body)
+      slice_cols = lambda s: pl.ds(s * OUT_PIECE, OUT_PIECE)
+
+      def meet(semaphore):  # every CTA's TMA writes so far are visible to every CTA after it
+        plgpu.wait_smem_to_gmem(0)
+        _fence_async_global()
+        plgpu.semaphore_signal(semaphore, memory_scope="gpu")
+        plgpu.semaphore_wait(semaphore, h_blocks, decrement=False, memory_scope="gpu")
+        _fence_async_global()
+    else:
+      (out_gmem,) = out_gmems
 
     def issue(k, slot):
       k_cols = pl.ds(k * tile_k, tile_k)
@@ -129,9 +181,22 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
       plgpu.copy_gmem_to_smem(w_down_gmem.at[h_cols, pl.ds(c * chunk, chunk)], down_smem.at[c],
                               down_ready.at[0])
     for i, bias in enumerate(b_gmems):
-      plgpu.copy_gmem_to_smem(bias.at[h_cols], bias_smem.at[i], consts_ready.at[0])
+      # a 32-column CTA copies 64 (the last one's tail past H reads zeros)
+      plgpu.copy_gmem_to_smem(bias.at[pl.ds(block * block_h, BIAS_BOX)], bias_smem.at[i],
+                              consts_ready.at[0])
     if table is not None:
       plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, consts_ready.at[0])
+    for b_down_gmem in b_down_gmems:  # in pieces: a TMA box is at most 256 wide
+      for piece in range(d_out // BIAS_BOX):
+        plgpu.copy_gmem_to_smem(b_down_gmem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
+                                down_bias_smem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
+                                consts_ready.at[0])
+    if summing:  # zero this CTA's slices of A while the loads stream
+      out_smem[0] = plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, OUT_PIECE), jnp.float32),
+                                      plgpu.Layout.WGMMA)
+      plgpu.commit_smem()
+      own_slices(lambda s: plgpu.copy_smem_to_gmem(out_smem.at[0], acc_gmem.at[rows, slice_cols(s)]))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem[0] is reused below
 
     def gemm1(*accumulators):
       @pl.loop(0, k_steps)
@@ -155,13 +220,15 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
     if has_consts:
       plgpu.barrier_wait(consts_ready.at[0])
     if b_gmems:
-      pre = [_add_bias(p, bias_smem.at[i]) for i, p in enumerate(pre)]
+      pre = [_add_bias(p, bias_smem.at[i, :block_h]) for i, p in enumerate(pre)]
     h = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
     if len(pre) == 2:
       h = h * pre[1]
     hidden_smem[...] = h.astype(dtype)
     plgpu.commit_smem()
     plgpu.barrier_wait(down_ready.at[0])
+    if summing:
+      meet(zeroed)
 
     for c in range(num_chunks):
       def gemm2(acc, c=c):
@@ -172,11 +239,29 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
           plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's previous store has read it
           out_smem[step % 2] = acc[:, p * OUT_PIECE:(p + 1) * OUT_PIECE]
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(
-              out_smem.at[step % 2],
-              out_gmem.at[block, rows, pl.ds(c * chunk + p * OUT_PIECE, OUT_PIECE)])
+          cols = pl.ds(c * chunk + p * OUT_PIECE, OUT_PIECE)
+          if summing:
+            plgpu.copy_smem_to_gmem(out_smem.at[step % 2], acc_gmem.at[rows, cols],
+                                    reduction_op="add")
+          else:
+            plgpu.copy_smem_to_gmem(out_smem.at[step % 2], out_gmem.at[block, rows, cols])
 
       pl.run_scoped(gemm2, plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32))
+    if summing:
+      meet(summed)
+
+      @own_slices
+      def _convert(s):
+        plgpu.copy_gmem_to_smem(acc_gmem.at[rows, slice_cols(s)], out_smem.at[0],
+                                acc_ready.at[0])
+        plgpu.barrier_wait(acc_ready.at[0])
+        y = out_smem[0]
+        if down_biases:
+          y = _add_bias(y, down_bias_smem.at[slice_cols(s)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # y_smem's previous store has read it
+        y_smem[...] = y.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[rows, slice_cols(s)])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   operand = _swizzled(block_h, dtype)  # wgmma wants one swizzle on both operands
@@ -187,15 +272,24 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, *, kind: str, num_k
       plgpu.SMEM((WGMMA_ROWS, block_h), dtype, transforms=operand),
       plgpu.SMEM((2, WGMMA_ROWS, OUT_PIECE), jnp.float32,
                  transforms=_swizzled(OUT_PIECE, jnp.float32)),
-      plgpu.SMEM((max(len(biases), 1), block_h), dtype),
+      plgpu.SMEM((max(len(biases), 1), BIAS_BOX), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=1 + len(weights), num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_chunks, num_barriers=1),
-      plgpu.Barrier(num_arrivals=max(len(biases) + int(table is not None), 1), num_barriers=1),
+      plgpu.Barrier(num_arrivals=max(len(biases) + int(table is not None)
+                                     + len(down_biases) * d_out // BIAS_BOX, 1), num_barriers=1),
   ]
-  return plgpu.kernel(
-      decode_ffn_kernel, out_type=jax.ShapeDtypeStruct((h_blocks, m, d_out), jnp.float32),
+  if summing:
+    scratch += [plgpu.SMEM((WGMMA_ROWS, OUT_PIECE), dtype, transforms=_swizzled(OUT_PIECE, dtype)),
+                plgpu.SMEM((d_out,), dtype), plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+    out_type = (jax.ShapeDtypeStruct((m, d_out), dtype),
+                jax.ShapeDtypeStruct((m, d_out), jnp.float32))  # y, A
+  else:
+    out_type = jax.ShapeDtypeStruct((h_blocks, m, d_out), jnp.float32)
+  out = plgpu.kernel(
+      decode_ffn_kernel, out_type=out_type,
       grid=(m_blocks, h_blocks), grid_names=("m", "h"), scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(
           approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
   )(*inputs)
+  return out[0] if summing else out

@@ -544,6 +544,10 @@ def _forward(plan: Plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activati
     out = jnp.sum(partials[:, :rows, :d_out], axis=0)
     return (out if b_down is None else out + b_down.astype(jnp.float32)).astype(x.dtype)
 
+  if plan.path == "decode" and plan.decode.sum_in_kernel:
+    return decode_sm90.decode_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
+                                  _pad(w_down, (hp, op)), _pad(b_down, (op,)),
+                                  config=plan.decode, **kernel_args)[:rows, :d_out]
   if plan.path == "decode":
     return sum_partials(decode_sm90.decode_ffn(x_p, w_up_p, w_gate_p, b_up_p, b_gate_p, table,
                                                _pad(w_down, (hp, op)), config=plan.decode,
