@@ -19,11 +19,13 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     (SmolLM2 M = 8192: 0.209 vs 0.122 ms; decode: 0.031 vs 0.022 ms), so no tuned
                     entry selects it; it runs when a caller passes its ``Plan``.
   * ``decode``   -- ``decode_sm90.decode_ffn``: one kernel, H split over 32/64-column CTAs, f32
-                    partials summed by XLA (D_out <= ~1000). On the H200's own clock (profiler,
-                    benchmarks/results/decode-profile-h200-2026-12-01-kloop.md) it ties XLA at
-                    SmolLM2 decode (9.5 vs 9.8 us) and loses at gpt2-small (12.1 vs 9.2 us); in
-                    wall clock every Mosaic launch costs more than XLA's whole decode FFN. No
-                    tuned entry selects it; it runs when a caller passes its ``Plan``.
+                    partials summed by XLA, or by the CTAs themselves in the same launch
+                    (``DecodeConfig.sum_in_kernel``) (D_out <= ~1000). SmolLM2, M = 16, on the
+                    H200 (12 chained FFNs, XLA's default flags, 60 calls: benchmarks/results/
+                    decode-profile-2026-12-04-summed-60calls.md), untraced wall clock per FFN:
+                    XLA 9.9 us, kernel + XLA sum 15.4, one launch 10.9 (GPU time 9.7 / 9.8 /
+                    10.2); at gpt2-small it loses on the GPU's clock too (12.3-13.5 vs 8.8 us).
+                    No tuned entry selects it; it runs when a caller passes its ``Plan``.
   * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
                     devices, float32, callable activations, shapes where ``TUNED`` measured XLA
                     faster (llama-8B and SmolLM2 decode), and untuned decode shapes. At M = 1
@@ -405,7 +407,8 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     (True, 4096, 14336, 4096, False, False): EPILOGUE_GLU,  # 4.3291 vs 4.5064
     # decode (M = 16): the epilogue path looked faster in wall clock on 11-30 (0.0220 vs 0.0250
     # ms) but lost in both measures on 12-01: wall clock 0.042 vs 0.028, GPU time (profiler)
-    # 14.9 vs 9.9 us; the decode kernel ties XLA on the GPU (10.0 us) and loses in wall clock
+    # 14.9 vs 9.9 us; the decode kernel ties XLA on the GPU (10.0 us) and loses in wall clock,
+    # with its sum in the kernel too (10.9 vs 9.9 us a FFN, 12-04)
     (True, 576, 1536, 576, True, True): XLA,
     (True, 576, 1536, 576, True, False): XLA,  # kernel 0.0380 vs 0.0250
     (True, 4096, 14336, 4096, True, True): XLA,  # kernel 0.1203 vs 0.1009
