@@ -1458,6 +1458,23 @@ def test_configs_refuse_what_does_not_fit():
   kernels.EpilogueConfig(tile_m=64, tile_n=128).check(num_weights=2, dtype=jnp.bfloat16)
 
 
+@pytest.mark.parametrize("rows, hidden, match", [(65, 1536, "M=65"), (16, 14336, "224 CTAs")])
+def test_decode_sum_in_kernel_refuses_what_cannot_meet(rows, hidden, match):
+  """The CTAs of a decode kernel that sums its partials wait for each other, so all must be
+  resident: more than one row block (M > 64) or more CTAs than SMs (llama-8B's H / 64 = 224 >
+  132) is refused at trace time, before any kernel is built; b_down without the in-kernel sum is a
+  caller error (the caller adds it to the XLA sum)."""
+  summed = decode_sm90.DecodeConfig(sum_in_kernel=True)
+  x = jnp.ones((rows, 64), jnp.bfloat16)
+  w_up, w_down = jnp.ones((64, hidden), jnp.bfloat16), jnp.ones((hidden, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match=match):
+    decode_sm90.decode_ffn(x, w_up, None, None, None, None, w_down, kind="gelu", num_knots=0,
+                           config=summed)
+  with pytest.raises(ValueError, match="b_down"):
+    decode_sm90.decode_ffn(x, w_up, None, None, None, None, w_down, jnp.ones((64,), x.dtype),
+                           kind="gelu", num_knots=0, config=decode_sm90.DecodeConfig())
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: the real kernels
 # ------------------------------------------------------------------------------------------------
