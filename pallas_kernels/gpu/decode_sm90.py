@@ -36,6 +36,9 @@ M = 16): at SmolLM2 7.9 us for the kernel with 32-column blocks (8.6 with 64) + 
 (XLA 9.8), at gpt2-small 10.0 + 2.1 (XLA 9.2), against ~3 us predicted from its bytes. Not
 waiting on each K step's wgmma saved 0.3 us (64) / 2.3 us (32); where the rest goes is open
 (benchmarks/NOTES.md).
+With the sum in the kernel (benchmarks/results/decode-profile-2026-12-04-summed-60calls.md,
+SmolLM2, M = 16, XLA's default flags): 10.2 us on the GPU (+0.4 for the two meetings), 10.9 us
+of wall clock a FFN against 15.4 for the kernel + XLA sum and 9.9 for XLA.
 The dispatcher does not pick it; pass ``Plan("decode", decode=DecodeConfig())`` to run it.
 """
 
@@ -195,7 +198,8 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       out_smem[0] = plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, OUT_PIECE), jnp.float32),
                                       plgpu.Layout.WGMMA)
       plgpu.commit_smem()
-      own_slices(lambda s: plgpu.copy_smem_to_gmem(out_smem.at[0], acc_gmem.at[rows, slice_cols(s)]))
+      own_slices(lambda s: plgpu.copy_smem_to_gmem(out_smem.at[0],
+                                                   acc_gmem.at[rows, slice_cols(s)]))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem[0] is reused below
 
     def gemm1(*accumulators):
