@@ -61,6 +61,7 @@ from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 BLOCK_WIDTHS = (32, 64)  # hidden columns per CTA = K slice width: a 64- or 128-byte swizzle row
 BIAS_BOX = 64  # elements per bias copy: 128 bytes (Pallas copies a multiple of 128 bytes)
 OUT_PIECE = 32  # f32 columns per partial-sum store: one 128-byte swizzle row
+PROFILE_EVENTS = 256  # per warpgroup, with ``DecodeConfig.profile_dir`` (a K step records two)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ class DecodeConfig:
   stages: int | None = None
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
   sum_in_kernel: bool = False
+  profile_dir: str = ""  # Mosaic GPU's in-kernel profile of the named regions, one file a launch
 
   def resolve_stages(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
     """The stage count to run with; NotImplementedError when even one stage does not fit."""
@@ -178,35 +180,38 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       for i, w in enumerate(w_gmems):
         plgpu.copy_gmem_to_smem(w.at[k_cols, h_cols], w_smem.at[slot, i], k_ready.at[slot])
 
-    for slot in range(stages):  # everything this CTA reads first is in flight from here on
-      issue(slot, slot)
-    for c in range(num_chunks):
-      plgpu.copy_gmem_to_smem(w_down_gmem.at[h_cols, pl.ds(c * chunk, chunk)], down_smem.at[c],
-                              down_ready.at[0])
-    for i, bias in enumerate(b_gmems):
-      # a 32-column CTA copies 64 (the last one's tail past H reads zeros)
-      plgpu.copy_gmem_to_smem(bias.at[pl.ds(block * block_h, BIAS_BOX)], bias_smem.at[i],
-                              consts_ready.at[0])
-    if table is not None:
-      plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, consts_ready.at[0])
-    for b_down_gmem in b_down_gmems:  # in pieces: a TMA box is at most 256 wide
-      for piece in range(d_out // BIAS_BOX):
-        plgpu.copy_gmem_to_smem(b_down_gmem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
-                                down_bias_smem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
+    with jax.named_scope("issue_loads"):  # everything this CTA reads first is in flight after
+      for slot in range(stages):
+        issue(slot, slot)
+      for c in range(num_chunks):
+        plgpu.copy_gmem_to_smem(w_down_gmem.at[h_cols, pl.ds(c * chunk, chunk)], down_smem.at[c],
+                                down_ready.at[0])
+      for i, bias in enumerate(b_gmems):
+        # a 32-column CTA copies 64 (the last one's tail past H reads zeros)
+        plgpu.copy_gmem_to_smem(bias.at[pl.ds(block * block_h, BIAS_BOX)], bias_smem.at[i],
                                 consts_ready.at[0])
+      if table is not None:
+        plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, consts_ready.at[0])
+      for b_down_gmem in b_down_gmems:  # in pieces: a TMA box is at most 256 wide
+        for piece in range(d_out // BIAS_BOX):
+          plgpu.copy_gmem_to_smem(b_down_gmem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
+                                  down_bias_smem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
+                                  consts_ready.at[0])
     if summing:  # zero this CTA's slices of A while the loads stream
-      out_smem[0] = plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, OUT_PIECE), jnp.float32),
-                                      plgpu.Layout.WGMMA)
-      plgpu.commit_smem()
-      own_slices(lambda s: plgpu.copy_smem_to_gmem(out_smem.at[0],
-                                                   acc_gmem.at[rows, slice_cols(s)]))
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem[0] is reused below
+      with jax.named_scope("zero_accumulator"):
+        out_smem[0] = plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, OUT_PIECE), jnp.float32),
+                                        plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        own_slices(lambda s: plgpu.copy_smem_to_gmem(out_smem.at[0],
+                                                     acc_gmem.at[rows, slice_cols(s)]))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem[0] is reused below
 
     def gemm1(*accumulators):
       @pl.loop(0, k_steps)
       def _k(k):
         slot = lax.rem(k, stages)
-        plgpu.barrier_wait(k_ready.at[slot])
+        with jax.named_scope("wait_k_slice"):
+          plgpu.barrier_wait(k_ready.at[slot])
         for i, acc in enumerate(accumulators):
           plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
         if stages < k_steps:  # slots get refilled, one step behind when there is a spare slot:
@@ -220,19 +225,24 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
 
       return [acc[...] for acc in accumulators]  # waits for every wgmma in flight
 
-    pre = pl.run_scoped(gemm1, *[plgpu.ACC((WGMMA_ROWS, block_h), jnp.float32)] * len(weights))
-    if has_consts:
-      plgpu.barrier_wait(consts_ready.at[0])
-    if b_gmems:
-      pre = [_add_bias(p, bias_smem.at[i, :block_h]) for i, p in enumerate(pre)]
-    h = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
-    if len(pre) == 2:
-      h = h * pre[1]
-    hidden_smem[...] = h.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.barrier_wait(down_ready.at[0])
+    with jax.named_scope("gemm1"):
+      pre = pl.run_scoped(gemm1,
+                          *[plgpu.ACC((WGMMA_ROWS, block_h), jnp.float32)] * len(weights))
+    with jax.named_scope("activation"):
+      if has_consts:
+        plgpu.barrier_wait(consts_ready.at[0])
+      if b_gmems:
+        pre = [_add_bias(p, bias_smem.at[i, :block_h]) for i, p in enumerate(pre)]
+      h = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
+      if len(pre) == 2:
+        h = h * pre[1]
+      hidden_smem[...] = h.astype(dtype)
+      plgpu.commit_smem()
+    with jax.named_scope("wait_w_down"):
+      plgpu.barrier_wait(down_ready.at[0])
     if summing:
-      meet(zeroed)
+      with jax.named_scope("meet_zeroed"):
+        meet(zeroed)
 
     for c in range(num_chunks):
       def gemm2(acc, c=c):
@@ -240,7 +250,8 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
         plgpu.wgmma_wait(0)
         for p in range(chunk // OUT_PIECE):
           step = c * (chunk // OUT_PIECE) + p
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's previous store has read it
+          with jax.named_scope("wait_store_slot"):  # the slot's previous store has read it
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
           out_smem[step % 2] = acc[:, p * OUT_PIECE:(p + 1) * OUT_PIECE]
           plgpu.commit_smem()
           cols = pl.ds(c * chunk + p * OUT_PIECE, OUT_PIECE)
@@ -250,23 +261,27 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
           else:
             plgpu.copy_smem_to_gmem(out_smem.at[step % 2], out_gmem.at[block, rows, cols])
 
-      pl.run_scoped(gemm2, plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32))
+      with jax.named_scope("gemm2_chunk"):
+        pl.run_scoped(gemm2, plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32))
     if summing:
-      meet(summed)
+      with jax.named_scope("meet_summed"):
+        meet(summed)
 
-      @own_slices
-      def _convert(s):
-        plgpu.copy_gmem_to_smem(acc_gmem.at[rows, slice_cols(s)], out_smem.at[0],
-                                acc_ready.at[0])
-        plgpu.barrier_wait(acc_ready.at[0])
-        y = out_smem[0]
-        if down_biases:
-          y = _add_bias(y, down_bias_smem.at[slice_cols(s)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # y_smem's previous store has read it
-        y_smem[...] = y.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[rows, slice_cols(s)])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      with jax.named_scope("convert"):
+        @own_slices
+        def _convert(s):
+          plgpu.copy_gmem_to_smem(acc_gmem.at[rows, slice_cols(s)], out_smem.at[0],
+                                  acc_ready.at[0])
+          plgpu.barrier_wait(acc_ready.at[0])
+          y = out_smem[0]
+          if down_biases:
+            y = _add_bias(y, down_bias_smem.at[slice_cols(s)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # y_smem's previous store has read it
+          y_smem[...] = y.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[rows, slice_cols(s)])
+    with jax.named_scope("final_store_wait"):
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   operand = _swizzled(block_h, dtype)  # wgmma wants one swizzle on both operands
   scratch = [
@@ -294,6 +309,8 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       decode_ffn_kernel, out_type=out_type,
       grid=(m_blocks, h_blocks), grid_names=("m", "h"), scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(
-          approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+          approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+          profile_space=PROFILE_EVENTS if config.profile_dir else 0,
+          profile_dir=config.profile_dir),
   )(*inputs)
   return out[0] if summing else out
