@@ -37,6 +37,7 @@ from pallas_kernels.gpu import decode_sm90, dispatch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import decode_partials_only, mosaic_copy  # noqa: E402
 from gpu_profile import profile  # noqa: E402
+from report_files import write_json_and_markdown  # noqa: E402
 
 SHAPES = {  # name: (D, H, GLU, exact activation)
     "smollm2": (576, 1536, True, "silu"),
@@ -66,6 +67,11 @@ def variants(glu: bool, exact: str) -> dict:
       **{f"decode-pwl16-{name}-summed": kernel(dispatch.Plan(
           "decode", decode=dataclasses.replace(config, sum_in_kernel=True)))
          for name, config in decode.items()},
+      # tokens on wgmma's N axis (64-column CTAs only), with the XLA sum and summed in the kernel
+      **{f"decode-pwl16-{name}-swapped{tail}": kernel(dispatch.Plan("decode", decode=(
+          dataclasses.replace(config, swap_ab=True, sum_in_kernel=bool(tail)))))
+         for name, config in decode.items() if config.block_h == 64
+         for tail in ("", "-summed")},
       **{f"probe:decode-kernel-only-{name}": decode_partials_only(pwl, config)
          for name, config in decode.items()},
       "probe:decode-kernel-only-b64-16-2stages": decode_partials_only(
@@ -104,14 +110,10 @@ def write_report(results: list, args, command: str) -> str:
     largest = ", ".join(f"{name} {us:.2f}" for name, us in r["by_kernel_us"].items())
     lines.append(f"| {r['shape']} | {r['variant']} | {r['device_us']:.2f} | {r['kernels']:.1f} "
                  f"| {r['untraced_wall_us']:.1f} | {r['host_us']:.1f} | {speedup} | {largest} |")
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"decode-profile-{date}{args.tag}")
-  with open(stem + ".json", "w") as f:
-    json.dump({"command": "python3 benchmarks/bench_decode_profile.py " + command,
-               "xla_flags": flags, "results": results}, f, indent=1)
-  with open(stem + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return "\n".join(lines)
+  return write_json_and_markdown(
+      args.out, f"decode-profile-{date}{args.tag}",
+      {"command": "python3 benchmarks/bench_decode_profile.py " + command, "xla_flags": flags,
+       "results": results}, lines)
 
 
 def main(argv=None) -> int:

@@ -33,11 +33,16 @@ import flashffn_jax as ff
 from flashffn_jax.ops import to_kernel_activation
 from pallas_kernels.gpu import decode_sm90, dispatch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from report_files import write_json_and_markdown  # noqa: E402
+
 SHAPES = {"smollm2": (576, 1536, True, "silu"), "gpt2-small": (768, 3072, False, "gelu")}
 VARIANTS = {  # name: DecodeConfig fields (PWL-16 hinges in f16 throughout)
     "b64": dict(block_h=64), "b32": dict(block_h=32),
     "b64-summed": dict(block_h=64, sum_in_kernel=True),
     "b32-summed": dict(block_h=32, sum_in_kernel=True),
+    "b64-swapped": dict(block_h=64, swap_ab=True),
+    "b64-swapped-summed": dict(block_h=64, swap_ab=True, sum_in_kernel=True),
 }
 
 
@@ -135,13 +140,8 @@ def write_report(results: list, out: str, command: str) -> str:
       lines.append(f"| {name} | {v['start_kcycles']:.2f} | {v['total_kcycles']:.2f} | "
                    f"{100 * v['share']:.0f}% | {v['entries']:.0f} |")
     lines.append("")
-  os.makedirs(out, exist_ok=True)
-  stem = os.path.join(out, f"decode-kernel-profile-{date}")
-  with open(stem + ".json", "w") as f:
-    json.dump({"command": command, "results": results}, f, indent=1)
-  with open(stem + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return "\n".join(lines)
+  return write_json_and_markdown(out, f"decode-kernel-profile-{date}",
+                                 {"command": command, "results": results}, lines)
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ from bench_pwl_lookup import LOOKUPS, elementwise_pass, problem  # noqa: E402
 import bench_backward_profile  # noqa: E402
 import bench_down_projection  # noqa: E402
 import bench_glu_input_grads  # noqa: E402
+from profile_decode_kernel import summarize as summarize_kernel_profile  # noqa: E402
 from run_epilogue_kernel import (low_bits_int8, segment_index_int32,  # noqa: E402
                                  segment_index_int32_masks)
 
@@ -214,3 +215,25 @@ def test_backward_profile_rounds_table_takes_each_variants_median():
   table = bench_backward_profile.rounds_table(runs)
   assert table[0].endswith("(@ median SM clock, MHz)")
   assert "| s | a | 30.0 @1755 / 10.0 @1590 / 20.0 | 20.0 |" in table
+
+
+def test_kernel_profile_summary_reads_nested_regions_per_cta():
+  """``profile_decode_kernel.summarize`` on a Mosaic GPU trace: per CTA, a region entered in a
+  loop sums its entries, nested regions count inside their parent, shares are of the CTA's span
+  (first entry to last exit), and medians run over CTAs; CTA starts are compared in us."""
+  events = []
+  for cta, (start, wait) in enumerate([(1000.0, 0.5), (1000.25, 1.5)]):
+    add = lambda name, ph, t: events.append(dict(name=name, ph=ph, ts=start + t, tid=cta + 1,
+                                                 pid=cta + 1))
+    add("issue_loads", "B", 0.0), add("issue_loads", "E", 1.0), add("gemm1", "B", 1.0)
+    for k in range(3):  # three K steps, each waiting `wait` kcycles
+      add("wait_k_slice", "B", 1.0 + 2 * k), add("wait_k_slice", "E", 1.0 + 2 * k + wait)
+    add("gemm1", "E", 7.0), add("final_store_wait", "B", 7.0), add("final_store_wait", "E", 8.0)
+  summary = summarize_kernel_profile({"traceEvents": events})
+  assert summary["ctas"] == 2 and summary["span_kcycles_median"] == 8.0
+  assert summary["cta_start_spread_us"] == 0.25
+  waits = summary["regions"]["wait_k_slice"]
+  assert waits["entries"] == 3 and waits["total_kcycles"] == 3.0  # median of 1.5 and 4.5
+  assert waits["start_kcycles"] == 1.0 and waits["share"] == 3.0 / 8.0
+  assert summary["regions"]["gemm1"]["total_kcycles"] == 6.0
+

@@ -253,13 +253,16 @@ def test_interpret_fused_glu_pwl_with_biases(rng, plan, d_out):
     (37, 192, 130, 64, False, True, "gelu", decode_sm90.DecodeConfig()),
     (70, 128, 64, 320, True, False, "silu", decode_sm90.DecodeConfig(stages=2)),
     (9, 96, 100, 128, True, True, "pwl", decode_sm90.DecodeConfig(block_h=32)),
+    (5, 128, 200, 96, True, True, "pwl", decode_sm90.DecodeConfig(stages=1, swap_ab=True)),
+    (64, 192, 130, 320, False, True, "gelu", decode_sm90.DecodeConfig(swap_ab=True)),
 ], ids=["glu-pwl-one-stage", "mlp-gelu-all-stages", "two-row-blocks-five-chunks",
-        "32-column-blocks"])
+        "32-column-blocks", "swapped-glu-pwl-one-stage", "swapped-mlp-gelu-64-rows-five-chunks"])
 def test_interpret_decode(rng, rows, d_model, hidden, d_out, glu, bias, name, config):
   """decode_ffn: H split into 64-column CTAs (H = 130 / 200: a partial last block), partial sums
   reduced by XLA; x rows past M zero-filled, stores clipped (M = 9, 16, 37, and 70 = two row
   blocks); one stage refilled every K step, or all K steps in flight; D_out padded to 128, or 320
-  in five 64-column output chunks; 64- and 32-column hidden blocks (128- / 64-byte swizzle)."""
+  in five 64-column output chunks; 64- and 32-column hidden blocks (128- / 64-byte swizzle).
+  Swapped operands (tokens on wgmma's N axis): M = 5 (padded to 8) and 64, transposed partials."""
   problem = make_problem(rng, rows, d_model, hidden, d_out, glu, bias)
   plan = dispatch.Plan("decode", decode=config)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
@@ -1198,6 +1201,10 @@ LOWERING_CASES = {
         "decode", decode=decode_sm90.DecodeConfig(sum_in_kernel=True))),
     "gpt2-decode-b32-summed": (1, 768, 3072, 768, False, "gelu", dispatch.Plan(
         "decode", decode=decode_sm90.DecodeConfig(32, pwl_dtype="float16", sum_in_kernel=True))),
+    "smollm2-decode-swapped": (16, 576, 1536, 576, True, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True))),
+    "gpt2-decode-swapped-summed": (64, 768, 3072, 768, False, "gelu", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(swap_ab=True, sum_in_kernel=True))),
     "gpt2-epilogue": (8192, 768, 3072, 768, False, "gelu", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "llama-glu-epilogue": (4096, 2048, 8192, 2048, True, "silu", dispatch.Plan(
@@ -1251,13 +1258,15 @@ def test_kernels_lower_for_cuda(case):
 
 
 @pytest.mark.parametrize("sum_in_kernel", [False, True], ids=["xla-sum", "summed"])
-@pytest.mark.parametrize("block_h", decode_sm90.BLOCK_WIDTHS)
-def test_biased_decode_lowers_for_cuda(block_h, sum_in_kernel):
-  """The decode kernel with all three biases lowers for cuda at both CTA widths: bias copies of
-  128 bytes (Pallas' least; a 32-column CTA's own slice is 64 bytes), b_down in 64-element pieces
-  when the kernel sums; odd M, H and D_out (padded by ``dispatch``)."""
-  plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(block_h,
-                                                                 sum_in_kernel=sum_in_kernel))
+@pytest.mark.parametrize("block_h, swap_ab", [(64, False), (32, False), (64, True)],
+                         ids=["64", "32", "64-swapped"])
+def test_biased_decode_lowers_for_cuda(block_h, swap_ab, sum_in_kernel):
+  """The decode kernel with all three biases lowers for cuda at both CTA widths and with swapped
+  operands (biases per row): bias copies of 128 bytes (Pallas' least; a 32-column CTA's own
+  slice is 64 bytes), b_down in 64-element pieces when the kernel sums; odd M, H and D_out
+  (padded by ``dispatch``)."""
+  plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(
+      block_h, sum_in_kernel=sum_in_kernel, swap_ab=swap_ab))
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   rows, d_model, hidden, d_out = 5, 576, 1000, 700
   forward = lambda *args: dispatch._forward(plan, *args, kernel_activation("pwl", True))
@@ -1380,7 +1389,11 @@ def test_plan_table():
   assert dispatch.choose_plan(4096, 1600, 6400, 1600, False, False) == dispatch.EPILOGUE_MLP
   assert dispatch.choose_plan(16, 4096, 14336, 4096, True, True) == dispatch.XLA
   assert dispatch.choose_plan(16, 576, 1536, 576, True, False) == dispatch.XLA
-  assert dispatch.choose_plan(16, 576, 1536, 576, True, True) == dispatch.XLA  # measured 12-01
+  assert dispatch.choose_plan(64, 576, 1536, 576, True, True) == dispatch.XLA  # measured 12-04
+  smollm2_decode = dispatch.choose_plan(16, 576, 1536, 576, True, True)  # swapped, 12-04
+  assert smollm2_decode.path == "decode" and smollm2_decode.decode.swap_ab
+  assert dispatch.choose_plan(17, 576, 1536, 576, True, True) == dispatch.XLA
+  assert dispatch.choose_plan(16, 768, 3072, 768, False, True) == dispatch.XLA  # a tie there
   llama_1b = dispatch.choose_plan(8192, 2048, 8192, 2048, True, True)  # ping-pong relu, chunked
   assert (llama_1b.epilogue.hinges, llama_1b.backward, llama_1b.down) == (
       "relu", "xla", dispatch.DOWN_WIDE)
@@ -1497,6 +1510,14 @@ GPU_CASES = {
         "decode", decode=decode_sm90.DecodeConfig(sum_in_kernel=True))),
     "decode-summed-b32-mlp-gelu": (64, 768, 1536, 704, False, True, "gelu", dispatch.Plan(
         "decode", decode=decode_sm90.DecodeConfig(32, sum_in_kernel=True))),
+    # tokens on wgmma's N axis (no padding rows), with the XLA sum and summed in the kernel
+    "decode-swapped-glu-pwl-odd": (5, 576, 1000, 576, True, True, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True))),
+    "decode-swapped-summed-mlp-gelu": (64, 768, 1536, 704, False, True, "gelu", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(swap_ab=True, sum_in_kernel=True))),
+    "decode-swapped-summed-glu-pwl": (16, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
+                                                  sum_in_kernel=True))),
     "epilogue-mlp-pwl-odd": (1000, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(

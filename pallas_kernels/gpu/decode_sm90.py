@@ -34,12 +34,23 @@ The reduce-adds land in any order, so y's f32 sum is not bitwise reproducible ru
 Measured on the H200 (benchmarks/results/decode-profile-h200-2026-12-01-kloop.md, GPU clock,
 M = 16): at SmolLM2 7.9 us for the kernel with 32-column blocks (8.6 with 64) + 1.6 us for the sum
 (XLA 9.8), at gpt2-small 10.0 + 2.1 (XLA 9.2), against ~3 us predicted from its bytes. Not
-waiting on each K step's wgmma saved 0.3 us (64) / 2.3 us (32); where the rest goes is open
-(benchmarks/NOTES.md).
+waiting on each K step's wgmma saved 0.3 us (64) / 2.3 us (32). The in-kernel profile
+(decode-kernel-profile-2026-12-04.md) says where the rest went: one warpgroup's issue work -
+issuing the loads, the activation and GEMM2's stores on 64 rows of which M are tokens.
 With the sum in the kernel (benchmarks/results/decode-profile-2026-12-04-summed-60calls.md,
 SmolLM2, M = 16, XLA's default flags): 10.2 us on the GPU (+0.4 for the two meetings), 10.9 us
 of wall clock a FFN against 15.4 for the kernel + XLA sum and 9.9 for XLA.
-The dispatcher does not pick it; pass ``Plan("decode", decode=DecodeConfig())`` to run it.
+
+With ``DecodeConfig(swap_ab=True)`` the tokens go on wgmma's N axis (N = M, a multiple of 8, at
+most 64; B = 64): pre^T [B, M] = W[:, J]^T x^T (W's slice as a transposed A operand, x as a
+K-major B), h^T is stored through a transposed SMEM view as GEMM2's B, and P_j^T [D_out, M] =
+W_down[J, :]^T h^T leaves in [64, M] pieces, so neither the activation nor the stores work on the
+64 - M padding rows. Measured (decode-profile-2026-12-04-swapped.md, M = 16): SmolLM2 7.98 us
+with its XLA sum against 9.70 unswapped and 9.95 for XLA; in the in-kernel profile
+(decode-kernel-profile-2026-12-04-swapped.md) a CTA's span went from 13.6 to 10.3 kcycles
+(activation 1.78 -> 0.54, GEMM2 and its stores 4.63 -> 2.20, issuing the loads 1.68 -> 0.87), 35%
+of it now waiting for K slices. At M = 64 it loses to XLA (12.06 vs 10.93 us).
+``dispatch.TUNED_FEW_TOKENS`` picks it (with the XLA sum) for SmolLM2 with a PWL at M <= 16.
 """
 
 from __future__ import annotations
@@ -68,25 +79,31 @@ PROFILE_EVENTS = 256  # per warpgroup, with ``DecodeConfig.profile_dir`` (a K st
 class DecodeConfig:
   """``block_h``: hidden columns per CTA, also the K-slice width (32: twice the CTAs, each with half
   the bytes); ``stages``: K-slices of x and W_gate/W_up in flight per CTA (None: all that fit);
-  ``sum_in_kernel``: the CTAs sum their partials into y themselves (one launch; module doc)."""
+  ``sum_in_kernel``: the CTAs sum their partials into y themselves (one launch; module doc);
+  ``swap_ab``: tokens on wgmma's N axis (module doc), 64-column CTAs, M <= 64 and a multiple of 8."""
 
   block_h: int = 64
   stages: int | None = None
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
   sum_in_kernel: bool = False
+  swap_ab: bool = False
   profile_dir: str = ""  # Mosaic GPU's in-kernel profile of the named regions, one file a launch
 
   def resolve_stages(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
     """The stage count to run with; NotImplementedError when even one stage does not fit."""
-    if self.block_h not in BLOCK_WIDTHS:
-      raise NotImplementedError(f"block_h={self.block_h}: expected one of {BLOCK_WIDTHS}")
+    if self.block_h not in BLOCK_WIDTHS or (self.swap_ab and self.block_h != WGMMA_ROWS):
+      raise NotImplementedError(f"block_h={self.block_h}: expected one of {BLOCK_WIDTHS} "
+                                f"({WGMMA_ROWS} with swap_ab: wgmma's M)")
     if d_model % self.block_h or d_out % 64:
       raise NotImplementedError(f"D={d_model}, D_out={d_out}: need multiples of "
                                 f"{self.block_h} and 64")
     k_steps = d_model // self.block_h
-    fixed = _fixed_smem_bytes(self.block_h, d_out, num_weights, itemsize)
+    piece = self.out_piece()
+    fixed = _fixed_smem_bytes(self.block_h, d_out, num_weights, itemsize, piece)
     if self.sum_in_kernel:  # y's store slot and b_down
-      fixed += (WGMMA_ROWS * OUT_PIECE + d_out) * itemsize
+      fixed += (WGMMA_ROWS * piece + d_out) * itemsize
+    if self.profile_dir:  # the profiler's event buffer
+      fixed += 4 * PROFILE_EVENTS + 1024
     stage = (WGMMA_ROWS + num_weights * self.block_h) * self.block_h * itemsize
     fitting = (SMEM_BYTES - fixed) // stage
     stages = min(k_steps, fitting if self.stages is None else self.stages)
@@ -96,11 +113,17 @@ class DecodeConfig:
           f"{fixed + max(stages, 1) * stage} bytes of SMEM > {SMEM_BYTES}")
     return stages
 
+  def out_piece(self) -> int:
+    """Output columns (D_out) of one stored piece of a partial: [64 rows, 32] f32, or swapped
+    [64 (D_out), M <= 64] f32 (counted at M = 64)."""
+    return WGMMA_ROWS if self.swap_ab else OUT_PIECE
 
-def _fixed_smem_bytes(block_h: int, d_out: int, num_weights: int, itemsize: int) -> int:
+
+def _fixed_smem_bytes(block_h: int, d_out: int, num_weights: int, itemsize: int,
+                      piece: int) -> int:
   """W_down slice, h, two f32 store slots, biases, PWL table, barriers."""
   return ((block_h * d_out + WGMMA_ROWS * block_h + num_weights * BIAS_BOX) * itemsize
-          + 2 * WGMMA_ROWS * OUT_PIECE * 4 + 4 * TABLE_ALIGN * 4 + 1024)
+          + 2 * WGMMA_ROWS * piece * 4 + 4 * TABLE_ALIGN * 4 + 1024)
 
 
 def _output_chunk(d_out: int) -> int:
@@ -122,7 +145,8 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
 
   Args as ``fused_ffn_sm90.gemm1_activation`` plus w_down [H, D_out]; D and D_out multiples of 64.
   Any M works (row blocks of 64 are a second grid axis); the kernel is meant for M <= 64.
-  NotImplementedError where the sum in the kernel cannot run (M > 64, more CTAs than SMs).
+  NotImplementedError where the sum in the kernel cannot run (M > 64, more CTAs than SMs) or
+  swapped operands cannot (M > 64 or not a multiple of 8).
   """
   m, d_model = x.shape
   hidden, d_out = w_down.shape
@@ -131,7 +155,7 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
   biases = [b for b in ([b_up] if w_gate is None else [b_gate, b_up]) if b is not None]
   if biases and len(biases) != len(weights):
     raise ValueError("decode_ffn: give both GLU biases or neither")
-  summing = config.sum_in_kernel
+  summing, swap = config.sum_in_kernel, config.swap_ab
   if b_down is not None and not summing:
     raise ValueError("decode_ffn: b_down is added by the caller unless config.sum_in_kernel")
   stages = config.resolve_stages(d_model, d_out, len(weights), jnp.dtype(dtype).itemsize)
@@ -144,11 +168,22 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
     raise NotImplementedError(
         f"sum_in_kernel: M={m} (needs <= {WGMMA_ROWS}) and H/{block_h}={h_blocks} CTAs (needs <= "
         f"{num_sms()} SMs, all resident at once)")
+  if swap and (m > WGMMA_ROWS or m % 8):
+    raise NotImplementedError(f"swap_ab: M={m}, needs a multiple of 8 <= {WGMMA_ROWS} "
+                              "(wgmma's N)")
   down_biases = [b_down] if b_down is not None else []
   has_consts = bool(biases or down_biases) or table is not None
   inputs = ([x, *weights, *biases, w_down] + ([table] if table is not None else [])
             + down_biases)
-  num_slices = d_out // OUT_PIECE  # of A and y, one CTA's share of the sum each
+  # Swapped, every array of tokens is transposed: x is read [M, K] and used as B (K-major); the
+  # pre-activations, h and the partials are [hidden or D_out rows, M]; pieces of the partials
+  # (and of A and y) are 64 D_out rows x M instead of 64 token rows x 32 D_out columns.
+  piece = config.out_piece()
+  x_rows = m if swap else WGMMA_ROWS
+  piece_shape = (WGMMA_ROWS, m) if swap else (WGMMA_ROWS, OUT_PIECE)
+  num_slices = d_out // piece  # of A and y, one CTA's share of the sum each
+  pieces_per_chunk = chunk // piece
+  bias_axis = 0 if swap else 1  # pre-activations and partials carry hidden / D_out on this axis
 
   def decode_ffn_kernel(*refs):  # the name profiles show
     ((x_gmem,), w_gmems, b_gmems, (w_down_gmem,), table_gmem, b_down_gmems, out_gmems,
@@ -156,14 +191,19 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       k_ready, down_ready, consts_ready, *sum_scratch)) = _split_refs(
         refs, (1, len(weights), len(biases), 1, int(table is not None), len(down_biases),
                2 if summing else 1, 13 if summing else 10))
-    rows = pl.ds(lax.axis_index("m") * WGMMA_ROWS, WGMMA_ROWS)
+    rows = pl.ds(lax.axis_index("m") * x_rows, x_rows)
     block = lax.axis_index("h")
     h_cols = pl.ds(block * block_h, block_h)
+    out_cols = lambda s: pl.ds(s * piece, piece)  # D_out of piece s
+
+    def piece_of(ref2d, s):
+      """Piece s of a [M, D_out] (or swapped [D_out, M]) array in GMEM."""
+      return ref2d.at[out_cols(s), :] if swap else ref2d.at[rows, out_cols(s)]
+
     if summing:
       (y_gmem, acc_gmem), (y_smem, down_bias_smem, acc_ready) = out_gmems, sum_scratch
       zeroed, summed = (pl.get_global(plgpu.SemaphoreType.REGULAR) for _ in range(2))
       own_slices = lambda body: pl.loop(block, num_slices, step=h_blocks)(body)
-      slice_cols = lambda s: pl.ds(s * OUT_PIECE, OUT_PIECE)
 
       def meet(semaphore):  # every CTA's TMA writes so far are visible to every CTA after it
         plgpu.wait_smem_to_gmem(0)
@@ -193,17 +233,15 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       if table is not None:
         plgpu.copy_gmem_to_smem(table_gmem[0], table_smem, consts_ready.at[0])
       for b_down_gmem in b_down_gmems:  # in pieces: a TMA box is at most 256 wide
-        for piece in range(d_out // BIAS_BOX):
-          plgpu.copy_gmem_to_smem(b_down_gmem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
-                                  down_bias_smem.at[pl.ds(piece * BIAS_BOX, BIAS_BOX)],
+        for part in range(d_out // BIAS_BOX):
+          plgpu.copy_gmem_to_smem(b_down_gmem.at[pl.ds(part * BIAS_BOX, BIAS_BOX)],
+                                  down_bias_smem.at[pl.ds(part * BIAS_BOX, BIAS_BOX)],
                                   consts_ready.at[0])
     if summing:  # zero this CTA's slices of A while the loads stream
       with jax.named_scope("zero_accumulator"):
-        out_smem[0] = plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, OUT_PIECE), jnp.float32),
-                                        plgpu.Layout.WGMMA)
+        out_smem[0] = plgpu.layout_cast(jnp.zeros(piece_shape, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.commit_smem()
-        own_slices(lambda s: plgpu.copy_smem_to_gmem(out_smem.at[0],
-                                                     acc_gmem.at[rows, slice_cols(s)]))
+        own_slices(lambda s: plgpu.copy_smem_to_gmem(out_smem.at[0], piece_of(acc_gmem, s)))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem[0] is reused below
 
     def gemm1(*accumulators):
@@ -213,7 +251,10 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
         with jax.named_scope("wait_k_slice"):
           plgpu.barrier_wait(k_ready.at[slot])
         for i, acc in enumerate(accumulators):
-          plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
+          if swap:  # pre^T [block_h, M] += W[k, J]^T x[:, k]^T
+            plgpu.wgmma(acc, w_smem.at[slot, i].T, x_smem.at[slot].T)
+          else:
+            plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
         if stages < k_steps:  # slots get refilled, one step behind when there is a spare slot:
           lag = min(1, stages - 1)  # with step k's wgmma in flight, step k - 1's have read theirs
           plgpu.wgmma_wait(lag)
@@ -226,17 +267,17 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       return [acc[...] for acc in accumulators]  # waits for every wgmma in flight
 
     with jax.named_scope("gemm1"):
-      pre = pl.run_scoped(gemm1,
-                          *[plgpu.ACC((WGMMA_ROWS, block_h), jnp.float32)] * len(weights))
+      pre_shape = (block_h, m) if swap else (WGMMA_ROWS, block_h)
+      pre = pl.run_scoped(gemm1, *[plgpu.ACC(pre_shape, jnp.float32)] * len(weights))
     with jax.named_scope("activation"):
       if has_consts:
         plgpu.barrier_wait(consts_ready.at[0])
       if b_gmems:
-        pre = [_add_bias(p, bias_smem.at[i, :block_h]) for i, p in enumerate(pre)]
+        pre = [_add_bias(p, bias_smem.at[i, :block_h], bias_axis) for i, p in enumerate(pre)]
       h = apply_activation(kind, pre[0], table_smem, num_knots, config.pwl_dtype)
       if len(pre) == 2:
         h = h * pre[1]
-      hidden_smem[...] = h.astype(dtype)
+      (hidden_smem.T if swap else hidden_smem)[...] = h.astype(dtype)
       plgpu.commit_smem()
     with jax.named_scope("wait_w_down"):
       plgpu.barrier_wait(down_ready.at[0])
@@ -246,23 +287,27 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
 
     for c in range(num_chunks):
       def gemm2(acc, c=c):
-        plgpu.wgmma(acc, hidden_smem, down_smem.at[c])
+        if swap:  # P^T [chunk, M] = W_down[J, chunk]^T h^T
+          plgpu.wgmma(acc, down_smem.at[c].T, hidden_smem.T)
+        else:
+          plgpu.wgmma(acc, hidden_smem, down_smem.at[c])
         plgpu.wgmma_wait(0)
-        for p in range(chunk // OUT_PIECE):
-          step = c * (chunk // OUT_PIECE) + p
+        for p in range(pieces_per_chunk):
+          step = c * pieces_per_chunk + p
           with jax.named_scope("wait_store_slot"):  # the slot's previous store has read it
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-          out_smem[step % 2] = acc[:, p * OUT_PIECE:(p + 1) * OUT_PIECE]
+          out_smem[step % 2] = (acc[p * piece:(p + 1) * piece, :] if swap
+                                else acc[:, p * piece:(p + 1) * piece])
           plgpu.commit_smem()
-          cols = pl.ds(c * chunk + p * OUT_PIECE, OUT_PIECE)
           if summing:
-            plgpu.copy_smem_to_gmem(out_smem.at[step % 2], acc_gmem.at[rows, cols],
+            plgpu.copy_smem_to_gmem(out_smem.at[step % 2], piece_of(acc_gmem, step),
                                     reduction_op="add")
           else:
-            plgpu.copy_smem_to_gmem(out_smem.at[step % 2], out_gmem.at[block, rows, cols])
+            plgpu.copy_smem_to_gmem(out_smem.at[step % 2], piece_of(out_gmem.at[block], step))
 
       with jax.named_scope("gemm2_chunk"):
-        pl.run_scoped(gemm2, plgpu.ACC((WGMMA_ROWS, chunk), jnp.float32))
+        acc_shape = (chunk, m) if swap else (WGMMA_ROWS, chunk)
+        pl.run_scoped(gemm2, plgpu.ACC(acc_shape, jnp.float32))
     if summing:
       with jax.named_scope("meet_summed"):
         meet(summed)
@@ -270,27 +315,26 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       with jax.named_scope("convert"):
         @own_slices
         def _convert(s):
-          plgpu.copy_gmem_to_smem(acc_gmem.at[rows, slice_cols(s)], out_smem.at[0],
-                                  acc_ready.at[0])
+          plgpu.copy_gmem_to_smem(piece_of(acc_gmem, s), out_smem.at[0], acc_ready.at[0])
           plgpu.barrier_wait(acc_ready.at[0])
           y = out_smem[0]
           if down_biases:
-            y = _add_bias(y, down_bias_smem.at[slice_cols(s)])
+            y = _add_bias(y, down_bias_smem.at[out_cols(s)], bias_axis)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # y_smem's previous store has read it
-          y_smem[...] = y.astype(dtype)
+          (y_smem.T if swap else y_smem)[...] = y.astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[rows, slice_cols(s)])
+          y_piece = y_gmem.at[:, out_cols(s)] if swap else y_gmem.at[rows, out_cols(s)]
+          plgpu.copy_smem_to_gmem(y_smem, y_piece)
     with jax.named_scope("final_store_wait"):
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   operand = _swizzled(block_h, dtype)  # wgmma wants one swizzle on both operands
   scratch = [
-      plgpu.SMEM((stages, WGMMA_ROWS, tile_k), dtype, transforms=operand),
+      plgpu.SMEM((stages, x_rows, tile_k), dtype, transforms=operand),
       plgpu.SMEM((stages, len(weights), tile_k, block_h), dtype, transforms=operand),
       plgpu.SMEM((num_chunks, block_h, chunk), dtype, transforms=operand),
-      plgpu.SMEM((WGMMA_ROWS, block_h), dtype, transforms=operand),
-      plgpu.SMEM((2, WGMMA_ROWS, OUT_PIECE), jnp.float32,
-                 transforms=_swizzled(OUT_PIECE, jnp.float32)),
+      plgpu.SMEM((x_rows, block_h), dtype, transforms=operand),
+      plgpu.SMEM((2, *piece_shape), jnp.float32, transforms=_swizzled(piece_shape[1], jnp.float32)),
       plgpu.SMEM((max(len(biases), 1), BIAS_BOX), dtype),
       plgpu.SMEM((TABLE_ALIGN if table is None else table.shape[0],), jnp.float32),
       plgpu.Barrier(num_arrivals=1 + len(weights), num_barriers=stages),
@@ -298,13 +342,15 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       plgpu.Barrier(num_arrivals=max(len(biases) + int(table is not None)
                                      + len(down_biases) * d_out // BIAS_BOX, 1), num_barriers=1),
   ]
+  y_piece_shape = piece_shape[::-1] if swap else piece_shape  # [M, 64] or [64, 32]
+  partial_shape = (d_out, m) if swap else (m, d_out)
   if summing:
-    scratch += [plgpu.SMEM((WGMMA_ROWS, OUT_PIECE), dtype, transforms=_swizzled(OUT_PIECE, dtype)),
+    scratch += [plgpu.SMEM(y_piece_shape, dtype, transforms=_swizzled(y_piece_shape[1], dtype)),
                 plgpu.SMEM((d_out,), dtype), plgpu.Barrier(num_arrivals=1, num_barriers=1)]
     out_type = (jax.ShapeDtypeStruct((m, d_out), dtype),
-                jax.ShapeDtypeStruct((m, d_out), jnp.float32))  # y, A
+                jax.ShapeDtypeStruct(partial_shape, jnp.float32))  # y, A
   else:
-    out_type = jax.ShapeDtypeStruct((h_blocks, m, d_out), jnp.float32)
+    out_type = jax.ShapeDtypeStruct((h_blocks, *partial_shape), jnp.float32)
   out = plgpu.kernel(
       decode_ffn_kernel, out_type=out_type,
       grid=(m_blocks, h_blocks), grid_names=("m", "h"), scratch_types=scratch,
@@ -313,4 +359,6 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
           profile_space=PROFILE_EVENTS if config.profile_dir else 0,
           profile_dir=config.profile_dir),
   )(*inputs)
-  return out[0] if summing else out
+  if summing:
+    return out[0]
+  return jnp.swapaxes(out, 1, 2) if swap else out  # [blocks, M, D_out]; XLA's sum reads it so

@@ -20,19 +20,23 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     entry selects it; it runs when a caller passes its ``Plan``.
   * ``decode``   -- ``decode_sm90.decode_ffn``: one kernel, H split over 32/64-column CTAs, f32
                     partials summed by XLA, or by the CTAs themselves in the same launch
-                    (``DecodeConfig.sum_in_kernel``) (D_out <= ~1000). SmolLM2, M = 16, on the
-                    H200 (12 chained FFNs, XLA's default flags, 60 calls: benchmarks/results/
-                    decode-profile-2026-12-04-summed-60calls.md), untraced wall clock per FFN:
-                    XLA 9.9 us, kernel + XLA sum 15.4, one launch 10.9 (GPU time 9.7 / 9.8 /
-                    10.2); at gpt2-small it loses on the GPU's clock too (12.3-13.5 vs 8.8 us).
-                    No tuned entry selects it; it runs when a caller passes its ``Plan``.
+                    (``DecodeConfig.sum_in_kernel``) (D_out <= ~1000); with swapped operands
+                    (``DecodeConfig.swap_ab``: tokens on wgmma's N axis) it does no work on
+                    padding rows. Chosen at M <= 16 for SmolLM2 with a PWL
+                    (``TUNED_FEW_TOKENS``): swapped + XLA sum 7.98 vs 9.95 us on the H200's clock,
+                    9.3 vs 10.4 us of wall clock at M = 16 (benchmarks/results/
+                    decode-profile-2026-12-04-swapped.md); it ties XLA at gpt2-small and loses
+                    at M = 64 (12.06 vs 10.93 us), and in one launch (the sum in the kernel) it
+                    loses its gain to the two grid-wide meetings (8.98 us).
   * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
                     devices, float32, callable activations, shapes where ``TUNED`` measured XLA
-                    faster (llama-8B and SmolLM2 decode), and untuned decode shapes. At M = 1
+                    faster (llama-8B decode, SmolLM2 decode at 16 < M <= 64 or exact
+                    activations), and untuned decode shapes. At M = 1
                     ``flashffn_jax.ops.xla_padded_row`` serves first (XLA on 8 padded rows).
 
 ``TUNED`` holds the measured winner per (glu, D, H, D_out, decode?, pwl?) from
-``benchmarks/bench_gpu.py``; other shapes use ``default_plan``.
+``benchmarks/bench_gpu.py`` (``TUNED_FEW_TOKENS`` at M <= 16 first, from
+``bench_decode_profile.py``); other shapes use ``default_plan``.
 
 The backward pass (custom VJP) runs in XLA one hidden chunk at a time (``backward.ffn_backward``)
 or, with ``Plan(backward="epilogue")`` (the ping-pong plans ``PINGPONG_MLP_F16`` and
@@ -409,10 +413,22 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
     # ms) but lost in both measures on 12-01: wall clock 0.042 vs 0.028, GPU time (profiler)
     # 14.9 vs 9.9 us; the decode kernel ties XLA on the GPU (10.0 us) and loses in wall clock,
     # with its sum in the kernel too (10.9 vs 9.9 us a FFN, 12-04)
-    (True, 576, 1536, 576, True, True): XLA,
+    (True, 576, 1536, 576, True, True): XLA,  # 16 < M <= 64; TUNED_FEW_TOKENS below that
     (True, 576, 1536, 576, True, False): XLA,  # kernel 0.0380 vs 0.0250
     (True, 4096, 14336, 4096, True, True): XLA,  # kernel 0.1203 vs 0.1009
     (True, 4096, 14336, 4096, True, False): XLA,  # kernel 0.1207 vs 0.1009
+}
+
+
+# At M <= 16 the decode kernel with swapped operands (tokens on wgmma's N axis, no padding rows)
+# + XLA's sum of its partials, where it measured faster: SmolLM2 PWL-16 at M = 16, 7.98 vs 9.95 us
+# on the GPU's clock, 9.3 vs 10.4 us of wall clock (bench_decode_profile, 60 calls, 12-04;
+# gpt2-small tied, 8.66 vs 8.88 us; at M = 64 it lost, 12.06 vs 10.93, so XLA keeps 16 < M <= 64).
+FEW_TOKENS = 16
+SMOLLM2_DECODE = Plan("decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16",
+                                                                 swap_ab=True))
+TUNED_FEW_TOKENS = {  # (glu, D, H, D_out, pwl) -> plan at M <= FEW_TOKENS
+    (True, 576, 1536, 576, True): SMOLLM2_DECODE,
 }
 
 
@@ -460,6 +476,8 @@ def float16_residuals(glu: bool, kind: str) -> str:
 
 
 def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl: bool) -> Plan:
+  if rows <= FEW_TOKENS and (plan := TUNED_FEW_TOKENS.get((glu, d_model, hidden, d_out, pwl))):
+    return plan
   key = (glu, d_model, hidden, d_out, rows <= DECODE_ROWS, pwl)
   return TUNED.get(key, default_plan(rows, d_model, glu, pwl))
 

@@ -127,10 +127,11 @@ def _swizzle_64b(dtype) -> tuple:
   return _swizzled(64 // jnp.dtype(dtype).itemsize, dtype)
 
 
-def _add_bias(acc: jax.Array, bias_ref) -> jax.Array:
-  """acc [rows, n] + bias [n] (a slice in SMEM), broadcast along the wgmma accumulator rows."""
-  row = plgpu.load(bias_ref, layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
-  return acc + lax.broadcast_in_dim(row, acc.shape, [1])
+def _add_bias(acc: jax.Array, bias_ref, axis: int = 1) -> jax.Array:
+  """acc [rows, n] + bias [n] (a slice in SMEM), broadcast along the wgmma accumulator rows; with
+  ``axis=0`` acc + bias[rows][:, None] (a bias per row: swapped operands)."""
+  vector = plgpu.load(bias_ref, layout=plgpu.Layout.WGMMA.reduce(1 - axis)).astype(jnp.float32)
+  return acc + lax.broadcast_in_dim(vector, acc.shape, [axis])
 
 
 def _split_refs(refs, counts):
