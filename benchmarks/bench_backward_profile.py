@@ -45,6 +45,7 @@ from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import dispatch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from report_files import write_json_and_markdown  # noqa: E402
 from bench_gpu import (NO_BIASES, SHAPES, as_args, kernel_forward, make_sets,  # noqa: E402
                        with_cotangents, with_gradients, with_pwl_gradients, xla_forward)
 from bench_down_projection import parse_config  # noqa: E402
@@ -99,11 +100,7 @@ def rounds_table(results: list[dict]) -> list[str]:
 
 
 def write_report(results: list[dict], out: str, command: str, tag: str = "",
-                 what: str = "fwd+bwd") -> None:
-  stem = os.path.join(out, f"backward-profile-{datetime.date.today().isoformat()}{tag}")
-  with open(stem + ".json", "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "command": command, "results": results}, f,
-              indent=1)
+                 what: str = "fwd+bwd") -> str:
   lines = [f"# {what} kernels on {jax.devices()[0].device_kind}", "", f"Command: `{command}`", ""]
   for r in results:
     sets = f" ({r['sets']} input sets per jit, times per set)" if r.get("sets", 1) > 1 else ""
@@ -124,8 +121,9 @@ def write_report(results: list[dict], out: str, command: str, tag: str = "",
     lines += [f"- `{name}`: `{signature}`" for name, signature in r["gemms"].items()]
     lines.append("")
   lines += rounds_table(results)
-  with open(stem + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
+  return write_json_and_markdown(
+      out, f"backward-profile-{datetime.date.today().isoformat()}{tag}",
+      {"device": jax.devices()[0].device_kind, "command": command, "results": results}, lines)
 
 
 def main(argv=None) -> int:

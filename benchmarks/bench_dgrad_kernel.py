@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from unittest import mock
@@ -43,6 +42,7 @@ from pallas_kernels.gpu.hinge_table import HingeTable, activation_table
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import SHAPES  # noqa: E402
 from gpu_profile import profile  # noqa: E402
+from report_files import write_json_and_markdown  # noqa: E402
 
 
 def derivative_where(p, table_ref, num_knots: int, pwl_dtype: str):
@@ -162,10 +162,14 @@ def main(argv=None) -> int:
       print(f"{name:12s} {text:40s} {record.get('device_us', float('nan')):9.1f} us "
             f"{record.get('max_rel_diff_vs_library', float('nan')):9.2e} "
             f"{record.get('error', '')}", flush=True)
-  date = datetime.date.today().isoformat()
-  with open(os.path.join(args.out, f"dgrad-kernel-{date}{args.tag}.json"), "w") as f:
-    json.dump(dict(command="python3 benchmarks/bench_dgrad_kernel.py " + " ".join(
-        argv or sys.argv[1:]), results=results), f, indent=1)
+  command = "python3 benchmarks/bench_dgrad_kernel.py " + " ".join(argv or sys.argv[1:])
+  lines = [f"# dgrad kernel configs ({jax.devices()[0].device_kind})", "", f"`{command}`", "",
+           "| shape | config | GPU us | max rel. diff vs library | error |", "|---|---|---:|---:|---|"]
+  lines += [f"| {r['shape']} | {r['config']} | {r.get('device_us', float('nan')):.1f} | "
+            f"{r.get('max_rel_diff_vs_library', float('nan')):.2e} | {r.get('error', '')[:80]} |"
+            for r in results]
+  write_json_and_markdown(args.out, f"dgrad-kernel-{datetime.date.today().isoformat()}{args.tag}",
+                          dict(command=command, results=results), lines)
   return 0
 
 

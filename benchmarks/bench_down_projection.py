@@ -29,6 +29,7 @@ import numpy as np
 from pallas_kernels.gpu import dispatch, fused_ffn_sm90 as kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
+from report_files import write_json_and_markdown  # noqa: E402
 from bench_gpu import SHAPES  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
@@ -93,19 +94,21 @@ def main(argv=None) -> int:
                                                       "max_rel_diff_vs_xla",
                                                       "max_rel_err_vs_f32", "error")}),
             flush=True)
-  stem = f"down-projection-{datetime.date.today().isoformat()}{args.tag}"
-  with open(os.path.join(args.out, stem + ".json"), "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "results": results}, f, indent=1)
-  print("\n| shape | GEMM2 | GPU us | floor us | vs XLA | max rel. diff vs XLA | vs f32 |\n"
-        "|---|---|---:|---:|---:|---:|---:|")
+  lines = [f"# GEMM2 on the down-projection kernel vs XLA ({jax.devices()[0].device_kind})", "",
+           "| shape | GEMM2 | GPU us | floor us | vs XLA | max rel. diff vs XLA | vs f32 |",
+           "|---|---|---:|---:|---:|---:|---:|"]
   xla_us = {r["shape"]: r.get("device_us") for r in results if r["config"] == "xla"}
   for r in results:
     us = r.get("device_us")
     ratio = xla_us[r["shape"]] / us if us and xla_us[r["shape"]] else float("nan")
-    print(f"| {r['shape']} | {r['config']} | {us or float('nan'):.1f} | {r['floor_us']:.1f} | "
-          f"{ratio:.2f}x | {r.get('max_rel_diff_vs_xla', float('nan')):.1e} | "
-          f"{r.get('max_rel_err_vs_f32', float('nan')):.1e} |"
-          + (f" {r['error'][:60]}" if "error" in r else ""))
+    lines.append(f"| {r['shape']} | {r['config']} | {us or float('nan'):.1f} | "
+                 f"{r['floor_us']:.1f} | {ratio:.2f}x | "
+                 f"{r.get('max_rel_diff_vs_xla', float('nan')):.1e} | "
+                 f"{r.get('max_rel_err_vs_f32', float('nan')):.1e} |"
+                 + (f" {r['error'][:60]}" if "error" in r else ""))
+  print(write_json_and_markdown(
+      args.out, f"down-projection-{datetime.date.today().isoformat()}{args.tag}",
+      {"device": jax.devices()[0].device_kind, "results": results}, lines))
   return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from pallas_kernels.gpu import backward
 
 sys.path.insert(0, os.path.dirname(__file__))
+from report_files import write_json_and_markdown  # noqa: E402
 from bench_gpu import SHAPES  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
@@ -88,12 +89,13 @@ def main(argv=None) -> int:
       results.append(record)
       print(json.dumps({k: record[k] for k in ("shape", "variant", "device_us", "max_rel_diff",
                                                "by_kernel_us")}), flush=True)
-  stem = f"glu-input-grads-{datetime.date.today().isoformat()}{args.tag}"
-  with open(os.path.join(args.out, stem + ".json"), "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "results": results}, f, indent=1)
-  print("\n| shape | variant | GPU-busy us | max rel. diff vs separate |\n|---|---|---:|---:|")
-  for r in results:
-    print(f"| {r['shape']} | {r['variant']} | {r['device_us']:.1f} | {r['max_rel_diff']:.1e} |")
+  lines = [f"# A GLU's input gradients, joint vs separate ({jax.devices()[0].device_kind})", "",
+           "| shape | variant | GPU-busy us | max rel. diff vs separate |", "|---|---|---:|---:|"]
+  lines += [f"| {r['shape']} | {r['variant']} | {r['device_us']:.1f} | {r['max_rel_diff']:.1e} |"
+            for r in results]
+  print(write_json_and_markdown(
+      args.out, f"glu-input-grads-{datetime.date.today().isoformat()}{args.tag}",
+      {"device": jax.devices()[0].device_kind, "results": results}, lines))
   return 0
 
 

@@ -60,6 +60,7 @@ from flashffn_jax.ops import reference_ffn, to_kernel_activation
 from pallas_kernels.activation import Activation
 from pallas_kernels.gpu import (backward, decode_sm90, dispatch, fused_ffn_sm90 as kernels,
                                 hinge_table)
+from report_files import write_json_and_markdown  # the script's folder is on sys.path
 
 L2_BYTES = 50 * 2**20
 HANG_SECONDS = 120  # one measurement longer than this is a hang: write what we have and exit
@@ -685,12 +686,9 @@ def main(argv=None) -> int:
       summaries.append(summary)
       if len(pwl_dtypes) == 2 and (summary.get("best_plan") or "").startswith("epilogue"):
         pwl_dtypes = ("float16",) if "-16" in summary["best_plan"] else ("float32",)
-  report = markdown(summaries, str(device.device_kind), peak)
-  with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-    json.dump({"peak_tflops": peak, "summaries": summaries, "records": rec.records}, f, indent=1)
-  with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
-    f.write(report)
-  print(report)
+  print(write_json_and_markdown(
+      args.out, stem, {"peak_tflops": peak, "summaries": summaries, "records": rec.records},
+      [markdown(summaries, str(device.device_kind), peak).rstrip("\n")]))
   return 0
 
 

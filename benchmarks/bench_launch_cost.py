@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from report_files import write_json_and_markdown  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
 ROWS, COLUMNS = 16, 64  # the chained activation: one [16, 64] bf16 TMA box
@@ -78,10 +78,6 @@ def chains(chain: int, rng) -> dict:
 
 
 def write_report(results: list, args, command: str) -> str:
-  stem = f"launch-cost-{datetime.date.today().isoformat()}{args.tag}"
-  with open(os.path.join(args.out, stem + ".json"), "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "command": command,
-               "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results}, f, indent=1)
   lines = [f"# Launch cost on {jax.devices()[0].device_kind}", "",
            f"Command: `{command}`; XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`", "",
            f"{args.chain} dependent launches per jit call, {args.calls} calls; per launch:", "",
@@ -93,10 +89,10 @@ def write_report(results: list, args, command: str) -> str:
       continue
     lines.append(f"| {r['variant']} | {r['untraced_wall_us']:.2f} | {r['enqueue_us']:.2f} | "
                  f"{r['device_us']:.2f} | {r['kernels']:.2f} |")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(args.out, stem + ".md"), "w") as f:
-    f.write(text)
-  return text
+  return write_json_and_markdown(
+      args.out, f"launch-cost-{datetime.date.today().isoformat()}{args.tag}",
+      {"device": jax.devices()[0].device_kind, "command": command,
+       "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results}, lines)
 
 
 def main(argv=None) -> int:

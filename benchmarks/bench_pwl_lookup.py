@@ -34,6 +34,7 @@ from pallas_kernels.activation import pwl_select
 from pallas_kernels.gpu import backward
 
 sys.path.insert(0, os.path.dirname(__file__))
+from report_files import write_json_and_markdown  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 
 
@@ -111,16 +112,17 @@ def main(argv=None) -> int:
           max_relative_difference(got, want) for got, want in zip(fn(*inputs), reference))
     results[name] = record
     print(json.dumps({name: record})[:400], flush=True)
-  stem = os.path.join(args.out, f"pwl-lookup-{datetime.date.today().isoformat()}")
-  with open(stem + ".json", "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "rows": args.rows, "hidden": args.hidden,
-               "moved_mb": moved_mb, "results": results}, f, indent=1)
-  print(f"\n{args.rows} x {args.hidden}, {moved_mb:.0f} MB moved per pass\n")
-  print("| lookup | GPU us | TB/s | max rel. diff vs selects |\n|---|---:|---:|---:|")
+  lines = [f"# PWL by lookup ({jax.devices()[0].device_kind})", "",
+           f"{args.rows} x {args.hidden}, {moved_mb:.0f} MB moved per pass", "",
+           "| lookup | GPU us | TB/s | max rel. diff vs selects |", "|---|---:|---:|---:|"]
   for name, r in results.items():
     rate = moved_mb / r["device_us"] if r["device_us"] else float("nan")  # MB/us = TB/s
-    print(f"| {name} | {r['device_us']:.1f} | {rate:.2f} | "
-          f"{r.get('max_rel_diff_vs_selects', float('nan')):.1e} |")
+    lines.append(f"| {name} | {r['device_us']:.1f} | {rate:.2f} | "
+                 f"{r.get('max_rel_diff_vs_selects', float('nan')):.1e} |")
+  print(write_json_and_markdown(
+      args.out, f"pwl-lookup-{datetime.date.today().isoformat()}",
+      {"device": jax.devices()[0].device_kind, "rows": args.rows, "hidden": args.hidden,
+       "moved_mb": moved_mb, "results": results}, lines))
   return 0
 
 
