@@ -45,6 +45,12 @@ SHAPES = {  # name: (D, H, GLU, exact activation)
 }
 
 
+def weight_set(rng, d_model: int, hidden: int, glu: bool) -> tuple:
+  """(w_up, w_down, w_gate or None) in bf16, each scaled by 1/sqrt(fan-in)."""
+  draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]), jnp.bfloat16)
+  return draw(d_model, hidden), draw(hidden, d_model), draw(d_model, hidden) if glu else None
+
+
 def variants(glu: bool, exact: str) -> dict:
   """name -> FFN(x, w_up, w_down, w_gate) on one weight set."""
   pwl = to_kernel_activation(ff.fit(exact, 16))
@@ -130,10 +136,7 @@ def main(argv=None) -> int:
   results = []
   for name in args.shapes.split(","):
     d_model, hidden, glu, exact = SHAPES[name]
-    draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]),
-                                  jnp.bfloat16)
-    weight_sets = [(draw(d_model, hidden), draw(hidden, d_model),
-                    draw(d_model, hidden) if glu else None) for _ in range(args.sets)]
+    weight_sets = [weight_set(rng, d_model, hidden, glu) for _ in range(args.sets)]
     x = jnp.asarray(rng.standard_normal((args.rows, d_model)), jnp.bfloat16)
     for variant, ffn in variants(glu, exact).items():
       if args.variants and variant not in args.variants.split(","):

@@ -34,9 +34,9 @@ from flashffn_jax.ops import to_kernel_activation
 from pallas_kernels.gpu import decode_sm90, dispatch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_decode_profile import SHAPES, weight_set  # noqa: E402
 from report_files import write_json_and_markdown  # noqa: E402
 
-SHAPES = {"smollm2": (576, 1536, True, "silu"), "gpt2-small": (768, 3072, False, "gelu")}
 VARIANTS = {  # name: DecodeConfig fields (PWL-16 hinges in f16 throughout)
     "b64": dict(block_h=64), "b32": dict(block_h=32),
     "b64-summed": dict(block_h=64, sum_in_kernel=True),
@@ -99,9 +99,8 @@ def summarize(trace: dict) -> dict:
 def profile_variant(shape: str, variant: str, rows: int, rng) -> dict:
   """One profiled launch after an L2 flush; the launches before it compile and warm up."""
   d_model, hidden, glu, exact = SHAPES[shape]
-  draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]), jnp.bfloat16)
-  x, w_up, w_down = draw(rows, d_model), draw(d_model, hidden), draw(hidden, d_model)
-  w_gate = draw(d_model, hidden) if glu else None
+  x = jnp.asarray(rng.standard_normal((rows, d_model), np.float32) / np.sqrt(rows), jnp.bfloat16)
+  w_up, w_down, w_gate = weight_set(rng, d_model, hidden, glu)
   pwl = to_kernel_activation(ff.fit(exact, 16))
   flush = jnp.ones((64 * 2**20,), jnp.float32)
   with tempfile.TemporaryDirectory() as directory:
