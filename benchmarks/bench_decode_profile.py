@@ -78,6 +78,10 @@ def variants(glu: bool, exact: str) -> dict:
           dataclasses.replace(config, swap_ab=True, sum_in_kernel=bool(tail)))))
          for name, config in decode.items() if config.block_h == 64
          for tail in ("", "-summed")},
+      # 2-CTA clusters share each hidden block: half of D and of D_out each, DSMEM exchange
+      **{f"decode-pwl16-{name}-swapped-pairs": kernel(dispatch.Plan("decode", decode=(
+          dataclasses.replace(config, swap_ab=True, cluster_pairs=True))))
+         for name, config in decode.items() if config.block_h == 64},
       **{f"probe:decode-kernel-only-{name}": decode_partials_only(pwl, config)
          for name, config in decode.items()},
       "probe:decode-kernel-only-b64-16-2stages": decode_partials_only(

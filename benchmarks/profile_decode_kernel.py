@@ -5,13 +5,14 @@ the GPU.
 
 Runs ``decode_sm90.decode_ffn`` (through ``dispatch``) with ``DecodeConfig(profile_dir=...)``:
 each CTA's warpgroup records its SM clock at the entry and exit of the kernel's named regions
-(issue_loads, zero_accumulator, gemm1 with one wait_k_slice a K step, activation, wait_w_down,
-meet_zeroed, gemm2_chunk with one wait_store_slot a store, meet_summed, convert,
-final_store_wait). The L2 is flushed (a 256 MB pass) before the profiled launch, so the weights
-stream from HBM as in a model's decode step. Per region: the median over CTAs of where it starts
-and how long it takes in total, in SM cycles and as a share of the CTA's span (its first entry to
-its last exit), and how far apart the CTAs started (global timer). GPU time of the same variants,
-unprofiled: ``bench_decode_profile.py``. Writes ``decode-kernel-profile-<date>.json`` / ``.md``.
+(issue_loads, zero_accumulator, gemm1 with one wait_k_slice a K step, exchange (2-CTA
+clusters), activation, wait_w_down, meet_zeroed, gemm2_chunk with one wait_store_slot a store,
+meet_summed, convert, final_store_wait). The L2 is flushed (a 256 MB pass) before the profiled
+launch, so the weights stream from HBM as in a model's decode step. Per region: the median over
+CTAs of where it starts and how long it takes in total, in SM cycles and as a share of the CTA's
+span (its first entry to its last exit), and how far apart the CTAs started (global timer). GPU
+time of the same variants, unprofiled: ``bench_decode_profile.py``. Writes
+``decode-kernel-profile-<date>.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ VARIANTS = {  # name: DecodeConfig fields (PWL-16 hinges in f16 throughout)
     "b32-summed": dict(block_h=32, sum_in_kernel=True),
     "b64-swapped": dict(block_h=64, swap_ab=True),
     "b64-swapped-summed": dict(block_h=64, swap_ab=True, sum_in_kernel=True),
+    "b64-swapped-pairs": dict(block_h=64, swap_ab=True, cluster_pairs=True),
 }
 
 

@@ -1258,15 +1258,19 @@ def test_kernels_lower_for_cuda(case):
 
 
 @pytest.mark.parametrize("sum_in_kernel", [False, True], ids=["xla-sum", "summed"])
-@pytest.mark.parametrize("block_h, swap_ab", [(64, False), (32, False), (64, True)],
-                         ids=["64", "32", "64-swapped"])
-def test_biased_decode_lowers_for_cuda(block_h, swap_ab, sum_in_kernel):
-  """The decode kernel with all three biases lowers for cuda at both CTA widths and with swapped
-  operands (biases per row): bias copies of 128 bytes (Pallas' least; a 32-column CTA's own
-  slice is 64 bytes), b_down in 64-element pieces when the kernel sums; odd M, H and D_out
-  (padded by ``dispatch``)."""
+@pytest.mark.parametrize("block_h, swap_ab, pairs", [
+    (64, False, False), (32, False, False), (64, True, False), (64, True, True)],
+    ids=["64", "32", "64-swapped", "64-swapped-pairs"])
+def test_biased_decode_lowers_for_cuda(block_h, swap_ab, pairs, sum_in_kernel):
+  """The decode kernel with all three biases lowers for cuda at both CTA widths, with swapped
+  operands (biases per row) and with 2-CTA clusters (odd K slices and D_out pieces: guarded
+  loads and stores): bias copies of 128 bytes (Pallas' least; a 32-column CTA's own slice is 64
+  bytes), b_down in 64-element pieces when the kernel sums; odd M, H and D_out (padded by
+  ``dispatch``)."""
+  if pairs and sum_in_kernel:
+    pytest.skip("cluster_pairs sums with XLA only (DecodeConfig refuses sum_in_kernel)")
   plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(
-      block_h, sum_in_kernel=sum_in_kernel, swap_ab=swap_ab))
+      block_h, sum_in_kernel=sum_in_kernel, swap_ab=swap_ab, cluster_pairs=pairs))
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   rows, d_model, hidden, d_out = 5, 576, 1000, 700
   forward = lambda *args: dispatch._forward(plan, *args, kernel_activation("pwl", True))
@@ -1467,6 +1471,14 @@ def test_configs_refuse_what_does_not_fit():
   assert decode_sm90.DecodeConfig(block_h=32).resolve_stages(576, 576, 2, 2) == 18
   with pytest.raises(NotImplementedError, match="block_h"):
     decode_sm90.DecodeConfig(block_h=48).resolve_stages(576, 576, 2, 2)
+  pairs = decode_sm90.DecodeConfig(swap_ab=True, cluster_pairs=True)
+  assert pairs.resolve_stages(576, 576, 2, 2) == 5  # 9 K slices: 5 and 4 (+ one past D)
+  assert (pairs.own_d_out(576), pairs.own_d_out(704)) == (320, 384)
+  for unpaired_only in (dict(swap_ab=False), dict(sum_in_kernel=True)):
+    with pytest.raises(NotImplementedError, match="cluster_pairs"):
+      dataclasses.replace(pairs, **unpaired_only).resolve_stages(576, 576, 2, 2)
+  with pytest.raises(NotImplementedError, match="cluster_pairs"):
+    pairs.resolve_stages(64, 576, 2, 2)  # one K slice: nothing to share
   kernels.FusedConfig().check(576, 576, 2, 2)
   kernels.EpilogueConfig(tile_m=64, tile_n=128).check(num_weights=2, dtype=jnp.bfloat16)
 
@@ -1518,6 +1530,16 @@ GPU_CASES = {
     "decode-swapped-summed-glu-pwl": (16, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
         "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
                                                   sum_in_kernel=True))),
+    # 2-CTA clusters share a hidden block (DSMEM exchange): odd K slices (9) and D_out pieces
+    # (11), biases; an even MLP at M = 64 (GEMM2 in 64-row accumulators); SmolLM2 at M = 16
+    "decode-paired-glu-pwl-odd": (5, 576, 1000, 700, True, True, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
+                                                  cluster_pairs=True))),
+    "decode-paired-mlp-gelu": (64, 768, 3072, 768, False, True, "gelu", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(swap_ab=True, cluster_pairs=True))),
+    "decode-paired-glu-pwl": (16, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
+                                                  cluster_pairs=True))),
     "epilogue-mlp-pwl-odd": (1000, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(

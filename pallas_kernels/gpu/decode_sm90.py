@@ -72,6 +72,7 @@ from pallas_kernels.gpu.hinge_table import TABLE_ALIGN
 BLOCK_WIDTHS = (32, 64)  # hidden columns per CTA = K slice width: a 64- or 128-byte swizzle row
 BIAS_BOX = 64  # elements per bias copy: 128 bytes (Pallas copies a multiple of 128 bytes)
 OUT_PIECE = 32  # f32 columns per partial-sum store: one 128-byte swizzle row
+PAIRED_ACC_REGISTERS = 80  # f32 accumulator registers a thread, GEMM2 of ``cluster_pairs``
 PROFILE_EVENTS = 256  # per warpgroup, with ``DecodeConfig.profile_dir`` (a K step records two)
 
 
@@ -80,13 +81,16 @@ class DecodeConfig:
   """``block_h``: hidden columns per CTA, also the K-slice width (32: twice the CTAs, each with half
   the bytes); ``stages``: K-slices of x and W_gate/W_up in flight per CTA (None: all that fit);
   ``sum_in_kernel``: the CTAs sum their partials into y themselves (one launch; module doc);
-  ``swap_ab``: tokens on wgmma's N axis (module doc), 64-column CTAs, M <= 64 and a multiple of 8."""
+  ``swap_ab``: tokens on wgmma's N axis (module doc), 64-column CTAs, M <= 64 and a multiple of 8;
+  ``cluster_pairs`` (with ``swap_ab``): two CTAs of a cluster share each hidden block, each
+  reading half of D and of D_out (module doc)."""
 
   block_h: int = 64
   stages: int | None = None
   pwl_dtype: str = "float32"  # arithmetic of the PWL hinges (see apply_activation)
   sum_in_kernel: bool = False
   swap_ab: bool = False
+  cluster_pairs: bool = False
   profile_dir: str = ""  # Mosaic GPU's in-kernel profile of the named regions, one file a launch
 
   def resolve_stages(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
@@ -97,9 +101,14 @@ class DecodeConfig:
     if d_model % self.block_h or d_out % 64:
       raise NotImplementedError(f"D={d_model}, D_out={d_out}: need multiples of "
                                 f"{self.block_h} and 64")
-    k_steps = d_model // self.block_h
+    if self.cluster_pairs and (not self.swap_ab or self.sum_in_kernel
+                               or d_model < 2 * self.block_h or d_out < 2 * WGMMA_ROWS):
+      raise NotImplementedError(
+          f"cluster_pairs: needs swap_ab, no sum_in_kernel, and two K slices and two D_out pieces "
+          f"to share (D={d_model}, D_out={d_out})")
+    k_steps = self.k_steps(d_model)
     piece = self.out_piece()
-    fixed = _fixed_smem_bytes(self.block_h, d_out, num_weights, itemsize, piece)
+    fixed = _fixed_smem_bytes(self.block_h, self.own_d_out(d_out), num_weights, itemsize, piece)
     if self.sum_in_kernel:  # y's store slot and b_down
       fixed += (WGMMA_ROWS * piece + d_out) * itemsize
     if self.profile_dir:  # the profiler's event buffer
@@ -112,6 +121,18 @@ class DecodeConfig:
           f"D_out={d_out}: W_down[{self.block_h}, D_out] plus {max(stages, 1)} stage(s) need "
           f"{fixed + max(stages, 1) * stage} bytes of SMEM > {SMEM_BYTES}")
     return stages
+
+  def ctas_per_block(self) -> int:
+    return 2 if self.cluster_pairs else 1
+
+  def k_steps(self, d_model: int) -> int:
+    """K slices one CTA reads (with ``cluster_pairs`` the second CTA's last may lie past D)."""
+    return -(-d_model // self.block_h // self.ctas_per_block())
+
+  def own_d_out(self, d_out: int) -> int:
+    """D_out columns of W_down one CTA reads and projects onto (64-column pieces; with
+    ``cluster_pairs`` the first CTA takes the larger half, the second's tail lies past D_out)."""
+    return -(-d_out // WGMMA_ROWS // self.ctas_per_block()) * WGMMA_ROWS
 
   def out_piece(self) -> int:
     """Output columns (D_out) of one stored piece of a partial: [64 rows, 32] f32, or swapped
@@ -129,6 +150,23 @@ def _fixed_smem_bytes(block_h: int, d_out: int, num_weights: int, itemsize: int,
 def _output_chunk(d_out: int) -> int:
   """The widest wgmma N (a multiple of 64, <= 256) that divides D_out."""
   return max(n for n in range(64, MAX_WGMMA_N + 1, 64) if d_out % n == 0)
+
+
+def _paired_chunk(own_d_out: int, m: int) -> int:
+  """Swapped GEMM2's D_out rows per accumulator when CTAs pair up: D_out is wgmma's M there (any
+  multiple of 64), so the widest divisor of the CTA's share whose f32 [rows, M] accumulator takes
+  at most ``PAIRED_ACC_REGISTERS`` registers a thread (one wgmma wait instead of one a piece)."""
+  return max(rows for rows in range(WGMMA_ROWS, own_d_out + 1, WGMMA_ROWS)
+             if own_d_out % rows == 0
+             and (rows == WGMMA_ROWS or rows * m <= PAIRED_ACC_REGISTERS * 128))
+
+
+@plgpu.inline_mgpu()
+def _cluster_sync(_):
+  """barrier.cluster arrive (release) + wait (acquire), every thread of the cluster's CTAs: the
+  distributed-shared-memory stores before it are visible to the peer after it."""
+  nvvm.cluster_arrive()
+  nvvm.cluster_wait()
 
 
 @plgpu.inline_mgpu()
@@ -160,9 +198,11 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
     raise ValueError("decode_ffn: b_down is added by the caller unless config.sum_in_kernel")
   stages = config.resolve_stages(d_model, d_out, len(weights), jnp.dtype(dtype).itemsize)
   block_h = tile_k = config.block_h
-  k_steps = d_model // tile_k
-  chunk = _output_chunk(d_out)
-  num_chunks = d_out // chunk
+  pairs = config.cluster_pairs
+  k_total, k_steps = d_model // tile_k, config.k_steps(d_model)  # all K slices, one CTA's
+  own_d_out = config.own_d_out(d_out)
+  chunk = _paired_chunk(own_d_out, m) if pairs else _output_chunk(d_out)
+  num_chunks = own_d_out // chunk
   h_blocks, m_blocks = pl.cdiv(hidden, block_h), pl.cdiv(m, WGMMA_ROWS)
   if summing and (m_blocks > 1 or h_blocks > num_sms()):
     raise NotImplementedError(
@@ -183,6 +223,9 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
   piece_shape = (WGMMA_ROWS, m) if swap else (WGMMA_ROWS, OUT_PIECE)
   num_slices = d_out // piece  # of A and y, one CTA's share of the sum each
   pieces_per_chunk = chunk // piece
+  # with cluster_pairs the second CTA of a pair may hold a K slice / D_out piece past the end
+  # (odd counts): its loads read TMA's zero fill, its wgmma and store are skipped
+  odd_k, odd_pieces = pairs and k_total % 2, pairs and num_slices % 2
   bias_axis = 0 if swap else 1  # pre-activations and partials carry hidden / D_out on this axis
 
   def decode_ffn_kernel(*refs):  # the name profiles show
@@ -194,6 +237,8 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
     rows = pl.ds(lax.axis_index("m") * x_rows, x_rows)
     block = lax.axis_index("h")
     h_cols = pl.ds(block * block_h, block_h)
+    rank = lax.axis_index("pair") if pairs else 0  # this CTA's K slices and D_out pieces:
+    first_k, first_piece = rank * k_steps, rank * (own_d_out // piece)  # the first of each
     out_cols = lambda s: pl.ds(s * piece, piece)  # D_out of piece s
 
     def piece_of(ref2d, s):
@@ -214,18 +259,25 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
     else:
       (out_gmem,) = out_gmems
 
-    def issue(k, slot):
-      k_cols = pl.ds(k * tile_k, tile_k)
-      plgpu.copy_gmem_to_smem(x_gmem.at[rows, k_cols], x_smem.at[slot], k_ready.at[slot])
-      for i, w in enumerate(w_gmems):
-        plgpu.copy_gmem_to_smem(w.at[k_cols, h_cols], w_smem.at[slot, i], k_ready.at[slot])
+    def when_in_range(index, count, odd):
+      """``body`` where ``index < count``; unguarded unless a paired CTA's last one can lie past."""
+      return pl.when(index < count) if odd else lambda body: body()
+
+    def issue(k, slot):  # this CTA's K slice k
+      @when_in_range(first_k + k, k_total, odd_k)
+      def _():
+        k_cols = pl.ds((first_k + k) * tile_k, tile_k)
+        plgpu.copy_gmem_to_smem(x_gmem.at[rows, k_cols], x_smem.at[slot], k_ready.at[slot])
+        for i, w in enumerate(w_gmems):
+          plgpu.copy_gmem_to_smem(w.at[k_cols, h_cols], w_smem.at[slot, i], k_ready.at[slot])
 
     with jax.named_scope("issue_loads"):  # everything this CTA reads first is in flight after
       for slot in range(stages):
         issue(slot, slot)
       for c in range(num_chunks):
-        plgpu.copy_gmem_to_smem(w_down_gmem.at[h_cols, pl.ds(c * chunk, chunk)], down_smem.at[c],
-                                down_ready.at[0])
+        plgpu.copy_gmem_to_smem(w_down_gmem.at[h_cols, pl.ds(first_piece * piece + c * chunk,
+                                                             chunk)],
+                                down_smem.at[c], down_ready.at[0])
       for i, bias in enumerate(b_gmems):
         # a 32-column CTA copies 64 (the last one's tail past H reads zeros)
         plgpu.copy_gmem_to_smem(bias.at[pl.ds(block * block_h, BIAS_BOX)], bias_smem.at[i],
@@ -248,13 +300,16 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
       @pl.loop(0, k_steps)
       def _k(k):
         slot = lax.rem(k, stages)
-        with jax.named_scope("wait_k_slice"):
-          plgpu.barrier_wait(k_ready.at[slot])
-        for i, acc in enumerate(accumulators):
-          if swap:  # pre^T [block_h, M] += W[k, J]^T x[:, k]^T
-            plgpu.wgmma(acc, w_smem.at[slot, i].T, x_smem.at[slot].T)
-          else:
-            plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
+
+        @when_in_range(first_k + k, k_total, odd_k)
+        def _():
+          with jax.named_scope("wait_k_slice"):
+            plgpu.barrier_wait(k_ready.at[slot])
+          for i, acc in enumerate(accumulators):
+            if swap:  # pre^T [block_h, M] += W[k, J]^T x[:, k]^T
+              plgpu.wgmma(acc, w_smem.at[slot, i].T, x_smem.at[slot].T)
+            else:
+              plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[slot, i])
         if stages < k_steps:  # slots get refilled, one step behind when there is a spare slot:
           lag = min(1, stages - 1)  # with step k's wgmma in flight, step k - 1's have read theirs
           plgpu.wgmma_wait(lag)
@@ -269,6 +324,12 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
     with jax.named_scope("gemm1"):
       pre_shape = (block_h, m) if swap else (WGMMA_ROWS, block_h)
       pre = pl.run_scoped(gemm1, *[plgpu.ACC(pre_shape, jnp.float32)] * len(weights))
+    if pairs:  # each CTA of the pair holds half of D's sum: swap halves through DSMEM, add
+      with jax.named_scope("exchange"):  # out_smem is free until GEMM2's stores
+        for i, part in enumerate(pre):
+          plgpu.cluster_ref(out_smem.at[i], {"pair": 1 - rank})[...] = part
+        _cluster_sync()
+        pre = [part + out_smem[i] for i, part in enumerate(pre)]
     with jax.named_scope("activation"):
       if has_consts:
         plgpu.barrier_wait(consts_ready.at[0])
@@ -303,7 +364,10 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
             plgpu.copy_smem_to_gmem(out_smem.at[step % 2], piece_of(acc_gmem, step),
                                     reduction_op="add")
           else:
-            plgpu.copy_smem_to_gmem(out_smem.at[step % 2], piece_of(out_gmem.at[block], step))
+            @when_in_range(first_piece + step, num_slices, odd_pieces)
+            def _(step=step):
+              plgpu.copy_smem_to_gmem(out_smem.at[step % 2],
+                                      piece_of(out_gmem.at[block], first_piece + step))
 
       with jax.named_scope("gemm2_chunk"):
         acc_shape = (chunk, m) if swap else (WGMMA_ROWS, chunk)
@@ -354,6 +418,7 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
   out = plgpu.kernel(
       decode_ffn_kernel, out_type=out_type,
       grid=(m_blocks, h_blocks), grid_names=("m", "h"), scratch_types=scratch,
+      cluster=(2,) if pairs else (), cluster_names=("pair",) if pairs else (),
       compiler_params=plgpu.CompilerParams(
           approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
           profile_space=PROFILE_EVENTS if config.profile_dir else 0,
