@@ -82,6 +82,12 @@ def variants(glu: bool, exact: str) -> dict:
       **{f"decode-pwl16-{name}-swapped-pairs": kernel(dispatch.Plan("decode", decode=(
           dataclasses.replace(config, swap_ab=True, cluster_pairs=True))))
          for name, config in decode.items() if config.block_h == 64},
+      # the same at M rows padded to 16 (XLA sums [blocks, D_out, M] partials into [M, D_out]
+      # in one fusion at M = 16 and 48, in two at M = 8 and 32: 12-04, thirtieth session)
+      "decode-pwl16-b64-16-swapped-pairs-padded16": lambda x, wu, wd, wg: kernel(dispatch.Plan(
+          "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
+                                                    cluster_pairs=True)))(
+          jnp.pad(x, ((0, -x.shape[0] % 16), (0, 0))), wu, wd, wg)[:x.shape[0]],
       **{f"probe:decode-kernel-only-{name}": decode_partials_only(pwl, config)
          for name, config in decode.items()},
       "probe:decode-kernel-only-b64-16-2stages": decode_partials_only(

@@ -22,12 +22,13 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     partials summed by XLA, or by the CTAs themselves in the same launch
                     (``DecodeConfig.sum_in_kernel``) (D_out <= ~1000); with swapped operands
                     (``DecodeConfig.swap_ab``: tokens on wgmma's N axis) it does no work on
-                    padding rows. Chosen at M <= 16 for SmolLM2 with a PWL
-                    (``TUNED_FEW_TOKENS``): swapped + XLA sum 7.98 vs 9.95 us on the H200's clock,
-                    9.3 vs 10.4 us of wall clock at M = 16 (benchmarks/results/
-                    decode-profile-2026-12-04-swapped.md); it ties XLA at gpt2-small and loses
-                    at M = 64 (12.06 vs 10.93 us), and in one launch (the sum in the kernel) it
-                    loses its gain to the two grid-wide meetings (8.98 us).
+                    padding rows; in 2-CTA clusters (``DecodeConfig.cluster_pairs``) two CTAs
+                    share each hidden block. Chosen at M <= 16 for SmolLM2 with a PWL
+                    (``TUNED_FEW_TOKENS``): swapped in pairs + XLA sum 6.93 vs 9.88 us on the
+                    H200's clock, 8.8 vs 10.0 us of wall clock at M = 16 (benchmarks/results/
+                    decode-profile-2026-12-04-pairs.md); it loses at M = 64 (11.84 vs 11.09 us),
+                    and in one launch (the sum in the kernel, unpaired) it loses its gain to the
+                    two grid-wide meetings.
   * XLA          -- NotImplementedError, so ``ffn`` falls back to the XLA reference: non-Hopper
                     devices, float32, callable activations, shapes where ``TUNED`` measured XLA
                     faster (llama-8B decode, SmolLM2 decode at 16 < M <= 64 or exact
@@ -421,12 +422,15 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
 
 
 # At M <= 16 the decode kernel with swapped operands (tokens on wgmma's N axis, no padding rows)
-# + XLA's sum of its partials, where it measured faster: SmolLM2 PWL-16 at M = 16, 7.98 vs 9.95 us
-# on the GPU's clock, 9.3 vs 10.4 us of wall clock (bench_decode_profile, 60 calls, 12-04;
-# gpt2-small tied, 8.66 vs 8.88 us; at M = 64 it lost, 12.06 vs 10.93, so XLA keeps 16 < M <= 64).
+# in 2-CTA clusters (each CTA half of D and of D_out) + XLA's sum of its partials, where it
+# measured faster: SmolLM2 PWL-16, GPU time 6.93 vs 9.88 us at M = 16 (wall 8.8 vs 10.0) and 7.10
+# vs 10.38 at M = 8 (bench_decode_profile, 60 calls, 12-04, thirtieth session). At M = 32 / 48 it
+# is 1.11x on the GPU's clock but lost in wall clock in that run (18.2 vs 12.8 us, 18.0 vs 14.1);
+# at M = 64 it loses (11.84 vs 11.09), so XLA keeps 16 < M <= 64. (gpt2-small: 1.39x / 1.16x GPU
+# time at M = 8 / 16 but slower in wall clock, 12.1 vs 10.0 / 11.4 vs 9.0 us: not selected.)
 FEW_TOKENS = 16
 SMOLLM2_DECODE = Plan("decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16",
-                                                                 swap_ab=True))
+                                                                 swap_ab=True, cluster_pairs=True))
 TUNED_FEW_TOKENS = {  # (glu, D, H, D_out, pwl) -> plan at M <= FEW_TOKENS
     (True, 576, 1536, 576, True): SMOLLM2_DECODE,
 }
