@@ -1397,6 +1397,7 @@ def test_plan_table():
   smollm2_decode = dispatch.choose_plan(16, 576, 1536, 576, True, True)  # paired, 12-04
   assert smollm2_decode.path == "decode" and smollm2_decode.decode.cluster_pairs
   assert dispatch.choose_plan(17, 576, 1536, 576, True, True) == dispatch.XLA
+  assert dispatch.choose_plan(1, 576, 1536, 576, True, True) == dispatch.XLA  # padded row
   assert dispatch.choose_plan(16, 768, 3072, 768, False, True) == dispatch.XLA  # wall clock
   llama_1b = dispatch.choose_plan(8192, 2048, 8192, 2048, True, True)  # ping-pong relu, chunked
   assert (llama_1b.epilogue.hinges, llama_1b.backward, llama_1b.down) == (

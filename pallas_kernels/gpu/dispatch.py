@@ -431,7 +431,9 @@ TUNED: dict[tuple[bool, int, int, int, bool, bool], Plan] = {
 FEW_TOKENS = 16
 SMOLLM2_DECODE = Plan("decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16",
                                                                  swap_ab=True, cluster_pairs=True))
-TUNED_FEW_TOKENS = {  # (glu, D, H, D_out, pwl) -> plan at M <= FEW_TOKENS
+# M = 1 stays with XLA (``xla_padded_row``): in a 30-layer SmolLM2 decode step at batch 1 the
+# kernel cost 2.5 us of GPU time a layer more than XLA (generate-step-2026-12-04.md).
+TUNED_FEW_TOKENS = {  # (glu, D, H, D_out, pwl) -> plan at 1 < M <= FEW_TOKENS
     (True, 576, 1536, 576, True): SMOLLM2_DECODE,
 }
 
@@ -480,7 +482,7 @@ def float16_residuals(glu: bool, kind: str) -> str:
 
 
 def choose_plan(rows: int, d_model: int, hidden: int, d_out: int, glu: bool, pwl: bool) -> Plan:
-  if rows <= FEW_TOKENS and (plan := TUNED_FEW_TOKENS.get((glu, d_model, hidden, d_out, pwl))):
+  if 1 < rows <= FEW_TOKENS and (plan := TUNED_FEW_TOKENS.get((glu, d_model, hidden, d_out, pwl))):
     return plan
   key = (glu, d_model, hidden, d_out, rows <= DECODE_ROWS, pwl)
   return TUNED.get(key, default_plan(rows, d_model, glu, pwl))
