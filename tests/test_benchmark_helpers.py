@@ -237,3 +237,19 @@ def test_kernel_profile_summary_reads_nested_regions_per_cta():
   assert waits["start_kcycles"] == 1.0 and waits["share"] == 3.0 / 8.0
   assert summary["regions"]["gemm1"]["total_kcycles"] == 6.0
 
+
+
+def test_generate_step_bench_times_every_variant_and_names_the_ffn_path(tmp_path):
+  """bench_generate_step on one layer: a row per batch and variant with a wall time and the
+  implementation its MLPs run as (XLA on a CPU), the ratio to the exact model at that batch, and
+  the markdown table written."""
+  import bench_generate_step
+  rows = bench_generate_step.main(["--tiny", "--layers", "1", "--batches", "2", "--steps", "2",
+                                   "--out", str(tmp_path)])
+  assert [(r["batch"], r["variant"]) for r in rows] == [
+      (2, v) for v in bench_generate_step.VARIANTS]
+  assert [r["ffn"] for r in rows] == ["nnx.Linear", "xla", "xla"]
+  assert all(r["wall_us_per_step"] > 0 for r in rows)
+  assert all(r["wall_vs_exact"] > 0 for r in rows[1:])
+  (table,) = tmp_path.glob("generate-step-*-tiny.md")
+  assert all(v in table.read_text() for v in bench_generate_step.VARIANTS)

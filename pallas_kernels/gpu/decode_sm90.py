@@ -50,7 +50,22 @@ with its XLA sum against 9.70 unswapped and 9.95 for XLA; in the in-kernel profi
 (decode-kernel-profile-2026-12-04-swapped.md) a CTA's span went from 13.6 to 10.3 kcycles
 (activation 1.78 -> 0.54, GEMM2 and its stores 4.63 -> 2.20, issuing the loads 1.68 -> 0.87), 35%
 of it now waiting for K slices. At M = 64 it loses to XLA (12.06 vs 10.93 us).
-``dispatch.TUNED_FEW_TOKENS`` picks it (with the XLA sum) for SmolLM2 with a PWL at M <= 16.
+
+With ``DecodeConfig(cluster_pairs=True)`` (swapped operands, XLA sum) two CTAs of a 2-CTA cluster
+share each hidden block: CTA r of the pair reads the K slices [r k, (r + 1) k) of x and W (k =
+ceil(D / 64 / 2)) and the D_out columns [r c, (r + 1) c) of W_down[J, :] (c = ceil(D_out / 64 /
+2) * 64; the second CTA's last slice or piece may lie past the end: its loads read TMA's zero fill,
+its wgmma and store are skipped). After GEMM1 each CTA holds half of D's sum of pre^T; it stores
+its half into the peer's SMEM (distributed shared memory, the store slots, still unused), both
+pass ``barrier.cluster`` (release / acquire), and each adds the peer's half to its own: both hold
+the whole pre^T, apply the activation, and project h^T onto their own D_out columns. Twice the
+CTAs (SmolLM2: 48), each with half the bytes and half of GEMM2. Measured
+(decode-profile-2026-12-04-pairs.md, M = 16, GPU clock with the XLA sum): SmolLM2 6.93 us (7.52
+unpaired in the same run, XLA 9.88), gpt2-small 7.57 (8.39, XLA 8.81); in the in-kernel profile
+(decode-kernel-profile-2026-12-04-pairs.md) the span went from 10.4 to 9.0 kcycles: GEMM1 5.9 ->
+4.0 (3.1 of it still waiting for K slices), GEMM2 2.2 -> 1.2, and the exchange costs 1.7 (a median
+over CTAs; it includes the wait of the CTA with 4 of the 9 K slices for the one with 5).
+``dispatch.TUNED_FEW_TOKENS`` picks it (with the XLA sum) for SmolLM2 with a PWL at 2 <= M <= 16.
 """
 
 from __future__ import annotations
