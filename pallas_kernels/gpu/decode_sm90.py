@@ -54,8 +54,8 @@ of it now waiting for K slices. At M = 64 it loses to XLA (12.06 vs 10.93 us).
 With ``DecodeConfig(cluster_pairs=True)`` (swapped operands, XLA sum) two CTAs of a 2-CTA cluster
 share each hidden block: CTA r of the pair reads the K slices [r k, (r + 1) k) of x and W (k =
 ceil(D / 64 / 2)) and the D_out columns [r c, (r + 1) c) of W_down[J, :] (c = ceil(D_out / 64 /
-2) * 64; the second CTA's last slice or piece may lie past the end: its loads read TMA's zero fill,
-its wgmma and store are skipped). After GEMM1 each CTA holds half of D's sum of pre^T; it stores
+2) * 64; with odd counts the second CTA's last K slice lies past D (not loaded, no wgmma) and its
+last D_out piece past D_out (TMA's zero fill, no store)). After GEMM1 each CTA holds half of D's sum of pre^T; it stores
 its half into the peer's SMEM (distributed shared memory, the store slots, still unused), both
 pass ``barrier.cluster`` (release / acquire), and each adds the peer's half to its own: both hold
 the whole pre^T, apply the activation, and project h^T onto their own D_out columns. Twice the
@@ -138,6 +138,7 @@ class DecodeConfig:
     return stages
 
   def ctas_per_block(self) -> int:
+    """CTAs that share one hidden block (a cluster with ``cluster_pairs``)."""
     return 2 if self.cluster_pairs else 1
 
   def k_steps(self, d_model: int) -> int:
@@ -238,8 +239,8 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
   piece_shape = (WGMMA_ROWS, m) if swap else (WGMMA_ROWS, OUT_PIECE)
   num_slices = d_out // piece  # of A and y, one CTA's share of the sum each
   pieces_per_chunk = chunk // piece
-  # with cluster_pairs the second CTA of a pair may hold a K slice / D_out piece past the end
-  # (odd counts): its loads read TMA's zero fill, its wgmma and store are skipped
+  # with cluster_pairs and odd counts the second CTA's last K slice lies past D (skipped) and its
+  # last D_out piece past D_out (W_down's columns read TMA's zero fill; the store is skipped)
   odd_k, odd_pieces = pairs and k_total % 2, pairs and num_slices % 2
   bias_axis = 0 if swap else 1  # pre-activations and partials carry hidden / D_out on this axis
 

@@ -23,7 +23,7 @@ Which path runs (decided at trace time from the shape and activation kind; see `
                     (``DecodeConfig.sum_in_kernel``) (D_out <= ~1000); with swapped operands
                     (``DecodeConfig.swap_ab``: tokens on wgmma's N axis) it does no work on
                     padding rows; in 2-CTA clusters (``DecodeConfig.cluster_pairs``) two CTAs
-                    share each hidden block. Chosen at M <= 16 for SmolLM2 with a PWL
+                    share each hidden block. Chosen at 2 <= M <= 16 for SmolLM2 with a PWL
                     (``TUNED_FEW_TOKENS``): swapped in pairs + XLA sum 6.93 vs 9.88 us on the
                     H200's clock, 8.8 vs 10.0 us of wall clock at M = 16 (benchmarks/results/
                     decode-profile-2026-12-04-pairs.md); it loses at M = 64 (11.84 vs 11.09 us),
