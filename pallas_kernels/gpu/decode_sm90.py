@@ -53,13 +53,13 @@ of it now waiting for K slices. At M = 64 it loses to XLA (12.06 vs 10.93 us).
 
 With ``DecodeConfig(cluster_pairs=True)`` (swapped operands, XLA sum) two CTAs of a 2-CTA cluster
 share each hidden block: CTA r of the pair reads the K slices [r k, (r + 1) k) of x and W (k =
-ceil(D / 64 / 2)) and the D_out columns [r c, (r + 1) c) of W_down[J, :] (c = ceil(D_out / 64 /
-2) * 64; with odd counts the second CTA's last K slice lies past D (not loaded, no wgmma) and its
-last D_out piece past D_out (TMA's zero fill, no store)). After GEMM1 each CTA holds half of D's sum of pre^T; it stores
-its half into the peer's SMEM (distributed shared memory, the store slots, still unused), both
-pass ``barrier.cluster`` (release / acquire), and each adds the peer's half to its own: both hold
-the whole pre^T, apply the activation, and project h^T onto their own D_out columns. Twice the
-CTAs (SmolLM2: 48), each with half the bytes and half of GEMM2. Measured
+ceil(D / 64 / 2)) and the D_out columns [r c, (r + 1) c) of W_down[J, :] (c = ceil(D_out / 64 / 2)
+* 64; with odd counts the second CTA's last K slice lies past D (not loaded, no wgmma) and its last
+D_out piece past D_out (TMA's zero fill, no store)). After GEMM1 each CTA holds half of D's sum of
+pre^T; it stores its half into the peer's SMEM (distributed shared memory, the store slots, still
+unused), both pass ``barrier.cluster`` (release / acquire), and each adds the peer's half to its
+own: both hold the whole pre^T, apply the activation, and project h^T onto their own D_out columns.
+Twice the CTAs (SmolLM2: 48), each with half the bytes and half of GEMM2. Measured
 (decode-profile-2026-12-04-pairs.md, M = 16, GPU clock with the XLA sum): SmolLM2 6.93 us (7.52
 unpaired in the same run, XLA 9.88), gpt2-small 7.57 (8.39, XLA 8.81); in the in-kernel profile
 (decode-kernel-profile-2026-12-04-pairs.md) the span went from 10.4 to 9.0 kcycles: GEMM1 5.9 ->
