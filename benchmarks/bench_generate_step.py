@@ -99,7 +99,7 @@ class Decoder:
     self.filled = self.start
 
   def step(self) -> jax.Array:
-    if self.filled == self.cache.keys[0].shape[1]:  # full: start over rather than overflow
+    if self.filled == self.cache.max_length:  # full: start over rather than overflow
       self.restart()
     self.tokens, self.cache = decode_step(self.graphdef, self.state, self.tokens, self.cache)
     self.filled += 1
@@ -125,6 +125,7 @@ def measure(model: Llama, variant: str, batch: int, tokens: jax.Array, cache: KV
   """Wall-clock (and, on a GPU, profiled) time per step from a copy of the prefilled cache."""
   decoder = Decoder(model, tokens, jax.tree.map(jnp.copy, cache))
   if args.dump_hlo:  # what XLA made of the step: which kernels surround the FFN
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"generate-step-hlo{args.tag}-{variant}-b{batch}.txt")
     with open(path, "w") as f:
       f.write(decode_step.lower(decoder.graphdef, decoder.state, decoder.tokens,

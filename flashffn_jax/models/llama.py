@@ -52,11 +52,19 @@ class LlamaConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """Keys/values per layer [B, S, num_kv_heads, head_dim] and the number of filled positions."""
+  """Keys/values per layer [B, num_kv_heads, S, head_dim] and the number of filled positions.
+
+  Heads lead the positions, as attention's two batched matmuls read them (batch dims b, k), so a
+  decode step writes one position in place instead of transposing the whole cache in and out."""
 
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
   length: jax.Array  # int32 scalar
+
+  @property
+  def max_length(self) -> int:
+    """Positions the cache holds (S)."""
+    return self.keys[0].shape[2]
 
 
 class RMSNorm(nnx.Module):
@@ -95,27 +103,29 @@ class Attention(nnx.Module):
     self.rope_theta = config.rope_theta
 
   def __call__(self, x, positions, cache_kv=None):
-    """x [B, T, D] at positions [T]; cache_kv = (keys, values) [B, S, Hkv, hd] to write into."""
+    """x [B, T, D] at positions [T]; cache_kv = (keys, values) [B, Hkv, S, hd] to write into."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd], the cache's layout
     if cache_kv is None:
       key_positions = positions
     else:
-      start = (0, positions[0], 0, 0)
+      start = (0, 0, positions[0], 0)
       k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
       v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
-      key_positions = jnp.arange(k.shape[1])
+      key_positions = jnp.arange(k.shape[2])
     groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+    q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype),  # [T, hd] x [hd, S]
                         preferred_element_type=jnp.float32) / jnp.sqrt(self.head_dim)
     causal = key_positions[None, :] <= positions[:, None]  # [T, S]; unwritten slots lie ahead
     scores = jnp.where(causal, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, -1)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [T, S] x [S, hd] per (b, k, g)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
     return self.o_proj(out.astype(x.dtype)), (k, v)
 
 
@@ -187,7 +197,7 @@ class Llama(nnx.Module):
     if max_length > self.config.max_positions:
       raise ValueError(f"max_length: expected at most {self.config.max_positions} (the model's "
                        f"context), got {max_length}")
-    shape = (batch_size, max_length, self.config.num_kv_heads, self.config.head_dim)
+    shape = (batch_size, self.config.num_kv_heads, max_length, self.config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(self.config.num_layers))
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
