@@ -15,7 +15,7 @@ from scipy import special
 
 import flashffn_jax as ff
 from flashffn_jax import models
-from flashffn_jax.models import bert, smollm2
+from flashffn_jax.models import bert, llama, smollm2
 from flashffn_jax.models.generate import sample_logits
 from flashffn_jax.offline import NotInstalledError
 from flashffn_jax.surgery import LinearizeWarning
@@ -164,6 +164,26 @@ def test_kv_cache_decode_matches_full_forward(rng, smollm2_slice):
     pieces.append(logits)
   assert int(cache.length) == 9
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=2e-4, atol=2e-4)
+
+
+def test_decode_step_writes_the_cache_in_place_without_transposing_it():
+  """The cache is laid out [B, kv_heads, S, head_dim] as attention's matmuls read it: the compiled
+  one-token step (CPU) has no fusion producing a transposed cache, so its cost per step does
+  not grow with a copy of every layer's whole cache; its logits match the uncached forward."""
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2)
+  model = llama.Llama(config, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (3, 7)), jnp.int32)
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c))
+  _, cache = step(state, tokens[:, :6], model.init_cache(3, 40))
+  assert cache.keys[0].shape == (3, 2, 40, 8) and cache.max_length == 40
+  hlo = step.lower(state, tokens[:, 6:], cache).compile().as_text()
+  transposed = [line for line in hlo.splitlines() if "transpose" in line
+                and any(f"[{shape}]" in line for shape in ("3,2,40,8", "3,2,8,40", "3,40,2,8"))]
+  assert transposed == []
+  logits, _ = step(state, tokens[:, 6:], cache)
+  np.testing.assert_allclose(logits[:, 0], forward(model, tokens)[:, 6], rtol=1e-4, atol=1e-4)
 
 
 @needs_smollm2
