@@ -60,9 +60,10 @@ def _prefill(graphdef, state, tokens, length, key, sampling: _Sampling, cache_si
   return sample_logits(last, key, sampling.temperature, sampling.top_k, sampling.top_p), cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=3)
 def _step(graphdef, state, token, cache, sampling: _Sampling, key):
-  """One token [B] through the cache; returns the next sampled token and the cache."""
+  """One token [B] through the cache; returns the next sampled token and the cache (the cache
+  passed in is donated: its buffers are updated in place instead of copied every step)."""
   model = nnx.merge(graphdef, state)
   logits, cache = model.decode(token[:, None], cache)
   return sample_logits(logits[:, -1], key, sampling.temperature, sampling.top_k, sampling.top_p), cache
