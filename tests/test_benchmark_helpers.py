@@ -238,7 +238,6 @@ def test_kernel_profile_summary_reads_nested_regions_per_cta():
   assert summary["regions"]["gemm1"]["total_kcycles"] == 6.0
 
 
-
 def test_generate_step_bench_times_every_variant_and_names_the_ffn_path(tmp_path):
   """bench_generate_step on one layer: a row per batch and variant with a wall time and the
   implementation its MLPs run as (XLA on a CPU), the ratio to the exact model at that batch, and
