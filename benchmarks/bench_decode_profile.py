@@ -59,6 +59,8 @@ def variants(glu: bool, exact: str) -> dict:
       x, wu, wd, wg, None, None, None, pwl, plan=plan)
   epilogue = dispatch.EPILOGUE_GLU_F16 if glu else dispatch.EPILOGUE_MLP_F16
   f16 = decode_sm90.DecodeConfig(64, pwl_dtype="float16")
+  paired = kernel(dispatch.Plan("decode", decode=dataclasses.replace(f16, swap_ab=True,
+                                                                     cluster_pairs=True)))
   decode = {f"b{block_h}-{pwl_dtype[5:]}": decode_sm90.DecodeConfig(block_h, pwl_dtype=pwl_dtype)
             for block_h in decode_sm90.BLOCK_WIDTHS for pwl_dtype in ("float32", "float16")}
   return {
@@ -84,9 +86,7 @@ def variants(glu: bool, exact: str) -> dict:
          for name, config in decode.items() if config.block_h == 64},
       # the same at M rows padded to 16 (XLA sums [blocks, D_out, M] partials into [M, D_out]
       # in one fusion at M = 16 and 48, in two at M = 8 and 32: 12-04, thirtieth session)
-      "decode-pwl16-b64-16-swapped-pairs-padded16": lambda x, wu, wd, wg: kernel(dispatch.Plan(
-          "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
-                                                    cluster_pairs=True)))(
+      "decode-pwl16-b64-16-swapped-pairs-padded16": lambda x, wu, wd, wg: paired(
           jnp.pad(x, ((0, -x.shape[0] % 16), (0, 0))), wu, wd, wg)[:x.shape[0]],
       **{f"probe:decode-kernel-only-{name}": decode_partials_only(pwl, config)
          for name, config in decode.items()},
