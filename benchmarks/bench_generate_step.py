@@ -7,15 +7,16 @@
 At decode an FFN is a few microseconds of GPU work (bench_decode_profile.py); what a user waits
 for is the whole step, whose wall clock also holds attention over the KV cache, the LM head and
 the host's launches. This script measures that step: one new token per sequence through
-``Llama.decode`` (the jitted step of models/generate.py, greedy, cache donated as a serving loop
-would), for a SmolLM2-135M-shaped model with random bf16 weights, in three variants:
+``Llama.decode``, as ``models.generate`` runs it (``decode_steps``: k chained greedy steps a
+jitted call, k from ``--tokens-per-call``, the cache donated), for a SmolLM2-135M-shaped model
+with random bf16 weights, in three variants:
   exact-xla   the model as built (exact SiLU MLPs, nnx.Linear under XLA)
   pwl16-xla   ``surgery.linearize(model, "pwl16", implementation="xla")``
   pwl16-auto  the same with the library's dispatch (implementation=None): on an H200 a Pallas
               Mosaic GPU decode kernel where it serves, on a CPU XLA
 Per batch size the cache (``--cache-len`` positions) is first filled to half by a prefill of
-random tokens; then ``--steps`` steps run chained (each step's token and cache feed the next)
-and the wall clock per step is the median over ``--repeats``. On a GPU the profiler
+random tokens; then ``--steps`` steps run chained (each step's token and cache feed the next),
+k a call, and the wall clock per step is the median over ``--repeats``. On a GPU the profiler
 (gpu_profile.py) adds the GPU-busy time per step. XLA_FLAGS (command buffers) change the wall
 clock, not the GPU time: run once per setting with a ``--tag``. Writes
 ``generate-step-<date><tag>.json`` / ``.md``; ``--dump-hlo`` also each variant's compiled step
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flashffn_jax.models.generate import FlatModel, Sampling, decode_steps
 from flashffn_jax.models.llama import KVCache, Llama, LlamaConfig
 from flashffn_jax.nnx import FusedFFN
 from flashffn_jax.ops import chosen_implementation
@@ -52,7 +54,9 @@ SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=
                            num_layers=30, num_heads=9, num_kv_heads=3, rope_theta=100000.0,
                            rms_norm_eps=1e-5)
 VARIANTS = ("exact-xla", "pwl16-xla", "pwl16-auto")
-TINY = dict(layers=2, batches="1,8", steps=3, repeats=1, cache_len=64, tag="-tiny")
+TINY = dict(layers=2, batches="1,8", tokens_per_call="1,2", steps=4, repeats=1, cache_len=64,
+            tag="-tiny")
+GREEDY, KEY = Sampling(0.0, None, None), jax.random.key(0)
 
 
 def build(variant: str, model: Llama) -> Llama:
@@ -78,18 +82,12 @@ def prefill(graphdef, state, tokens, cache):
   return nnx.merge(graphdef, state).decode(tokens, cache)[1]
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def decode_step(graphdef, state, tokens, cache):
-  """One token per sequence [B] through the cache: the greedy next tokens [B] and the cache."""
-  logits, cache = nnx.merge(graphdef, state).decode(tokens[:, None], cache)
-  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-
 class Decoder:
-  """Chained decode steps of one model: each ``step()`` feeds the last tokens and cache on."""
+  """Chained greedy decode calls of one model (``models.generate.decode_steps``, ``per_call``
+  steps a call): each ``call()`` feeds the last tokens and the cache on."""
 
-  def __init__(self, model: Llama, tokens: jax.Array, cache: KVCache):
-    self.graphdef, self.state = nnx.split(model)
+  def __init__(self, model: Llama, tokens: jax.Array, cache: KVCache, per_call: int):
+    self.flat, self.per_call = FlatModel.of(model), per_call
     self.tokens, self.cache = tokens, cache
     self.start = self.filled = int(cache.length)
 
@@ -98,45 +96,48 @@ class Decoder:
     self.cache = dataclasses.replace(self.cache, length=jnp.asarray(self.start, jnp.int32))
     self.filled = self.start
 
-  def step(self) -> jax.Array:
-    if self.filled == self.cache.max_length:  # full: start over rather than overflow
+  def call(self) -> jax.Array:
+    if self.filled + self.per_call > self.cache.max_length:  # full: start over, don't overflow
       self.restart()
-    self.tokens, self.cache = decode_step(self.graphdef, self.state, self.tokens, self.cache)
-    self.filled += 1
+    tokens, self.cache = decode_steps(self.flat, self.tokens, self.cache, KEY, 0, GREEDY,
+                                      self.per_call)
+    self.tokens = tokens[-1]
+    self.filled += self.per_call
     return self.tokens
 
 
-def wall_us_per_step(decoder: Decoder, steps: int, repeats: int) -> float:
-  """Median over ``repeats`` of the wall-clock us per step of ``steps`` chained steps."""
+def wall_us_per_step(decoder: Decoder, calls: int, repeats: int) -> float:
+  """Median over ``repeats`` of the wall-clock us per decode step of ``calls`` chained calls."""
   times = []
   for _ in range(repeats):
     decoder.restart()
     jax.block_until_ready(decoder.cache)
     start = time.perf_counter()
-    for _ in range(steps):
-      tokens = decoder.step()
+    for _ in range(calls):
+      tokens = decoder.call()
     jax.block_until_ready(tokens)
-    times.append((time.perf_counter() - start) / steps * 1e6)
+    times.append((time.perf_counter() - start) / (calls * decoder.per_call) * 1e6)
   return statistics.median(times)
 
 
-def measure(model: Llama, variant: str, batch: int, tokens: jax.Array, cache: KVCache,
-            args) -> dict:
+def measure(model: Llama, variant: str, batch: int, per_call: int, tokens: jax.Array,
+            cache: KVCache, args) -> dict:
   """Wall-clock (and, on a GPU, profiled) time per step from a copy of the prefilled cache."""
-  decoder = Decoder(model, tokens, jax.tree.map(jnp.copy, cache))
+  decoder = Decoder(model, tokens, jax.tree.map(jnp.copy, cache), per_call)
   if args.dump_hlo:  # what XLA made of the step: which kernels surround the FFN
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"generate-step-hlo{args.tag}-{variant}-b{batch}.txt")
+    path = os.path.join(args.out, f"generate-step-hlo{args.tag}-{variant}-b{batch}-k{per_call}.txt")
     with open(path, "w") as f:
-      f.write(decode_step.lower(decoder.graphdef, decoder.state, decoder.tokens,
-                                decoder.cache).compile().as_text())
-  jax.block_until_ready([decoder.step() for _ in range(2)])  # compile, warm up
+      f.write(decode_steps.lower(decoder.flat, decoder.tokens, decoder.cache, KEY, 0, GREEDY,
+                                 per_call).compile().as_text())
+  jax.block_until_ready([decoder.call() for _ in range(2)])  # compile, warm up
+  calls = max(1, args.steps // per_call)
   row = {"ffn": ffn_implementation(model, batch),
-         "wall_us_per_step": wall_us_per_step(decoder, args.steps, args.repeats)}
-  if jax.default_backend() == "gpu":
+         "wall_us_per_step": wall_us_per_step(decoder, calls, args.repeats)}
+  if jax.default_backend() == "gpu" and not args.wall_only:
     decoder.restart()
     try:
-      record = profile(decoder.step, (), args.steps, 1)
+      record = profile(decoder.call, (), calls, per_call)
       row.update(device_us_per_step=record["device_us"], kernels_per_step=record["kernels"],
                  profile=record)
     except Exception as error:  # noqa: BLE001 -- the wall clock stands without it
@@ -145,9 +146,10 @@ def measure(model: Llama, variant: str, batch: int, tokens: jax.Array, cache: KV
 
 
 def add_ratios(row: dict, results: list) -> None:
-  """Time / exact-xla's at the same batch, for the wall clock and the GPU time."""
+  """Time / exact-xla's at the same batch and steps a call, for the wall clock and GPU time."""
   base = next((r for r in reversed(results) if r["variant"] == "exact-xla"
-               and r["batch"] == row["batch"] and "wall_us_per_step" in r), None)
+               and r["batch"] == row["batch"] and r["tokens_per_call"] == row["tokens_per_call"]
+               and "wall_us_per_step" in r), None)
   for clock in ("wall", "device") if base and row["variant"] != "exact-xla" else ():
     if f"{clock}_us_per_step" in row and f"{clock}_us_per_step" in base:
       row[f"{clock}_vs_exact"] = row[f"{clock}_us_per_step"] / base[f"{clock}_us_per_step"]
@@ -162,20 +164,22 @@ def write_report(results: list, args, command: str) -> str:
   lines = [f"# One decode step of a SmolLM2-shaped Llama ({device}, {date})", "",
            f"`python3 benchmarks/bench_generate_step.py {command}`: {args.layers} layers, random "
            f"bf16 weights, KV cache of {args.cache_len} positions prefilled to "
-           f"{args.cache_len // 2}, {args.steps} chained steps, median of {args.repeats} "
-           f"repeats; XLA_FLAGS=`{flags}`. wall: wall clock per step (the host's launches "
-           "included); device: GPU-busy us per step (profiler); vs exact: time / exact-xla's at "
-           "the same batch (< 1 is faster).", "",
-           "| batch | variant | MLPs run as | wall us | vs exact | device us | vs exact "
-           "| kernels |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+           f"{args.cache_len // 2}, {args.steps} chained steps (k a call), median of "
+           f"{args.repeats} repeats; XLA_FLAGS=`{flags}`. wall: wall clock per step (the host's "
+           "launches included); device: GPU-busy us per step (profiler, which runs without "
+           "command buffers); vs exact: time / exact-xla's at the same batch and k (< 1 is "
+           "faster).", "",
+           "| batch | k | variant | MLPs run as | wall us | vs exact | device us | vs exact "
+           "| kernels |", "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
   cell = lambda row, key, spec: format(row[key], spec) if key in row else "—"
   for r in results:
     if "error" in r:
-      lines.append(f"| {r['batch']} | {r['variant']} | error: {r['error'][:100]} | | | | | |")
+      lines.append(f"| {r['batch']} | {r['tokens_per_call']} | {r['variant']} "
+                   f"| error: {r['error'][:100]} | | | | | |")
       continue
     device_us = cell(r, "device_us_per_step", ".1f") if "device_error" not in r else (
         "error: " + r["device_error"][:60])
-    lines.append(f"| {r['batch']} | {r['variant']} | {r['ffn']} "
+    lines.append(f"| {r['batch']} | {r['tokens_per_call']} | {r['variant']} | {r['ffn']} "
                  f"| {r['wall_us_per_step']:.1f} | {cell(r, 'wall_vs_exact', '.3f')} "
                  f"| {device_us} | {cell(r, 'device_vs_exact', '.3f')} "
                  f"| {cell(r, 'kernels_per_step', '.0f')} |")
@@ -189,7 +193,9 @@ def main(argv=None) -> list:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--batches", default="1,4,8,16,32")
-  parser.add_argument("--steps", type=int, default=50, help="chained steps per repeat")
+  parser.add_argument("--tokens-per-call", default="1,8",
+                      help="decode steps a jitted call runs (comma-separated list)")
+  parser.add_argument("--steps", type=int, default=48, help="chained steps per repeat")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--cache-len", type=int, default=256)
   parser.add_argument("--layers", type=int, default=SMOLLM2_135M.num_layers)
@@ -197,6 +203,9 @@ def main(argv=None) -> list:
   parser.add_argument("--tag", default="", help="suffix of the report's file names")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="write each variant's compiled step (HLO text) to --out")
+  parser.add_argument("--wall-only", action="store_true",
+                      help="skip the profiler (it runs without command buffers, so XLA_FLAGS that "
+                      "change them change the wall clock only)")
   parser.add_argument("--tiny", action="store_true",
                       help=f"CPU smoke run: {TINY} unless given")
   args = parser.parse_args(argv)
@@ -213,16 +222,18 @@ def main(argv=None) -> list:
                          jnp.int32)
     cache = prefill(*nnx.split(exact), prompt, exact.init_cache(batch, args.cache_len))
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, batch), jnp.int32)
-    for variant, model in models.items():
-      row = {"variant": variant, "batch": batch, "layers": args.layers}
-      try:
-        row |= measure(model, variant, batch, tokens, cache, args)
-      except Exception as error:  # noqa: BLE001 -- a variant that fails is a result
-        row["error"] = f"{type(error).__name__}: {error}"[:300]
-      add_ratios(row, results)
-      results.append(row)
-      print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-      table = write_report(results, args, command)
+    for per_call in map(int, args.tokens_per_call.split(",")):
+      for variant, model in models.items():
+        row = {"variant": variant, "batch": batch, "tokens_per_call": per_call,
+               "layers": args.layers}
+        try:
+          row |= measure(model, variant, batch, per_call, tokens, cache, args)
+        except Exception as error:  # noqa: BLE001 -- a variant that fails is a result
+          row["error"] = f"{type(error).__name__}: {error}"[:300]
+        add_ratios(row, results)
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        table = write_report(results, args, command)
   print(table)
   return results
 

@@ -239,16 +239,16 @@ def test_kernel_profile_summary_reads_nested_regions_per_cta():
 
 
 def test_generate_step_bench_times_every_variant_and_names_the_ffn_path(tmp_path):
-  """bench_generate_step on one layer: a row per batch and variant with a wall time and the
-  implementation its MLPs run as (XLA on a CPU), the ratio to the exact model at that batch, and
-  the markdown table written."""
+  """bench_generate_step on one layer: a row per batch, steps a call and variant with a wall
+  time and the implementation its MLPs run as (XLA on a CPU), the ratio to the exact model at
+  that batch and steps a call, and the markdown table written."""
   import bench_generate_step
-  rows = bench_generate_step.main(["--tiny", "--layers", "1", "--batches", "2", "--steps", "2",
-                                   "--out", str(tmp_path)])
-  assert [(r["batch"], r["variant"]) for r in rows] == [
-      (2, v) for v in bench_generate_step.VARIANTS]
-  assert [r["ffn"] for r in rows] == ["nnx.Linear", "xla", "xla"]
+  rows = bench_generate_step.main(["--tiny", "--layers", "1", "--batches", "2", "--steps", "4",
+                                   "--tokens-per-call", "1,3", "--out", str(tmp_path)])
+  assert [(r["batch"], r["tokens_per_call"], r["variant"]) for r in rows] == [
+      (2, k, v) for k in (1, 3) for v in bench_generate_step.VARIANTS]
+  assert [r["ffn"] for r in rows] == ["nnx.Linear", "xla", "xla"] * 2
   assert all(r["wall_us_per_step"] > 0 for r in rows)
-  assert all(r["wall_vs_exact"] > 0 for r in rows[1:])
+  assert all(r["wall_vs_exact"] > 0 for r in rows if r["variant"] != "exact-xla")
   (table,) = tmp_path.glob("generate-step-*-tiny.md")
   assert all(v in table.read_text() for v in bench_generate_step.VARIANTS)

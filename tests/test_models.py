@@ -16,7 +16,7 @@ from scipy import special
 import flashffn_jax as ff
 from flashffn_jax import models
 from flashffn_jax.models import bert, llama, smollm2
-from flashffn_jax.models.generate import sample_logits
+from flashffn_jax.models.generate import FlatModel, Sampling, decode_steps, sample_logits
 from flashffn_jax.offline import NotInstalledError
 from flashffn_jax.surgery import LinearizeWarning
 from tests.conftest import relative_error
@@ -187,6 +187,37 @@ def test_decode_step_reads_the_cache_without_transposing_it(rng):
   np.testing.assert_allclose(logits[:, 0], forward(model, tokens)[:, 6], rtol=1e-4, atol=1e-4)
 
 
+def test_decode_steps_chain_greedy_tokens_through_a_donated_cache(rng):
+  """decode_steps runs several one-token steps in one call: from an eagerly made cache (each
+  layer's keys and values their own buffers, so donating it is allowed), each greedy token is the
+  argmax of the uncached forward over the sequence so far; a second call continues the first."""
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2)
+  model = llama.Llama(config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  start = jnp.asarray(rng.integers(0, 64, 2), jnp.int32)
+  flat, greedy, key = FlatModel.of(model), Sampling(0.0, None, None), jax.random.key(0)
+  first, cache = decode_steps(flat, start, model.init_cache(2, 16), key, 0, greedy, 3)
+  second, cache = decode_steps(flat, first[-1], cache, key, 3, greedy, 2)
+  sequence = np.asarray(start)[:, None]
+  for token in np.concatenate([first, second]):
+    np.testing.assert_array_equal(token, np.argmax(forward(model, jnp.asarray(sequence))[:, -1], -1))
+    sequence = np.concatenate([sequence, token[:, None]], axis=1)
+  assert int(cache.length) == 5
+
+
+@needs_smollm2
+def test_generated_text_does_not_depend_on_tokens_per_call(smollm2_slice):
+  """Token n is sampled with fold_in(key, n), so one step a call and three (the last call's
+  surplus steps dropped) give the same greedy and sampled text, streamed or not."""
+  model, tokenizer = smollm2_slice
+  for temperature in (0.0, 1.0):
+    run = lambda k, **kw: models.generate(model, tokenizer, "Once upon a", 8, temperature, top_k=40,
+                                          seed=5, stop_at_eos=False, tokens_per_call=k, **kw)
+    streamed = []
+    assert run(1) == run(3, on_text=streamed.append) == "".join(streamed)
+    assert len(tokenizer.encode(run(1)).ids) >= 4
+
+
 @needs_smollm2
 def test_bfloat16_load_stays_close(rng, smollm2_slice):
   model16, _ = smollm2.load(num_layers=SLICE_LAYERS, dtype=jnp.bfloat16)
@@ -255,7 +286,8 @@ def test_generate_rejects_bad_arguments(smollm2_slice):
                         (dict(temperature=-1.0), "temperature: expected a value >= 0"),
                         (dict(top_p=1.5), r"top_p: expected None or a value in \(0, 1\]"),
                         (dict(prompt=""), "prompt: expected text that tokenizes"),
-                        (dict(max_new_tokens=10**5), "exceeds the model's context")]:
+                        (dict(max_new_tokens=10**5), "exceeds the model's context"),
+                        (dict(tokens_per_call=0), "tokens_per_call: expected a positive integer")]:
     args = dict(prompt="Hi", max_new_tokens=2) | kwargs
     with pytest.raises(ValueError, match=match):
       models.generate(model, tokenizer, args.pop("prompt"), **args)

@@ -198,8 +198,9 @@ class Llama(nnx.Module):
       raise ValueError(f"max_length: expected at most {self.config.max_positions} (the model's "
                        f"context), got {max_length}")
     shape = (batch_size, self.config.num_kv_heads, max_length, self.config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(self.config.num_layers))
-    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+    def zeros():  # one buffer per layer and per keys/values: a donated step updates each in place
+      return tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(self.config.num_layers))
+    return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32))
 
   def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] for ``tokens`` at positions cache.length.. and the cache advanced by T."""
