@@ -137,7 +137,7 @@ def measure(model: Llama, variant: str, batch: int, per_call: int, tokens: jax.A
   if jax.default_backend() == "gpu" and not args.wall_only:
     decoder.restart()
     try:
-      record = profile(decoder.call, (), calls, per_call)
+      record = profile(decoder.call, (), calls, per_call, top=args.profile_top)
       row.update(device_us_per_step=record["device_us"], kernels_per_step=record["kernels"],
                  profile=record)
     except Exception as error:  # noqa: BLE001 -- the wall clock stands without it
@@ -206,6 +206,8 @@ def main(argv=None) -> list:
   parser.add_argument("--wall-only", action="store_true",
                       help="skip the profiler (it runs without command buffers, so XLA_FLAGS that "
                       "change them change the wall clock only)")
+  parser.add_argument("--profile-top", type=int, default=4,
+                      help="kernels listed per row (by_kernel_us: GPU us a step per launch)")
   parser.add_argument("--tiny", action="store_true",
                       help=f"CPU smoke run: {TINY} unless given")
   args = parser.parse_args(argv)

@@ -26,14 +26,16 @@ plain calls and ``nnx.jit`` never grow the module's state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from flashffn_jax.ops import ffn, to_kernel_activation
+from flashffn_jax.ops import ffn, prepare_activation, to_kernel_activation
 from flashffn_jax.pwl import PiecewiseLinear
 
 PWL_PARAM_NAMES = ("pwl_first_knot", "pwl_log_gaps", "pwl_values", "pwl_left_slope", "pwl_right_slope")
@@ -217,8 +219,30 @@ class FusedFFN(nnx.Module):
     arrays = promote_dtype((x, *(_value(getattr(self, n)) for n in WEIGHT_NAMES)),
                                       dtype=self.dtype)
     x, weights = arrays[0], dict(zip(WEIGHT_NAMES, arrays[1:]))
-    y = ffn(x, weights.pop("w_up"), weights.pop("w_down"), **weights, activation=self.activation,
+    activation = _prepared_activations.get().get(id(self)) or self.activation
+    y = ffn(x, weights.pop("w_up"), weights.pop("w_down"), **weights, activation=activation,
             implementation=self.implementation, precision=self.precision)
     if hasattr(self, "__captures__"):  # only inside nnx.capture (see the module docstring)
       self.sow(nnx.Intermediate, "ffn_output", y)
     return y
+
+
+_prepared_activations: contextvars.ContextVar[dict] = contextvars.ContextVar(
+    "prepared_activations", default={})
+
+
+@contextlib.contextmanager
+def activations_prepared(module: nnx.Module) -> Iterator[None]:
+  """Inside, each ``FusedFFN`` object of ``module`` calls ``ffn`` with its activation as prepared
+  on entry (``ops.prepare_activation``: a PWL's knots, slopes, intercepts and GPU kernel tables)
+  instead of rebuilding it from its variables at every call. Enter it in a jitted function and
+  trace a loop over steps inside (``models.generate.decode_steps``), and that preparation runs
+  once per call, not once per step. Only for code that does not change the variables inside;
+  other module objects (e.g. ones ``nnx.merge`` builds) are not affected."""
+  prepared = {id(layer): prepare_activation(layer.activation)
+              for _, layer in nnx.iter_modules(module) if isinstance(layer, FusedFFN)}
+  token = _prepared_activations.set(_prepared_activations.get() | prepared)
+  try:
+    yield
+  finally:
+    _prepared_activations.reset(token)

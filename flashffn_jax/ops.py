@@ -38,8 +38,11 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _ALIASES = {"gelu_erf": "gelu", "swish": "silu"}
 
 
-def to_kernel_activation(activation: ActivationLike) -> Activation:
-  """Normalise a name / PiecewiseLinear / callable into what implementations receive."""
+def to_kernel_activation(activation: ActivationLike | Activation) -> Activation:
+  """Normalise a name / PiecewiseLinear / callable into what implementations receive (an
+  ``Activation``, e.g. from ``prepare_activation``, passes as it is)."""
+  if isinstance(activation, Activation):
+    return activation
   if isinstance(activation, PiecewiseLinear):
     activation.validate()
     return Activation("pwl", activation.knot_positions(), activation.slopes(),
@@ -54,6 +57,19 @@ def to_kernel_activation(activation: ActivationLike) -> Activation:
     return Activation("callable", fn=activation)
   raise ValueError(f"activation: expected a name, a PiecewiseLinear or a callable, got "
                    f"{type(activation).__name__}")
+
+
+def prepare_activation(activation: ActivationLike | Activation) -> Activation:
+  """``activation`` as implementations receive it, its arrays computed now: a PWL's knots,
+  slopes and intercepts, and on a GPU the kernels' tables (``with_kernel_tables``). ``ffn`` takes
+  the result in place of ``activation``; a loop that calls ``ffn`` many times with the same
+  activation (a decode loop's ``lax.scan``) prepares it once, outside, and its steps keep no
+  parameter preprocessing (XLA does not hoist it out of the loop)."""
+  activation = to_kernel_activation(activation)
+  if jax.default_backend() == "gpu":
+    from pallas_kernels.gpu.dispatch import with_kernel_tables  # noqa: PLC0415 -- GPU only
+    activation = with_kernel_tables(activation)
+  return activation
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -187,7 +203,7 @@ def _candidates(implementation: str | None) -> tuple[str, ...]:
 
 def ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *, w_gate: jax.Array | None = None,
         b_up: jax.Array | None = None, b_gate: jax.Array | None = None,
-        b_down: jax.Array | None = None, activation: ActivationLike = "gelu",
+        b_down: jax.Array | None = None, activation: ActivationLike | Activation = "gelu",
         implementation: str | None = None, precision=None) -> jax.Array:
   """Feed-forward block ``act(x @ w_up + b_up) @ w_down + b_down``, or GLU when ``w_gate`` is given.
 
@@ -196,7 +212,8 @@ def ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *, w_gate: jax.Array |
     w_up: [D, H]; w_down: [H, D_out]; w_gate: [D, H] (GLU); biases [H] / [H] / [D_out]. All
       arrays share x's dtype.
     activation: an exact name (gelu, gelu_tanh, silu, relu, tanh, sigmoid, identity), a
-      ``PiecewiseLinear`` or a jnp callable (callables run on the XLA path only).
+      ``PiecewiseLinear`` or a jnp callable (callables run on the XLA path only); or one of these
+      through ``prepare_activation`` (its arrays computed ahead, e.g. outside a loop).
     implementation: None (the fastest correct one for the platform and shape), "xla", or a
       registered kernel name (see ``IMPLEMENTATIONS``).
     precision: passed to the XLA matmuls.

@@ -260,7 +260,8 @@ class Activation:
   gradients), or, for ``kind == "callable"``, an arbitrary jnp function (XLA path only).
   ``evenly_spaced``: the knots are t_0 + k δ by construction (a static promise that holds for
   traced knots too, e.g. a layer's learnable uniform PWL), so a kernel may evaluate the PWL by
-  table lookup (``pallas_kernels.gpu.pwl_lookup``)."""
+  table lookup (``pallas_kernels.gpu.pwl_lookup``). ``tables``: kernel tables by kernel kind,
+  computed ahead from these arrays (``pallas_kernels.gpu.dispatch.with_kernel_tables``)."""
 
   kind: str
   knots: jax.Array | None = None
@@ -268,6 +269,7 @@ class Activation:
   intercepts: jax.Array | None = None
   fn: Callable[[jax.Array], jax.Array] | None = None
   evenly_spaced: bool = False
+  tables: dict[str, jax.Array] | None = None
 
   def __call__(self, h: jax.Array) -> jax.Array:
     """act(h) for a float32 array (the reference; PWL gradients come from the caller's VJP)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from unittest import mock
 
 import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -209,7 +210,7 @@ def check_against_reference(problem, activation, plan, pwl_gradients=True):
     ours = lambda *args: dispatch.ffn_mosaic_gpu(*args)
   else:
     ours = lambda *args: dispatch._ffn(plan, args[-1].kind, None, *args[:-1], args[-1].knots,
-                                       args[-1].slopes, args[-1].intercepts)
+                                       args[-1].slopes, args[-1].intercepts, None)
   out = jax.jit(lambda *a: ours(*a, activation))(*[problem[n] for n in ARG_NAMES])
   reference = functools.partial(reference_in_float32, segments_in=segments_in)
   expected = jax.jit(lambda *a: reference(*a, activation))(
@@ -267,6 +268,28 @@ def test_interpret_decode(rng, rows, d_model, hidden, d_out, glu, bias, name, co
   plan = dispatch.Plan("decode", decode=config)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
     check_against_reference(problem, kernel_activation(name, glu), plan)
+
+
+@on_cpu_only
+@needs_interpret_threads
+def test_interpret_decode_reads_a_prepared_table(rng):
+  """A table computed ahead (``with_kernel_tables``, as ``nnx.activations_prepared`` does outside
+  a decode loop) is the one the kernel reads: the same output as the table built in the call,
+  bit for bit, and another PWL's table changes it; no table is built in the call."""
+  problem = make_problem(rng, 16, 128, 200, 96, glu=True, bias=True)
+  plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(stages=1, swap_ab=True))
+  activation = dispatch.with_kernel_tables(kernel_activation("pwl", glu=True))
+  other = dispatch.with_kernel_tables(kernel_activation("pwl-tanh", glu=True))
+  run = jax.jit(lambda table, *arrays: dispatch._ffn(
+      plan, "pwl", None, *arrays, activation.knots, activation.slopes, activation.intercepts, table))
+  arrays = [problem[n] for n in ARG_NAMES]
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+    built = run(None, *arrays)
+    with mock.patch.object(hinge_table, "activation_table", side_effect=AssertionError("built")):
+      prepared = run(activation.tables["pwl"], *arrays)
+      elsewhere = run(other.tables["pwl"], *arrays)
+  np.testing.assert_array_equal(np.asarray(prepared, np.float32), np.asarray(built, np.float32))
+  assert relative_error(elsewhere, built) > 0.1
 
 
 @on_cpu_only
@@ -1041,7 +1064,7 @@ def test_trained_pwl_gradients_lower_into_the_dgrad_kernel(dgrad_calls, glu, fit
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   loss = lambda x, wu, wd, wg, s, c: jnp.sum(dispatch._ffn(
       plan, "pwl", None, x, wu, wd, wg, None, None, None, activation.knots, s,
-      c).astype(jnp.float32))
+      c, None).astype(jnp.float32))
   step = jax.grad(loss, argnums=(0, 1, 2, 4, 5) + ((3,) if glu else ()))
   module = cuda_module(step, spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_model),
                        spec(d_model, hidden) if glu else None, activation.slopes,

@@ -7,6 +7,7 @@ import importlib.util
 import warnings
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -203,6 +204,31 @@ def test_decode_steps_chain_greedy_tokens_through_a_donated_cache(rng):
     np.testing.assert_array_equal(token, np.argmax(forward(model, jnp.asarray(sequence))[:, -1], -1))
     sequence = np.concatenate([sequence, token[:, None]], axis=1)
   assert int(cache.length) == 5
+
+
+def test_decode_steps_prepare_a_pwl_once_outside_the_loop(rng):
+  """A linearized model's PWL parameters become knots, slopes and intercepts once per
+  decode_steps call, before its scan (``activations_prepared``): the loop body has no cumsum
+  (the knots' cumulative gaps, which XLA would leave in every step), the prologue has one per
+  layer; the tokens match one-step calls."""
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2)
+  model = ff.linearize(llama.Llama(config, rngs=nnx.Rngs(int(rng.integers(1 << 30)))), "pwl16")
+  flat, greedy, key = FlatModel.of(model), Sampling(0.0, None, None), jax.random.key(0)
+  start = jnp.asarray(rng.integers(0, 64, 3), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda t, c: decode_steps(flat, t, c, key, 0, greedy, 4))(
+      start, model.init_cache(3, 16)).jaxpr
+  (scan,) = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "scan"]
+  count = lambda j, name: sum(e.primitive.name == name for e in j.eqns) + sum(
+      count(sub, name) for e in j.eqns for sub in jax.extend.core.jaxprs_in_params(e.params))
+  assert count(scan.params["jaxpr"].jaxpr, "cumsum") == 0
+  assert count(jaxpr, "cumsum") == config.num_layers
+  looped, _ = decode_steps(flat, start, model.init_cache(3, 16), key, 0, greedy, 4)
+  token, cache, stepped = start, model.init_cache(3, 16), []
+  for index in range(4):
+    (token,), cache = decode_steps(flat, token, cache, key, index, greedy, 1)
+    stepped.append(token)
+  np.testing.assert_array_equal(looped, np.stack(stepped))
 
 
 @needs_smollm2

@@ -526,12 +526,29 @@ def _kernel_table(activation: Activation, lookup: bool, counted: bool = False) -
   """(table, kernel kind) a kernel reads: ``pwl_lookup``'s table and kind "pwl_lookup"; with
   ``counted`` (a forward saving, or a dgrad kernel reading, ``kernels.LOOKUP_SEGMENTS`` of other
   knots) the counted table and "pwl_counted"; or the hinge table (None for exact activations)
-  and the activation's kind."""
+  and the activation's kind. A table in ``activation.tables`` is taken as it is."""
+  kind = "pwl_lookup" if lookup else "pwl_counted" if counted else activation.kind
+  if activation.tables and kind in activation.tables:
+    return activation.tables[kind], kind
   if lookup:
-    return pwl_lookup.lookup_table(activation), "pwl_lookup"
+    return pwl_lookup.lookup_table(activation), kind
   if counted:
-    return pwl_lookup.counted_table(activation), "pwl_counted"
-  return hinge_table.activation_table(activation), activation.kind
+    return pwl_lookup.counted_table(activation), kind
+  return hinge_table.activation_table(activation), kind
+
+
+def with_kernel_tables(activation: Activation) -> Activation:
+  """``activation`` carrying the tables a forward kernel reads - the hinge table, and for knots
+  evenly spaced by construction the lookup table - computed now. Code that traces many FFN calls
+  in a loop (a decode loop's ``lax.scan``) and prepares the activation outside it computes them
+  once per loop: XLA leaves them inside (a few us a table a step on the H200, see
+  benchmarks/NOTES.md)."""
+  if activation.kind != "pwl" or activation.knots.shape[0] > hinge_table.MAX_KNOTS:
+    return activation
+  tables = {"pwl": hinge_table.activation_table(activation)}
+  if activation.evenly_spaced:
+    tables["pwl_lookup"] = pwl_lookup.lookup_table(activation)
+  return dataclasses.replace(activation, tables=tables)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -618,10 +635,17 @@ def down_projection(hidden_act, w_down, b_down, rows: int,
   return out[:rows, :d_out]
 
 
+def _prepared(plan: Plan, kind: str, knots, slopes, intercepts, table) -> Activation:
+  """The activation ``_forward`` evaluates, with ``table`` (None: built there) as the table of
+  the plan's forward kernel."""
+  tables = None if table is None else {"pwl_lookup" if plan.pwl_lookup else kind: table}
+  return Activation(kind, knots, slopes, intercepts, tables=tables)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _ffn(plan, kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes,
-         intercepts):
-  activation = Activation(kind, knots, slopes, intercepts)
+         intercepts, table):
+  activation = _prepared(plan, kind, knots, slopes, intercepts, table)
   return _forward(plan, x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation)
 
 
@@ -649,15 +673,16 @@ def _ffn_fwd(plan, kind, precision, *primals):
   ``symbolic_zeros``). The choice travels as a dict key: tree structure, not a JAX value."""
   args = tuple(None if primal is None else primal.value for primal in primals)  # None: absent
   backward_kind, saves = training_choice(
-      plan, kind, args[-3].shape[0] if kind == "pwl" else 0, args[3] is not None, args[0].dtype,
-      kind == "pwl" and (primals[-2].perturbed or primals[-1].perturbed))
+      plan, kind, args[-4].shape[0] if kind == "pwl" else 0, args[3] is not None, args[0].dtype,
+      kind == "pwl" and (primals[-3].perturbed or primals[-2].perturbed))
   marker = {(backward_kind, saves): ()}
   if saves is None:
     return _ffn(plan, kind, precision, *args), (args, None, marker)
-  *arrays, knots, slopes, intercepts = args
+  *arrays, knots, slopes, intercepts, table = args
   if saves == "segments" and kind != "pwl":
     raise ValueError(f"residuals='segments' saves PWL segment indices, the activation is {kind!r}")
-  out, preactivations = _forward(plan, *arrays, Activation(kind, knots, slopes, intercepts),
+  out, preactivations = _forward(plan, *arrays,
+                                 _prepared(plan, kind, knots, slopes, intercepts, table),
                                  saves=saves)
   return out, (args, preactivations, marker)
 
@@ -708,7 +733,7 @@ def _dgrad_backward(plan, activation, x, w_up, w_down, w_gate, b_up, b_gate, b_d
 
 
 def _ffn_bwd(plan, kind, precision, residuals, dy):
-  (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts), saved, marker = (
+  (x, w_up, w_down, w_gate, b_up, b_gate, b_down, knots, slopes, intercepts, _), saved, marker = (
       residuals)
   ((backward_kind, saves),) = marker
   activation = Activation(kind, knots, slopes, intercepts, evenly_spaced=plan.pwl_lookup)
@@ -728,7 +753,7 @@ def _ffn_bwd(plan, kind, precision, residuals, dy):
                                   d_hidden_dtype=None if plan.d_hidden == "float32" else x.dtype)
   *array_grads, d_slopes, d_intercepts = grads
   d_knots = None if knots is None else jnp.zeros_like(knots)
-  return (*array_grads, d_knots, d_slopes, d_intercepts)
+  return (*array_grads, d_knots, d_slopes, d_intercepts, None)  # the table follows the knots
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd, symbolic_zeros=True)
@@ -762,7 +787,9 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
     raise NotImplementedError(reason)
   plan = resolve_plan(x, w_up, w_down, w_gate, activation, plan)
   knots = activation.knots
+  table = (activation.tables or {}).get("pwl_lookup" if plan.pwl_lookup else activation.kind)
   if plan.residuals == "floor-bits" and knots is not None:
     knots = backward.snap_knots(knots)  # forward and backward see the 15-bit knots it keeps
+    table = None  # built from the snapped knots
   return _ffn(plan, activation.kind, precision, x, w_up, w_down, w_gate, b_up, b_gate, b_down,
-              knots, activation.slopes, activation.intercepts)
+              knots, activation.slopes, activation.intercepts, table)
