@@ -38,6 +38,8 @@ def test_generate_full_model_greedy_knows_paris(capsys):
      "--knot-range: needs --activation pwlN-uniform"),
     (["eval", "--text", "{good}", "--max-tokens", "0"], "--max-tokens: expected a positive integer"),
     (["generate", "--model", "minilm", "--prompt", "hi"], "cannot generate text"),
+    (["generate", "--prompt", "hi", "--tokens-per-call", "0"],
+     "tokens_per_call: expected a positive integer"),
     (["eval", "--text", "{good}", "--checkpoint", "{good}.run"], "--checkpoint: "),
     (["generate", "--prompt", "hi", "--checkpoint", "{good}.run", "--activation", "pwl8"],
      "--checkpoint: the run's own activation is used"),

@@ -3,7 +3,9 @@ decoding, sampling, linearize on real models, perplexity windows, and loader err
 decoding of the full SmolLM2 is tested through `flashffn generate` in test_cli_models.py.)"""
 
 import contextlib
+import dataclasses
 import importlib.util
+import sys
 import warnings
 
 import jax
@@ -242,6 +244,30 @@ def test_generated_text_does_not_depend_on_tokens_per_call(smollm2_slice):
     streamed = []
     assert run(1) == run(3, on_text=streamed.append) == "".join(streamed)
     assert len(tokenizer.encode(run(1)).ids) >= 4
+
+
+@needs_smollm2
+def test_generation_at_the_end_of_the_context(monkeypatch, smollm2_slice):
+  """A prompt and budget that fill the context: the last call's surplus steps would not fit, so
+  generation falls back to one step a call; with a budget they fit, 8 steps a call in a cache
+  that is not a multiple of PAD_TO. Either way the text matches one step a call."""
+  model, tokenizer = smollm2_slice
+  prompt = "Once upon a"
+  short = nnx.clone(model)
+  short.config = dataclasses.replace(model.config,
+                                     max_positions=len(tokenizer.encode(prompt).ids) + 70)
+  counts = []
+  monkeypatch.setattr(sys.modules["flashffn_jax.models.generate"], "decode_steps", lambda *args: counts.append(args[-1]) or
+                      decode_steps(*args))
+  for budget, steps_a_call in ((70, 1), (65, 8)):
+    run = lambda k: models.generate(short, tokenizer, prompt, budget, stop_at_eos=False,
+                                    tokens_per_call=k)
+    counts.clear()
+    eight = run(8)
+    assert set(counts) == {steps_a_call}
+    assert eight == run(1)
+  with pytest.raises(ValueError, match="exceeds the model's context"):
+    models.generate(short, tokenizer, prompt, 71)
 
 
 @needs_smollm2

@@ -1,5 +1,5 @@
 """flashffn generate --model smollm2 --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
-[--top-p P] [--seed S] [--chat] [--activation pwl16] [--checkpoint DIR] [--json]
+[--top-p P] [--seed S] [--tokens-per-call N] [--chat] [--activation pwl16] [--checkpoint DIR] [--json]
 
 Streams the continuation to stdout (greedy at temperature 0). --chat wraps the prompt in
 SmolLM2-Instruct's chat format and stops at <|im_end|>.
@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--top-k", type=int)
   parser.add_argument("--top-p", type=float)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tokens-per-call", type=int, default=8,
+                      help="decode steps per jitted call (the text is the same for any value; "
+                      "fewer streams more smoothly, more costs the host less)")
   parser.add_argument("--chat", action="store_true", help="use the instruct model's chat format")
   parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
       stream(args.prompt)
     start = time.perf_counter()
     text = models.generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
-                           args.top_k, args.top_p, args.seed, on_text=stream)
+                           args.top_k, args.top_p, args.seed, on_text=stream,
+                           tokens_per_call=args.tokens_per_call)
   except (ValueError, FileNotFoundError) as error:
     return fail("generate", str(error))
   seconds = time.perf_counter() - start
