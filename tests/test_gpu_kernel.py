@@ -1281,25 +1281,28 @@ def test_kernels_lower_for_cuda(case):
 
 
 @pytest.mark.parametrize("sum_in_kernel", [False, True], ids=["xla-sum", "summed"])
-@pytest.mark.parametrize("block_h, swap_ab, pairs", [
-    (64, False, False), (32, False, False), (64, True, False), (64, True, True)],
-    ids=["64", "32", "64-swapped", "64-swapped-pairs"])
-def test_biased_decode_lowers_for_cuda(block_h, swap_ab, pairs, sum_in_kernel):
+@pytest.mark.parametrize("block_h, swap_ab, pairs, pdl", [
+    (64, False, False, False), (32, False, False, False), (64, True, False, False),
+    (64, True, True, False), (64, True, True, True)],
+    ids=["64", "32", "64-swapped", "64-swapped-pairs", "64-swapped-pairs-pdl"])
+def test_biased_decode_lowers_for_cuda(block_h, swap_ab, pairs, pdl, sum_in_kernel):
   """The decode kernel with all three biases lowers for cuda at both CTA widths, with swapped
   operands (biases per row) and with 2-CTA clusters (odd K slices and D_out pieces: guarded
   loads and stores): bias copies of 128 bytes (Pallas' least; a 32-column CTA's own slice is 64
   bytes), b_down in 64-element pieces when the kernel sums; odd M, H and D_out (padded by
-  ``dispatch``)."""
+  ``dispatch``); with ``pdl`` the launch is marked for programmatic dependent launch and the
+  kernel waits (griddepcontrol.wait) before its first load."""
   if pairs and sum_in_kernel:
     pytest.skip("cluster_pairs sums with XLA only (DecodeConfig refuses sum_in_kernel)")
   plan = dispatch.Plan("decode", decode=decode_sm90.DecodeConfig(
-      block_h, sum_in_kernel=sum_in_kernel, swap_ab=swap_ab, cluster_pairs=pairs))
+      block_h, sum_in_kernel=sum_in_kernel, swap_ab=swap_ab, cluster_pairs=pairs, pdl=pdl))
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   rows, d_model, hidden, d_out = 5, 576, 1000, 700
   forward = lambda *args: dispatch._forward(plan, *args, kernel_activation("pwl", True))
-  assert "mosaic_gpu" in cuda_module(forward, spec(rows, d_model), spec(d_model, hidden),
-                                     spec(hidden, d_out), spec(d_model, hidden), spec(hidden),
-                                     spec(hidden), spec(d_out))
+  module = cuda_module(forward, spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_out),
+                       spec(d_model, hidden), spec(hidden), spec(hidden), spec(d_out))
+  assert "mosaic_gpu" in module
+  assert ("griddepcontrol.wait" in module) == pdl
 
 
 @pytest.mark.parametrize("glu", [True, False])
@@ -1564,6 +1567,10 @@ GPU_CASES = {
     "decode-paired-glu-pwl": (16, 576, 1536, 576, True, False, "pwl", dispatch.Plan(
         "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
                                                   cluster_pairs=True))),
+    # launched with programmatic dependent launch (griddepcontrol.wait before the first load)
+    "decode-paired-glu-pwl-pdl": (16, 576, 1536, 576, True, True, "pwl", dispatch.Plan(
+        "decode", decode=decode_sm90.DecodeConfig(pwl_dtype="float16", swap_ab=True,
+                                                  cluster_pairs=True, pdl=True))),
     "epilogue-mlp-pwl-odd": (1000, 768, 3000, 700, False, True, "pwl", dispatch.Plan(
         "epilogue", epilogue=kernels.EpilogueConfig(128, 128, 3))),
     "epilogue-glu-gelu_tanh": (777, 1024, 2816, 1024, True, True, "gelu_tanh", dispatch.Plan(

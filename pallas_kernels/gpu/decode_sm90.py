@@ -98,7 +98,9 @@ class DecodeConfig:
   ``sum_in_kernel``: the CTAs sum their partials into y themselves (one launch; module doc);
   ``swap_ab``: tokens on wgmma's N axis (module doc), 64-column CTAs, M <= 64 and a multiple of 8;
   ``cluster_pairs`` (with ``swap_ab``): two CTAs of a cluster share each hidden block, each
-  reading half of D and of D_out (module doc)."""
+  reading half of D and of D_out (module doc); ``pdl``: launched with programmatic dependent
+  launch, so it may start (barrier set-up) while the kernel before it in the stream ends, and
+  waits for that kernel (``griddepcontrol.wait``) before its first read of any input."""
 
   block_h: int = 64
   stages: int | None = None
@@ -106,6 +108,7 @@ class DecodeConfig:
   sum_in_kernel: bool = False
   swap_ab: bool = False
   cluster_pairs: bool = False
+  pdl: bool = False
   profile_dir: str = ""  # Mosaic GPU's in-kernel profile of the named regions, one file a launch
 
   def resolve_stages(self, d_model: int, d_out: int, num_weights: int, itemsize: int) -> int:
@@ -287,6 +290,8 @@ def decode_ffn(x, w_up, w_gate, b_up, b_gate, table, w_down, b_down=None, *, kin
         for i, w in enumerate(w_gmems):
           plgpu.copy_gmem_to_smem(w.at[k_cols, h_cols], w_smem.at[slot, i], k_ready.at[slot])
 
+    if config.pdl:  # any input may be the previous kernel's output: nothing is read before this
+      plgpu.griddepcontrol_wait()
     with jax.named_scope("issue_loads"):  # everything this CTA reads first is in flight after
       for slot in range(stages):
         issue(slot, slot)
