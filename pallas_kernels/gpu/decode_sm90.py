@@ -100,7 +100,10 @@ class DecodeConfig:
   ``cluster_pairs`` (with ``swap_ab``): two CTAs of a cluster share each hidden block, each
   reading half of D and of D_out (module doc); ``pdl``: launched with programmatic dependent
   launch, so it may start (barrier set-up) while the kernel before it in the stream ends, and
-  waits for that kernel (``griddepcontrol.wait``) before its first read of any input."""
+  waits for that kernel (``griddepcontrol.wait``) before its first read of any input. Measured
+  neutral in a 30-layer SmolLM2 decode step (H200, batch 8: 828.6 vs 833.2 us a step, within the
+  noise), so the dispatcher leaves it off; reading the weights before the wait would overlap more
+  but races when the kernel before computed them."""
 
   block_h: int = 64
   stages: int | None = None
