@@ -516,7 +516,7 @@ def test_pwl_lookup_lowers_into_the_dgrad_kernel(monkeypatch, glu, lookup_residu
   def step(x, w_up, w_down, w_gate, dy):
     out, vjp = jax.vjp(lambda *w: dispatch._ffn(
         plan, "pwl", None, x, w[0], w[1], w[2] if glu else None, None, None, None,
-        activation.knots, activation.slopes, activation.intercepts), w_up, w_down, w_gate)
+        activation.knots, activation.slopes, activation.intercepts, None), w_up, w_down, w_gate)
     return vjp(dy)
 
   module = cuda_module(step, spec(8192, d_model), spec(d_model, hidden), spec(hidden, d_model),
@@ -1155,7 +1155,7 @@ def test_backward_epilogue_lowers_for_cuda(glu, name, schedule, joint):
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   loss = lambda x, wu, wd, wg: jnp.sum(dispatch._ffn(
       plan, activation.kind, None, x, wu, wd, wg, None, None, None, activation.knots,
-      activation.slopes, activation.intercepts).astype(jnp.float32))
+      activation.slopes, activation.intercepts, None).astype(jnp.float32))
   step = jax.grad(loss, argnums=(0, 1, 2) + ((3,) if glu else ()))
   module = cuda_module(step, spec(rows, d_model), spec(d_model, hidden), spec(hidden, d_model),
                        spec(d_model, hidden) if glu else None)
@@ -1172,7 +1172,8 @@ def test_segment_residuals_need_a_pwl_and_fitting_tiles(rng):
   with pytest.raises(ValueError, match="residuals='segments' saves PWL segment indices"):
     jax.grad(lambda x: jnp.sum(dispatch._ffn(plan, "gelu", None, x, problem["w_up"],
                                              problem["w_down"], None, None, None, None,
-                                             gelu.knots, gelu.slopes, gelu.intercepts)))(
+                                             gelu.knots, gelu.slopes, gelu.intercepts,
+                                             None)))(
         problem["x"])
   segments = tuple(t for parts in kernels.saved_part_dtypes("segments", 1, jnp.bfloat16)
                    for t in parts)
