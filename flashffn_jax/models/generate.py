@@ -161,17 +161,14 @@ def generate(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int = 32
   eos = model.config.eos_token_id if stop_at_eos else None
   sampled = [int(token[0])]
   while True:
-    done = False
-    for next_id in sampled:
-      done = next_id == eos or len(new_ids) == max_new_tokens
-      if done:
-        break
-      new_ids.append(next_id)
+    at_eos = eos in sampled
+    kept = sampled[:sampled.index(eos)] if at_eos else sampled
+    new_ids += kept[:max_new_tokens - len(new_ids)]
     text = tokenizer.decode(new_ids)
     if on_text is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
       on_text(text[len(emitted):])
       emitted = text
-    if done or len(new_ids) == max_new_tokens:
+    if at_eos or len(new_ids) == max_new_tokens:
       break
     tokens, cache = decode_steps(flat, token, cache, key, len(new_ids), sampling, per_call)
     token, sampled = tokens[-1], np.asarray(tokens[:, 0]).tolist()

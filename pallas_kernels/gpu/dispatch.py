@@ -635,10 +635,15 @@ def down_projection(hidden_act, w_down, b_down, rows: int,
   return out[:rows, :d_out]
 
 
+def _forward_table_kind(plan: Plan, kind: str) -> str:
+  """The kind of table the plan's forward kernel reads (``_kernel_table``, without counting)."""
+  return "pwl_lookup" if plan.pwl_lookup else kind
+
+
 def _prepared(plan: Plan, kind: str, knots, slopes, intercepts, table) -> Activation:
   """The activation ``_forward`` evaluates, with ``table`` (None: built there) as the table of
   the plan's forward kernel."""
-  tables = None if table is None else {"pwl_lookup" if plan.pwl_lookup else kind: table}
+  tables = None if table is None else {_forward_table_kind(plan, kind): table}
   return Activation(kind, knots, slopes, intercepts, tables=tables)
 
 
@@ -787,7 +792,7 @@ def ffn_mosaic_gpu(x, w_up, w_down, w_gate, b_up, b_gate, b_down, activation: Ac
     raise NotImplementedError(reason)
   plan = resolve_plan(x, w_up, w_down, w_gate, activation, plan)
   knots = activation.knots
-  table = (activation.tables or {}).get("pwl_lookup" if plan.pwl_lookup else activation.kind)
+  table = (activation.tables or {}).get(_forward_table_kind(plan, activation.kind))
   if plan.residuals == "floor-bits" and knots is not None:
     knots = backward.snap_knots(knots)  # forward and backward see the 15-bit knots it keeps
     table = None  # built from the snapped knots
