@@ -5,7 +5,9 @@
 For each shape (``bench_gpu.SHAPES``, M = 8192, bf16) and each ``--variants`` entry -- XLA
 autodiff of the exact FFN, the library's default GPU plan with the PWL-16 activation, that plan
 saving residuals="segments" or "floor-bits", with the ping-pong forward schedule (pairs,
-segments or floor bits), the default plan with the exact activation (``exact``), with one
+segments or floor bits), the default plan with the exact activation (``exact``), the plan and
+XLA without any activation (``identity``, ``xla-identity``: the GEMMs' floor, which bounds what
+fusing an activation can gain over XLA), with one
 staging slot per stored output, with d_hidden in bf16, with the dgrad epilogue kernel, with the
 other hinge form (``EpilogueConfig.hinges``), with XLA's dot as GEMM2 (``Plan.down=None``) and
 with GEMM2 on the epilogue kernel (``--down`` tiles) --
@@ -161,7 +163,9 @@ def main(argv=None) -> int:
   parser.add_argument("--variants", default="xla,default,segments,dgrad",
                       help="which steps to profile: xla, default, pairs, segments, pingpong, "
                            "pingpong-segments, floor-bits, pingpong-floor-bits, pingpong-n64, "
-                           "pingpong-segments-n64, exact, per-output, dh16, dgrad, dgrad-floor-bits, "
+                           "pingpong-segments-n64, exact, identity, xla-identity (no "
+                           "activation: the GEMMs' floor under any fused activation), "
+                           "per-output, dh16, dgrad, dgrad-floor-bits, "
                            "dgrad-pingpong, other-hinges (max <-> relu), xla-down (GEMM2 by "
                            "XLA's dot where the plan has down=), kernel-down (GEMM2 on --down), "
                            "no-lookup-residuals (an MLP's PWL saves floor bits, not h "
@@ -269,6 +273,11 @@ def main(argv=None) -> int:
                                           forward_on(pwl, dispatch.with_residuals(
                                               dataclasses.replace(plan, epilogue=narrow),
                                               shape.glu, "segments"))),
+                "identity": ("library default plan (the PWL's tiles) without an activation "
+                             "(identity; a GLU keeps its product): the kernels' GEMM floor",
+                             forward_on(Activation("identity"), plan)),
+                "xla-identity": ("xla without an activation (identity; a GLU keeps its "
+                                 "product): XLA's GEMM floor", xla_on(Activation("identity"))),
                 "exact": (f"library default plan ({exact_plan.path}, residuals="
                           f"{exact_plan.residuals}), exact activation",
                           forward_on(Activation(shape.activation), exact_plan)),
