@@ -26,7 +26,10 @@ import os
 import sys
 
 import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 import flashffn_jax as ff
@@ -49,6 +52,44 @@ def weight_set(rng, d_model: int, hidden: int, glu: bool) -> tuple:
   """(w_up, w_down, w_gate or None) in bf16, each scaled by 1/sqrt(fan-in)."""
   draw = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0]), jnp.bfloat16)
   return draw(d_model, hidden), draw(hidden, d_model), draw(d_model, hidden) if glu else None
+
+
+def weights_stream(ctas: int):
+  """A Mosaic GPU kernel that only reads one FFN's weights into SMEM, spread over ``ctas`` CTAs
+  (CTA c: hidden columns [c w, (c + 1) w) of W_up and W_gate in 64-row K slices, the same rows of
+  W_down in <= 256-column pieces; one barrier that every copy arrives at; then it stores one slice so the launch has an
+  output): the GPU time of one launch that streams the weights and does nothing else, a floor
+  under any single-launch decode FFN with this split (12-04, thirty-second session)."""
+
+  def stream(x, wu, wd, wg):
+    del x
+    (d_model, hidden), d_out = wu.shape, wd.shape[1]
+    width, k_slices = hidden // ctas, d_model // 64
+    piece = max(p for p in range(64, 257, 64) if d_out % p == 0)
+    ups = [wu] if wg is None else [wu, wg]
+
+    def kernel(*refs):
+      up_gmems, (down_gmem, out_gmem) = refs[:len(ups)], refs[len(ups):len(ups) + 2]
+      up_smems, (down_smem, barrier) = refs[len(ups) + 2:-2], refs[-2:]
+      cols = pl.ds(lax.axis_index("c") * width, width)
+      for k in range(k_slices):
+        for gmem, smem in zip(up_gmems, up_smems):
+          plgpu.copy_gmem_to_smem(gmem.at[pl.ds(k * 64, 64), cols], smem.at[k], barrier.at[0])
+      for p in range(d_out // piece):
+        plgpu.copy_gmem_to_smem(down_gmem.at[cols, pl.ds(p * piece, piece)], down_smem.at[p],
+                                barrier.at[0])
+      plgpu.barrier_wait(barrier.at[0])
+      plgpu.copy_smem_to_gmem(up_smems[0].at[0], out_gmem.at[lax.axis_index("c")])
+      plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((ctas, 64, width), wu.dtype), grid=(ctas,),
+        grid_names=("c",),
+        scratch_types=[*(plgpu.SMEM((k_slices, 64, width), wu.dtype) for _ in ups),
+                       plgpu.SMEM((d_out // piece, width, piece), wu.dtype),
+                       plgpu.Barrier(num_arrivals=k_slices * len(ups) + d_out // piece,
+                                     num_barriers=1)])(*ups, wd)
+  return stream
 
 
 def variants(glu: bool, exact: str) -> dict:
@@ -100,6 +141,7 @@ def variants(glu: bool, exact: str) -> dict:
           pwl, f16)(x[:, :64], wu[:64], wd, None if wg is None else wg[:64]),
       "epilogue+xla-pwl16": kernel(dispatch.Plan("epilogue", epilogue=epilogue.epilogue)),
       "probe:mosaic-copy": mosaic_copy,
+      **{f"probe:weights-stream-{ctas}-ctas": weights_stream(ctas) for ctas in (24, 48, 96, 192)},
   }
 
 

@@ -64,9 +64,9 @@ def main(argv=None) -> int:
   parser.add_argument("--tag", default="")
   parser.add_argument("--tiny", action="store_true", help="a few tokens, for a CPU check")
   args = parser.parse_args(argv)
-  if args.tiny:
-    for field, value in TINY.items():
-      setattr(args, field, value)
+  if args.tiny:  # TINY's values replace the defaults, not options given
+    parser.set_defaults(**TINY)
+    args = parser.parse_args(argv)
   per_calls = [int(k) for k in args.tokens_per_call.split(",")]
   rows, lines = [], []
   for dtype in args.dtypes.split(","):

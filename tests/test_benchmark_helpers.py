@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -252,3 +253,31 @@ def test_generate_step_bench_times_every_variant_and_names_the_ffn_path(tmp_path
   assert all(r["wall_vs_exact"] > 0 for r in rows if r["variant"] != "exact-xla")
   (table,) = tmp_path.glob("generate-step-*-tiny.md")
   assert all(v in table.read_text() for v in bench_generate_step.VARIANTS)
+
+
+def test_generate_bench_times_the_public_loop_and_checks_the_text(tmp_path):
+  """bench_generate on the installed SmolLM2 (a few tokens): a row per steps a call with a
+  positive time per token, the same text at 1 and 2 steps a call (its exit status says so), and
+  the markdown table written."""
+  import bench_generate
+  status = bench_generate.main(["--tiny", "--activations", "exact", "--new-tokens", "4",
+                                "--out", str(tmp_path)])
+  (record,) = tmp_path.glob("generate-*-tiny.json")
+  rows = json.loads(record.read_text())["rows"]
+  assert status == 0 and [r["tokens_per_call"] for r in rows] == [1, 2]
+  assert all(r["same_text_as_first"] and r["ms_per_token"] > 0 for r in rows)
+  assert rows[0]["text_start"] and "| float32 | exact | 2 |" in (
+      tmp_path / record.name.replace(".json", ".md")).read_text()
+
+
+def test_weights_stream_probe_lowers_for_cuda():
+  """bench_decode_profile's weights-only launch lowers to a Mosaic GPU kernel at SmolLM2's
+  decode shape (GLU: W_up, W_gate, W_down) and gpt2-small's (MLP), no GPU needed."""
+  from bench_decode_profile import weights_stream
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  for d_model, hidden, glu in ((576, 1536, True), (768, 3072, False)):
+    specs = (spec(16, d_model), spec(d_model, hidden), spec(hidden, d_model),
+             spec(d_model, hidden) if glu else None)
+    stream = lambda x, wu, wd, wg: weights_stream(48)(x, wu, wd, wg)
+    module = jax.export.export(jax.jit(stream), platforms=["cuda"])(*specs).mlir_module()
+    assert "mosaic_gpu" in module
