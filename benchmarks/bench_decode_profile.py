@@ -56,10 +56,11 @@ def weight_set(rng, d_model: int, hidden: int, glu: bool) -> tuple:
 
 def weights_stream(ctas: int):
   """A Mosaic GPU kernel that only reads one FFN's weights into SMEM, spread over ``ctas`` CTAs
-  (CTA c: hidden columns [c w, (c + 1) w) of W_up and W_gate in 64-row K slices, the same rows of
-  W_down in <= 256-column pieces; one barrier that every copy arrives at; then it stores one slice so the launch has an
-  output): the GPU time of one launch that streams the weights and does nothing else, a floor
-  under any single-launch decode FFN with this split (12-04, thirty-second session)."""
+  (CTA c: hidden columns [c w, (c + 1) w) of W_up and W_gate in 64-row K slices, the same rows
+  of W_down in <= 256-column pieces; one barrier that every copy arrives at; then one small store
+  so the launch has an output): the GPU time of a launch that streams the weights and does
+  nothing else, a floor under any one-launch decode FFN with this split (H200: 3.31 us at
+  SmolLM2, 48 CTAs; benchmarks/NOTES.md, thirty-second session)."""
 
   def stream(x, wu, wd, wg):
     del x
