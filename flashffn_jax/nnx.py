@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
+from flashffn_jax.checks import check_positive_int
 from flashffn_jax.ops import ffn, prepare_activation, to_kernel_activation
 from flashffn_jax.pwl import PiecewiseLinear
 
@@ -128,8 +129,7 @@ class FusedFFN(nnx.Module):
                rngs: nnx.Rngs):
     for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
                         ("out_features", in_features if out_features is None else out_features)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+      check_positive_int(name, value)
     out_features = in_features if out_features is None else out_features
     check_activation(activation, learnable_activation)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from flashffn_jax.checks import check_positive_int
+
 TRAINABLE = ("all", "ffn", "ffn-weights", "pwl", "lora")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SHARDING = ("data", "fsdp")
@@ -58,9 +60,7 @@ class FinetuneConfig:
     positive = ("lora_rank", "steps", "batch_size", "grad_accum", "seq_len", "eval_every",
                 "eval_batches", "checkpoint_every", "keep_checkpoints")
     for name in positive:
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+      check_positive_int(name, getattr(self, name))
     non_negative = ("warmup_steps", "weight_decay", "kl_weight", "ce_weight", "ffn_match_weight")
     for name in non_negative:
       if getattr(self, name) < 0:

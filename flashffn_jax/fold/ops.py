@@ -46,6 +46,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from flashffn_jax.checks import check_positive_int
 from flashffn_jax.ops import PADDED_ROWS, ffn
 from pallas_kernels.activation import exact_activation
 
@@ -196,8 +197,8 @@ def folded_ffn(x: jax.Array, weights: FoldedWeights, *, outliers: str = "predict
   tokens = x2d.shape[0]
   if capacity is None:
     capacity = weights.capacity(tokens)
-  elif isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-    raise ValueError(f"capacity: expected a positive integer, got {capacity!r}")
+  else:
+    check_positive_int("capacity", capacity)
   capacity = min(capacity, weights.num_folded)
   if implementation is None:
     gather_pays = (jax.default_backend() == "cpu" and tokens <= DECODE_MAX_TOKENS

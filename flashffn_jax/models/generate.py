@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flashffn_jax.checks import check_positive_int
 from flashffn_jax.nnx import activations_prepared
 
 PAD_TO = 64
@@ -186,13 +187,10 @@ def _check_generate_args(prompt, max_new_tokens, temperature, top_k, top_p,
                          tokens_per_call) -> None:
   if not isinstance(prompt, str):
     raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+  check_positive_int("max_new_tokens", max_new_tokens)
   if not temperature >= 0:
     raise ValueError(f"temperature: expected a value >= 0, got {temperature!r}")
-  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-    raise ValueError(f"top_k: expected None or a positive integer, got {top_k!r}")
+  check_positive_int("top_k", top_k, optional=True)
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"top_p: expected None or a value in (0, 1], got {top_p!r}")
-  if isinstance(tokens_per_call, bool) or not isinstance(tokens_per_call, int) or tokens_per_call < 1:
-    raise ValueError(f"tokens_per_call: expected a positive integer, got {tokens_per_call!r}")
+  check_positive_int("tokens_per_call", tokens_per_call)

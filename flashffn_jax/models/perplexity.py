@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from flashffn_jax import data
+from flashffn_jax.checks import check_positive_int
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -39,8 +40,7 @@ def perplexity(model: nnx.Module, tokens: np.ndarray, *, seq_len: int = 512, bat
 
   ``on_batch(done, total)`` is called after each batch (progress bars).
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+  check_positive_int("batch_size", batch_size)
   if seq_len > model.config.max_positions:
     raise ValueError(f"seq_len: expected at most the model's context {model.config.max_positions}, "
                      f"got {seq_len}")
