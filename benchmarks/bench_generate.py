@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     parser.set_defaults(**TINY)
     args = parser.parse_args(argv)
   per_calls = [int(k) for k in args.tokens_per_call.split(",")]
-  rows, lines = [], []
+  rows = []
   for dtype in args.dtypes.split(","):
     for activation in args.activations.split(","):
       options = argparse.Namespace(model="smollm2", model_path=args.model_path,
