@@ -62,11 +62,10 @@ def main(argv=None) -> int:
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--activations", default="exact,pwl16,pwl64-uniform")
   parser.add_argument("--tag", default="")
-  parser.add_argument("--tiny", action="store_true", help="a few tokens, for a CPU check")
+  parser.add_argument("--tiny", action="store_true", help=f"CPU smoke run: {TINY} unless given")
   args = parser.parse_args(argv)
-  if args.tiny:  # TINY's values replace the defaults, not options given
-    parser.set_defaults(**TINY)
-    args = parser.parse_args(argv)
+  if args.tiny:  # the namespace's values stand where no flag is given
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**TINY))
   per_calls = [int(k) for k in args.tokens_per_call.split(",")]
   rows = []
   for dtype in args.dtypes.split(","):
